@@ -1,0 +1,371 @@
+"""The miniworker process: one DEALER to the agent's broker, one container, one runner connection.
+
+Life of a miniworker (see ARCHITECTURE.md):
+
+* ``bound``: start the container, load the function, say MW_READY, serve calls until told to stop;
+* ``runtime``: start the container of the runtime image, say MW_READY; the first call carries the function
+  to load (code and dependencies are put in then), after which it serves that function only;
+* ``oneshot``: say MW_READY with no container; the one call it gets creates the container, runs, and the
+  container is removed.
+
+Anything that leaves the container in doubt (a timeout, the runner's connection closing, a load failure)
+ends the miniworker: it reports the call's outcome with ``retire: true``, removes its container and exits,
+and the agent's pool starts a replacement. A silent broker (agent gone) also ends it, so no container
+outlives its agent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from miniworker.container import ENGINE_ERRORS, Container
+from miniworker.errors import ContainerError, LoadError, MiniworkerError, RunnerError
+from miniworker.spec import LoadSpec, MiniworkerSpec
+from shoal import protocol
+from shoal.logs import configure, get_logger
+from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner
+
+
+@dataclass(slots=True)
+class ActiveCall:
+    call_id: str
+    deadline: float
+    timeout: float
+    started: float
+    cold: bool
+    load_seconds: float = 0.0
+
+
+class Miniworker:
+    def __init__(self, spec: MiniworkerSpec) -> None:
+        self.spec = spec
+        self.log = get_logger("miniworker", node_id=spec.node_id, mw_id=spec.mw_id)
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, spec.mw_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(spec.broker_url)
+        self.container = Container(spec)
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.stream = RunnerStream()
+        self.loaded: str | None = None
+        self.call: ActiveCall | None = None
+        self.path = spec.runtime_path
+        self.last_heard = time.monotonic()
+        self.next_heartbeat = 0.0
+        self.stopping = False
+
+    # ---- wire helpers --------------------------------------------------------------------------
+    def send(self, mtype: bytes, header: dict[str, Any]) -> None:
+        self.sock.send_multipart(protocol.encode(mtype, header))
+
+    def runner_send(self, mtype: bytes, header: dict[str, Any]) -> None:
+        assert self.conn is not None
+        self.conn.sendall(pack_runner(mtype, header))
+
+    def runner_recv(self, deadline: float) -> Message:
+        """Blocking read of one runner message (used while booting and loading only)."""
+        assert self.conn is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunnerError("the runner did not answer in time")
+            self.conn.settimeout(min(remaining, 0.5))
+            try:
+                data = self.conn.recv(1 << 20)
+            except TimeoutError:
+                if not self.container.running():
+                    raise RunnerError(self.container.exit_reason()) from None
+                continue
+            if not data:
+                raise RunnerError(self.container.exit_reason())
+            messages = self.stream.feed(data)
+            if messages:
+                if len(messages) > 1:
+                    raise RunnerError("the runner sent more than one answer")
+                return messages[0]
+
+    # ---- container lifecycle -------------------------------------------------------------------
+    def boot(self, load: LoadSpec | None) -> float:
+        """Start the container and wait for its runner; load ``load`` if given. Returns seconds spent."""
+        started = time.monotonic()
+        self.container.prepare_workdir()
+        if load is not None:
+            self.container.put_function(load.code_dir, load.wheels_dir)
+        path = str(self.container.socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o777)  # the runner runs as an unprivileged user
+        listener.listen(1)
+        self.listener = listener
+        if load is not None:
+            image, self.path = load.image, load.path
+        else:
+            image, self.path = self.spec.image, self.spec.runtime_path
+        self.container.create_and_start(image, self.path)
+        deadline = started + self.spec.start_timeout
+        while self.conn is None:
+            if time.monotonic() > deadline:
+                raise RunnerError(f"the runner did not connect within {self.spec.start_timeout} s")
+            listener.settimeout(0.25)
+            try:
+                self.conn, _ = listener.accept()
+            except TimeoutError:
+                if not self.container.running():
+                    raise ContainerError(f"{self.container.exit_reason()} before its runner started") from None
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        hello = self.runner_recv(deadline)
+        if hello.type != Msg.R_HELLO:
+            raise RunnerError(f"expected the runner's hello, got {hello.name}")
+        if load is not None:
+            self.load(load, put=False)
+        return time.monotonic() - started
+
+    def load(self, load: LoadSpec, put: bool = True) -> str:
+        if put:
+            self.container.put_function(load.code_dir, load.wheels_dir)
+        self.runner_send(Msg.R_LOAD, {
+            "path": load.path, "style": load.style, "entrypoint": load.entrypoint,
+            "dependencies": load.dependencies, "run": load.run,
+        })
+        answer = self.runner_recv(time.monotonic() + self.spec.start_timeout)
+        if answer.type != Msg.R_LOADED:
+            raise RunnerError(f"expected the load's outcome, got {answer.name}")
+        if not answer.header["ok"]:
+            raise LoadError(answer.header.get("error") or {}, answer.header.get("logs", ""))
+        self.loaded = load.key
+        self.conn.setblocking(False)  # type: ignore[union-attr]
+        return str(answer.header.get("logs", ""))
+
+    def teardown(self) -> None:
+        for s in (self.conn, self.listener):
+            if s is not None:
+                s.close()
+        self.conn = self.listener = None
+        try:
+            self.container.remove()
+        except ContainerError as exc:
+            self.log.error("container_remove_failed", error=str(exc))
+
+    # ---- main loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            if self.spec.mode != "oneshot":
+                self.boot(self.spec.load if self.spec.mode == "bound" else None)
+        except (MiniworkerError, OSError, ProtocolError) as exc:
+            reason = exc.error.get("message", str(exc)) if isinstance(exc, LoadError) else str(exc)
+            self.log.warning("miniworker_start_failed", reason=reason)
+            header: dict[str, Any] = {"reason": reason}
+            if isinstance(exc, LoadError):
+                header["error"], header["logs"] = exc.error, exc.logs
+            self.send(Msg.MW_FAILED, header)
+            self.teardown()
+            return 1
+        self.send(Msg.MW_READY, {
+            "v": protocol.PROTOCOL_VERSION, "mw_id": self.spec.mw_id, "container_id": self.container.id or "",
+            "function": self.loaded, "mode": self.spec.mode, "pid": os.getpid(),
+        })
+        self.log.debug("miniworker_ready", container=(self.container.id or "")[:12], function=self.loaded)
+        try:
+            return self.serve()
+        finally:
+            self.teardown()
+            self.sock.close()
+
+    def serve(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        registered_fd: int | None = None
+        silence = self.spec.heartbeat * self.spec.liveness
+        while not self.stopping:
+            fd = self.conn.fileno() if self.conn is not None else None
+            if fd != registered_fd:
+                if registered_fd is not None:
+                    poller.unregister(registered_fd)
+                if fd is not None:
+                    poller.register(fd, zmq.POLLIN)
+                registered_fd = fd
+            now = time.monotonic()
+            wake = self.next_heartbeat
+            if self.call is not None:
+                wake = min(wake, self.call.deadline)
+            events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
+            if self.sock in events:
+                self.last_heard = time.monotonic()
+                while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    try:
+                        self.on_broker(protocol.decode(frames))
+                    except ProtocolError as exc:
+                        self.log.error("protocol_error", source="broker", error=str(exc))
+                    if self.stopping:
+                        return 0
+            if fd is not None and fd in events:
+                self.on_runner_readable()
+            now = time.monotonic()
+            if self.call is not None and now >= self.call.deadline:
+                self.on_timeout()
+            if now >= self.next_heartbeat:
+                self.send(Msg.MW_HEARTBEAT, {})
+                self.next_heartbeat = now + self.spec.heartbeat
+            if now - self.last_heard > silence and self.call is None:
+                self.log.warning("broker_silent_exiting", seconds=round(now - self.last_heard, 1))
+                return 3
+        return 0
+
+    # ---- events --------------------------------------------------------------------------------
+    def on_broker(self, msg: Message) -> None:
+        if msg.type == Msg.MW_CALL:
+            self.on_call(msg.header)
+        elif msg.type == Msg.MW_STOP:
+            self.stopping = True
+        elif msg.type != Msg.MW_HEARTBEAT:
+            self.log.error("unexpected_message", type=msg.name)
+
+    def on_call(self, h: dict[str, Any]) -> None:
+        call_id = h["call_id"]
+        if self.call is not None:
+            self.log.error("call_while_busy", call_id=call_id, busy_with=self.call.call_id)
+            self.send(Msg.MW_RESULT, {"call_id": call_id, "status": "REJECTED", "retire": False,
+                                      "error": {"type": "Busy", "message": "miniworker is busy"}})
+            return
+        started = time.monotonic()
+        timeout = float(h["timeout"])
+        cold = False
+        load_seconds = 0.0
+        load_logs = ""
+        raw_load = h.get("load")
+        try:
+            if self.spec.mode == "oneshot":
+                if raw_load is None:
+                    raise RunnerError("a oneshot call must carry the function to load")
+                load = LoadSpec.from_dict(raw_load)
+                load_seconds = self.boot(load)
+                cold = True
+            elif self.loaded is None:
+                if raw_load is None:
+                    raise RunnerError("no function loaded and the call carries none")
+                load = LoadSpec.from_dict(raw_load)
+                t0 = time.monotonic()
+                load_logs = self.load(load)
+                load_seconds = time.monotonic() - t0
+                cold = True
+            elif raw_load is not None and raw_load.get("key") != self.loaded:
+                raise RunnerError(f"this miniworker serves {self.loaded}, not {raw_load.get('key')}")
+        except (MiniworkerError, OSError, ProtocolError) as exc:
+            error = exc.error if isinstance(exc, LoadError) else {"type": type(exc).__name__, "message": str(exc)}
+            logs = exc.logs if isinstance(exc, LoadError) else load_logs
+            self.send(Msg.MW_RESULT, {
+                "call_id": call_id, "status": "FAILED", "retire": True, "cold": True,
+                "error": error, "logs": {"load": logs},
+                "container_id": self.container.id or "",
+            })
+            self.stopping = True
+            return
+        self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
+        try:
+            self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
+        except OSError:
+            self.on_runner_gone()
+
+    def on_runner_readable(self) -> None:
+        assert self.conn is not None
+        try:
+            data = self.conn.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.on_runner_gone()
+            return
+        try:
+            messages = self.stream.feed(data)
+        except ProtocolError as exc:
+            self.log.error("protocol_error", source="runner", error=str(exc))
+            self.on_runner_gone(f"runner broke the protocol: {exc}")
+            return
+        for msg in messages:
+            if msg.type == Msg.R_RESULT:
+                self.on_result(msg.header)
+            else:
+                self.log.error("unexpected_message", source="runner", type=msg.name)
+
+    def on_result(self, h: dict[str, Any]) -> None:
+        call = self.call
+        if call is None or h["call_id"] != call.call_id:
+            self.log.error("stray_runner_result", call_id=h.get("call_id"))
+            return
+        self.call = None
+        retire = self.spec.mode == "oneshot"
+        reply: dict[str, Any] = {
+            "call_id": call.call_id,
+            "status": "DONE" if h["ok"] else "FAILED",
+            "logs": {"stdout": h.get("stdout", ""), "stderr": h.get("stderr", "")},
+            "cold": call.cold,
+            "retire": retire,
+            "container_id": self.container.id or "",
+            "function": self.loaded,
+            "timings": {"run_s": time.monotonic() - call.started - call.load_seconds,
+                        "load_s": call.load_seconds},
+        }
+        if h["ok"]:
+            reply["result"] = h.get("result")
+        else:
+            reply["error"] = h.get("error") or {"type": "Error", "message": "function failed"}
+        self.send(Msg.MW_RESULT, reply)
+        if retire:
+            self.stopping = True
+
+    def _end_call(self, status: str, error: dict[str, Any]) -> None:
+        call = self.call
+        self.call = None
+        if call is not None:
+            self.send(Msg.MW_RESULT, {
+                "call_id": call.call_id, "status": status, "error": error, "retire": True,
+                "cold": call.cold, "container_id": self.container.id or "", "function": self.loaded,
+            })
+        else:
+            self.send(Msg.MW_FAILED, {"reason": error["message"]})
+        self.stopping = True
+
+    def on_timeout(self) -> None:
+        assert self.call is not None
+        try:
+            self.container.kill()
+        except ContainerError as exc:
+            self.log.error("container_kill_failed", error=str(exc))
+        self._end_call("TIMEOUT", {
+            "type": "Timeout",
+            "message": f"call exceeded its timeout of {self.call.timeout:g} s; its container was replaced",
+        })
+
+    def on_runner_gone(self, reason: str | None = None) -> None:
+        if reason is None:
+            # Give the engine a moment to record the exit before asking why.
+            if self.container.id is not None:
+                try:
+                    self.container.api.wait(self.container.id, timeout=2)
+                except ENGINE_ERRORS as exc:
+                    self.log.debug("container_wait_failed", error=str(exc))
+            reason = self.container.exit_reason()
+        self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
+        self._end_call("FAILED", {"type": "ContainerExited", "message": reason})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m miniworker SPEC_JSON (started by the node agent)", file=sys.stderr)
+        return 2
+    spec = MiniworkerSpec.from_json(args[0])
+    configure(spec.log_level)
+    return Miniworker(spec).run()

@@ -1,0 +1,485 @@
+"""The node agent: one event loop over the controller link, the broker socket and a wake-up pipe.
+
+Everything stateful (registry, broker, pool, fetches) is touched only by this loop, so nothing needs a
+lock. Slow work runs elsewhere and comes back as a callable through the wake-up pipe: extracting archives
+and resolving dependencies in a thread pool, containers in the miniworker processes, HTTP status in its own
+thread (which asks the loop for snapshots).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import docker
+import psutil
+import requests
+import zmq
+from docker.errors import DockerException
+
+from miniworker.container import LABEL_MW, LABEL_NODE
+from miniworker.spec import LoadSpec
+from node_agent.broker import Broker
+from node_agent.cache import NodeCache
+from node_agent.config import AgentConfig
+from node_agent.deps import REQUIREMENTS, WheelhouseResolver
+from node_agent.errors import AgentError
+from node_agent.fetcher import ArchiveFetcher
+from node_agent.functions import FnState, NodeFunction, Registry
+from node_agent.link import ControllerLink
+from node_agent.metrics import AgentMetrics
+from node_agent.miniworkers import LIVE, MwHandle, Spawner
+from node_agent.pool import PoolManager
+from node_agent.status import StatusServer
+from node_agent.tickets import Ticket
+from shoal import __version__, protocol
+from shoal.errors import ShoalError, ValidationError
+from shoal.logs import configure, get_logger
+from shoal.models import REJECTED, FunctionSpec, Runtime
+from shoal.protocol import Message, Msg, ProtocolError
+
+TICK = 0.05
+ENGINE_ERRORS = (DockerException, requests.RequestException)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.log = get_logger("agent", node_id=config.node_id)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.cache = NodeCache(config.node_dir)
+        self.registry = Registry(config.policy, runtimes=self.cache.load_runtimes())
+        self.metrics = AgentMetrics()
+        self.docker = docker.DockerClient(base_url=config.docker_url, version=config.docker_api_version,
+                                          timeout=60)
+        self.link = ControllerLink(config, self.ctx, self.hello)
+        self.broker = Broker(config, self.registry, self.metrics, self.ctx, self.on_outcome,
+                             self.load_for, self.on_lost, self.on_dispatch)
+        self.spawner = Spawner(config, self.cache)
+        self.pool = PoolManager(config, self.registry, self.broker, self.spawner, self.load_for)
+        self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive)
+        self.resolver = WheelhouseResolver(self.cache.root / "wheels")
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-work")
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.status = StatusServer(config.status_host, config.status_port, self.ask)
+        self.engine_ok = True
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.stopping = False
+        self.process = psutil.Process()
+        self.started = time.time()
+
+    # ---- cross-thread plumbing -----------------------------------------------------------------
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the agent's loop (callable from any thread)."""
+        self.inbox.put(fn)
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the loop will drain the inbox
+
+    def run_in_pool(self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        def finished(fut: Future[Any]) -> None:
+            exc = fut.exception()
+            self.post(lambda: done(None if exc else fut.result(), exc))
+
+        self.executor.submit(work).add_done_callback(finished)
+
+    def ask(self, what: str) -> Future[Any]:
+        fut: Future[Any] = Future()
+
+        def answer() -> None:
+            try:
+                fut.set_result(self.snapshot(what))
+            except (ShoalError, OSError, KeyError, ValueError) as exc:
+                fut.set_exception(exc)
+
+        self.post(answer)
+        return fut
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def remove_orphans(self) -> int:
+        """Remove containers a previous run of this node left behind."""
+        removed = 0
+        try:
+            for c in self.docker.containers.list(all=True, filters={"label": f"{LABEL_NODE}={self.config.node_id}"}):
+                c.remove(force=True)
+                removed += 1
+        except ENGINE_ERRORS as exc:
+            self.log.error("orphan_cleanup_failed", error=str(exc))
+        self.cache.clear_mw_dirs()
+        return removed
+
+    def run(self) -> int:
+        orphans = self.remove_orphans()
+        port = self.status.start()
+        self.log.info("agent_started", controller=self.config.controller, policy=self.config.policy.value,
+                      status=f"http://{self.config.status_host}:{port}", orphans_removed=orphans)
+        self.link.say_hello()
+        poller = zmq.Poller()
+        poller.register(self.link.sock, zmq.POLLIN)
+        poller.register(self.broker.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        next_tick = 0.0
+        next_engine_check = 0.0
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(int(max(0.0, next_tick - time.monotonic()) * 1000) + 1))
+                if self.broker.sock in events:
+                    self.drain_socket(self.broker.sock, self.broker.on_frames)
+                if self.link.sock in events:
+                    self.drain_socket(self.link.sock, self.on_controller_frames)
+                if self.wake_r in events:
+                    self.drain_inbox()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    self.broker.tick(now)
+                    self.fetcher.tick(now)
+                    self.link.tick(now)
+                    self.pool.reconcile()
+                    self.update_gauges()
+                    if self.draining:
+                        self.check_drained(now)
+                    if now >= next_engine_check:
+                        next_engine_check = now + 5.0
+                        self.run_in_pool(self.docker.ping, self.on_engine_check)
+        finally:
+            self.shutdown()
+        return 0
+
+    def drain_socket(self, sock: zmq.Socket[Any], handle: Callable[[list[bytes]], None]) -> None:
+        for _ in range(1000):  # bounded, so one busy socket cannot starve the other
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def drain_inbox(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass  # pipe emptied
+        while True:
+            try:
+                fn = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def request_stop(self, *_: Any) -> None:
+        """SIGTERM / SIGINT: stop taking work, finish what is here (with a deadline), then exit."""
+        self.post(self.start_drain)
+
+    def start_drain(self) -> None:
+        if self.draining:
+            return
+        self.log.info("draining", running=len(self.broker.running),
+                      queued=sum(len(q) for q in self.broker.queues.values()))
+        self.draining = True
+        self.pool.draining = True
+        self.drain_deadline = time.monotonic() + self.config.drain_timeout
+        self.link.send(Msg.STATUS, {"node_id": self.config.node_id, "draining": True})
+
+    def check_drained(self, now: float) -> None:
+        busy = self.broker.running or any(self.broker.queues.values())
+        if busy and now < self.drain_deadline:
+            return
+        for h in list(self.broker.mws.values()):
+            self.broker.stop(h)
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        deadline = time.monotonic() + 15
+        for h in list(self.broker.mws.values()):
+            self.broker.stop(h)
+        for h in list(self.broker.mws.values()):
+            try:
+                h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                h.proc.kill()
+        self.remove_orphans()
+        self.status.stop()
+        self.broker.close()
+        self.link.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.ctx.term()
+        self.log.info("agent_stopped")
+
+    # ---- controller messages -------------------------------------------------------------------
+    def on_controller_frames(self, frames: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(frames)
+            handler = self._handlers.get(msg.type)
+            if handler is None:
+                raise ProtocolError(f"{msg.name} is not a controller-to-node message")
+            self.link.on_message(msg)
+            handler(self, msg)
+        except (ProtocolError, ValidationError) as exc:
+            self.log.error("protocol_error", source="controller", error=str(exc))
+
+    def on_welcome(self, msg: Message) -> None:
+        self.fetcher.resume_all()
+
+    def on_runtime(self, msg: Message) -> None:
+        runtime = Runtime.from_dict(msg.header)
+        self.registry.runtimes[runtime.name] = runtime
+        self.cache.save_runtime(runtime)
+
+    def on_function(self, msg: Message) -> None:
+        spec = FunctionSpec.from_dict(msg.header)
+        fn = self.registry.add_function(spec)
+        if fn.state == FnState.READY:
+            self.report_function(fn)
+        elif fn.state == FnState.FETCHING:
+            self.fetcher.want(spec.sha256, spec.size)
+
+    def on_archive(self, sha: str, error: str | None) -> None:
+        for fn in self.registry.by_sha(sha):
+            if fn.state != FnState.FETCHING:
+                continue
+            if error is not None:
+                self.function_failed(fn, error)
+            else:
+                fn.state = FnState.PREPARING
+                self.run_in_pool(partial(self.prepare, fn), partial(self.prepared, fn))
+
+    def prepare(self, fn: NodeFunction) -> tuple[Any, Any]:
+        code = self.cache.code_dir(fn.spec.sha256)
+        return code, self.resolver.resolve(code)
+
+    def prepared(self, fn: NodeFunction, result: Any, exc: BaseException | None) -> None:
+        if exc is not None:
+            if not isinstance(exc, ShoalError | OSError):
+                raise exc
+            self.function_failed(fn, str(exc))
+            return
+        fn.code_dir, fn.wheels_dir = result
+        fn.state = FnState.READY
+        self.log.info("function_ready", function=fn.key)
+        self.report_function(fn)
+        self.broker.pump()
+        self.pool.reconcile()
+
+    def function_failed(self, fn: NodeFunction, error: str) -> None:
+        fn.state, fn.error = FnState.FAILED, error
+        self.log.warning("function_failed", function=fn.key, error=error)
+        self.report_function(fn)
+        self.broker.fail_queued(fn.key, {"type": "FunctionUnavailable", "message": error})
+
+    def report_function(self, fn: NodeFunction) -> None:
+        self.link.send(Msg.FUNCTION_STATE, {"name": fn.spec.name, "version": fn.spec.version,
+                                            "state": fn.state.value, "error": fn.error})
+
+    def on_call(self, msg: Message) -> None:
+        h = msg.header
+        call_id = h["call_id"]
+        version = h.get("version")
+        ticket = Ticket(call_id=call_id, key="", params=h["params"], timeout=0.0)
+        if self.draining:
+            self.reply(ticket, REJECTED, {"type": "Draining", "message": "node is draining"})
+            return
+        if call_id in self.broker.running or any(t.call_id == call_id for t in self.broker.queues.get(
+                f"{h['function']}@{version or self.registry.latest.get(h['function'], 0)}", ())):
+            return  # a duplicate delivery: the call is already here
+        fn = self.registry.resolve(h["function"], version if isinstance(version, int) else None)
+        if fn is None:
+            self.reply(ticket, "FAILED", {"type": "UnknownFunction",
+                                          "message": f"function {h['function']!r} is not on this node"})
+            return
+        if fn.state == FnState.FAILED:
+            self.reply(ticket, "FAILED", {"type": "FunctionUnavailable", "message": fn.error})
+            return
+        if fn.spec.runtime not in self.registry.runtimes:
+            self.reply(ticket, "FAILED", {"type": "UnknownRuntime",
+                                          "message": f"runtime {fn.spec.runtime!r} is not on this node"})
+            return
+        timeout = h.get("timeout")
+        ticket.key = fn.key
+        if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= 86400:
+            ticket.timeout = float(timeout)
+        else:
+            ticket.timeout = fn.spec.timeout
+        self.broker.submit(ticket)
+
+    def on_cancel(self, msg: Message) -> None:
+        self.broker.cancel(msg.header["call_id"])
+
+    def on_chunk(self, msg: Message) -> None:
+        self.fetcher.on_chunk(msg.header, msg.payload)
+
+    def on_fetch_error(self, msg: Message) -> None:
+        self.fetcher.on_error(msg.header)
+
+    def on_drain(self, msg: Message) -> None:
+        self.start_drain()
+
+    def on_heartbeat(self, msg: Message) -> None:
+        pass  # the link noted that the controller is alive
+
+    _handlers: dict[bytes, Callable[[Agent, Message], None]] = {
+        Msg.WELCOME: on_welcome,
+        Msg.HEARTBEAT: on_heartbeat,
+        Msg.RUNTIME: on_runtime,
+        Msg.FUNCTION: on_function,
+        Msg.CALL: on_call,
+        Msg.CANCEL: on_cancel,
+        Msg.CHUNK: on_chunk,
+        Msg.FETCH_ERROR: on_fetch_error,
+        Msg.DRAIN: on_drain,
+    }
+
+    # ---- broker callbacks ----------------------------------------------------------------------
+    def load_for(self, key: str) -> LoadSpec:
+        fn = self.registry.functions[key]
+        runtime = self.registry.runtimes[fn.spec.runtime]
+        if fn.code_dir is None or fn.wheels_dir is None:
+            raise AgentError(f"function {key} is not prepared")
+        # The runtime's dependency command runs only for functions that ship requirements.
+        has_requirements = (fn.code_dir / REQUIREMENTS).is_file()
+        return LoadSpec(key=key, image=runtime.image, path=runtime.path, code_dir=str(fn.code_dir),
+                        wheels_dir=str(fn.wheels_dir), style=fn.spec.style, entrypoint=fn.spec.entrypoint,
+                        dependencies=runtime.dependencies if has_requirements else "", run=runtime.run)
+
+    def on_dispatch(self, ticket: Ticket) -> None:
+        self.link.send(Msg.CALL_STATE, {"call_id": ticket.call_id, "state": "RUNNING",
+                                        "node_id": self.config.node_id, "at": time.time()})
+
+    def reply(self, ticket: Ticket, status: str, error: dict[str, Any]) -> None:
+        self.on_outcome(ticket, {"status": status, "error": error})
+
+    def on_outcome(self, ticket: Ticket, header: dict[str, Any]) -> None:
+        status = header["status"]
+        now = time.monotonic()
+        out: dict[str, Any] = {
+            "call_id": ticket.call_id, "status": status, "node_id": self.config.node_id,
+            "function": ticket.key, "attempts": ticket.attempts + 1, "cold": bool(header.get("cold")) or ticket.cold_wait,
+            "mw_id": ticket.mw_id, "container_id": header.get("container_id", ""),
+            "timings": dict(header.get("timings") or {}, node_s=now - ticket.received,
+                            queued_s=(ticket.dispatched or now) - ticket.received),
+        }
+        for name in ("result", "error", "logs"):
+            if name in header:
+                out[name] = header[name]
+        self.link.send(Msg.RESULT, out)
+        if status != REJECTED and ticket.key:
+            fn_name = ticket.key
+            self.metrics.calls.inc(function=fn_name, outcome=status)
+            self.metrics.duration.observe(now - ticket.received, function=fn_name)
+            if out["cold"]:
+                self.metrics.cold_starts.inc(function=fn_name)
+            fn = self.registry.functions.get(ticket.key)
+            if fn is not None:
+                fn.calls_served += 1
+
+    def on_lost(self, h: MwHandle) -> None:
+        """A miniworker went away without cleaning up: remove its container and directory."""
+        mw_id = h.mw_id
+
+        def cleanup() -> int:
+            removed = 0
+            for c in self.docker.containers.list(all=True, filters={"label": f"{LABEL_MW}={mw_id}"}):
+                c.remove(force=True)
+                removed += 1
+            shutil.rmtree(self.cache.mw_dir(mw_id), ignore_errors=True)
+            return removed
+
+        def done(removed: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                self.log.error("container_cleanup_failed", mw_id=mw_id, error=str(exc))
+
+        self.run_in_pool(cleanup, done)
+
+    def on_engine_check(self, result: Any, exc: BaseException | None) -> None:
+        ok = exc is None and bool(result)
+        if ok != self.engine_ok:
+            self.log.warning("docker_engine_" + ("back" if ok else "unreachable"), error=str(exc or ""))
+        self.engine_ok = ok
+
+    # ---- status ----------------------------------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        return {
+            "v": protocol.PROTOCOL_VERSION, "node_id": self.config.node_id, "capacity": self.config.capacity,
+            "policy": self.config.policy.value, "version": __version__,
+            "status_url": f"http://{self.config.status_host}:{self.status.port}",
+            "runtimes": sorted(self.registry.runtimes),
+            "functions": [fn.key for fn in self.registry.functions.values() if fn.state == FnState.READY],
+            "running": sorted(self.broker.running),
+        }
+
+    def update_gauges(self) -> None:
+        pool: dict[tuple[tuple[str, str], ...], float] = {}
+        for h in self.broker.mws.values():
+            key = (("pool", h.pool_key), ("state", h.state.value))
+            pool[key] = pool.get(key, 0) + 1
+        self.metrics.pool.replace(pool)
+        self.metrics.queue.replace({(("function", k),): float(len(q)) for k, q in self.broker.queues.items()})
+
+    def snapshot(self, what: str) -> Any:
+        if what == "metrics":
+            self.update_gauges()
+            return self.metrics.render()
+        ready = self.link.welcomed and not self.draining and self.engine_ok
+        if what == "ready":
+            return {"ready": ready, "controller": self.link.welcomed, "draining": self.draining,
+                    "docker": self.engine_ok}
+        now = time.monotonic()
+        disk = psutil.disk_usage(str(self.cache.root))
+        mem = psutil.virtual_memory()
+        return {
+            "node_id": self.config.node_id, "version": __version__, "policy": self.config.policy.value,
+            "ready": ready, "controller": {"url": self.config.controller, "connected": self.link.welcomed},
+            "draining": self.draining, "docker": self.engine_ok, "uptime_s": time.time() - self.started,
+            "capacity": self.config.capacity,
+            "runtimes": {name: rt.to_dict() for name, rt in sorted(self.registry.runtimes.items())},
+            "functions": [
+                {"key": fn.key, "name": fn.spec.name, "version": fn.spec.version, "runtime": fn.spec.runtime,
+                 "sha256": fn.spec.sha256, "state": fn.state.value, "error": fn.error,
+                 "policy": self.registry.policy_of(fn).value, "style": fn.spec.style,
+                 "calls_served": fn.calls_served, "queued": len(self.broker.queues.get(fn.key, ()))}
+                for fn in self.registry.functions.values()
+            ],
+            "miniworkers": [
+                {"id": h.mw_id, "state": h.state.value, "mode": h.mode, "pool": h.pool_key,
+                 "function": h.function, "runtime": h.runtime, "container_id": h.container_id,
+                 "calls_served": h.calls_served, "pid": h.proc.pid,
+                 "call_id": h.ticket.call_id if h.ticket else None,
+                 "idle_s": round(now - h.idle_since, 3) if h.state.value == "idle" else None,
+                 "reason": h.reason or None}
+                for h in self.broker.mws.values()
+            ],
+            "live_miniworkers": sum(1 for h in self.broker.mws.values() if h.state in LIVE),
+            "queues": {k: len(q) for k, q in self.broker.queues.items() if q},
+            "running": len(self.broker.running),
+            "archives_fetching": len(self.fetcher.transfers),
+            "system": {
+                "cpu_percent": psutil.cpu_percent(interval=None), "cpus": psutil.cpu_count(),
+                "load": list(os.getloadavg()),
+                "memory": {"total": mem.total, "available": mem.available, "percent": mem.percent},
+                "disk": {"path": str(self.cache.root), "total": disk.total, "free": disk.free,
+                         "percent": disk.percent},
+                "agent_rss": self.process.memory_info().rss,
+            },
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = AgentConfig.from_args(argv)
+    configure(config.log_level)
+    agent = Agent(config)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    return agent.run()

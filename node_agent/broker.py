@@ -1,0 +1,351 @@
+"""The broker: a ZMQ ROUTER that miniworkers connect to, and the matching of calls to idle miniworkers.
+
+* Idle miniworkers wait in one LRU queue per pool key (a function key, ``rt:<runtime>`` for started-ahead
+  containers of a runtime, or ``oneshot``); a call takes the least recently used idle one of the first pool
+  that can serve it.
+* Calls with no idle miniworker wait in a bounded queue per function; the pool manager sees the queue
+  and starts miniworkers; beyond the bound the node rejects the call (the controller places it elsewhere).
+* Liveness: the broker heartbeats every live miniworker; one that is silent past ``liveness`` heartbeats,
+  whose process exits, or that overruns its call's timeout is lost: its call is retried once (at-least-
+  once) or failed with the reason, and the pool manager starts a replacement.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from miniworker.spec import LoadSpec
+from node_agent.config import AgentConfig
+from node_agent.functions import FnState, Registry
+from node_agent.metrics import AgentMetrics
+from node_agent.miniworkers import LIVE, ONESHOT, MwHandle, MwState, generic_key
+from node_agent.tickets import Ticket
+from shoal import protocol
+from shoal.logs import get_logger
+from shoal.models import REJECTED, Policy
+from shoal.protocol import Message, Msg, ProtocolError
+
+Outcome = Callable[[Ticket, dict[str, Any]], None]
+#: Seconds a busy miniworker may overrun its call's timeout before it is declared lost.
+OVERRUN_GRACE = 10.0
+
+
+class Broker:
+    def __init__(
+        self,
+        config: AgentConfig,
+        registry: Registry,
+        metrics: AgentMetrics,
+        ctx: zmq.Context[Any],
+        on_outcome: Outcome,
+        load_for: Callable[[str], LoadSpec],
+        on_lost: Callable[[MwHandle], None],
+        on_dispatch: Callable[[Ticket], None],
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.on_outcome = on_outcome
+        self.load_for = load_for
+        self.on_lost = on_lost
+        self.on_dispatch = on_dispatch
+        self.log = get_logger("broker", node_id=config.node_id)
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(config.broker_url)
+        self.mws: dict[str, MwHandle] = {}
+        self.idle: dict[str, OrderedDict[str, None]] = {}
+        self.queues: dict[str, deque[Ticket]] = {}
+        self.running: dict[str, Ticket] = {}
+        self.next_heartbeat = 0.0
+        self.spawn_blocked_until: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
+
+    # ---- sending -------------------------------------------------------------------------------
+    def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
+        try:
+            self.sock.send_multipart([h.mw_id.encode(), *protocol.encode(mtype, header)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: it is gone from the socket; EAGAIN: it stopped reading.
+            self.lose(h, f"cannot reach miniworker ({exc.strerror})")
+            return False
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def candidates(self, key: str) -> tuple[str, ...]:
+        fn = self.registry.functions[key]
+        policy = self.registry.policy_of(fn)
+        if policy == Policy.NONE:
+            return (ONESHOT,)
+        if policy == Policy.RUNTIME:
+            return (key, generic_key(fn.spec.runtime))
+        return (key,)
+
+    def submit(self, ticket: Ticket) -> None:
+        """Dispatch now if a miniworker is idle, else queue (bounded), else reject."""
+        fn = self.registry.functions[ticket.key]
+        queue = self.queues.setdefault(ticket.key, deque())
+        if fn.state == FnState.READY and not queue:
+            h = self.take_idle(self.candidates(ticket.key))
+            if h is not None:
+                self.dispatch(h, ticket)
+                return
+        if len(queue) >= self.config.queue_limit:
+            self.on_outcome(ticket, {"status": REJECTED, "error": {
+                "type": "QueueFull",
+                "message": f"node {self.config.node_id} has {len(queue)} calls waiting for {ticket.key}",
+            }})
+            return
+        queue.append(ticket)
+
+    def take_idle(self, keys: tuple[str, ...]) -> MwHandle | None:
+        for key in keys:
+            lru = self.idle.get(key)
+            if lru:
+                mw_id, _ = lru.popitem(last=False)
+                return self.mws[mw_id]
+        return None
+
+    def make_idle(self, h: MwHandle) -> None:
+        h.state = MwState.IDLE
+        h.idle_since = time.monotonic()
+        self.idle.setdefault(h.pool_key, OrderedDict())[h.mw_id] = None
+
+    def forget_idle(self, h: MwHandle) -> None:
+        lru = self.idle.get(h.pool_key)
+        if lru is not None:
+            lru.pop(h.mw_id, None)
+
+    def dispatch(self, h: MwHandle, ticket: Ticket) -> None:
+        header: dict[str, Any] = {"call_id": ticket.call_id, "params": ticket.params, "timeout": ticket.timeout}
+        h.loading = h.function is None
+        if h.calls_served == 0 and h.spawned >= ticket.received:
+            ticket.cold_wait = True  # it waited for this miniworker's container to start
+        if h.loading:
+            header["load"] = _as_dict(self.load_for(ticket.key))
+            if h.mode == "runtime":
+                self.forget_idle(h)
+                h.function = ticket.key  # from now on it serves this function only
+        h.state = MwState.BUSY
+        h.ticket = ticket
+        ticket.mw_id = h.mw_id
+        ticket.dispatched = time.monotonic()
+        self.running[ticket.call_id] = ticket
+        if self.send(h, Msg.MW_CALL, header):
+            self.on_dispatch(ticket)
+
+    def pump(self) -> None:
+        """Hand queued calls to idle miniworkers that can serve them, oldest call first."""
+        pending = [(q[0].received, key) for key, q in self.queues.items() if q]
+        for _, key in sorted(pending):
+            fn = self.registry.functions.get(key)
+            if fn is None or fn.state != FnState.READY:
+                continue
+            queue = self.queues[key]
+            keys = self.candidates(key)
+            while queue:
+                h = self.take_idle(keys)
+                if h is None:
+                    break
+                self.dispatch(h, queue.popleft())
+
+    def fail_queued(self, key: str, error: dict[str, Any], status: str = "FAILED") -> None:
+        queue = self.queues.pop(key, None)
+        while queue:
+            self.on_outcome(queue.popleft(), {"status": status, "error": error})
+
+    def cancel(self, call_id: str) -> bool:
+        for queue in self.queues.values():
+            for queued in queue:
+                if queued.call_id == call_id:
+                    queue.remove(queued)
+                    self.on_outcome(queued, {"status": "CANCELLED", "error": {
+                        "type": "Cancelled", "message": "cancelled before it started"}})
+                    return True
+        ticket = self.running.get(call_id)
+        if ticket is None or ticket.mw_id is None:
+            return False
+        h = self.mws.get(ticket.mw_id)
+        if h is None:
+            return False
+        self.finish(h, ticket, {"status": "CANCELLED", "error": {
+            "type": "Cancelled", "message": "cancelled while running; its container was removed"}})
+        self.stop(h)
+        return True
+
+    def finish(self, h: MwHandle, ticket: Ticket, header: dict[str, Any]) -> None:
+        h.ticket = None
+        h.loading = False
+        self.running.pop(ticket.call_id, None)
+        self.on_outcome(ticket, header)
+
+    # ---- miniworker messages -------------------------------------------------------------------
+    def on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0].decode("ascii", "replace")
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError as exc:
+            self.log.error("protocol_error", source=identity, error=str(exc))
+            return
+        h = self.mws.get(identity)
+        if h is None:
+            self.log.warning("message_from_unknown_miniworker", mw_id=identity, type=msg.name)
+            return
+        h.last_seen = time.monotonic()
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            self.log.error("unexpected_message", mw_id=identity, type=msg.name)
+            return
+        handler(self, h, msg)
+
+    def _on_ready(self, h: MwHandle, msg: Message) -> None:
+        if h.state != MwState.STARTING:
+            self.log.error("ready_out_of_turn", mw_id=h.mw_id, state=h.state)
+            return
+        h.container_id = msg.header["container_id"]
+        self.failures.pop(h.pool_key, None)
+        fn = self.registry.functions.get(h.function) if h.function else None
+        if fn is not None:
+            fn.start_failures = 0
+        self.make_idle(h)
+        self.pump()
+
+    def _on_result(self, h: MwHandle, msg: Message) -> None:
+        header = msg.header
+        ticket = h.ticket
+        if ticket is None or ticket.call_id != header["call_id"]:
+            self.log.warning("late_result_ignored", mw_id=h.mw_id, call_id=header["call_id"])
+            return
+        h.calls_served += 1
+        if header.get("container_id"):
+            h.container_id = header["container_id"]
+        if header["status"] == REJECTED:
+            h.ticket = None
+            self.running.pop(ticket.call_id, None)
+            self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+        else:
+            self.finish(h, ticket, header)
+        if header.get("retire"):
+            h.state = MwState.STOPPING
+        else:
+            self.make_idle(h)
+        self.pump()
+
+    def _on_failed(self, h: MwHandle, msg: Message) -> None:
+        reason = msg.header["reason"]
+        h.state = MwState.FAILED
+        h.reason = reason
+        self.forget_idle(h)
+        self.metrics.mw_lost.inc(reason="start_failed")
+        self.log.warning("miniworker_failed", mw_id=h.mw_id, pool=h.pool_key, reason=reason)
+        if h.ticket is not None:
+            self.finish(h, h.ticket, {"status": "FAILED", "error": {"type": "MiniworkerFailed", "message": reason}})
+        failures = self.failures[h.pool_key] = self.failures.get(h.pool_key, 0) + 1
+        self.spawn_blocked_until[h.pool_key] = time.monotonic() + min(30.0, 0.25 * 2**failures)
+        error = msg.header.get("error") or {"type": "StartFailed", "message": reason}
+        if "error" in msg.header and h.function:
+            # The function itself does not load (import or dependency error): its waiting calls fail now.
+            self.fail_queued(h.function, dict(error, logs=msg.header.get("logs", "")))
+        elif failures >= 3:
+            for key in list(self.queues):
+                if h.pool_key in self.candidates(key):
+                    self.fail_queued(key, {"type": "StartFailed",
+                                           "message": f"{failures} miniworkers failed to start: {reason}"})
+
+    def _on_heartbeat(self, h: MwHandle, msg: Message) -> None:
+        pass  # last_seen was updated for every message
+
+    _handlers: dict[bytes, Callable[[Broker, MwHandle, Message], None]] = {
+        Msg.MW_READY: _on_ready,
+        Msg.MW_RESULT: _on_result,
+        Msg.MW_FAILED: _on_failed,
+        Msg.MW_HEARTBEAT: _on_heartbeat,
+    }
+
+    # ---- liveness ------------------------------------------------------------------------------
+    def add(self, h: MwHandle) -> None:
+        self.mws[h.mw_id] = h
+        self.metrics.mw_started.inc()
+
+    def stop(self, h: MwHandle) -> None:
+        """Ask a miniworker to remove its container and exit."""
+        if h.state not in LIVE:
+            return
+        self.forget_idle(h)
+        h.state = MwState.STOPPING
+        h.reason = h.reason or "stopped by the pool"
+        self.send(h, Msg.MW_STOP, {})
+
+    def lose(self, h: MwHandle, reason: str) -> None:
+        if h.state == MwState.FAILED:
+            return
+        self.log.warning("miniworker_lost", mw_id=h.mw_id, pool=h.pool_key, reason=reason,
+                         call_id=h.ticket.call_id if h.ticket else None)
+        self.metrics.mw_lost.inc(reason="lost")
+        self.forget_idle(h)
+        h.state = MwState.FAILED
+        h.reason = reason
+        if h.proc.poll() is None:
+            h.proc.send_signal(signal.SIGKILL)
+        ticket = h.ticket
+        if ticket is not None:
+            h.ticket = None
+            self.running.pop(ticket.call_id, None)
+            ticket.attempts += 1
+            if ticket.attempts <= self.config.retries_on_loss:
+                self.log.info("call_retried", call_id=ticket.call_id, attempt=ticket.attempts + 1)
+                ticket.mw_id = None
+                self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+            else:
+                self.on_outcome(ticket, {"status": "FAILED", "error": {
+                    "type": "MiniworkerLost",
+                    "message": f"its miniworker was lost ({reason}) after {ticket.attempts} attempt(s)",
+                }})
+        self.on_lost(h)
+        self.pump()
+
+    def tick(self, now: float) -> None:
+        cfg = self.config
+        silence = cfg.heartbeat * cfg.liveness
+        for h in list(self.mws.values()):
+            code = h.proc.poll()
+            if h.state in (MwState.STOPPING, MwState.FAILED):
+                if code is not None:
+                    del self.mws[h.mw_id]
+                    if h.state == MwState.STOPPING and code != 0:
+                        self.on_lost(h)  # it may not have removed its container
+                continue
+            if code is not None:
+                self.lose(h, f"miniworker process exited with code {code}")
+            elif h.state == MwState.STARTING and now - h.spawned > cfg.start_timeout:
+                self.lose(h, f"did not start within {cfg.start_timeout:g} s")
+            elif h.state == MwState.BUSY and h.ticket is not None:
+                allowance = h.ticket.timeout + OVERRUN_GRACE + (cfg.start_timeout if h.loading else 0.0)
+                if now - h.ticket.dispatched > allowance:
+                    self.lose(h, "overran its call's timeout without answering")
+                elif not h.loading and now - h.last_seen > silence:
+                    self.lose(h, f"silent for {now - h.last_seen:.1f} s")
+            elif h.state == MwState.IDLE and now - h.last_seen > silence:
+                self.lose(h, f"silent for {now - h.last_seen:.1f} s")
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + cfg.heartbeat
+            for h in list(self.mws.values()):
+                if h.state in (MwState.IDLE, MwState.BUSY):
+                    self.send(h, Msg.MW_HEARTBEAT, {})
+
+    def close(self) -> None:
+        for h in self.mws.values():
+            if h.proc.poll() is None:
+                h.proc.send_signal(signal.SIGTERM)
+        self.sock.close()
+
+
+def _as_dict(load: LoadSpec) -> dict[str, Any]:
+    return {name: getattr(load, name) for name in load.__slots__}

@@ -1,0 +1,99 @@
+"""The node's cache: archives by sha256 (with resumable partial downloads), their extracted trees,
+runtimes, and per-miniworker directories. All under ``<state_dir>/<node_id>/``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from node_agent.errors import FetchError
+from shoal.archive import ArchiveLimits, extract_archive, sha256_file
+from shoal.models import SHA256_RE, Runtime
+
+
+class NodeCache:
+    def __init__(self, root: Path, limits: ArchiveLimits | None = None) -> None:
+        self.root = root
+        self.limits = limits or ArchiveLimits()
+        for sub in ("blobs", "code", "wheels", "mw", "runtimes"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    # ---- archives -----------------------------------------------------------------------------
+    def blob_path(self, sha: str) -> Path:
+        if not SHA256_RE.match(sha):
+            raise FetchError(f"not a sha256: {sha!r}")
+        return self.root / "blobs" / sha
+
+    def has_blob(self, sha: str) -> bool:
+        return self.blob_path(sha).is_file()
+
+    def partial(self, sha: str) -> Path:
+        return self.blob_path(sha).with_suffix(".part")
+
+    def open_partial(self, sha: str) -> tuple[int, hashlib._Hash]:
+        """Resume point of a partial download: its size and the running hash of what is there."""
+        part = self.partial(sha)
+        digest = hashlib.sha256()
+        if not part.exists():
+            part.touch()
+            return 0, digest
+        size = 0
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest
+
+    def append(self, sha: str, offset: int, data: bytes) -> None:
+        part = self.partial(sha)
+        with open(part, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+            f.truncate()
+
+    def commit(self, sha: str, digest: hashlib._Hash) -> Path:
+        part = self.partial(sha)
+        if digest.hexdigest() != sha:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"archive {sha[:12]} failed verification (got {digest.hexdigest()[:12]})")
+        final = self.blob_path(sha)
+        os.replace(part, final)
+        return final
+
+    def add_blob(self, data_path: Path) -> str:
+        """Adopt a local archive file (tests, the single-node tooling)."""
+        sha = sha256_file(data_path)
+        shutil.copyfile(data_path, self.blob_path(sha))
+        return sha
+
+    def code_dir(self, sha: str) -> Path:
+        """The archive's extracted tree, extracting it (safely) on first use."""
+        dest = self.root / "code" / sha
+        if not dest.is_dir():
+            extract_archive(self.blob_path(sha), dest, self.limits)
+        return dest
+
+    # ---- runtimes -----------------------------------------------------------------------------
+    def save_runtime(self, runtime: Runtime) -> None:
+        path = self.root / "runtimes" / f"{runtime.name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runtime.to_dict()))
+        os.replace(tmp, path)
+
+    def load_runtimes(self) -> dict[str, Runtime]:
+        out: dict[str, Runtime] = {}
+        for path in sorted((self.root / "runtimes").glob("*.json")):
+            runtime = Runtime.from_dict(json.loads(path.read_text()))
+            out[runtime.name] = runtime
+        return out
+
+    # ---- miniworkers --------------------------------------------------------------------------
+    def mw_dir(self, mw_id: str) -> Path:
+        return self.root / "mw" / mw_id
+
+    def clear_mw_dirs(self) -> None:
+        shutil.rmtree(self.root / "mw", ignore_errors=True)
+        (self.root / "mw").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,17 @@
+"""Errors of the node agent."""
+
+from __future__ import annotations
+
+from shoal.errors import ShoalError
+
+
+class AgentError(ShoalError):
+    """Base of the node agent's errors."""
+
+
+class DependencyError(AgentError):
+    """A function's requirements could not be resolved into a wheelhouse on the host."""
+
+
+class FetchError(AgentError):
+    """An archive could not be fetched from the controller, or failed verification."""

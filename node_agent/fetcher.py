@@ -1,0 +1,112 @@
+"""Pulling archives from the controller over the ZMQ link: chunked, credit-based, resumable, verified.
+
+The agent sends ``FETCH {sha256, offset, credit}``: "I hold the first ``offset`` bytes; you may have up to
+``credit`` chunks in flight past them". The controller answers with ``CHUNK`` messages (the bytes as their
+own frame) and the agent acknowledges each with a new ``FETCH``, so neither side ever holds more than
+``credit`` chunks and memory stays flat whatever the archive's size. Bytes go straight to a ``.part`` file
+whose size is the resume point; the sha256 is computed as they arrive and checked before the archive is
+usable. A transfer that stalls is asked again from where it stands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from node_agent.cache import NodeCache
+from node_agent.errors import FetchError
+from shoal.protocol import Msg
+
+CREDIT = 8
+STALL_SECONDS = 10.0
+MAX_STALLS = 5
+
+Send = Callable[[bytes, dict[str, Any]], None]
+
+
+@dataclass
+class Transfer:
+    sha: str
+    size: int
+    offset: int
+    digest: Any  # hashlib sha256 object
+    last_progress: float
+    stalls: int = 0
+
+
+class ArchiveFetcher:
+    def __init__(self, cache: NodeCache, send: Send, on_done: Callable[[str, str | None], None]) -> None:
+        self.cache = cache
+        self.send = send
+        self.on_done = on_done  # (sha, error or None)
+        self.transfers: dict[str, Transfer] = {}
+
+    def want(self, sha: str, size: int) -> None:
+        """Make sure the archive ``sha`` is (or becomes) in the cache; ``on_done`` tells when."""
+        if self.cache.has_blob(sha):
+            self.on_done(sha, None)
+            return
+        if sha in self.transfers:
+            return
+        offset, digest = self.cache.open_partial(sha)
+        if offset > size:
+            self.cache.partial(sha).unlink(missing_ok=True)
+            offset, digest = self.cache.open_partial(sha)
+        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic())
+        self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
+
+    def on_chunk(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        sha = header["sha256"]
+        t = self.transfers.get(sha)
+        if t is None or header["offset"] != t.offset:
+            return  # a duplicate or a chunk of an abandoned request: the ack below re-syncs
+        data = payload[0] if payload else b""
+        if t.offset + len(data) > t.size:
+            self._fail(t, f"archive {sha[:12]} is longer than announced ({t.size} bytes)")
+            return
+        self.cache.append(sha, t.offset, data)
+        t.digest.update(data)
+        t.offset += len(data)
+        t.last_progress = time.monotonic()
+        t.stalls = 0
+        if header["last"] or t.offset == t.size:
+            del self.transfers[sha]
+            try:
+                self.cache.commit(sha, t.digest)
+            except FetchError as exc:
+                self.on_done(sha, str(exc))
+                return
+            self.on_done(sha, None)
+        else:
+            self.send(Msg.FETCH, {"sha256": sha, "offset": t.offset, "credit": CREDIT})
+
+    def on_error(self, header: dict[str, Any]) -> None:
+        t = self.transfers.get(header["sha256"])
+        if t is not None:
+            self._fail(t, f"controller cannot serve archive: {header['error']}")
+
+    def _fail(self, t: Transfer, reason: str) -> None:
+        self.transfers.pop(t.sha, None)
+        self.cache.partial(t.sha).unlink(missing_ok=True)
+        self.on_done(t.sha, reason)
+
+    def tick(self, now: float) -> None:
+        for t in list(self.transfers.values()):
+            if now - t.last_progress < STALL_SECONDS:
+                continue
+            t.stalls += 1
+            if t.stalls > MAX_STALLS:
+                self._fail(t, f"archive transfer stalled {MAX_STALLS} times at byte {t.offset}")
+                continue
+            t.last_progress = now
+            self.send(Msg.FETCH, {"sha256": t.sha, "offset": t.offset, "credit": CREDIT, "restart": True})
+
+    def resume_all(self) -> None:
+        """After a reconnect: ask again for every transfer in progress."""
+        for t in self.transfers.values():
+            t.last_progress = time.monotonic()
+            self.send(Msg.FETCH, {"sha256": t.sha, "offset": t.offset, "credit": CREDIT, "restart": True})
+
+

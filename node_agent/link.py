@@ -1,0 +1,80 @@
+"""The agent's link to the controller: a ZMQ DEALER (identity = node id) with heartbeats both ways.
+
+The socket is never recreated: ZMQ reconnects underneath, and messages sent meanwhile (results above
+all) wait in its queue. The link only tracks whether the controller is *listening*: silence for
+``liveness`` heartbeats means "not welcomed", and HELLO is sent again with backoff until a WELCOME
+comes back (a restarted controller learns the node again this way).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from node_agent.config import AgentConfig
+from shoal import protocol
+from shoal.logs import get_logger
+from shoal.protocol import Message, Msg
+
+HWM = 1_000_000
+
+
+class ControllerLink:
+    def __init__(self, config: AgentConfig, ctx: zmq.Context[Any], hello: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.hello = hello
+        self.log = get_logger("link", node_id=config.node_id)
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, config.node_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
+        self.sock.connect(config.controller)
+        self.welcomed = False
+        self.last_heard = 0.0
+        self.next_heartbeat = 0.0
+        self.next_hello = 0.0
+        self.hello_backoff = 0.5
+        self.dropped = 0
+
+    def send(self, mtype: bytes, header: dict[str, Any], *payload: bytes) -> None:
+        try:
+            self.sock.send_multipart(protocol.encode(mtype, header, *payload), zmq.NOBLOCK)
+        except zmq.Again:
+            # Only when a million messages wait for an absent controller; it re-dispatches what it lost.
+            self.dropped += 1
+            self.log.error("controller_queue_full_message_dropped", type=mtype.decode())
+
+    def on_message(self, msg: Message) -> None:
+        self.last_heard = time.monotonic()
+        if msg.type == Msg.WELCOME:
+            if msg.header["v"] != protocol.PROTOCOL_VERSION:
+                self.log.error("protocol_version_mismatch", controller=msg.header["v"],
+                               ours=protocol.PROTOCOL_VERSION)
+                return
+            if not self.welcomed:
+                self.log.info("controller_welcomed", controller=self.config.controller)
+            self.welcomed = True
+            self.hello_backoff = 0.5
+
+    def say_hello(self) -> None:
+        self.send(Msg.HELLO, self.hello())
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self.send(Msg.HEARTBEAT, {})
+            self.next_heartbeat = now + self.config.heartbeat
+        if self.welcomed and now - self.last_heard > self.config.heartbeat * self.config.liveness:
+            self.welcomed = False
+            self.log.warning("controller_silent", seconds=round(now - self.last_heard, 1))
+            self.next_hello = now
+        if not self.welcomed and now >= self.next_hello:
+            self.say_hello()
+            self.next_hello = now + self.hello_backoff
+            self.hello_backoff = min(self.hello_backoff * 2, 10.0)
+
+    def close(self) -> None:
+        self.sock.close()

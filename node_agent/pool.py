@@ -1,0 +1,146 @@
+"""The pool manager: applies the preload policy by starting and stopping miniworkers.
+
+Run after every event and on a timer, it compares what is live with what is wanted:
+
+1. demand first: a function with waiting calls gets miniworkers started (bound to it under ``function``,
+   started-ahead runtime containers under ``runtime``, oneshot processes under ``none``), up to its
+   ``max_warm`` and the node's capacity; when the node is full, the least recently used idle miniworker
+   of another pool makes room;
+2. then the baseline: ``min_warm`` per ready function (``function``), ``runtime_warm`` per runtime
+   (``runtime``), ``oneshot_spares`` (``none``);
+3. then keep-alive: idle miniworkers above the baseline for longer than their keep-alive are stopped, as
+   are idle ones of superseded function versions.
+
+A pool whose miniworkers fail to start is retried with exponential backoff (see the broker).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+
+from miniworker.spec import LoadSpec
+from node_agent.broker import Broker
+from node_agent.config import AgentConfig
+from node_agent.functions import FnState, NodeFunction, Registry
+from node_agent.miniworkers import LIVE, ONESHOT, MwHandle, MwState, Spawner, generic_key
+from shoal.logs import get_logger
+from shoal.models import Policy
+
+
+class PoolManager:
+    def __init__(self, config: AgentConfig, registry: Registry, broker: Broker, spawner: Spawner,
+                 load_for: Callable[[str], LoadSpec]) -> None:
+        self.config = config
+        self.registry = registry
+        self.broker = broker
+        self.spawner = spawner
+        self.load_for = load_for
+        self.log = get_logger("pool", node_id=config.node_id)
+        self.draining = False
+
+    def live(self) -> list[MwHandle]:
+        return [h for h in self.broker.mws.values() if h.state in LIVE]
+
+    def _spawn(self, pool_key: str, fn: NodeFunction | None, runtime_name: str | None) -> bool:
+        if time.monotonic() < self.broker.spawn_blocked_until.get(pool_key, 0.0):
+            return False
+        if pool_key == ONESHOT:
+            h = self.spawner.spawn("oneshot", None, None)
+        elif fn is not None:
+            runtime = self.registry.runtimes[fn.spec.runtime]
+            h = self.spawner.spawn("bound", runtime, self.load_for(fn.key))
+        else:
+            assert runtime_name is not None
+            h = self.spawner.spawn("runtime", self.registry.runtimes[runtime_name], None)
+        self.broker.add(h)
+        self.log.debug("miniworker_spawned", mw_id=h.mw_id, pool=pool_key, mode=h.mode)
+        return True
+
+    def _make_room(self, wanted: str) -> bool:
+        """Stop the least recently used idle miniworker of another pool; True if one was stopped."""
+        idle = [h for h in self.live() if h.state == MwState.IDLE and h.pool_key != wanted]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda h: h.idle_since)
+        self.broker.stop(victim)
+        return True
+
+    def reconcile(self) -> None:
+        if self.draining:
+            return
+        cfg = self.config
+        live = self.live()
+        by_pool = Tally(h.pool_key for h in live)
+        starting = Tally(h.pool_key for h in live if h.state == MwState.STARTING)
+        free = cfg.capacity - len(live)
+
+        # 1. demand
+        oneshot_demand = 0
+        for key, queue in self.broker.queues.items():
+            fn = self.registry.functions.get(key)
+            if not queue or fn is None or fn.state != FnState.READY or fn.spec.runtime not in self.registry.runtimes:
+                continue
+            policy = self.registry.policy_of(fn)
+            if policy == Policy.NONE:
+                oneshot_demand += len(queue)
+                continue
+            pool = key if policy == Policy.FUNCTION else generic_key(fn.spec.runtime)
+            need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
+            for _ in range(max(0, need)):
+                if free <= 0 and not (by_pool[key] == 0 and self._make_room(pool)):
+                    break
+                if not self._spawn(pool, fn if policy == Policy.FUNCTION else None, fn.spec.runtime):
+                    break
+                free -= 1
+                by_pool[pool] += 1
+                starting[pool] += 1
+        for _ in range(max(0, oneshot_demand - starting[ONESHOT])):
+            if free <= 0 or not self._spawn(ONESHOT, None, None):
+                break
+            free -= 1
+            by_pool[ONESHOT] += 1
+
+        # 2. baseline
+        latest = self.registry.latest
+        for fn in self.registry.functions.values():
+            if fn.state != FnState.READY or latest.get(fn.spec.name) != fn.spec.version:
+                continue
+            if self.registry.policy_of(fn) != Policy.FUNCTION or fn.spec.runtime not in self.registry.runtimes:
+                continue
+            want = min(fn.spec.max_warm, max(fn.spec.min_warm, cfg.min_warm))
+            while by_pool[fn.key] < want and free > 0 and self._spawn(fn.key, fn, fn.spec.runtime):
+                by_pool[fn.key] += 1
+                free -= 1
+        if self.registry.node_policy == Policy.RUNTIME:
+            for name in self.registry.runtimes:
+                pool = generic_key(name)
+                while by_pool[pool] < cfg.runtime_warm and free > 0 and self._spawn(pool, None, name):
+                    by_pool[pool] += 1
+                    free -= 1
+        uses_oneshot = self.registry.node_policy == Policy.NONE or any(
+            self.registry.policy_of(fn) == Policy.NONE for fn in self.registry.functions.values())
+        if uses_oneshot:
+            while by_pool[ONESHOT] < cfg.oneshot_spares and free > 0 and self._spawn(ONESHOT, None, None):
+                by_pool[ONESHOT] += 1
+                free -= 1
+
+        # 3. keep-alive and superseded versions
+        now = time.monotonic()
+        for h in live:
+            if h.state != MwState.IDLE or h.function is None:
+                continue
+            fn = self.registry.functions.get(h.function)
+            if fn is None:
+                self.broker.stop(h)
+                continue
+            superseded = latest.get(fn.spec.name, fn.spec.version) != fn.spec.version
+            floor = 0 if superseded else max(fn.spec.min_warm, cfg.min_warm if
+                                              self.registry.policy_of(fn) == Policy.FUNCTION else 0)
+            idle_for = now - h.idle_since
+            if (superseded and not self.broker.queues.get(h.function)) or (
+                by_pool[h.function] > floor and idle_for > fn.spec.keepalive
+            ):
+                self.broker.stop(h)
+                by_pool[h.function] -= 1

@@ -1,0 +1,20 @@
+"""A call while it is on this node."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Ticket:
+    call_id: str
+    key: str  # function name@version
+    params: Any
+    timeout: float
+    received: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    mw_id: str | None = None
+    dispatched: float = 0.0
+    cold_wait: bool = False  # waited for a miniworker to start

@@ -1,0 +1,234 @@
+"""Function archives (zip or tar, optionally gzip'd): hashing and safe extraction.
+
+Every check happens while extracting, on the bytes actually read, not on what headers claim:
+
+* member names: no absolute paths, no ``..``, no NUL, no drive letters; nothing lands outside ``dest``;
+* links: hard links and device/fifo members are refused; symlinks only when they resolve inside the tree;
+* counts and sizes: at most ``max_files`` members, at most ``max_bytes`` written in total;
+* bombs: the bytes written may not exceed ``max_ratio`` times the archive's size (above a small floor).
+
+Extraction goes to a temporary sibling directory that is renamed into place only when complete, so a
+refused archive leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from shoal.errors import ArchiveError
+
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLimits:
+    max_archive_bytes: int = 1 << 30
+    max_files: int = 10_000
+    max_bytes: int = 2 << 30
+    max_ratio: float = 200.0
+    ratio_floor_bytes: int = 32 << 20
+
+    def budget(self, archive_size: int) -> int:
+        """Bytes an archive of ``archive_size`` may expand to."""
+        return min(self.max_bytes, max(self.ratio_floor_bytes, int(archive_size * self.max_ratio)))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(head: bytes) -> str:
+    """``zip`` or ``tar`` (gzip'd or plain), from the first bytes; anything else is refused."""
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise ArchiveError("not a zip or tar(.gz) archive")
+
+
+def safe_member_path(name: str) -> str:
+    """Normalised relative path of a member, or ArchiveError if it could escape the tree."""
+    if "\0" in name:
+        raise ArchiveError(f"member name contains NUL: {name!r}")
+    cleaned = name.replace("\\", "/")
+    if cleaned.startswith("/") or (len(cleaned) > 1 and cleaned[1] == ":"):
+        raise ArchiveError(f"absolute path in archive: {name!r}")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ArchiveError(f"path traversal ('..') in archive: {name!r}")
+    return "/".join(parts)
+
+
+class _Extractor:
+    def __init__(self, root: Path, limits: ArchiveLimits, archive_size: int) -> None:
+        self.root = root
+        self.limits = limits
+        self.budget = limits.budget(archive_size)
+        self.archive_size = archive_size
+        self.files = 0
+        self.written = 0
+
+    def _count(self) -> None:
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise ArchiveError(f"archive has more than {self.limits.max_files} members")
+
+    def target(self, rel: str) -> Path:
+        path = self.root / rel
+        # Parent directories may be symlinks created earlier: resolve and re-check.
+        resolved_parent = path.parent.resolve()
+        if not resolved_parent.is_relative_to(self.root.resolve()):
+            raise ArchiveError(f"member {rel!r} would be written outside the tree (through a link)")
+        return path
+
+    def directory(self, rel: str) -> None:
+        self._count()
+        if rel:
+            self.target(rel).mkdir(parents=True, exist_ok=True)
+
+    def file(self, rel: str, src: IO[bytes], executable: bool) -> None:
+        self._count()
+        if not rel:
+            raise ArchiveError("a file member has an empty name")
+        path = self.target(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.is_dir():
+            raise ArchiveError(f"member {rel!r} collides with an existing link or directory")
+        with open(path, "wb") as out:
+            while chunk := src.read(_COPY_CHUNK):
+                self.written += len(chunk)
+                if self.written > self.budget:
+                    raise ArchiveError(
+                        f"archive expands beyond {self.budget} bytes "
+                        f"({self.archive_size} bytes compressed): refused as a decompression bomb "
+                        "or oversized archive"
+                    )
+                out.write(chunk)
+        path.chmod(0o755 if executable else 0o644)
+
+    def symlink(self, rel: str, link_target: str) -> None:
+        self._count()
+        if link_target.startswith("/") or "\0" in link_target:
+            raise ArchiveError(f"symlink {rel!r} points outside the tree ({link_target!r})")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link_target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise ArchiveError(f"symlink {rel!r} points outside the tree ({link_target!r})")
+        path = self.target(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(link_target, path)
+
+
+def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
+    try:
+        zf = zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ArchiveError(f"unreadable zip archive: {exc}") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > ex.limits.max_files:
+            raise ArchiveError(f"archive has more than {ex.limits.max_files} members")
+        for info in infos:
+            rel = safe_member_path(info.filename)
+            mode = (info.external_attr >> 16) & 0xFFFF
+            if info.is_dir():
+                ex.directory(rel)
+            elif stat.S_ISLNK(mode):
+                if info.file_size > 4096:
+                    raise ArchiveError(f"symlink {rel!r} has an oversized target")
+                ex.symlink(rel, zf.read(info).decode("utf-8", "replace"))
+            elif mode and not stat.S_ISREG(mode):
+                raise ArchiveError(f"member {rel!r} is not a regular file, directory or symlink")
+            else:
+                try:
+                    with zf.open(info) as src:
+                        ex.file(rel, src, bool(mode & 0o111))
+                except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
+                    raise ArchiveError(f"cannot read member {rel!r}: {exc}") from None
+
+
+def _extract_tar(stream: BinaryIO, ex: _Extractor) -> None:
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ArchiveError(f"unreadable tar archive: {exc}") from None
+    with tf:
+        try:
+            for member in tf:
+                rel = safe_member_path(member.name)
+                if member.isdir():
+                    ex.directory(rel)
+                elif member.issym():
+                    ex.symlink(rel, member.linkname)
+                elif member.islnk():
+                    raise ArchiveError(f"hard link {rel!r} refused")
+                elif member.isreg():
+                    src = tf.extractfile(member)
+                    if src is None:
+                        raise ArchiveError(f"cannot read member {rel!r}")
+                    with src:
+                        ex.file(rel, src, bool(member.mode & 0o111))
+                else:
+                    raise ArchiveError(f"member {rel!r} is a device, fifo or other special file")
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise ArchiveError(f"corrupt tar archive: {exc}") from None
+
+
+def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> Path:
+    """Extract ``archive`` into ``dest`` (which must not exist yet) safely; return ``dest``."""
+    limits = limits or ArchiveLimits()
+    size = archive.stat().st_size
+    if size > limits.max_archive_bytes:
+        raise ArchiveError(f"archive of {size} bytes exceeds the limit of {limits.max_archive_bytes}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    try:
+        ex = _Extractor(tmp, limits, size)
+        with open(archive, "rb") as stream:
+            kind = detect_format(stream.read(512))
+            stream.seek(0)
+            if kind == "zip":
+                _extract_zip(stream, ex)
+            else:
+                _extract_tar(stream, ex)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # a concurrent extraction of the same archive won: keep theirs
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_tar_gz(files: dict[str, bytes | str]) -> bytes:
+    """A tar.gz of the given ``{name: content}``: used by examples, tests and the CLI."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, content in sorted(files.items()):
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -1,0 +1,68 @@
+"""A content-addressed blob store on disk: archives by sha256, written atomically, read in chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from shoal.errors import NotFound
+from shoal.models import SHA256_RE
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        if not SHA256_RE.match(sha):
+            raise NotFound(f"not a sha256: {sha[:80]!r}")
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        try:
+            return self.path(sha).is_file()
+        except NotFound:
+            return False
+
+    def size(self, sha: str) -> int:
+        path = self.path(sha)
+        if not path.is_file():
+            raise NotFound(f"no archive {sha[:12]}")
+        return path.stat().st_size
+
+    def put_stream(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> tuple[str, int]:
+        """Store the bytes of ``chunks``; return (sha256, size). Raises ValueError past ``max_bytes``."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise ValueError(f"archive exceeds {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            sha = digest.hexdigest()
+            final = self.path(sha)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
+            return sha, size
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        return self.put_stream([data])
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        def chunks() -> Iterable[bytes]:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return self.put_stream(chunks())

@@ -1,0 +1,206 @@
+"""The controller's side of the node link: a ZMQ ROUTER that node agents connect to.
+
+It keeps track of nodes (HELLO, heartbeats), serves archive chunks with credit-based flow control, sends
+runtimes, functions and calls, and collects call states and results. It is driven by ``pump()``, so it can
+run inside any loop; the blocking helpers (``call``, ``wait``...) make it a small synchronous client for
+tests, the demo and benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import zmq
+
+from shoal import protocol
+from shoal.blobs import BlobStore
+from shoal.errors import NotFound, ShoalError
+from shoal.logs import get_logger
+from shoal.models import FunctionSpec, Runtime
+from shoal.protocol import Message, Msg, ProtocolError
+
+CHUNK_SIZE = 1 << 20
+
+
+class LinkTimeout(ShoalError):
+    """Waited too long for a node."""
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    hello: dict[str, Any]
+    last_seen: float = field(default_factory=time.monotonic)
+    functions: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> FSTATE header
+
+
+@dataclass
+class Transfer:
+    sha: str
+    size: int
+    file: IO[bytes]
+    sent: int = 0
+    acked: int = 0
+
+
+class NodeLink:
+    def __init__(self, blobs: BlobStore, bind: str = "tcp://127.0.0.1:0", heartbeat: float = 1.0,
+                 chunk_size: int = CHUNK_SIZE) -> None:
+        self.blobs = blobs
+        self.heartbeat = heartbeat
+        self.chunk_size = chunk_size
+        self.log = get_logger("nodelink")
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        self.sock.bind(bind)
+        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.nodes: dict[str, NodeInfo] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, list[dict[str, Any]]] = {}
+        self.transfers: dict[tuple[str, str], Transfer] = {}
+        self.protocol_errors = 0
+        self.next_heartbeat = 0.0
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: bytes) -> None:
+        try:
+            self.sock.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)])
+        except zmq.ZMQError as exc:
+            raise NotFound(f"node {node_id!r} is not connected ({exc.strerror})") from None
+
+    def pump(self, timeout: float = 0.0) -> int:
+        """Handle what arrived (waiting up to ``timeout`` s for the first message); return the count."""
+        handled = 0
+        if self.sock.poll(int(timeout * 1000)):
+            while True:
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.on_frames(frames)
+                handled += 1
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.heartbeat
+            for node_id in list(self.nodes):
+                try:
+                    self.send(node_id, Msg.HEARTBEAT, {})
+                except NotFound:
+                    self.log.warning("node_unreachable", node_id=node_id)
+        return handled
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        node_id = frames[0].decode("utf-8", "replace")
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError as exc:
+            self.protocol_errors += 1
+            self.log.error("protocol_error", node_id=node_id, error=str(exc))
+            return
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.last_seen = time.monotonic()
+        if msg.type == Msg.HELLO:
+            self.nodes[node_id] = NodeInfo(node_id, msg.header)
+            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION})
+        elif msg.type == Msg.RESULT:
+            self.results.setdefault(msg.header["call_id"], msg.header)
+        elif msg.type == Msg.CALL_STATE:
+            self.states.setdefault(msg.header["call_id"], []).append(msg.header)
+        elif msg.type == Msg.FETCH:
+            self.on_fetch(node_id, msg)
+        elif msg.type == Msg.FUNCTION_STATE and node is not None:
+            node.functions[f"{msg.header['name']}@{msg.header['version']}"] = msg.header
+
+    def on_fetch(self, node_id: str, msg: Message) -> None:
+        h = msg.header
+        sha, offset, credit = h["sha256"], h["offset"], max(1, min(int(h["credit"]), 64))
+        key = (node_id, sha)
+        t = self.transfers.get(key)
+        if t is None or h.get("restart"):
+            if t is not None:
+                t.file.close()
+            try:
+                size = self.blobs.size(sha)
+            except NotFound as exc:
+                self.send(node_id, Msg.FETCH_ERROR, {"sha256": sha, "error": str(exc)})
+                return
+            if not 0 <= offset <= size:
+                self.send(node_id, Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"})
+                return
+            t = self.transfers[key] = Transfer(sha, size, open(self.blobs.path(sha), "rb"), offset, offset)
+        t.acked = max(t.acked, offset)
+        if t.size == 0:
+            self.send(node_id, Msg.CHUNK, {"sha256": sha, "offset": 0, "last": True}, b"")
+        while t.sent < t.size and t.sent - t.acked < credit * self.chunk_size:
+            t.file.seek(t.sent)
+            data = t.file.read(self.chunk_size)
+            last = t.sent + len(data) >= t.size
+            self.send(node_id, Msg.CHUNK, {"sha256": sha, "offset": t.sent, "last": last}, data)
+            t.sent += len(data)
+        if t.sent >= t.size:  # everything is out; a stalled node restarts the transfer itself
+            t.file.close()
+            del self.transfers[key]
+
+    # ---- blocking helpers ----------------------------------------------------------------------
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LinkTimeout(f"timed out after {timeout:g} s waiting for {what}")
+            self.pump(min(remaining, 0.05))
+
+    def wait_node(self, node_id: str, timeout: float = 30.0) -> NodeInfo:
+        self.wait_for(lambda: node_id in self.nodes, timeout, f"node {node_id} to say hello")
+        return self.nodes[node_id]
+
+    def put_runtime(self, node_id: str, runtime: Runtime) -> None:
+        self.send(node_id, Msg.RUNTIME, runtime.to_dict())
+
+    def put_function(self, node_id: str, spec: FunctionSpec, wait: float | None = 120.0) -> dict[str, Any]:
+        """Send a function version (its archive must be in ``blobs``); wait until the node reports it."""
+        node = self.nodes[node_id]
+        node.functions.pop(spec.key, None)
+        self.send(node_id, Msg.FUNCTION, spec.to_dict())
+        if wait is None:
+            return {}
+        self.wait_for(lambda: spec.key in node.functions, wait, f"{spec.key} on {node_id}")
+        return node.functions[spec.key]
+
+    def submit(self, node_id: str, function: str, params: Any, timeout: float | None = None,
+               call_id: str | None = None, version: int | None = None) -> str:
+        call_id = call_id or uuid.uuid4().hex
+        header: dict[str, Any] = {"call_id": call_id, "function": function, "params": params}
+        if timeout is not None:
+            header["timeout"] = timeout
+        if version is not None:
+            header["version"] = version
+        self.send(node_id, Msg.CALL, header)
+        return call_id
+
+    def result(self, call_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        self.wait_for(lambda: call_id in self.results, timeout, f"the result of call {call_id}")
+        return self.results.pop(call_id)
+
+    def call(self, node_id: str, function: str, params: Any, timeout: float | None = None,
+             wait: float = 120.0) -> dict[str, Any]:
+        return self.result(self.submit(node_id, function, params, timeout), wait)
+
+    def wait_all(self, call_ids: list[str], timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+        self.wait_for(lambda: all(c in self.results for c in call_ids), timeout, f"{len(call_ids)} results")
+        return {c: self.results.pop(c) for c in call_ids}
+
+    def close(self) -> None:
+        for t in self.transfers.values():
+            t.file.close()
+        self.sock.close()
+        self.ctx.term()

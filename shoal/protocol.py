@@ -1,0 +1,221 @@
+"""The Shoal wire protocol: every message that crosses a process boundary.
+
+Three links use it:
+
+* controller <-> node agent: ZMQ ROUTER (controller) / DEALER (agent, identity = node id), tcp.
+* broker <-> miniworker: ZMQ ROUTER (agent's broker) / DEALER (miniworker, identity = miniworker id), ipc.
+* miniworker <-> runner: a unix stream socket in a directory bind-mounted into the container.
+
+On ZMQ a message is the frames ``[type][header][payload...]``: ``type`` is a short ASCII tag from
+:class:`Msg`, ``header`` a JSON object, and bulk bytes (archive chunks) travel as their own frames so
+they are never copied into a dict. On the runner socket a message is ``[u32 length][type NUL header]``.
+
+:func:`decode` validates the type and the header's fields against :data:`SCHEMAS` and raises exactly one
+exception, :class:`ProtocolError`; receivers drop and log a bad message and carry on.
+
+This module imports only the standard library: it is mounted into function containers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+#: Largest header we accept (bulk data belongs in payload frames).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Largest runner message (a call's params or result travel in the header there).
+MAX_RUNNER_MESSAGE = 64 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol. The receiver drops it and logs why."""
+
+
+class Msg:
+    """Message type tags. Kept short: they are on every frame."""
+
+    # --- controller <-> node agent -------------------------------------------------------------
+    HELLO = b"HELLO"  # agent -> controller: who I am, what I hold
+    WELCOME = b"WELCOME"  # controller -> agent: accepted
+    HEARTBEAT = b"HB"  # both ways
+    RUNTIME = b"RUNTIME"  # controller -> agent: a runtime definition
+    FUNCTION = b"FUNC"  # controller -> agent: a function version (archive by sha256)
+    FUNCTION_STATE = b"FSTATE"  # agent -> controller: function ready / failed on this node
+    FETCH = b"FETCH"  # agent -> controller: send me chunks of an archive (credit-based)
+    CHUNK = b"CHUNK"  # controller -> agent: one chunk (payload frame = bytes)
+    FETCH_ERROR = b"FETCHERR"  # controller -> agent: cannot serve that archive
+    CALL = b"CALL"  # controller -> agent: run this call
+    CANCEL = b"CANCEL"  # controller -> agent: cancel this call
+    CALL_STATE = b"CSTATE"  # agent -> controller: a call started running / progressed
+    RESULT = b"RESULT"  # agent -> controller: a call ended (or was rejected by this node)
+    STATUS = b"STATUS"  # agent -> controller: load and warm pools summary
+    DRAIN = b"DRAIN"  # controller -> agent: take no new work, finish, exit
+
+    # --- broker <-> miniworker -----------------------------------------------------------------
+    MW_READY = b"MREADY"  # miniworker -> broker: container up (and function loaded if bound)
+    MW_CALL = b"MCALL"  # broker -> miniworker: run a call (with what to load if not yet loaded)
+    MW_RESULT = b"MRESULT"  # miniworker -> broker: outcome of a call
+    MW_FAILED = b"MFAILED"  # miniworker -> broker: cannot serve (start failed, container lost)
+    MW_HEARTBEAT = b"MHB"  # both ways
+    MW_STOP = b"MSTOP"  # broker -> miniworker: remove your container and exit
+
+    # --- miniworker <-> runner (unix socket) ---------------------------------------------------
+    R_HELLO = b"RHELLO"  # runner -> miniworker: I am up
+    R_LOAD = b"RLOAD"  # miniworker -> runner: install dependencies, load the function
+    R_LOADED = b"RLOADED"  # runner -> miniworker: outcome of the load
+    R_CALL = b"RCALL"  # miniworker -> runner: run one call
+    R_RESULT = b"RRESULT"  # runner -> miniworker: outcome of one call
+
+
+_STR = (str,)
+_INT = (int,)
+_NUM = (int, float)
+_BOOL = (bool,)
+_DICT = (dict,)
+_OPT_STR = (str, type(None))
+_OPT_DICT = (dict, type(None))
+_ANY: tuple[type, ...] = ()
+
+#: Required header fields per message type (name -> accepted types; empty tuple = any JSON value).
+#: Extra fields are allowed (forward compatibility); missing or mistyped required fields are not.
+SCHEMAS: dict[bytes, dict[str, tuple[type, ...]]] = {
+    Msg.HELLO: {"v": _INT, "node_id": _STR, "capacity": _INT},
+    Msg.WELCOME: {"v": _INT},
+    Msg.HEARTBEAT: {},
+    Msg.RUNTIME: {"name": _STR, "image": _STR, "path": _STR, "dependencies": _STR, "run": _STR},
+    Msg.FUNCTION: {"name": _STR, "version": _INT, "runtime": _STR, "sha256": _STR, "size": _INT},
+    Msg.FUNCTION_STATE: {"name": _STR, "version": _INT, "state": _STR},
+    Msg.FETCH: {"sha256": _STR, "offset": _INT, "credit": _INT},
+    Msg.CHUNK: {"sha256": _STR, "offset": _INT, "last": _BOOL},
+    Msg.FETCH_ERROR: {"sha256": _STR, "error": _STR},
+    Msg.CALL: {"call_id": _STR, "function": _STR, "params": _ANY},
+    Msg.CANCEL: {"call_id": _STR},
+    Msg.CALL_STATE: {"call_id": _STR, "state": _STR},
+    Msg.RESULT: {"call_id": _STR, "status": _STR},
+    Msg.STATUS: {"node_id": _STR},
+    Msg.DRAIN: {},
+    Msg.MW_READY: {"v": _INT, "mw_id": _STR, "container_id": _STR},
+    Msg.MW_CALL: {"call_id": _STR, "params": _ANY, "timeout": _NUM},
+    Msg.MW_RESULT: {"call_id": _STR, "status": _STR},
+    Msg.MW_FAILED: {"reason": _STR},
+    Msg.MW_HEARTBEAT: {},
+    Msg.MW_STOP: {},
+    Msg.R_HELLO: {"pid": _INT},
+    Msg.R_LOAD: {"path": _STR, "style": _STR},
+    Msg.R_LOADED: {"ok": _BOOL},
+    Msg.R_CALL: {"call_id": _STR, "params": _ANY},
+    Msg.R_RESULT: {"call_id": _STR, "ok": _BOOL},
+}
+
+#: Message types that carry payload frames (all others must have none).
+PAYLOAD_TYPES = frozenset({Msg.CHUNK})
+
+
+@dataclass(slots=True)
+class Message:
+    """A decoded message."""
+
+    type: bytes
+    header: dict[str, Any]
+    payload: list[bytes] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.type.decode("ascii")
+
+
+def _validate(mtype: bytes, header: Any) -> dict[str, Any]:
+    schema = SCHEMAS.get(mtype)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {mtype[:32]!r}")
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{mtype.decode()}: header must be a JSON object, got {type(header).__name__}")
+    for name, types in schema.items():
+        if name not in header:
+            raise ProtocolError(f"{mtype.decode()}: missing field {name!r}")
+        value = header[name]
+        # bool is an int in Python: an int field must not accept true/false.
+        if types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            expected = "/".join(t.__name__ for t in types)
+            raise ProtocolError(f"{mtype.decode()}: field {name!r} must be {expected}")
+    return header
+
+
+def _dumps(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode(mtype: bytes, header: dict[str, Any] | None = None, *payload: bytes) -> list[bytes]:
+    """Frames for a ZMQ message. Validates outgoing messages too: a bug shows where it is made."""
+    head = _validate(mtype, {} if header is None else header)
+    return [mtype, _dumps(head), *payload]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode and validate the frames of a ZMQ message (routing envelope already removed)."""
+    if len(frames) < 2:
+        raise ProtocolError(f"expected at least 2 frames [type][header], got {len(frames)}")
+    mtype = bytes(frames[0])
+    raw = frames[1]
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
+    _validate(mtype, header)
+    payload = [bytes(f) for f in frames[2:]]
+    if payload and mtype not in PAYLOAD_TYPES:
+        raise ProtocolError(f"{mtype.decode()}: carries {len(payload)} unexpected payload frame(s)")
+    return Message(mtype, header, payload)
+
+
+# --- the runner socket: length-prefixed [type NUL header-json] -----------------------------------
+
+_LEN = struct.Struct("!I")
+
+
+def pack_runner(mtype: bytes, header: dict[str, Any]) -> bytes:
+    """One runner-socket message, ready for ``sendall``."""
+    _validate(mtype, header)
+    body = mtype + b"\0" + _dumps(header)
+    if len(body) > MAX_RUNNER_MESSAGE:
+        raise ProtocolError(f"{mtype.decode()}: message of {len(body)} bytes exceeds {MAX_RUNNER_MESSAGE}")
+    return _LEN.pack(len(body)) + body
+
+
+def unpack_runner_body(body: bytes) -> Message:
+    mtype, sep, raw = body.partition(b"\0")
+    if not sep:
+        raise ProtocolError("runner message has no type separator")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
+    return Message(mtype, _validate(mtype, header))
+
+
+class RunnerStream:
+    """Reassembles length-prefixed runner messages from a byte stream (either side of the socket)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while len(self._buf) >= _LEN.size:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > MAX_RUNNER_MESSAGE:
+                raise ProtocolError(f"runner message of {size} bytes exceeds {MAX_RUNNER_MESSAGE}")
+            end = _LEN.size + size
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[_LEN.size:end])
+            del self._buf[:end]
+            out.append(unpack_runner_body(body))
+        return out
