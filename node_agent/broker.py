@@ -103,6 +103,7 @@ class Broker:
                 "message": f"node {self.config.node_id} has {len(queue)} calls waiting for {ticket.key}",
             }})
             return
+        ticket.queued = True
         queue.append(ticket)
 
     def take_idle(self, keys: tuple[str, ...]) -> MwHandle | None:
@@ -126,7 +127,7 @@ class Broker:
     def dispatch(self, h: MwHandle, ticket: Ticket) -> None:
         header: dict[str, Any] = {"call_id": ticket.call_id, "params": ticket.params, "timeout": ticket.timeout}
         h.loading = h.function is None
-        if h.calls_served == 0 and h.spawned >= ticket.received:
+        if ticket.queued and h.calls_served == 0:
             ticket.cold_wait = True  # it waited for this miniworker's container to start
         if h.loading:
             header["load"] = _as_dict(self.load_for(ticket.key))

@@ -62,6 +62,7 @@ class ControllerLink:
 
     def say_hello(self) -> None:
         self.send(Msg.HELLO, self.hello())
+        self.next_hello = time.monotonic() + self.hello_backoff
 
     def tick(self, now: float) -> None:
         if now >= self.next_heartbeat:
@@ -73,7 +74,6 @@ class ControllerLink:
             self.next_hello = now
         if not self.welcomed and now >= self.next_hello:
             self.say_hello()
-            self.next_hello = now + self.hello_backoff
             self.hello_backoff = min(self.hello_backoff * 2, 10.0)
 
     def close(self) -> None:

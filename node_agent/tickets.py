@@ -17,4 +17,5 @@ class Ticket:
     attempts: int = 0
     mw_id: str | None = None
     dispatched: float = 0.0
+    queued: bool = False  # waited in the node's queue for a miniworker
     cold_wait: bool = False  # waited for a miniworker to start

@@ -154,7 +154,7 @@ def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
                 if info.file_size > 4096:
                     raise ArchiveError(f"symlink {rel!r} has an oversized target")
                 ex.symlink(rel, zf.read(info).decode("utf-8", "replace"))
-            elif mode and not stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # many zips carry no file type at all
                 raise ArchiveError(f"member {rel!r} is not a regular file, directory or symlink")
             else:
                 try:

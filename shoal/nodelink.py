@@ -109,7 +109,10 @@ class NodeLink:
         if node is not None:
             node.last_seen = time.monotonic()
         if msg.type == Msg.HELLO:
-            self.nodes[node_id] = NodeInfo(node_id, msg.header)
+            if node is None:
+                self.nodes[node_id] = NodeInfo(node_id, msg.header)
+            else:
+                node.hello = msg.header
             self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION})
         elif msg.type == Msg.RESULT:
             self.results.setdefault(msg.header["call_id"], msg.header)
@@ -168,13 +171,12 @@ class NodeLink:
 
     def put_function(self, node_id: str, spec: FunctionSpec, wait: float | None = 120.0) -> dict[str, Any]:
         """Send a function version (its archive must be in ``blobs``); wait until the node reports it."""
-        node = self.nodes[node_id]
-        node.functions.pop(spec.key, None)
+        self.nodes[node_id].functions.pop(spec.key, None)
         self.send(node_id, Msg.FUNCTION, spec.to_dict())
         if wait is None:
             return {}
-        self.wait_for(lambda: spec.key in node.functions, wait, f"{spec.key} on {node_id}")
-        return node.functions[spec.key]
+        self.wait_for(lambda: spec.key in self.nodes[node_id].functions, wait, f"{spec.key} on {node_id}")
+        return self.nodes[node_id].functions[spec.key]
 
     def submit(self, node_id: str, function: str, params: Any, timeout: float | None = None,
                call_id: str | None = None, version: int | None = None) -> str:

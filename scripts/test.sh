@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, as `make test` and CI run it: bootstrap, lint, type-check, start the local
+# infrastructure (Docker engine, Redis, runtime image), run pytest against it, stop what was started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+PY=.venv/bin/python
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy"; .venv/bin/mypy
+echo "== infrastructure"
+trap '$PY -m shoal.devenv down' EXIT
+eval "$($PY -m shoal.devenv up)"
+echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
+echo "== pytest"
+set +e
+$PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup "$@"
+code=$?
+set -e
+exit $code

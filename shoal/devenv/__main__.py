@@ -1,0 +1,92 @@
+"""``python -m shoal.devenv up|down|env``: start the local infrastructure once for a whole run.
+
+``up`` starts what is missing (dockerd, redis-server, the runtime image), records what it started in
+``<state>/devenv.json`` and prints ``export`` lines for the environment; ``down`` stops exactly what ``up``
+started. The test command wraps pytest in them so parallel test workers share one engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from shoal.devenv.docker_engine import ensure_engine
+from shoal.devenv.paths import state_dir
+from shoal.devenv.redis_server import RedisServer, start_redis
+from shoal.devenv.runtime_image import IMAGE, ensure_image
+
+
+def record_path() -> Path:
+    return state_dir() / "devenv.json"
+
+
+def up(with_redis: bool) -> dict[str, str]:
+    engine = ensure_engine()
+    client = engine.client()
+    try:
+        ensure_image(client, engine.url)
+    finally:
+        client.close()
+    record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
+    if engine.started and engine._proc is not None:
+        record["dockerd_pid"] = engine._proc.pid
+    env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
+    if with_redis:
+        redis = start_redis()
+        record["redis_dir"] = str(redis.directory)
+        record["redis_port"] = redis.port
+        env["SHOAL_REDIS_URL"] = redis.url
+    record["env"] = env
+    record_path().write_text(json.dumps(record))
+    return env
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def down() -> None:
+    path = record_path()
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    if "redis_dir" in record:
+        RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop()
+    pid = record.get("dockerd_pid")
+    if pid:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+            if not _wait_gone(int(pid), 30):
+                os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
+    path.unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m shoal.devenv")
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--no-redis", action="store_true")
+    args = parser.parse_args()
+    if args.command == "up":
+        for key, value in up(with_redis=not args.no_redis).items():
+            print(f"export {key}={value}")
+    else:
+        down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

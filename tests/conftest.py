@@ -1,0 +1,68 @@
+"""Session fixtures: the real Docker engine and runtime image (and Redis), started once.
+
+Under the test command (`make test`) ``python -m shoal.devenv up`` has started them and exported
+``DOCKER_HOST``; pytest workers only connect. Run bare (``pytest tests/...``), the session starts what is
+missing itself and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import docker
+import pytest
+
+from miniworker.container import LABEL_NODE
+from shoal.devenv.docker_engine import API_VERSION
+from shoal.devenv.stack import Infra, start_infra
+from shoal.localnode import LocalNode
+
+
+@pytest.fixture(scope="session")
+def docker_url() -> Iterator[str]:
+    url = os.environ.get("DOCKER_HOST")
+    if url and os.environ.get("SHOAL_IMAGE"):
+        yield url
+        return
+    infra: Infra = start_infra(with_redis=False)
+    try:
+        yield infra.engine.url
+    finally:
+        infra.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_url: str) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=docker_url, version=API_VERSION, timeout=60)
+    yield client
+    client.close()
+
+
+def node_containers(client: docker.DockerClient, node_id: str) -> list[object]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"}))
+
+
+@pytest.fixture
+def make_node(docker_url: str, docker_client: docker.DockerClient, request: pytest.FixtureRequest):
+    """Factory of started LocalNodes; each is stopped, and checked to leave no container, at teardown."""
+    nodes: list[LocalNode] = []
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw")
+
+    def factory(policy: str = "function", extra_args: list[str] | None = None, runtime: bool = True,
+                **kwargs: object) -> LocalNode:
+        node_id = f"t-{worker}-{len(nodes)}-{os.getpid() % 10000}-{request.node.name[:20]}"
+        node_id = "".join(c if c.isalnum() or c in "-_." else "-" for c in node_id)
+        node = LocalNode(docker_url, node_id=node_id, policy=policy, extra_args=extra_args, **kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        node.start()
+        if runtime:
+            node.add_runtime()
+        return node
+
+    yield factory
+    for node in nodes:
+        code = node.stop()
+        node.close()
+        assert code == 0, f"agent {node.node_id} exited with {code}"
+        assert node_containers(docker_client, node.node_id) == [], "the agent left containers behind"

@@ -1,0 +1,41 @@
+"""Function sources the integration tests deploy (as {file name: content})."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DICE_DIR = Path(__file__).resolve().parents[2] / "examples" / "runtimes" / "python" / "dice"
+DICE = {name: (DICE_DIR / name).read_text() for name in ("test.py", "requirements.txt")}
+
+ECHO = {"handler.py": "def handler(params):\n    return {'echo': params}\n"}
+
+# Sleeps params["s"] seconds; returns when it ran (wall clock inside the container) and its pid.
+SLOW = {
+    "handler.py": (
+        "import os, time\n"
+        "def handler(params):\n"
+        "    start = time.time()\n"
+        "    time.sleep(params.get('s', 1))\n"
+        "    return {'start': start, 'end': time.time(), 'pid': os.getpid()}\n"
+    )
+}
+
+# Misbehaves on request: raise, _exit, print.
+CHAOS = {
+    "handler.py": (
+        "import os, sys, time\n"
+        "def handler(params):\n"
+        "    what = params.get('do')\n"
+        "    if what == 'raise':\n"
+        "        raise ValueError('bad dice: ' + str(params.get('why')))\n"
+        "    if what == 'exit':\n"
+        "        os._exit(3)\n"
+        "    if what == 'sleep':\n"
+        "        time.sleep(params['s'])\n"
+        "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
+        "    return {'ok': True, 'pid': os.getpid()}\n"
+    )
+}
+
+# The fourth seed's style: a plain string argument as argv[1], stdout as the result.
+UPPER = {"upper.py": "import sys\nprint(sys.argv[1].upper())\n"}

@@ -1,0 +1,329 @@
+"""The node on the real Docker engine: policies, warm path, parallelism, failures, hostile input, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import pytest
+import zmq
+
+from miniworker.container import LABEL_NODE
+from shoal.localnode import LocalNode
+from tests.conftest import node_containers
+from tests.integration.functions import CHAOS, DICE, ECHO, SLOW, UPPER
+
+pytestmark = pytest.mark.docker
+
+
+def wait_until(node: LocalNode, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        node.link.pump(0.1)
+
+
+def miniworkers(node: LocalNode, function: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+    return [m for m in node.status()["miniworkers"]
+            if (function is None or m["function"] == function) and (state is None or m["state"] == state)]
+
+
+def metric(node: LocalNode, name: str) -> float:
+    _, text = node.http("/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def assert_dice(result: dict[str, Any]) -> None:
+    assert result["status"] == "DONE", result
+    values = json.loads(result["result"])
+    assert len(values) == 4 and all(1 <= v <= 6 for v in values), values
+
+
+@pytest.mark.parametrize("policy", ["none", "runtime", "function"])
+def test_seed_dice_function_returns_four_dice_under_each_policy(make_node, docker_client, policy: str) -> None:
+    node = make_node(policy)
+    state = node.deploy("dice", DICE)
+    assert state["state"] == "ready", state
+    first = node.call("dice", {"roll": "4d6"})
+    second = node.call("dice", {"roll": "4d6"})
+    assert_dice(first)
+    assert_dice(second)
+    if policy != "function":
+        assert first["cold"] is True  # a container started (none) or the code was put in (runtime)
+    if policy == "none":
+        # A fresh container per call, removed after it.
+        assert first["container_id"] != second["container_id"]
+        assert second["cold"] is True
+        for cid in (first["container_id"], second["container_id"]):
+            wait_until(node, lambda cid=cid: cid not in {c.id for c in node_containers(docker_client, node.node_id)},
+                       what="the call's container to be removed")
+    else:
+        assert first["container_id"] == second["container_id"]
+        assert second["cold"] is False
+
+
+def container_events(client: docker.DockerClient, node_id: str, since: float) -> list[dict[str, Any]]:
+    events = client.events(since=int(since), until=int(time.time()) + 1, decode=True,
+                           filters={"type": "container", "label": f"{LABEL_NODE}={node_id}"})
+    return [e for e in events if e.get("Action") in ("create", "start") or str(e.get("Action", "")).startswith("exec_")]
+
+
+def test_warm_handler_answers_1000_calls_with_no_container_started_after_the_first(make_node, docker_client) -> None:
+    node = make_node("function")
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    first = node.call("echo", {"i": -1})
+    assert first["result"] == {"echo": {"i": -1}}
+    started_before = metric(node, "shoal_miniworkers_started_total")
+    since = time.time() - 0.5
+    time.sleep(1.0)  # docker events have one-second resolution: leave the first call's second behind
+    since = time.time()
+    for i in range(1000):
+        r = node.call("echo", {"i": i})
+        assert r["status"] == "DONE" and r["result"] == {"echo": {"i": i}}, r
+        assert r["container_id"] == first["container_id"] and r["cold"] is False
+    assert metric(node, "shoal_miniworkers_started_total") == started_before
+    assert container_events(docker_client, node.node_id, since) == []
+    assert metric(node, "shoal_calls_total") == 1001
+
+
+def test_n_miniworkers_run_n_slow_calls_in_parallel(make_node) -> None:
+    node = make_node("function")
+    node.deploy("slow", SLOW, entrypoint="handler:handler", min_warm=3, max_warm=3)
+    wait_until(node, lambda: len(miniworkers(node, "slow@1", "idle")) == 3, what="3 warm miniworkers")
+    ids = [node.submit("slow", {"s": 1.5}) for _ in range(3)]
+    results = node.link.wait_all(ids, timeout=60)
+    runs = [r["result"] for r in results.values()]
+    assert all(r["status"] == "DONE" for r in results.values())
+    assert len({r["mw_id"] for r in results.values()}) == 3
+    # They overlapped: every call started before any call ended.
+    assert max(run["start"] for run in runs) < min(run["end"] for run in runs)
+
+
+def running_miniworker(node: LocalNode, call_id: str) -> dict[str, Any]:
+    return wait_until(node, lambda: next((m for m in node.status()["miniworkers"] if m["call_id"] == call_id), None),
+                      what=f"call {call_id} to run")
+
+
+def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_node, docker_client) -> None:
+    node = make_node("function")
+    node.deploy("chaos", CHAOS, entrypoint="handler:handler")
+    ok = node.call("chaos", {})
+    assert ok["status"] == "DONE" and ok["logs"]["stdout"] == "to stdout\n" and ok["logs"]["stderr"] == "to stderr\n"
+
+    raised = node.call("chaos", {"do": "raise", "why": 7})
+    assert raised["status"] == "FAILED"
+    assert raised["error"]["type"] == "ValueError" and raised["error"]["message"] == "bad dice: 7"
+    assert "raise ValueError" in raised["error"]["traceback"]
+    assert node.call("chaos", {})["container_id"] == ok["container_id"]  # a raise does not cost the container
+
+    timed_out = node.call("chaos", {"do": "sleep", "s": 60}, timeout=1)
+    assert timed_out["status"] == "TIMEOUT" and "timeout of 1 s" in timed_out["error"]["message"]
+    healed = node.call("chaos", {})
+    assert healed["status"] == "DONE" and healed["container_id"] != ok["container_id"]
+
+    exited = node.call("chaos", {"do": "exit"})
+    assert exited["status"] == "FAILED" and "code 3" in exited["error"]["message"], exited
+    assert node.call("chaos", {})["status"] == "DONE"
+
+    call_id = node.submit("chaos", {"do": "sleep", "s": 30})
+    victim = running_miniworker(node, call_id)
+    docker_client.containers.get(victim["container_id"]).kill()
+    killed = node.link.result(call_id, timeout=60)
+    assert killed["status"] == "FAILED" and "killed" in killed["error"]["message"], killed
+    assert node.call("chaos", {})["status"] == "DONE"
+
+    call_id = node.submit("chaos", {"do": "sleep", "s": 1})
+    victim = running_miniworker(node, call_id)
+    os.kill(victim["pid"], signal.SIGKILL)
+    retried = node.link.result(call_id, timeout=120)
+    assert retried["status"] == "DONE" and retried["attempts"] == 2 and retried["mw_id"] != victim["id"], retried
+    assert metric(node, "shoal_miniworkers_lost_total") >= 1
+    # The lost miniworker's container is removed and the pool is back to its warm size.
+    wait_until(node, lambda: victim["container_id"] not in {c.id for c in node_containers(docker_client, node.node_id)},
+               what="the lost miniworker's container to be removed")
+    wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
+    assert metric(node, "shoal_calls_total") == 10
+
+
+def test_a_call_lost_twice_fails_with_a_clear_reason(make_node) -> None:
+    node = make_node("function")
+    node.deploy("slow", SLOW, entrypoint="handler:handler")
+    call_id = node.submit("slow", {"s": 30})
+    for attempt in range(2):
+        victim = running_miniworker(node, call_id)
+        os.kill(victim["pid"], signal.SIGKILL)
+        if attempt == 0:
+            wait_until(node, lambda v=victim: (m := running_miniworker(node, call_id)) and m["id"] != v["id"],
+                       timeout=120, what="the retry to run")
+    failed = node.link.result(call_id, timeout=60)
+    assert failed["status"] == "FAILED" and failed["error"]["type"] == "MiniworkerLost", failed
+    assert "after 2 attempt(s)" in failed["error"]["message"]
+
+
+def test_runtime_policy_starts_containers_ahead_and_puts_code_in_at_first_use(make_node) -> None:
+    node = make_node("runtime")
+    wait_until(node, lambda: len(miniworkers(node, state="idle")) == 2, what="2 started-ahead containers")
+    assert all(m["pool"] == "rt:pythonruntime" and m["function"] is None for m in miniworkers(node))
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    first, second = node.call("echo", 1), node.call("echo", 2)
+    assert first["cold"] is True and second["cold"] is False
+    assert first["container_id"] == second["container_id"]
+    # The started-ahead pool was refilled in the background after one container was taken.
+    wait_until(node, lambda: len(miniworkers(node, function=None, state="idle")) == 2, what="the refill")
+
+
+def test_keepalive_stops_idle_containers_above_the_minimum(make_node) -> None:
+    node = make_node("runtime")
+    node.deploy("echo", ECHO, entrypoint="handler:handler", keepalive=0.5)
+    assert node.call("echo", 1)["status"] == "DONE"
+    assert miniworkers(node, "echo@1")
+    wait_until(node, lambda: not miniworkers(node, "echo@1"), what="the idle container to be stopped")
+
+
+def test_command_style_passes_a_string_param_as_argv1(make_node) -> None:
+    node = make_node("function")
+    node.add_runtime(name="upper-rt", run="python3 upper.py", dependencies="")
+    node.deploy("upper", UPPER, runtime="upper-rt")
+    r = node.call("upper", "hello shoal")
+    assert r["status"] == "DONE" and r["result"] == "HELLO SHOAL", r
+
+
+def test_queue_is_bounded_per_function(make_node) -> None:
+    node = make_node("function", env={"SHOAL_AGENT_QUEUE_LIMIT": "2"})
+    node.deploy("slow", SLOW, entrypoint="handler:handler", max_warm=1)
+    wait_until(node, lambda: miniworkers(node, "slow@1", "idle"), what="a warm miniworker")
+    ids = [node.submit("slow", {"s": 1}) for _ in range(5)]
+    results = node.link.wait_all(ids, timeout=60)
+    statuses = sorted(r["status"] for r in results.values())
+    assert statuses == ["DONE", "DONE", "DONE", "REJECTED", "REJECTED"], statuses
+    assert {r["error"]["type"] for r in results.values() if r["status"] == "REJECTED"} == {"QueueFull"}
+
+
+def test_a_new_version_takes_over_and_old_containers_retire(make_node) -> None:
+    node = make_node("function")
+    node.deploy("v", {"handler.py": "def handler(p):\n    return 1\n"}, entrypoint="handler:handler")
+    assert node.call("v")["result"] == 1
+    node.deploy("v", {"handler.py": "def handler(p):\n    return 2\n"}, entrypoint="handler:handler")
+    assert node.call("v")["result"] == 2
+    wait_until(node, lambda: not miniworkers(node, "v@1"), what="v1's container to retire")
+
+
+def test_unknown_function_and_unloadable_function_fail_clearly(make_node) -> None:
+    node = make_node("function")
+    r = node.call("nope", {})
+    assert r["status"] == "FAILED" and r["error"]["type"] == "UnknownFunction"
+    node.deploy("broken", {"handler.py": "import does_not_exist\n"}, entrypoint="handler:handler")
+    r = node.call("broken", {})
+    assert r["status"] == "FAILED" and r["error"]["type"] == "ModuleNotFoundError", r
+
+
+def zip_slip_archive() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../../../../tmp/shoal-zip-slip", "pwned")
+    return buf.getvalue()
+
+
+def zip_bomb_archive() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("handler.py", b"\n" * (256 << 20))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("archive", "needle"), [(zip_slip_archive, "traversal"), (zip_bomb_archive, "bomb"),
+                                                 (lambda: b"garbage, not an archive", "not a zip")])
+def test_hostile_archives_are_refused_by_the_node(make_node, archive: Callable[[], bytes], needle: str) -> None:
+    node = make_node("function")
+    state = node.deploy("evil", archive=archive(), entrypoint="handler:handler")
+    assert state["state"] == "failed" and needle in state["error"], state
+    r = node.call("evil", {})
+    assert r["status"] == "FAILED" and r["error"]["type"] == "FunctionUnavailable"
+    assert not os.path.exists("/tmp/shoal-zip-slip")
+    assert node.call("evil", {})["status"] == "FAILED"  # and the agent still answers
+
+
+def test_garbage_frames_are_dropped_and_the_agent_keeps_serving(make_node) -> None:
+    node = make_node("function")
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    garbage = [[b"JUNK", b"{}"], [b"CALL", b"{not json"], [b"CALL", b'{"call_id": 1}'], [b"\xff" * 100],
+               [b"CHUNK", b'{"sha256": "zz", "offset": -1, "last": false}', b"data"], [b"RESULT", b"[]"]]
+    for frames in garbage:
+        node.link.sock.send_multipart([node.node_id.encode(), *frames])
+    # The broker socket too: a stranger connects to it and sends junk.
+    ctx = zmq.Context.instance()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(f"ipc://{node.state_dir / node.node_id / 'broker.ipc'}")
+    for frames in garbage:
+        stranger.send_multipart(frames)
+    stranger.close()
+    r = node.call("echo", "still here")
+    assert r["status"] == "DONE" and r["result"] == {"echo": "still here"}
+    assert node.proc is not None and node.proc.poll() is None
+
+
+def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> None:
+    node = make_node("function")
+    assert node.http("/healthz") == (200, {"ok": True})
+    code, ready = node.http("/readyz")
+    assert code == 200 and ready["ready"] is True
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    for i in range(5):
+        node.call("echo", i)
+    node.call("chaos-missing", {})
+    status = node.status()
+    assert status["node_id"] == node.node_id and status["policy"] == "function"
+    assert "pythonruntime" in status["runtimes"]
+    fn = next(f for f in status["functions"] if f["key"] == "echo@1")
+    assert fn["state"] == "ready" and fn["calls_served"] == 5 and fn["style"] == "handler"
+    (mw,) = [m for m in status["miniworkers"] if m["function"] == "echo@1"]
+    assert mw["state"] == "idle" and mw["calls_served"] == 5
+    assert docker_client.containers.get(mw["container_id"]).status == "running"
+    assert {"cpu_percent", "memory", "disk", "load"} <= set(status["system"])
+    code, text = node.http("/metrics")
+    assert 'shoal_calls_total{function="echo@1",outcome="DONE"} 5' in text
+    assert 'shoal_call_duration_seconds_count{function="echo@1"} 5' in text
+    assert 'shoal_warm_pool_size{pool="echo@1",state="idle"} 1' in text
+    assert 'shoal_cold_starts_total{function="echo@1"} 1' in text
+    # Told to drain, the node is no longer ready, then exits cleanly once idle.
+    node.link.send(node.node_id, b"DRAIN", {})
+    code, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 503 and r, what="readyz to say 503")
+    assert ready["draining"] is True
+    assert node.proc is not None
+    wait_until(node, lambda: node.proc.poll() is not None, what="the drained agent to exit")
+    assert node.proc.returncode == 0
+
+
+def test_an_agent_killed_leaves_no_container_and_removes_orphans_at_start(make_node, docker_client) -> None:
+    node = make_node("function")
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    assert node.call("echo", 1)["status"] == "DONE"
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait()
+    # Its miniworkers notice the silence, remove their containers and exit.
+    wait_until(node, lambda: node_containers(docker_client, node.node_id) == [], what="containers to go")
+    # A container left behind (as by a crash of the whole host) is removed by the next start.
+    orphan = docker_client.containers.create("pythonruntime", ["sleep", "60"], labels={LABEL_NODE: node.node_id})
+    node.start()
+    assert orphan.id not in {c.id for c in node_containers(docker_client, node.node_id)}

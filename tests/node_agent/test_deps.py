@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node_agent.deps import WheelhouseResolver, parse_requirements
+from node_agent.errors import DependencyError
+
+
+def test_plain_requirements_are_accepted() -> None:
+    text = "# comment\ndice==4.0.0\nrequests[socks]>=2,<3 ; python_version >= '3.8'  # trailing\n\n"
+    assert parse_requirements(text) == ["dice==4.0.0", "requests[socks]>=2,<3 ; python_version >= '3.8'"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["-e .", "--index-url http://evil.example/simple", "-r other.txt", "pkg @ https://evil.example/p.whl",
+     "./local/path", "/abs/path.whl", "git+https://example.com/x.git"],
+)
+def test_options_urls_and_paths_are_refused(line: str) -> None:
+    with pytest.raises(DependencyError, match="not a plain requirement"):
+        parse_requirements(line)
+
+
+def test_no_requirements_gives_an_empty_cached_wheelhouse(tmp_path: Path) -> None:
+    resolver = WheelhouseResolver(tmp_path / "wheels")
+    code = tmp_path / "code"
+    code.mkdir()
+    first = resolver.resolve(code)
+    assert first == resolver.resolve(code)
+    assert sorted(p.name for p in first.iterdir()) == [".complete"]

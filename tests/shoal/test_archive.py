@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from shoal.archive import ArchiveLimits, build_tar_gz, extract_archive
+from shoal.errors import ArchiveError
+
+
+def tar_with(members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for info in members:
+            content = (data or {}).get(info.name)
+            tf.addfile(info, io.BytesIO(content) if content is not None else None)
+    return buf.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.linkname = link
+    return info
+
+
+def zip_with(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def extract(workdir: Path, data: bytes, limits: ArchiveLimits | None = None) -> Path:
+    archive = workdir / "archive.bin"
+    archive.write_bytes(data)
+    return extract_archive(archive, workdir / "cache" / "out", limits)
+
+
+def assert_nothing_written(workdir: Path) -> None:
+    cache = workdir / "cache"
+    leftovers = [p for p in cache.rglob("*")] if cache.exists() else []
+    assert leftovers == [], leftovers
+    assert not (workdir.parent / "evil").exists()
+
+
+def test_tar_gz_and_zip_extract(workdir: Path) -> None:
+    out = extract(workdir, build_tar_gz({"test.py": "print(1)", "pkg/mod.py": "x = 1"}))
+    assert (out / "test.py").read_text() == "print(1)"
+    assert (out / "pkg" / "mod.py").exists()
+    out2 = extract_archive_zip(workdir)
+    assert (out2 / "a" / "b.txt").read_bytes() == b"hi"
+
+
+def extract_archive_zip(workdir: Path) -> Path:
+    archive = workdir / "a.zip"
+    archive.write_bytes(zip_with({"a/b.txt": b"hi"}, {"a/link": "b.txt"}))
+    out = extract_archive(archive, workdir / "zipout")
+    assert (out / "a" / "link").is_symlink()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (tar_with([member("../evil", size=1)], {"../evil": b"x"}), "traversal"),
+        (tar_with([member("a/../../evil", size=1)], {"a/../../evil": b"x"}), "traversal"),
+        (tar_with([member("/etc/evil", size=1)], {"/etc/evil": b"x"}), "absolute"),
+        (tar_with([member("link", tarfile.SYMTYPE, link="/etc/passwd")]), "outside"),
+        (tar_with([member("link", tarfile.SYMTYPE, link="../../x")]), "outside"),
+        (tar_with([member("hard", tarfile.LNKTYPE, link="/etc/passwd")]), "hard link"),
+        (tar_with([member("dev", tarfile.CHRTYPE)]), "device"),
+        (tar_with([member("fifo", tarfile.FIFOTYPE)]), "device"),
+        (zip_with({"../evil": b"x"}), "traversal"),
+        (zip_with({"/abs": b"x"}), "absolute"),
+        (zip_with({}, {"l": "/etc/passwd"}), "outside"),
+        (zip_with({"C:\\windows\\evil": b"x"}), "absolute"),
+        (b"this is not an archive at all", "not a zip or tar"),
+        (b"PK\x03\x04garbage-after-zip-magic", "unreadable zip"),
+        (b"\x1f\x8bgarbage-after-gzip-magic", "tar"),
+    ],
+)
+def test_hostile_archives_are_refused_and_write_nothing(workdir: Path, data: bytes, needle: str) -> None:
+    with pytest.raises(ArchiveError, match=needle):
+        extract(workdir, data)
+    assert_nothing_written(workdir)
+
+
+def test_symlink_then_file_through_it_is_refused(workdir: Path) -> None:
+    data = tar_with([member("d", tarfile.SYMTYPE, link="."), member("d/../../evil", size=1)], {"d/../../evil": b"x"})
+    with pytest.raises(ArchiveError):
+        extract(workdir, data)
+    assert_nothing_written(workdir)
+
+
+def test_zip_bomb_is_refused_by_ratio_on_bytes_actually_read(workdir: Path) -> None:
+    bomb = zip_with({"zeros.bin": b"\0" * (64 << 20)})  # 64 MiB of zeros compress to ~64 KiB
+    assert len(bomb) < 1 << 20
+    with pytest.raises(ArchiveError, match="bomb"):
+        extract(workdir, bomb, ArchiveLimits(max_ratio=100, ratio_floor_bytes=1 << 20))
+    assert_nothing_written(workdir)
+
+
+def test_too_many_files_and_too_large(workdir: Path) -> None:
+    many = build_tar_gz({f"f{i}.txt": "x" for i in range(50)})
+    with pytest.raises(ArchiveError, match="more than 10 members"):
+        extract(workdir, many, ArchiveLimits(max_files=10))
+    with pytest.raises(ArchiveError, match="exceeds the limit"):
+        extract(workdir, many, ArchiveLimits(max_archive_bytes=100))
+    big = build_tar_gz({"big.bin": b"\x01" * 4096})
+    with pytest.raises(ArchiveError, match="expands beyond"):
+        extract(workdir, big, ArchiveLimits(max_bytes=1024, ratio_floor_bytes=0, max_ratio=1e9))
+    assert_nothing_written(workdir)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shoal import protocol
+from shoal.protocol import Msg, ProtocolError, RunnerStream, pack_runner
+
+
+def test_round_trip_keeps_header_and_payload() -> None:
+    frames = protocol.encode(Msg.CHUNK, {"sha256": "a" * 64, "offset": 0, "last": True}, b"\x00bytes")
+    msg = protocol.decode(frames)
+    assert msg.type == Msg.CHUNK
+    assert msg.header["offset"] == 0
+    assert msg.payload == [b"\x00bytes"]
+
+
+@pytest.mark.parametrize(
+    ("frames", "needle"),
+    [
+        ([b"CALL"], "at least 2 frames"),
+        ([b"NOPE", b"{}"], "unknown message type"),
+        ([b"CALL", b"not json"], "not JSON"),
+        ([b"CALL", b"\xff\xfe"], "not JSON"),
+        ([b"CALL", b"[1, 2]"], "must be a JSON object"),
+        ([b"CALL", b'{"call_id": "x"}'], "missing field 'function'"),
+        ([b"CALL", b'{"call_id": 5, "function": "f", "params": null}'], "'call_id' must be str"),
+        ([b"FETCH", b'{"sha256": "x", "offset": true, "credit": 1}'], "'offset' must be int"),
+        ([b"HB", b"{}", b"unexpected"], "unexpected payload"),
+    ],
+)
+def test_garbage_is_one_clear_protocol_error(frames: list[bytes], needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        protocol.decode(frames)
+
+
+def test_encode_refuses_a_malformed_outgoing_message() -> None:
+    with pytest.raises(ProtocolError):
+        protocol.encode(Msg.RESULT, {"call_id": "c"})
+
+
+def test_runner_stream_reassembles_split_and_joined_messages() -> None:
+    a = pack_runner(Msg.R_CALL, {"call_id": "1", "params": {"x": [1, 2]}})
+    b = pack_runner(Msg.R_RESULT, {"call_id": "1", "ok": True, "result": "é"})
+    stream = RunnerStream()
+    data = a + b
+    out = []
+    for i in range(0, len(data), 7):
+        out += stream.feed(data[i : i + 7])
+    assert [m.type for m in out] == [Msg.R_CALL, Msg.R_RESULT]
+    assert out[1].header["result"] == "é"
+
+
+def test_runner_stream_refuses_oversized_and_malformed() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        RunnerStream().feed((protocol.MAX_RUNNER_MESSAGE + 1).to_bytes(4, "big"))
+    body = b"RCALL" + json.dumps({"call_id": 1}).encode()
+    with pytest.raises(ProtocolError, match="separator"):
+        RunnerStream().feed(len(body).to_bytes(4, "big") + body)
