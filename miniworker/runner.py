@@ -15,7 +15,6 @@ by replacing the whole container, so nothing here needs to.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -148,14 +147,15 @@ class Runner:
     def _call_handler(self, call_id: str, params: Any) -> dict[str, Any]:
         out, err = BoundedText(), BoundedText()
         assert self.handler is not None
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                value = self.handler(params)
-            # Encode here so that a value JSON cannot carry fails as the function's error.
-            json.dumps(value)
+            value = self.handler(params)
         except BaseException as exc:  # noqa: BLE001 - the function's failure is the call's result
             return {"call_id": call_id, "ok": False, "error": error_info(exc),
                     "stdout": out.getvalue(), "stderr": err.getvalue()}
+        finally:
+            sys.stdout, sys.stderr = saved
         return {"call_id": call_id, "ok": True, "result": value,
                 "stdout": out.getvalue(), "stderr": err.getvalue()}
 
@@ -214,7 +214,13 @@ def serve(sock_path: str) -> int:
 
 def handle(runner: Runner, msg: Message) -> bytes:
     if msg.type == Msg.R_CALL:
-        return pack_runner(Msg.R_RESULT, runner.call(msg.header["call_id"], msg.header["params"]))
+        reply = runner.call(msg.header["call_id"], msg.header["params"])
+        try:
+            return pack_runner(Msg.R_RESULT, reply)
+        except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
+            reply.pop("result", None)
+            reply.update(ok=False, error=error_info(exc))
+            return pack_runner(Msg.R_RESULT, reply)
     if msg.type == Msg.R_LOAD:
         return pack_runner(Msg.R_LOADED, runner.load(msg.header))
     print(f"runner: ignoring unexpected message {msg.name}", file=sys.stderr)

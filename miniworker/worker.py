@@ -30,7 +30,7 @@ from miniworker.errors import ContainerError, LoadError, MiniworkerError, Runner
 from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
 from shoal.logs import configure, get_logger
-from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner
+from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner, zmq_readable
 
 
 @dataclass(slots=True)
@@ -200,7 +200,7 @@ class Miniworker:
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.sock in events:
                 self.last_heard = time.monotonic()
-                while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while zmq_readable(self.sock):
                     frames = self.sock.recv_multipart(zmq.NOBLOCK)
                     try:
                         self.on_broker(protocol.decode(frames))

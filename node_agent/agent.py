@@ -44,7 +44,7 @@ from shoal import __version__, protocol
 from shoal.errors import ShoalError, ValidationError
 from shoal.logs import configure, get_logger
 from shoal.models import REJECTED, FunctionSpec, Runtime
-from shoal.protocol import Message, Msg, ProtocolError
+from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
 
 TICK = 0.05
 ENGINE_ERRORS = (DockerException, requests.RequestException)
@@ -161,11 +161,9 @@ class Agent:
 
     def drain_socket(self, sock: zmq.Socket[Any], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(1000):  # bounded, so one busy socket cannot starve the other
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not zmq_readable(sock):
                 return
-            handle(frames)
+            handle(sock.recv_multipart(zmq.NOBLOCK))
 
     def drain_inbox(self) -> None:
         try:
@@ -355,8 +353,9 @@ class Agent:
                         dependencies=runtime.dependencies if has_requirements else "", run=runtime.run)
 
     def on_dispatch(self, ticket: Ticket) -> None:
+        ticket.state_sent = True
         self.link.send(Msg.CALL_STATE, {"call_id": ticket.call_id, "state": "RUNNING",
-                                        "node_id": self.config.node_id, "at": time.time()})
+                                        "node_id": self.config.node_id, "at": ticket.started_at})
 
     def reply(self, ticket: Ticket, status: str, error: dict[str, Any]) -> None:
         self.on_outcome(ticket, {"status": status, "error": error})
@@ -366,10 +365,14 @@ class Agent:
         now = time.monotonic()
         out: dict[str, Any] = {
             "call_id": ticket.call_id, "status": status, "node_id": self.config.node_id,
-            "function": ticket.key, "attempts": ticket.attempts + 1, "cold": bool(header.get("cold")) or ticket.cold_wait,
-            "mw_id": ticket.mw_id, "container_id": header.get("container_id", ""),
+            "function": ticket.key, "attempts": ticket.attempts + 1,
+            "cold": bool(header.get("cold")) or ticket.cold_wait,
+            "mw_id": ticket.mw_id,
+            "container_id": header.get("container_id", ""),
+            "started_at": ticket.started_at or None,
             "timings": dict(header.get("timings") or {}, node_s=now - ticket.received,
-                            queued_s=(ticket.dispatched or now) - ticket.received),
+                            queued_s=(ticket.dispatched or now) - ticket.received,
+                            broker_rtt_s=now - ticket.dispatched if ticket.dispatched else None),
         }
         for name in ("result", "error", "logs"):
             if name in header:

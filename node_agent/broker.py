@@ -34,6 +34,8 @@ from shoal.protocol import Message, Msg, ProtocolError
 Outcome = Callable[[Ticket, dict[str, Any]], None]
 #: Seconds a busy miniworker may overrun its call's timeout before it is declared lost.
 OVERRUN_GRACE = 10.0
+#: Seconds after which a running call is reported RUNNING to the controller (see tick()).
+RUNNING_REPORT_AFTER = 0.05
 
 
 class Broker:
@@ -138,9 +140,10 @@ class Broker:
         h.ticket = ticket
         ticket.mw_id = h.mw_id
         ticket.dispatched = time.monotonic()
+        ticket.started_at = time.time()
         self.running[ticket.call_id] = ticket
-        if self.send(h, Msg.MW_CALL, header):
-            self.on_dispatch(ticket)
+        if self.send(h, Msg.MW_CALL, header) and (ticket.queued or h.loading):
+            self.on_dispatch(ticket)  # it waited or starts cold: say RUNNING now; warm calls see tick()
 
     def pump(self) -> None:
         """Hand queued calls to idle miniworkers that can serve them, oldest call first."""
@@ -335,6 +338,11 @@ class Broker:
                     self.lose(h, f"silent for {now - h.last_seen:.1f} s")
             elif h.state == MwState.IDLE and now - h.last_seen > silence:
                 self.lose(h, f"silent for {now - h.last_seen:.1f} s")
+        for ticket in self.running.values():
+            # A warm call usually ends within a millisecond: its RESULT carries when it started. Only calls
+            # still running a tick later are reported RUNNING, which keeps the hot path to two messages.
+            if not ticket.state_sent and now - ticket.dispatched >= RUNNING_REPORT_AFTER:
+                self.on_dispatch(ticket)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + cfg.heartbeat
             for h in list(self.mws.values()):

@@ -17,5 +17,7 @@ class Ticket:
     attempts: int = 0
     mw_id: str | None = None
     dispatched: float = 0.0
+    started_at: float = 0.0  # wall clock, when a miniworker took it
+    state_sent: bool = False  # RUNNING was reported to the controller
     queued: bool = False  # waited in the node's queue for a miniworker
     cold_wait: bool = False  # waited for a miniworker to start

@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -221,7 +222,7 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
         raise
 
 
-def build_tar_gz(files: dict[str, bytes | str]) -> bytes:
+def build_tar_gz(files: Mapping[str, bytes | str]) -> bytes:
     """A tar.gz of the given ``{name: content}``: used by examples, tests and the CLI."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:

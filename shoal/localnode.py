@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class LocalNode:
         self.link.put_runtime(self.node_id, runtime)
         return runtime
 
-    def deploy(self, name: str, files: dict[str, str | bytes] | None = None, *, archive: bytes | None = None,
+    def deploy(self, name: str, files: Mapping[str, str | bytes] | None = None, *, archive: bytes | None = None,
                runtime: str = "pythonruntime", wait: float = 300.0, **spec: Any) -> dict[str, Any]:
         """Upload a function version (files or a ready archive); return the node's FSTATE report."""
         data = archive if archive is not None else build_tar_gz(files or {})

@@ -20,7 +20,7 @@ from shoal.blobs import BlobStore
 from shoal.errors import NotFound, ShoalError
 from shoal.logs import get_logger
 from shoal.models import FunctionSpec, Runtime
-from shoal.protocol import Message, Msg, ProtocolError
+from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
 
 CHUNK_SIZE = 1 << 20
 
@@ -80,12 +80,8 @@ class NodeLink:
         """Handle what arrived (waiting up to ``timeout`` s for the first message); return the count."""
         handled = 0
         if self.sock.poll(int(timeout * 1000)):
-            while True:
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.on_frames(frames)
+            while zmq_readable(self.sock):
+                self.on_frames(self.sock.recv_multipart(zmq.NOBLOCK))
                 handled += 1
         now = time.monotonic()
         if now >= self.next_heartbeat:

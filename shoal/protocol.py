@@ -31,6 +31,16 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_RUNNER_MESSAGE = 64 * 1024 * 1024
 
 
+#: Plain ints for ZMQ's EVENTS/POLLIN (pyzmq's IntFlag arithmetic costs microseconds per message).
+ZMQ_EVENTS = 15
+ZMQ_POLLIN = 1
+
+
+def zmq_readable(sock: Any) -> bool:
+    """Whether a ZMQ socket has a message waiting (no exception, no IntFlag arithmetic)."""
+    return bool(sock.getsockopt(ZMQ_EVENTS) & ZMQ_POLLIN)
+
+
 class ProtocolError(ValueError):
     """A message that does not follow this protocol. The receiver drops it and logs why."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import docker
 import pytest
@@ -39,7 +40,7 @@ def docker_client(docker_url: str) -> Iterator[docker.DockerClient]:
     client.close()
 
 
-def node_containers(client: docker.DockerClient, node_id: str) -> list[object]:
+def node_containers(client: docker.DockerClient, node_id: str) -> list[Any]:
     return list(client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"}))
 
 

@@ -67,9 +67,9 @@ def test_seed_dice_function_returns_four_dice_under_each_policy(make_node, docke
         # A fresh container per call, removed after it.
         assert first["container_id"] != second["container_id"]
         assert second["cold"] is True
-        for cid in (first["container_id"], second["container_id"]):
-            wait_until(node, lambda cid=cid: cid not in {c.id for c in node_containers(docker_client, node.node_id)},
-                       what="the call's container to be removed")
+        used = {first["container_id"], second["container_id"]}
+        wait_until(node, lambda: not used & {c.id for c in node_containers(docker_client, node.node_id)},
+                   what="the calls' containers to be removed")
     else:
         assert first["container_id"] == second["container_id"]
         assert second["cold"] is False
@@ -162,12 +162,11 @@ def test_a_call_lost_twice_fails_with_a_clear_reason(make_node) -> None:
     node = make_node("function")
     node.deploy("slow", SLOW, entrypoint="handler:handler")
     call_id = node.submit("slow", {"s": 30})
-    for attempt in range(2):
-        victim = running_miniworker(node, call_id)
-        os.kill(victim["pid"], signal.SIGKILL)
-        if attempt == 0:
-            wait_until(node, lambda v=victim: (m := running_miniworker(node, call_id)) and m["id"] != v["id"],
-                       timeout=120, what="the retry to run")
+    first = running_miniworker(node, call_id)
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_until(node, lambda: running_miniworker(node, call_id)["id"] != first["id"], timeout=120,
+               what="the retry to run")
+    os.kill(running_miniworker(node, call_id)["pid"], signal.SIGKILL)
     failed = node.link.result(call_id, timeout=60)
     assert failed["status"] == "FAILED" and failed["error"]["type"] == "MiniworkerLost", failed
     assert "after 2 attempt(s)" in failed["error"]["message"]
@@ -270,7 +269,7 @@ def test_garbage_frames_are_dropped_and_the_agent_keeps_serving(make_node) -> No
     for frames in garbage:
         node.link.sock.send_multipart([node.node_id.encode(), *frames])
     # The broker socket too: a stranger connects to it and sends junk.
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     stranger = ctx.socket(zmq.DEALER)
     stranger.setsockopt(zmq.LINGER, 0)
     stranger.connect(f"ipc://{node.state_dir / node.node_id / 'broker.ipc'}")
