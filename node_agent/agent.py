@@ -8,12 +8,14 @@ thread (which asks the loop for snapshots).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -133,6 +135,7 @@ class Agent:
         poller.register(self.wake_r, zmq.POLLIN)
         next_tick = 0.0
         next_engine_check = 0.0
+        next_status = 0.0
         try:
             while not self.stopping:
                 events = dict(poller.poll(int(max(0.0, next_tick - time.monotonic()) * 1000) + 1))
@@ -152,6 +155,9 @@ class Agent:
                     self.update_gauges()
                     if self.draining:
                         self.check_drained(now)
+                    if now >= next_status and self.link.welcomed:
+                        next_status = now + self.config.heartbeat
+                        self.send_status()
                     if now >= next_engine_check:
                         next_engine_check = now + 5.0
                         self.run_in_pool(self.docker.ping, self.on_engine_check)
@@ -190,7 +196,7 @@ class Agent:
         self.draining = True
         self.pool.draining = True
         self.drain_deadline = time.monotonic() + self.config.drain_timeout
-        self.link.send(Msg.STATUS, {"node_id": self.config.node_id, "draining": True})
+        self.send_status()
 
     def check_drained(self, now: float) -> None:
         busy = self.broker.running or any(self.broker.queues.values())
@@ -230,7 +236,21 @@ class Agent:
             self.log.error("protocol_error", source="controller", error=str(exc))
 
     def on_welcome(self, msg: Message) -> None:
+        if msg.header.get("hello"):  # a restarted controller does not know us yet
+            self.link.say_hello()
+            return
         self.fetcher.resume_all()
+        self.send_status()
+
+    def send_status(self) -> None:
+        """Warm pools and load, for the controller's placement (sent every heartbeat)."""
+        warm: dict[str, int] = {}
+        for h in self.broker.mws.values():
+            if h.function is not None and h.state in LIVE:
+                warm[h.function] = warm.get(h.function, 0) + 1
+        self.link.send(Msg.STATUS, {"node_id": self.config.node_id, "draining": self.draining, "warm": warm,
+                                    "running": len(self.broker.running),
+                                    "queued": sum(len(q) for q in self.broker.queues.values())})
 
     def on_runtime(self, msg: Message) -> None:
         runtime = Runtime.from_dict(msg.header)
@@ -479,9 +499,30 @@ class Agent:
         }
 
 
+def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
+    """``--controller http://...``: POST /register (the forwarder seed's route) for the ZMQ URL to use."""
+    url = config.controller.rstrip("/") + "/register"
+    body = json.dumps({"endpoint_id": config.node_id}).encode()
+    log = get_logger("agent", node_id=config.node_id)
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                answer = json.loads(resp.read())
+            task_url = str(answer["task_url"])
+            log.info("registered_over_http", controller=config.controller, task_url=task_url)
+            return config.with_(controller=task_url)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("registration_failed", url=url, attempt=attempt + 1, error=str(exc))
+            time.sleep(min(5.0, 0.25 * 2**attempt))
+    raise AgentError(f"could not register with {url} after {attempts} attempts")
+
+
 def main(argv: list[str] | None = None) -> int:
     config = AgentConfig.from_args(argv)
     configure(config.log_level)
+    if config.controller.startswith(("http://", "https://")):
+        config = register_over_http(config)
     agent = Agent(config)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

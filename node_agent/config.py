@@ -40,8 +40,10 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.node_id):
             raise ConfigError(f"node id {self.node_id!r} must be letters, digits, '_', '.', '-'")
-        if not self.controller.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError(f"controller must be a ZMQ endpoint (tcp://host:port), got {self.controller!r}")
+        if not self.controller.startswith(("tcp://", "ipc://", "inproc://", "http://", "https://")):
+            raise ConfigError(
+                f"controller must be http://host:port (registers over HTTP) or a ZMQ endpoint tcp://host:port, "
+                f"got {self.controller!r}")
         if not 0 <= self.status_port <= 65535:
             raise ConfigError(f"status port must be in [0, 65535], got {self.status_port}")
         if self.capacity < 1:

@@ -9,7 +9,7 @@ echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy
 echo "== infrastructure"
 trap '$PY -m shoal.devenv down' EXIT
-eval "$($PY -m shoal.devenv up)"
+eval "$($PY -m shoal.devenv up --no-redis)"
 echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
 echo "== pytest"
 set +e

@@ -11,18 +11,17 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import zmq
 
 from shoal import protocol
+from shoal.archive_server import CHUNK_SIZE, ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.errors import NotFound, ShoalError
 from shoal.logs import get_logger
 from shoal.models import FunctionSpec, Runtime
 from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
-
-CHUNK_SIZE = 1 << 20
 
 
 class LinkTimeout(ShoalError):
@@ -35,15 +34,6 @@ class NodeInfo:
     hello: dict[str, Any]
     last_seen: float = field(default_factory=time.monotonic)
     functions: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> FSTATE header
-
-
-@dataclass
-class Transfer:
-    sha: str
-    size: int
-    file: IO[bytes]
-    sent: int = 0
-    acked: int = 0
 
 
 class NodeLink:
@@ -65,7 +55,7 @@ class NodeLink:
         self.nodes: dict[str, NodeInfo] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.states: dict[str, list[dict[str, Any]]] = {}
-        self.transfers: dict[tuple[str, str], Transfer] = {}
+        self.archives = ArchiveServer(blobs, chunk_size)
         self.protocol_errors = 0
         self.next_heartbeat = 0.0
 
@@ -120,34 +110,8 @@ class NodeLink:
             node.functions[f"{msg.header['name']}@{msg.header['version']}"] = msg.header
 
     def on_fetch(self, node_id: str, msg: Message) -> None:
-        h = msg.header
-        sha, offset, credit = h["sha256"], h["offset"], max(1, min(int(h["credit"]), 64))
-        key = (node_id, sha)
-        t = self.transfers.get(key)
-        if t is None or h.get("restart"):
-            if t is not None:
-                t.file.close()
-            try:
-                size = self.blobs.size(sha)
-            except NotFound as exc:
-                self.send(node_id, Msg.FETCH_ERROR, {"sha256": sha, "error": str(exc)})
-                return
-            if not 0 <= offset <= size:
-                self.send(node_id, Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"})
-                return
-            t = self.transfers[key] = Transfer(sha, size, open(self.blobs.path(sha), "rb"), offset, offset)
-        t.acked = max(t.acked, offset)
-        if t.size == 0:
-            self.send(node_id, Msg.CHUNK, {"sha256": sha, "offset": 0, "last": True}, b"")
-        while t.sent < t.size and t.sent - t.acked < credit * self.chunk_size:
-            t.file.seek(t.sent)
-            data = t.file.read(self.chunk_size)
-            last = t.sent + len(data) >= t.size
-            self.send(node_id, Msg.CHUNK, {"sha256": sha, "offset": t.sent, "last": last}, data)
-            t.sent += len(data)
-        if t.sent >= t.size:  # everything is out; a stalled node restarts the transfer itself
-            t.file.close()
-            del self.transfers[key]
+        for mtype, header, data in self.archives.on_fetch(node_id, msg.header):
+            self.send(node_id, mtype, header, *([] if data is None else [data]))
 
     # ---- blocking helpers ----------------------------------------------------------------------
     def wait_for(self, predicate: Any, timeout: float, what: str) -> None:
@@ -198,7 +162,6 @@ class NodeLink:
         return {c: self.results.pop(c) for c in call_ids}
 
     def close(self) -> None:
-        for t in self.transfers.values():
-            t.file.close()
+        self.archives.close()
         self.sock.close()
         self.ctx.term()

@@ -28,7 +28,7 @@ def test_bad_values_fail_loudly(monkeypatch: pytest.MonkeyPatch, var: str, value
 
 def test_bad_arguments_fail_loudly() -> None:
     with pytest.raises(ConfigError):
-        AgentConfig.from_args(["--controller", "http://not-zmq", "--node-id", "n"])
+        AgentConfig.from_args(["--controller", "ftp://not-zmq", "--node-id", "n"])
     with pytest.raises(ConfigError):
         AgentConfig.from_args(["--controller", "tcp://127.0.0.1:1", "--node-id", "bad id"])
     with pytest.raises(ConfigError):

@@ -1,0 +1,88 @@
+"""Helpers shared by the route modules: typed app keys, JSON bodies, call rendering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from controller.errors import BadRequest, UnsupportedMedia
+from controller.service import Service
+
+SERVICE: web.AppKey[Service] = web.AppKey("service")
+MAX_JSON = 16 << 20
+STATES = ("QUEUED", "DISPATCHED", "RUNNING", "DONE", "FAILED", "TIMEOUT", "CANCELLED")
+
+
+def service(request: web.Request) -> Service:
+    return request.app[SERVICE]
+
+
+async def json_body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_JSON:
+        raise BadRequest(f"JSON body larger than {MAX_JSON} bytes")
+    raw = await request.content.read(MAX_JSON + 1)
+    if len(raw) > MAX_JSON:
+        raise BadRequest(f"JSON body larger than {MAX_JSON} bytes")
+    if not raw.strip():
+        raise BadRequest("a JSON body is required")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the JSON body must be an object")
+    return body
+
+
+async def stream_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    while chunk := await request.content.read(1 << 20):
+        yield chunk
+
+
+async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(1 << 20):
+        yield chunk
+
+
+async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> tuple[BodyPartReader, dict[str, str]]:
+    """The multipart file part named one of ``field_names``; form fields before it are returned too."""
+    if not request.content_type.startswith("multipart/"):
+        raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    fields: dict[str, str] = {}
+    while True:
+        try:
+            part = await reader.next()
+        except (ValueError, AssertionError) as exc:
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+        if part is None:
+            raise BadRequest(f"multipart body has no file field {field_names[0]!r}")
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name in field_names:
+            return part, fields
+        if part.name:
+            fields[part.name] = (await part.read(decode=True))[:4096].decode("utf-8", "replace")
+
+
+def render_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A call as the v1 API shows it."""
+    return {
+        "id": call["id"], "num": call.get("num"), "function": call.get("function"), "version": call.get("version"),
+        "status": call.get("status"), "progress": call.get("progress"), "params": call.get("params"),
+        "result": call.get("result"), "error": call.get("error"), "logs": call.get("logs"),
+        "node": call.get("node") or None, "attempts": call.get("attempts"), "cold": call.get("cold"),
+        "timeout": call.get("timeout"), "created": call.get("created"),
+        "timestamps": {s: call[f"t_{s}"] for s in STATES if call.get(f"t_{s}")},
+        "timings": call.get("timings"),
+    }

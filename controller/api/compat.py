@@ -1,0 +1,129 @@
+"""The seeds' routes, verbatim: the main seed's API and the forwarder seed's.
+
+Main seed: POST /registerRuntime, POST /registerFunction/:runtime/:funcName (multipart field `module`),
+POST /invokeFunction, GET /runtimes, /functions, /calls, /call/:callNum, with its shapes: integer
+`callNum`, `"c1"` keys, status strings (PENDING until a call ends), `result` a string ("" until done).
+Forwarder seed: POST /register, GET /list_endpoints, GET /ping -> pong, GET /version.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from controller.api.common import json_object, multipart_file, part_chunks, service
+from controller.errors import BadRequest, Missing
+from shoal import __version__
+from shoal.models import check_name
+
+SEED_STATUS = {"QUEUED": "PENDING", "DISPATCHED": "PENDING", "RUNNING": "RUNNING"}
+SEED_CALLS_LIMIT = 1000
+
+
+def seed_call(call: dict[str, Any]) -> dict[str, Any]:
+    result = call.get("result")
+    if result is None:
+        text = ""
+    elif isinstance(result, str):
+        text = result
+    else:
+        text = json.dumps(result, separators=(",", ":"))
+    out = {"funcName": call.get("function"), "params": call.get("params"), "callNum": call.get("num"),
+           "status": SEED_STATUS.get(str(call.get("status")), call.get("status")), "result": text}
+    if call.get("error"):
+        out["error"] = call["error"]
+    return out
+
+
+async def register_runtime(request: web.Request) -> web.Response:
+    runtime = await service(request).register_runtime(await json_object(request))
+    return web.json_response(runtime.to_dict())
+
+
+async def register_function(request: web.Request) -> web.Response:
+    runtime = check_name(request.match_info["runtime"], "runtime")
+    name = check_name(request.match_info["funcName"], "function name")
+    part, _ = await multipart_file(request, ("module",))
+    record = await service(request).upload_function(name, runtime, part_chunks(part), {}, part.filename or "")
+    return web.json_response({
+        "fieldname": "module", "originalname": part.filename or "", "size": record["size"],
+        "functionName": name, "runtimeName": runtime, "sha256": record["sha256"], "version": record["version"],
+    })
+
+
+async def invoke_function(request: web.Request) -> web.Response:
+    body = await json_object(request)
+    name = body.get("funcName")
+    if not isinstance(name, str):
+        raise BadRequest("funcName must be a string")
+    call, _ = await service(request).invoke(check_name(name, "funcName"), body.get("params"))
+    return web.json_response(seed_call(call))
+
+
+async def runtimes(request: web.Request) -> web.Response:
+    return web.json_response([r.name for r in await service(request).store.list_runtimes()])
+
+
+async def functions(request: web.Request) -> web.Response:
+    return web.json_response([f["name"] for f in await service(request).store.list_functions()])
+
+
+async def calls(request: web.Request) -> web.Response:
+    found, _ = await service(request).store.list_calls(None, None, None, SEED_CALLS_LIMIT)
+    ordered = sorted(found, key=lambda c: c.get("num") or 0)
+    return web.json_response({f"c{c['num']}": seed_call(c) for c in ordered})
+
+
+async def call(request: web.Request) -> web.Response:
+    raw = request.match_info["callNum"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise BadRequest("callNum must be a positive integer")
+    svc = service(request)
+    call_id = await svc.store.call_id_by_num(int(raw))
+    if call_id is None:
+        raise Missing(f"no call number {raw}")
+    return web.json_response(seed_call(await svc.get_call(call_id)))
+
+
+# ---- forwarder seed ----------------------------------------------------------------------------
+async def register_endpoint(request: web.Request) -> web.Response:
+    body = await json_object(request)
+    endpoint = body.get("endpoint_id")
+    if not isinstance(endpoint, str):
+        raise BadRequest("endpoint_id must be a string")
+    check_name(endpoint, "endpoint_id")
+    url = service(request).config.node_url
+    hub_url = service(request).hub.url if url.endswith(":0") else url
+    return web.json_response({"endpoint_id": endpoint, "task_url": hub_url, "result_url": hub_url,
+                              "command_port": hub_url})
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    hub = service(request).hub
+    return web.json_response({n.node_id: {"task_url": hub.url, "result_url": hub.url,
+                                          "state": n.to_dict()["state"]} for n in hub.nodes.values()})
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.Response(text="pong")
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__, "api": "v1"})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/registerRuntime", register_runtime)
+    r.add_post("/registerFunction/{runtime}/{funcName}", register_function)
+    r.add_post("/invokeFunction", invoke_function)
+    r.add_get("/runtimes", runtimes)
+    r.add_get("/functions", functions)
+    r.add_get("/calls", calls)
+    r.add_get("/call/{callNum}", call)
+    r.add_post("/register", register_endpoint)
+    r.add_get("/list_endpoints", list_endpoints)
+    r.add_get("/ping", ping)
+    r.add_get("/version", version)

@@ -1,0 +1,165 @@
+"""The OpenAPI 3 document for /v1, served at /openapi.json. Tests check it against the real behaviour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from shoal import __version__
+
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"}
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {"application/json": {"schema": schema}}
+    return out
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Archive too large",
+            415: "Unsupported media type", 429: "Queue full (see Retry-After)"}
+    return {str(c): _resp(text[c], ERROR) for c in codes}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": NAME}
+
+
+INVOKE_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {
+        "type": "object",
+        "properties": {
+            "params": {"description": "Any JSON value, passed to the function"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+            "version": {"type": "integer", "minimum": 1},
+            "wait": {"type": "number", "minimum": 0, "maximum": 3600},
+        },
+    }}},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "Shoal", "version": __version__,
+             "description": "Function-as-a-service: runtimes, functions, calls, nodes."},
+    "paths": {
+        "/v1/runtimes": {
+            "get": {"summary": "List runtimes", "responses": {"200": _resp("Runtimes", {
+                "type": "array", "items": {"$ref": "#/components/schemas/Runtime"}})}},
+            "post": {"summary": "Register a runtime",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"$ref": "#/components/schemas/RuntimeIn"}}}},
+                     "responses": {"201": _resp("Registered", {"$ref": "#/components/schemas/Runtime"}),
+                                   **_errors(400)}},
+        },
+        "/v1/runtimes/{name}": {
+            "parameters": [_path_param("name")],
+            "get": {"summary": "Get a runtime", "responses": {
+                "200": _resp("Runtime", {"$ref": "#/components/schemas/Runtime"}), **_errors(404)}},
+            "delete": {"summary": "Delete a runtime (refused while functions use it)",
+                       "responses": {"204": _resp("Deleted"), **_errors(404, 409)}},
+        },
+        "/v1/functions": {
+            "get": {"summary": "List functions (latest version of each)",
+                    "responses": {"200": _resp("Functions", {"type": "array", "items": {"type": "object"}})}},
+        },
+        "/v1/functions/{name}": {
+            "parameters": [_path_param("name")],
+            "post": {
+                "summary": "Upload a function archive (zip or tar.gz): a new version",
+                "parameters": [
+                    {"name": "runtime", "in": "query", "required": False, "schema": NAME},
+                    {"name": "entrypoint", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number"}},
+                ],
+                "requestBody": {"required": True, "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {
+                        "archive": {"type": "string", "format": "binary"}, "runtime": NAME}}},
+                }},
+                "responses": {"201": _resp("Stored", {"type": "object"}), **_errors(400, 404, 413, 415)},
+            },
+            "get": {"summary": "Get a function", "responses": {"200": _resp("Function", {"type": "object"}),
+                                                               **_errors(404)}},
+            "delete": {"summary": "Delete a function", "responses": {"204": _resp("Deleted"), **_errors(404)}},
+        },
+        "/v1/functions/{name}/invoke": {
+            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
+                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "post": {"summary": "Invoke and wait for the outcome", "requestBody": INVOKE_BODY,
+                     "responses": {"200": _resp("The call, ended", {"$ref": "#/components/schemas/Call"}),
+                                   "202": _resp("Still running", {"$ref": "#/components/schemas/Accepted"}),
+                                   **_errors(400, 404, 429)}},
+        },
+        "/v1/functions/{name}/invoke-async": {
+            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
+                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "post": {"summary": "Invoke without waiting", "requestBody": INVOKE_BODY,
+                     "responses": {"202": _resp("Accepted", {"$ref": "#/components/schemas/Accepted"}),
+                                   **_errors(400, 404, 429)}},
+        },
+        "/v1/calls": {
+            "get": {"summary": "List calls, newest first",
+                    "parameters": [
+                        {"name": "function", "in": "query", "required": False, "schema": NAME},
+                        {"name": "status", "in": "query", "required": False, "schema": {
+                            "type": "string", "enum": ["QUEUED", "DISPATCHED", "RUNNING", "DONE", "FAILED",
+                                                       "TIMEOUT", "CANCELLED"]}},
+                        {"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "cursor", "in": "query", "required": False,
+                         "schema": {"type": "number", "exclusiveMinimum": 0}},
+                    ],
+                    "responses": {"200": _resp("A page of calls", {"type": "object", "properties": {
+                        "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
+                        "next_cursor": {"type": "number", "nullable": True}}}), **_errors(400)}},
+        },
+        "/v1/calls/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "Get a call", "responses": {
+                "200": _resp("Call", {"$ref": "#/components/schemas/Call"}), **_errors(404)}},
+        },
+        "/v1/calls/{id}/cancel": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "post": {"summary": "Cancel a call", "responses": {"202": _resp("Cancelling", {"type": "object"}),
+                                                               **_errors(404, 409)}},
+        },
+        "/v1/nodes": {"get": {"summary": "List nodes", "responses": {"200": _resp("Nodes", {
+            "type": "array", "items": {"type": "object"}})}}},
+        "/v1/nodes/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"summary": "Get a node", "responses": {"200": _resp("Node", {"type": "object"}),
+                                                           **_errors(404)}},
+        },
+        "/v1/health": {"get": {"summary": "Health", "responses": {"200": _resp("Healthy", {"type": "object"})}}},
+    },
+    "components": {"schemas": {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+        "RuntimeIn": {"type": "object", "required": ["image"], "properties": {
+            "name": NAME, "image": {"type": "string"}, "path": {"type": "string"},
+            "dependencies": {"type": "string"}, "run": {"type": "string"}}},
+        "Runtime": {"type": "object", "required": ["name", "image", "path", "dependencies", "run"], "properties": {
+            "name": NAME, "image": {"type": "string"}, "path": {"type": "string"},
+            "dependencies": {"type": "string"}, "run": {"type": "string"}}},
+        "Accepted": {"type": "object", "required": ["id", "status", "location"], "properties": {
+            "id": {"type": "string"}, "status": {"type": "string"}, "location": {"type": "string"}}},
+        "Call": {"type": "object", "required": ["id", "status", "function"], "properties": {
+            "id": {"type": "string"}, "num": {"type": "integer"}, "function": {"type": "string"},
+            "version": {"type": "integer"}, "status": {"type": "string"},
+            "timestamps": {"type": "object"}}},
+    }},
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(DOCUMENT)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi)

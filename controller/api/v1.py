@@ -1,0 +1,180 @@
+"""Shoal's own API under /v1 (described by /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from controller.api.common import STATES, json_object, multipart_file, part_chunks, render_call, service, stream_chunks
+from controller.errors import BadRequest
+from controller.service import parse_options
+from shoal.models import check_name
+
+MAX_WAIT = 3600.0
+
+
+def runtime_json(runtime: Any) -> dict[str, Any]:
+    return dict(runtime.to_dict())
+
+
+async def create_runtime(request: web.Request) -> web.Response:
+    runtime = await service(request).register_runtime(await json_object(request))
+    return web.json_response(runtime_json(runtime), status=201)
+
+
+async def list_runtimes(request: web.Request) -> web.Response:
+    return web.json_response([runtime_json(r) for r in await service(request).store.list_runtimes()])
+
+
+async def get_runtime(request: web.Request) -> web.Response:
+    return web.json_response(runtime_json(await service(request).get_runtime(request.match_info["name"])))
+
+
+async def delete_runtime(request: web.Request) -> web.Response:
+    await service(request).delete_runtime(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def upload_function(request: web.Request) -> web.Response:
+    """Multipart (file field `archive` or `module`, options as form fields) or a raw body (options in the query)."""
+    name = check_name(request.match_info["name"], "function name")
+    svc = service(request)
+    if request.content_type.startswith("multipart/"):
+        part, fields = await multipart_file(request, ("archive", "module"))
+        options = dict(request.query, **fields)
+        runtime = options.get("runtime") or ""
+        record = await svc.upload_function(name, check_name(runtime, "runtime"), part_chunks(part),
+                                           parse_options(options), part.filename or "")
+    else:
+        runtime = request.query.get("runtime", "")
+        record = await svc.upload_function(name, check_name(runtime, "runtime"), stream_chunks(request),
+                                           parse_options(dict(request.query)))
+    return web.json_response(record, status=201)
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    return web.json_response(await service(request).store.list_functions())
+
+
+async def get_function(request: web.Request) -> web.Response:
+    return web.json_response(await service(request).get_function(request.match_info["name"]))
+
+
+async def delete_function(request: web.Request) -> web.Response:
+    await service(request).delete_function(request.match_info["name"])
+    return web.Response(status=204)
+
+
+def _invoke_args(body: dict[str, Any]) -> dict[str, Any]:
+    timeout = body.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout <= 86400):
+        raise BadRequest("timeout must be a number of seconds in (0, 86400]")
+    version = body.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise BadRequest("version must be a positive integer")
+    wait = body.get("wait")
+    if wait is not None and (isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= MAX_WAIT):
+        raise BadRequest(f"wait must be a number of seconds in [0, {MAX_WAIT:g}]")
+    return {"params": body.get("params"), "timeout": timeout, "version": version, "wait": wait}
+
+
+async def invoke(request: web.Request) -> web.Response:
+    """Sync: wait for the outcome (up to `wait`, default the function's timeout + margin); 202 if still going."""
+    svc = service(request)
+    args = _invoke_args(await json_object(request))
+    call, pending = await svc.invoke(request.match_info["name"], args["params"], timeout=args["timeout"],
+                                     version=args["version"],
+                                     idempotency_key=request.headers.get("Idempotency-Key"))
+    wait = args["wait"] if args["wait"] is not None else min(float(call["timeout"]) + 5.0,
+                                                              svc.config.sync_timeout)
+    done = await svc.wait(pending, call["id"], wait)
+    if done is None or done["status"] not in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
+        return accepted(request, done or call)
+    return web.json_response(render_call(done))
+
+
+async def invoke_async(request: web.Request) -> web.Response:
+    svc = service(request)
+    args = _invoke_args(await json_object(request))
+    call, _ = await svc.invoke(request.match_info["name"], args["params"], timeout=args["timeout"],
+                               version=args["version"], idempotency_key=request.headers.get("Idempotency-Key"))
+    return accepted(request, call)
+
+
+def accepted(request: web.Request, call: dict[str, Any]) -> web.Response:
+    location = f"/v1/calls/{call['id']}"
+    return web.json_response({"id": call["id"], "status": call["status"], "location": location},
+                             status=202, headers={"Location": location})
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    q = request.query
+    status = q.get("status")
+    if status is not None and status not in STATES:
+        raise BadRequest(f"status must be one of {', '.join(STATES)}")
+    function = q.get("function")
+    if function is not None:
+        check_name(function, "function")
+    try:
+        limit = int(q.get("limit", "50"))
+        cursor = float(q["cursor"]) if "cursor" in q else None
+    except ValueError:
+        raise BadRequest("limit must be an integer and cursor a number") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be in [1, 1000]")
+    if cursor is not None and not 0 < cursor < 1e12:
+        raise BadRequest("cursor must be a positive number")
+    calls, next_cursor = await service(request).store.list_calls(function, status, cursor, limit)
+    return web.json_response({"calls": [render_call(c) for c in calls], "next_cursor": next_cursor})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    return web.json_response(render_call(await service(request).get_call(request.match_info["id"])))
+
+
+async def cancel_call(request: web.Request) -> web.Response:
+    call = await service(request).cancel(request.match_info["id"])
+    return web.json_response({"id": call["id"], "status": "CANCELLING"}, status=202)
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    return web.json_response([n.to_dict() for n in sorted(service(request).hub.nodes.values(),
+                                                          key=lambda n: n.node_id)])
+
+
+async def get_node(request: web.Request) -> web.Response:
+    from controller.errors import Missing
+
+    node = service(request).hub.nodes.get(request.match_info["id"])
+    if node is None:
+        raise Missing(f"no node {request.match_info['id']!r}")
+    return web.json_response(node.to_dict())
+
+
+async def health(request: web.Request) -> web.Response:
+    svc = service(request)
+    await svc.store.redis.ping()
+    return web.json_response({"ok": True, "nodes": sum(1 for n in svc.hub.nodes.values() if n.alive()),
+                              **svc.dispatcher.snapshot()})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/runtimes", create_runtime)
+    r.add_get("/v1/runtimes", list_runtimes)
+    r.add_get("/v1/runtimes/{name}", get_runtime)
+    r.add_delete("/v1/runtimes/{name}", delete_runtime)
+    r.add_post("/v1/functions/{name}", upload_function)
+    r.add_get("/v1/functions", list_functions)
+    r.add_get("/v1/functions/{name}", get_function)
+    r.add_delete("/v1/functions/{name}", delete_function)
+    r.add_post("/v1/functions/{name}/invoke", invoke)
+    r.add_post("/v1/functions/{name}/invoke-async", invoke_async)
+    r.add_get("/v1/calls", list_calls)
+    r.add_get("/v1/calls/{id}", get_call)
+    r.add_post("/v1/calls/{id}/cancel", cancel_call)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/nodes/{id}", get_node)
+    r.add_get("/v1/health", health)

@@ -1,0 +1,63 @@
+"""``create_app(config)``: the controller's aiohttp application, its resources opened in ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from controller.api import compat, openapi, v1
+from controller.api.common import SERVICE
+from controller.api.middleware import errors
+from controller.config import ControllerConfig
+from controller.dispatcher import Dispatcher
+from controller.hub import Hub
+from controller.service import Service
+from controller.store import Store
+from shoal.blobs import BlobStore
+from shoal.logs import get_logger
+
+log = get_logger("controller")
+PRUNE_EVERY = 600.0
+
+
+async def _prune_loop(store: Store) -> None:
+    while True:
+        await asyncio.sleep(PRUNE_EVERY)
+        removed = await store.prune()
+        if removed:
+            log.info("calls_pruned", count=removed)
+
+
+def create_app(config: ControllerConfig) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis = Redis.from_url(config.redis_url, decode_responses=True)
+        await redis.ping()
+        store = Store(redis, config.retention)
+        store.start()
+        blobs = BlobStore(config.blob_dir)
+        hub = Hub(config, store, blobs)
+        dispatcher = Dispatcher(config, store, hub)
+        hub.start(dispatcher)
+        app[SERVICE] = Service(config, store, blobs, hub, dispatcher)
+        recovered = await dispatcher.recover()
+        pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
+        log.info("controller_started", zmq=hub.url, redis=config.redis_url, recovered=recovered,
+                 placement=config.placement)
+        yield
+        pruner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pruner
+        await hub.close()
+        await store.close()
+
+    app.cleanup_ctx.append(resources)
+    v1.add_routes(app)
+    compat.add_routes(app)
+    openapi.add_routes(app)
+    return app

@@ -1,0 +1,257 @@
+"""The dispatcher: the call lifecycle from QUEUED to a terminal state.
+
+* ``submit`` stores the call (QUEUED, in the durable ``active`` set) before its id is given out, then
+  queues it; beyond ``queue_limit`` waiting calls the API answers 429.
+* ``kick`` places waiting calls on nodes (the placement policy chooses among alive nodes where the
+  function is ready and that have room) and marks them DISPATCHED.
+* Nodes report RUNNING and results; a result for a call that is not in flight on that node (a late
+  duplicate after a retry, a cancelled call) is ignored.
+* A lost node's calls go back to the queue (at-least-once) until ``max_attempts`` dispatches, then FAIL;
+  a node's REJECTED answer (queue full, draining) sends the call back to the queue as well.
+* At start, every call the store still holds as active is queued again: a controller restart loses none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.config import ControllerConfig
+from controller.errors import Busy
+from controller.hub import Hub
+from controller.nodestate import NodeState
+from controller.placement import make_placement
+from controller.store import Store
+from shoal.logs import get_logger
+from shoal.models import REJECTED, CallStatus
+from shoal.protocol import Msg
+
+#: Results a node may send and what they mean here.
+STATUSES = {s.value: s for s in (CallStatus.DONE, CallStatus.FAILED, CallStatus.TIMEOUT, CallStatus.CANCELLED)}
+
+
+@dataclass
+class Pending:
+    call_id: str
+    function: str
+    version: int
+    params: Any
+    timeout: float
+    attempts: int = 0
+    node_id: str | None = None
+    cancelled: bool = False
+    waiters: list[asyncio.Future[dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.function}@{self.version}"
+
+
+class Dispatcher:
+    def __init__(self, config: ControllerConfig, store: Store, hub: Hub) -> None:
+        self.config = config
+        self.store = store
+        self.hub = hub
+        self.placement = make_placement(config.placement)
+        self.log = get_logger("dispatcher")
+        self.queue: deque[Pending] = deque()
+        self.calls: dict[str, Pending] = {}  # every non-terminal call this controller holds
+        self._kick_scheduled = False
+
+    # ---- submitting ----------------------------------------------------------------------------
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def check_room(self) -> None:
+        if len(self.queue) >= self.config.queue_limit:
+            raise Busy(f"{len(self.queue)} calls are waiting for a node; retry later", retry_after=1)
+
+    def enqueue(self, pending: Pending, front: bool = False) -> None:
+        self.calls[pending.call_id] = pending
+        if front:
+            self.queue.appendleft(pending)
+        else:
+            self.queue.append(pending)
+        self.kick()
+
+    def wait(self, call_id: str) -> asyncio.Future[dict[str, Any]] | None:
+        pending = self.calls.get(call_id)
+        if pending is None:
+            return None
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        pending.waiters.append(fut)
+        return fut
+
+    # ---- placing -------------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Place waiting calls soon (once per loop iteration, however many events asked)."""
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._place)
+
+    def _place(self) -> None:
+        self._kick_scheduled = False
+        if not self.queue:
+            return
+        nodes = [n for n in self.hub.nodes.values() if n.alive()]
+        if not nodes:
+            return
+        limit = self.config.node_oversubscribe
+        blocked: set[str] = set()
+        waiting: deque[Pending] = deque()
+        while self.queue:
+            pending = self.queue.popleft()
+            if pending.cancelled:
+                continue
+            key = pending.key
+            if key in blocked:
+                waiting.append(pending)
+                continue
+            candidates = [n for n in nodes if key in n.ready and len(n.inflight) < n.capacity * limit]
+            node = self.placement.choose(key, candidates)
+            if node is None:
+                blocked.add(key)
+                waiting.append(pending)
+                continue
+            self._dispatch(pending, node)
+        self.queue = waiting
+
+    def _dispatch(self, pending: Pending, node: NodeState) -> None:
+        header: dict[str, Any] = {"call_id": pending.call_id, "function": pending.function,
+                                  "version": pending.version, "params": pending.params, "timeout": pending.timeout}
+        if not self.hub.send(node.node_id, Msg.CALL, header):
+            self.queue.appendleft(pending)
+            return
+        pending.attempts += 1
+        pending.node_id = node.node_id
+        node.inflight.add(pending.call_id)
+        node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
+        node.dispatched += 1
+        self.store.update_call(pending.call_id, CallStatus.DISPATCHED,
+                               {"node": node.node_id, "attempts": pending.attempts})
+
+    def _release(self, pending: Pending) -> None:
+        node = self.hub.nodes.get(pending.node_id or "")
+        if node is not None:
+            node.inflight.discard(pending.call_id)
+            busy = node.warm_busy.get(pending.key, 0) - 1
+            if busy > 0:
+                node.warm_busy[pending.key] = busy
+            else:
+                node.warm_busy.pop(pending.key, None)
+        pending.node_id = None
+
+    # ---- node events ---------------------------------------------------------------------------
+    def on_call_state(self, node: NodeState, h: dict[str, Any]) -> None:
+        pending = self.calls.get(h["call_id"])
+        if pending is None or pending.node_id != node.node_id:
+            return
+        fields: dict[str, Any] = {}
+        if isinstance(h.get("progress"), int):
+            fields["progress"] = max(0, min(100, h["progress"]))
+        status = CallStatus.RUNNING if h["state"] == "RUNNING" else None
+        self.store.update_call(pending.call_id, status, fields)
+
+    def on_result(self, node: NodeState, h: dict[str, Any]) -> None:
+        call_id = h["call_id"]
+        pending = self.calls.get(call_id)
+        if pending is None or pending.node_id != node.node_id:
+            self.log.info("late_result_ignored", call_id=call_id, node_id=node.node_id)
+            return
+        self._release(pending)
+        node.done += 1
+        if h["status"] == REJECTED:
+            pending.attempts -= 1  # it never ran there
+            self.enqueue(pending, front=True)
+            return
+        status = STATUSES.get(h["status"])
+        if status is None:
+            self.log.error("unknown_result_status", call_id=call_id, status=h["status"])
+            status = CallStatus.FAILED
+        fields: dict[str, Any] = {k: h.get(k) for k in ("result", "error", "logs", "timings") if k in h}
+        fields["cold"] = bool(h.get("cold"))
+        if h.get("started_at"):
+            fields["t_RUNNING"] = h["started_at"]
+        self.finish(pending, status, fields)
+
+    def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
+        self.calls.pop(pending.call_id, None)
+        write = self.store.update_call(pending.call_id, status, fields)
+        outcome = dict(fields, status=status.value, id=pending.call_id)
+
+        def resolve(_: asyncio.Future[None]) -> None:
+            for fut in pending.waiters:
+                if not fut.done():
+                    fut.set_result(outcome)
+
+        write.add_done_callback(resolve)  # a sync caller is answered once the outcome is stored
+
+    def on_node_lost(self, node: NodeState) -> None:
+        for call_id in list(node.inflight):
+            pending = self.calls.get(call_id)
+            if pending is None:
+                continue
+            self._release(pending)
+            if pending.attempts >= self.config.max_attempts:
+                self.finish(pending, CallStatus.FAILED, {"error": {
+                    "type": "NodeLost",
+                    "message": f"node {node.node_id} was lost while running it, after {pending.attempts} attempt(s)",
+                }})
+            else:
+                self.log.info("call_requeued", call_id=call_id, node_id=node.node_id, attempts=pending.attempts)
+                self.store.update_call(call_id, CallStatus.QUEUED, {"node": ""})
+                self.enqueue(pending, front=True)
+        node.inflight.clear()
+        node.warm_busy.clear()
+
+    def on_node_hello(self, node: NodeState, running: set[str]) -> None:
+        """A node (re)introduced itself: calls we think it holds but it does not know are lost there."""
+        for call_id in list(node.inflight):
+            if call_id not in running:
+                pending = self.calls.get(call_id)
+                if pending is not None and pending.node_id == node.node_id:
+                    self._release(pending)
+                    self.enqueue(pending, front=True)
+        self.kick()
+
+    def on_function_state(self, node: NodeState, key: str, state: str) -> None:
+        if state == "ready":
+            self.kick()
+
+    # ---- cancelling ----------------------------------------------------------------------------
+    def cancel(self, call_id: str) -> bool:
+        pending = self.calls.get(call_id)
+        if pending is None:
+            return False
+        if pending.node_id is None:
+            pending.cancelled = True
+            self.finish(pending, CallStatus.CANCELLED, {"error": {"type": "Cancelled",
+                                                                  "message": "cancelled before it started"}})
+        else:
+            self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})
+        return True
+
+    # ---- recovery ------------------------------------------------------------------------------
+    async def recover(self) -> int:
+        """Queue again every call the store holds as not finished (after a controller restart)."""
+        count = 0
+        for call in sorted(await self.store.active_calls(), key=lambda c: c.get("created") or 0):
+            if call["id"] in self.calls:
+                continue
+            pending = Pending(call_id=call["id"], function=call["function"], version=int(call["version"]),
+                              params=call.get("params"), timeout=float(call.get("timeout") or 30.0),
+                              attempts=int(call.get("attempts") or 0))
+            self.calls[pending.call_id] = pending
+            self.queue.append(pending)
+            count += 1
+        if count:
+            self.log.info("calls_recovered", count=count)
+            self.kick()
+        return count
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"queued": len(self.queue), "active": len(self.calls),
+                "inflight": sum(len(n.inflight) for n in self.hub.nodes.values()), "time": time.time()}

@@ -1,0 +1,51 @@
+"""The controller's error tree; ``api/middleware.py`` maps each class to its HTTP status."""
+
+from __future__ import annotations
+
+from shoal.errors import NotFound, ShoalError, ValidationError
+
+
+class ApiError(ShoalError):
+    status = 500
+    code = "internal"
+
+
+class BadRequest(ApiError, ValidationError):
+    status = 400
+    code = "bad_request"
+
+
+class Missing(ApiError, NotFound):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class TooLarge(ApiError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMedia(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Busy(ApiError):
+    """The cluster's queue is full: retry later (HTTP 429 with Retry-After)."""
+
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"

@@ -1,0 +1,214 @@
+"""The node hub: the controller's ZMQ ROUTER that node agents keep their links to.
+
+It knows the nodes (HELLO, heartbeats both ways, lost after ``liveness`` silent heartbeats), keeps each
+node's runtimes and functions in sync with the store, serves archive chunks (credit-based), and hands call
+states and results to the dispatcher. A bad frame is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+
+from controller.config import ControllerConfig
+from controller.nodestate import NodeState
+from controller.store import Store
+from shoal import protocol
+from shoal.archive_server import ArchiveServer
+from shoal.blobs import BlobStore
+from shoal.logs import get_logger
+from shoal.protocol import Message, Msg, ProtocolError
+
+if TYPE_CHECKING:
+    from controller.dispatcher import Dispatcher
+
+
+class Hub:
+    def __init__(self, config: ControllerConfig, store: Store, blobs: BlobStore) -> None:
+        self.config = config
+        self.store = store
+        self.log = get_logger("hub")
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        self.sock.bind(config.zmq_bind)
+        self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Sends go through a synchronous shadow of the same socket: NOBLOCK errors (a node gone) raise
+        # here and now instead of surfacing later in a future nobody awaits.
+        self.out: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        self.archives = ArchiveServer(blobs)
+        self.nodes: dict[str, NodeState] = {}
+        self.dispatcher: Dispatcher | None = None
+        self.protocol_errors = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.on_function_state: list[Callable[[str, str, dict[str, Any]], None]] = []
+
+    def start(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._liveness_loop())]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass  # stopping
+        self.archives.close()
+        self.sock.close()
+        self.ctx.term()
+
+    # ---- sending -------------------------------------------------------------------------------
+    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: bytes) -> bool:
+        try:
+            self.out.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            self.log.warning("node_unreachable", node_id=node_id, error=exc.strerror)
+            return False
+
+    def broadcast(self, mtype: bytes, header: dict[str, Any]) -> None:
+        for node in self.nodes.values():
+            if not node.lost:
+                self.send(node.node_id, mtype, header)
+
+    # ---- receiving -----------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                self.on_frames(frames)
+            except ProtocolError as exc:
+                self.protocol_errors += 1
+                self.log.error("protocol_error", node_id=frames[0][:64].decode("utf-8", "replace"), error=str(exc))
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        node_id = frames[0].decode("utf-8", "replace")
+        msg = protocol.decode(frames[1:])
+        node = self.nodes.get(node_id)
+        if msg.type == Msg.HELLO:
+            self.on_hello(node_id, msg)
+            return
+        if node is None:
+            # A node we do not know (we restarted): ask it to introduce itself.
+            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True})
+            return
+        node.last_seen = time.monotonic()
+        if node.lost:
+            self.log.info("node_back", node_id=node_id)
+            node.lost = False
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            raise ProtocolError(f"{msg.name} is not a node-to-controller message")
+        handler(self, node, msg)
+
+    def on_hello(self, node_id: str, msg: Message) -> None:
+        h = msg.header
+        if h["v"] != protocol.PROTOCOL_VERSION:
+            self.log.error("protocol_version_mismatch", node_id=node_id, theirs=h["v"])
+            return
+        node = self.nodes.get(node_id)
+        if node is None:
+            node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))
+        else:
+            node.hello, node.capacity, node.lost, node.draining = h, max(1, int(h["capacity"])), False, False
+        node.last_seen = time.monotonic()
+        node.ready = set(h.get("functions") or [])
+        self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
+        self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION})
+        asyncio.get_running_loop().create_task(self.sync_node(node_id))
+        if self.dispatcher is not None:
+            self.dispatcher.on_node_hello(node, set(h.get("running") or []))
+
+    async def sync_node(self, node_id: str) -> None:
+        """Send a node every runtime and the latest version of every function."""
+        for runtime in await self.store.list_runtimes():
+            self.send(node_id, Msg.RUNTIME, runtime.to_dict())
+        for fn in await self.store.list_functions():
+            self.send(node_id, Msg.FUNCTION, function_message(fn))
+        await self.store.save_node(node_id, self.nodes[node_id].to_dict())
+
+    def on_heartbeat(self, node: NodeState, msg: Message) -> None:
+        pass  # last_seen was updated
+
+    def on_fetch(self, node: NodeState, msg: Message) -> None:
+        for mtype, header, data in self.archives.on_fetch(node.node_id, msg.header):
+            self.send(node.node_id, mtype, header, *([] if data is None else [data]))
+
+    def on_function_state_msg(self, node: NodeState, msg: Message) -> None:
+        h = msg.header
+        key = f"{h['name']}@{h['version']}"
+        if h["state"] == "ready":
+            node.ready.add(key)
+            node.failed.pop(key, None)
+        elif h["state"] == "failed":
+            node.ready.discard(key)
+            node.failed[key] = str(h.get("error", ""))
+        for callback in self.on_function_state:
+            callback(node.node_id, key, h)
+        if self.dispatcher is not None:
+            self.dispatcher.on_function_state(node, key, h["state"])
+
+    def on_call_state(self, node: NodeState, msg: Message) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.on_call_state(node, msg.header)
+
+    def on_result(self, node: NodeState, msg: Message) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.on_result(node, msg.header)
+
+    def on_status(self, node: NodeState, msg: Message) -> None:
+        h = msg.header
+        node.draining = bool(h.get("draining", False))
+        warm = h.get("warm")
+        if isinstance(warm, dict):
+            node.warm_pool = {str(k): int(v) for k, v in warm.items() if isinstance(v, int)}
+        if node.draining and self.dispatcher is not None:
+            self.dispatcher.kick()
+
+    _handlers: dict[bytes, Callable[[Hub, NodeState, Message], None]] = {
+        Msg.HEARTBEAT: on_heartbeat,
+        Msg.FETCH: on_fetch,
+        Msg.FUNCTION_STATE: on_function_state_msg,
+        Msg.CALL_STATE: on_call_state,
+        Msg.RESULT: on_result,
+        Msg.STATUS: on_status,
+    }
+
+    # ---- liveness ------------------------------------------------------------------------------
+    async def _liveness_loop(self) -> None:
+        silence = self.config.heartbeat * self.config.liveness
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            now = time.monotonic()
+            for node in list(self.nodes.values()):
+                if node.lost:
+                    continue
+                if now - node.last_seen > silence:
+                    node.lost = True
+                    self.archives.forget(node.node_id)
+                    self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),
+                                     inflight=len(node.inflight))
+                    if self.dispatcher is not None:
+                        self.dispatcher.on_node_lost(node)
+                    await self.store.save_node(node.node_id, node.to_dict())
+                else:
+                    self.send(node.node_id, Msg.HEARTBEAT, {})
+
+
+def function_message(record: dict[str, Any]) -> dict[str, Any]:
+    """The FUNC message for a stored function version."""
+    fields = ("name", "version", "runtime", "sha256", "size", "entrypoint", "timeout", "preload", "min_warm",
+              "max_warm", "keepalive")
+    return {k: record[k] for k in fields if record.get(k) is not None}

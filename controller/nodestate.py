@@ -1,0 +1,45 @@
+"""What the controller knows about one node."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    hello: dict[str, Any]
+    capacity: int
+    last_seen: float = field(default_factory=time.monotonic)
+    lost: bool = False
+    draining: bool = False
+    ready: set[str] = field(default_factory=set)  # function keys ready on the node
+    failed: dict[str, str] = field(default_factory=dict)  # function key -> why it cannot run there
+    inflight: set[str] = field(default_factory=set)  # call ids
+    warm_busy: dict[str, int] = field(default_factory=dict)  # function key -> our calls running there
+    warm_pool: dict[str, int] = field(default_factory=dict)  # function key -> warm miniworkers (last STATUS)
+    dispatched: int = 0
+    done: int = 0
+    connected_at: float = field(default_factory=time.time)
+
+    def load(self) -> float:
+        return len(self.inflight) / max(1, self.capacity)
+
+    def idle_warm(self, key: str) -> int:
+        return self.warm_pool.get(key, 0) - self.warm_busy.get(key, 0)
+
+    def alive(self) -> bool:
+        return not self.lost and not self.draining
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id, "state": "lost" if self.lost else "draining" if self.draining else "ready",
+            "capacity": self.capacity, "inflight": len(self.inflight), "dispatched": self.dispatched,
+            "done": self.done, "functions_ready": sorted(self.ready), "functions_failed": self.failed,
+            "warm_pool": self.warm_pool, "status_url": self.hello.get("status_url"),
+            "runtimes": self.hello.get("runtimes", []), "version": self.hello.get("version"),
+            "policy": self.hello.get("policy"), "connected_at": self.connected_at,
+            "seen_s_ago": round(time.monotonic() - self.last_seen, 3),
+        }

@@ -1,0 +1,188 @@
+"""What the API does, independent of its routes: the v1 API and the seed-compatible routes both call this."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from controller.config import ControllerConfig
+from controller.dispatcher import Dispatcher, Pending
+from controller.errors import BadRequest, Conflict, Missing, TooLarge
+from controller.hub import Hub, function_message
+from controller.store import Store
+from shoal.archive import ArchiveLimits, extract_archive
+from shoal.blobs import BlobStore
+from shoal.errors import ArchiveError, ValidationError
+from shoal.models import FunctionSpec, Runtime, check_name
+from shoal.protocol import Msg
+
+
+class Service:
+    def __init__(self, config: ControllerConfig, store: Store, blobs: BlobStore, hub: Hub,
+                 dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self.hub = hub
+        self.dispatcher = dispatcher
+        self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
+
+    # ---- runtimes ------------------------------------------------------------------------------
+    async def register_runtime(self, data: Any) -> Runtime:
+        runtime = Runtime.from_dict(data)
+        await self.store.put_runtime(runtime)
+        self.hub.broadcast(Msg.RUNTIME, runtime.to_dict())
+        return runtime
+
+    async def get_runtime(self, name: str) -> Runtime:
+        runtime = await self.store.get_runtime(name)
+        if runtime is None:
+            raise Missing(f"no runtime named {name!r}")
+        return runtime
+
+    async def delete_runtime(self, name: str) -> None:
+        await self.get_runtime(name)
+        users = [f["name"] for f in await self.store.list_functions() if f["runtime"] == name]
+        if users:
+            raise Conflict(f"runtime {name!r} is used by functions: {', '.join(sorted(users))}")
+        await self.store.delete_runtime(name)
+
+    # ---- functions -----------------------------------------------------------------------------
+    async def upload_function(self, name: str, runtime: str, chunks: AsyncIterator[bytes],
+                              options: dict[str, Any], original_name: str = "") -> dict[str, Any]:
+        check_name(name, "function name")
+        await self.get_runtime(runtime)
+        sha, size = await self._store_archive(chunks)
+        await asyncio.to_thread(self._verify_archive, sha)
+        spec_fields = dict(options, name=name, runtime=runtime, sha256=sha, size=size)
+        FunctionSpec.from_dict(dict(spec_fields, version=1))  # validates the options before storing
+        record = await self.store.add_version(dict(spec_fields, original_name=original_name))
+        self.hub.broadcast(Msg.FUNCTION, function_message(record))
+        return record
+
+    async def _store_archive(self, chunks: AsyncIterator[bytes]) -> tuple[str, int]:
+        """Stream the upload to the blob store without holding it in memory."""
+        limit = self.config.max_archive_bytes
+        tmp = tempfile.NamedTemporaryFile(dir=self.blobs.root, prefix=".upload-", delete=False)
+        size = 0
+        try:
+            with tmp:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"archive exceeds the limit of {limit} bytes")
+                    tmp.write(chunk)
+            if size == 0:
+                raise BadRequest("the archive is empty")
+            return await asyncio.to_thread(self.blobs.put_file, Path(tmp.name))
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+
+    def _verify_archive(self, sha: str) -> None:
+        """Refuse a hostile or broken archive at upload (the nodes check again when they extract)."""
+        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=self.blobs.root))
+        try:
+            extract_archive(self.blobs.path(sha), scratch / "tree", self.limits)
+        except ArchiveError as exc:
+            raise BadRequest(f"archive refused: {exc}") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def get_function(self, name: str) -> dict[str, Any]:
+        record = await self.store.get_function(name)
+        if record is None:
+            raise Missing(f"no function named {name!r}")
+        nodes = {n.node_id: ("ready" if record_key(record) in n.ready else
+                             "failed" if record_key(record) in n.failed else "pending")
+                 for n in self.hub.nodes.values() if not n.lost}
+        return dict(record, versions=[v["version"] for v in await self.store.list_versions(name)], nodes=nodes)
+
+    async def delete_function(self, name: str) -> None:
+        if not await self.store.delete_function(name):
+            raise Missing(f"no function named {name!r}")
+
+    # ---- calls ---------------------------------------------------------------------------------
+    async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
+                     idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:
+        """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key."""
+        record = await self.store.get_function(name)
+        if record is None:
+            raise Missing(f"no function named {name!r}")
+        if version is not None and version != record["version"]:
+            record = await self.store.get_version(name, version)
+            if record is None:
+                raise Missing(f"function {name!r} has no version {version}")
+        if timeout is None:
+            timeout = float(record.get("timeout") or 30.0)
+        self.dispatcher.check_room()
+        call_id = uuid.uuid4().hex
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 200:
+                raise BadRequest("Idempotency-Key must be 1-200 characters")
+            existing = await self.store.claim_idempotency(idempotency_key, call_id)
+            if existing is not None:
+                call = await self.store.get_call(existing)
+                if call is not None:
+                    return call, self.dispatcher.calls.get(existing)
+        now = time.time()
+        call = {"id": call_id, "num": await self.store.next_call_num(), "function": name,
+                "version": int(record["version"]), "params": params, "status": "QUEUED", "created": now,
+                "t_QUEUED": now, "timeout": timeout, "attempts": 0, "node": ""}
+        await self.store.create_call(call)
+        pending = Pending(call_id, name, int(record["version"]), params, timeout)
+        self.dispatcher.enqueue(pending)
+        return call, pending
+
+    async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:
+        """The call's stored record once it ends, or None if ``timeout`` passes first."""
+        fut = self.dispatcher.wait(call_id) if pending is not None else None
+        if fut is not None:
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                return None
+        return await self.get_call(call_id)
+
+    async def get_call(self, call_id: str) -> dict[str, Any]:
+        call = await self.store.get_call(call_id)
+        if call is None:
+            raise Missing(f"no call {call_id!r}")
+        return call
+
+    async def cancel(self, call_id: str) -> dict[str, Any]:
+        call = await self.get_call(call_id)
+        if call["status"] in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
+            raise Conflict(f"call {call_id} already ended ({call['status']})")
+        self.dispatcher.cancel(call_id)
+        return call
+
+
+def record_key(record: dict[str, Any]) -> str:
+    return f"{record['name']}@{record['version']}"
+
+
+def parse_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Function options from query/form strings: typed and checked (FunctionSpec re-checks ranges)."""
+    out: dict[str, Any] = {}
+    for key in ("entrypoint", "preload"):
+        if raw.get(key):
+            out[key] = str(raw[key])
+    for key in ("timeout", "keepalive"):
+        if raw.get(key) not in (None, ""):
+            try:
+                out[key] = float(raw[key])
+            except (TypeError, ValueError):
+                raise ValidationError(f"{key} must be a number") from None
+    for key in ("min_warm", "max_warm"):
+        if raw.get(key) not in (None, ""):
+            try:
+                out[key] = int(raw[key])
+            except (TypeError, ValueError):
+                raise ValidationError(f"{key} must be an integer") from None
+    return out

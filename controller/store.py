@@ -1,0 +1,266 @@
+"""The controller's state in Redis: runtimes, function versions, calls and nodes (keys in ``keys.py``).
+
+Call writes go through a single writer task that folds every write waiting at that moment into one
+pipeline: under load, hundreds of concurrent requests share a round trip to Redis, and each still awaits
+its own write before answering (a call id is only given out once its call is stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from controller import keys
+from shoal.models import TERMINAL, CallStatus, Runtime
+
+Write = Callable[[Pipeline], None]
+JSON_FIELDS = ("params", "result", "error", "logs", "timings")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode_call(fields: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        if key in JSON_FIELDS:
+            out[key] = json.dumps(value, separators=(",", ":"))
+        elif isinstance(value, bool):
+            out[key] = "1" if value else "0"
+        elif value is None:
+            out[key] = ""
+        else:
+            out[key] = str(value)
+    return out
+
+
+def decode_call(raw: dict[str, str]) -> dict[str, Any]:
+    call: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in JSON_FIELDS:
+            call[key] = json.loads(value) if value else None
+        elif key in ("num", "version", "attempts", "progress"):
+            call[key] = int(value) if value else None
+        elif key in ("created", "timeout") or key.startswith("t_"):
+            call[key] = float(value) if value else None
+        elif key == "cold":
+            call[key] = value == "1"
+        else:
+            call[key] = value
+    return call
+
+
+class Store:
+    def __init__(self, redis: Redis, retention: float) -> None:
+        self.redis: Any = redis  # redis-py's stubs type replies as bytes | str; we decode responses
+        self.retention = int(retention)
+        self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._num_next = 0
+        self._num_end = 0
+        self._num_lock = asyncio.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass  # the writer was told to stop
+        await self.redis.aclose()
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._writes.get()]
+            while not self._writes.empty() and len(batch) < 1024:
+                batch.append(self._writes.get_nowait())
+            pipe = self.redis.pipeline(transaction=False)
+            for write, _ in batch:
+                write(pipe)
+            try:
+                await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure, none is lost
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def write(self, write: Write) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait((write, fut))
+        return fut
+
+    # ---- runtimes ------------------------------------------------------------------------------
+    async def put_runtime(self, runtime: Runtime) -> None:
+        await self.redis.hset(keys.RUNTIMES, runtime.name, json.dumps(runtime.to_dict()))
+
+    async def get_runtime(self, name: str) -> Runtime | None:
+        raw = await self.redis.hget(keys.RUNTIMES, name)
+        return Runtime.from_dict(json.loads(raw)) if raw else None
+
+    async def list_runtimes(self) -> list[Runtime]:
+        raw = await self.redis.hgetall(keys.RUNTIMES)
+        return sorted((Runtime.from_dict(json.loads(v)) for v in raw.values()), key=lambda r: r.name)
+
+    async def delete_runtime(self, name: str) -> bool:
+        return bool(await self.redis.hdel(keys.RUNTIMES, name))
+
+    # ---- functions -----------------------------------------------------------------------------
+    async def add_version(self, record: dict[str, Any]) -> dict[str, Any]:
+        name = record["name"]
+        version = int(await self.redis.incr(keys.version_counter(name)))
+        record = dict(record, version=version, created=time.time())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.versions(name), str(version), json.dumps(record))
+        pipe.hset(keys.FUNCTIONS, name, json.dumps(record))
+        await pipe.execute()
+        return record
+
+    async def get_function(self, name: str) -> dict[str, Any] | None:
+        raw = await self.redis.hget(keys.FUNCTIONS, name)
+        return json.loads(raw) if raw else None
+
+    async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
+        raw = await self.redis.hget(keys.versions(name), str(version))
+        return json.loads(raw) if raw else None
+
+    async def list_versions(self, name: str) -> list[dict[str, Any]]:
+        raw = await self.redis.hgetall(keys.versions(name))
+        return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["version"])
+
+    async def list_functions(self) -> list[dict[str, Any]]:
+        raw = await self.redis.hgetall(keys.FUNCTIONS)
+        return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["name"])
+
+    async def delete_function(self, name: str) -> bool:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(keys.FUNCTIONS, name)
+        pipe.delete(keys.versions(name))
+        removed, _ = await pipe.execute()
+        return bool(removed)
+
+    # ---- calls ---------------------------------------------------------------------------------
+    async def next_call_num(self) -> int:
+        """The seed API's integer callNum: reserved from Redis in blocks, handed out in order."""
+        async with self._num_lock:
+            if self._num_next >= self._num_end:
+                end = int(await self.redis.incrby(keys.CALL_NUM, 256))
+                self._num_next, self._num_end = end - 255, end + 1
+            num = self._num_next
+            self._num_next += 1
+            return num
+
+    async def claim_idempotency(self, key: str, call_id: str) -> str | None:
+        """Bind ``key`` to ``call_id``; return the call id it was already bound to, if any."""
+        ok = await self.redis.set(keys.idempotency(key), call_id, nx=True, ex=self.retention)
+        if ok:
+            return None
+        existing = await self.redis.get(keys.idempotency(key))
+        return existing if existing else None
+
+    def create_call(self, call: dict[str, Any]) -> asyncio.Future[None]:
+        call_id, created_ms = call["id"], int(call["created"] * 1000)
+        fields = encode_call(call)
+
+        def write(pipe: Pipeline) -> None:
+            pipe.hset(keys.call(call_id), mapping=fields)  # type: ignore[arg-type]
+            pipe.zadd(keys.CALLS, {call_id: created_ms})
+            pipe.zadd(keys.calls_of(call["function"]), {call_id: created_ms})
+            pipe.zadd(keys.ACTIVE, {call_id: created_ms})
+            pipe.set(keys.call_by_num(call["num"]), call_id, ex=self.retention)
+
+        return self.write(write)
+
+    def update_call(self, call_id: str, status: CallStatus | None, fields: dict[str, Any]) -> asyncio.Future[None]:
+        mapping = encode_call(fields)
+        if status is not None:
+            mapping["status"] = status.value
+            mapping[f"t_{status.value}"] = repr(time.time())
+        terminal = status in TERMINAL
+
+        def write(pipe: Pipeline) -> None:
+            pipe.hset(keys.call(call_id), mapping=mapping)  # type: ignore[arg-type]
+            if terminal:
+                pipe.zrem(keys.ACTIVE, call_id)
+                pipe.expire(keys.call(call_id), self.retention)
+
+        return self.write(write)
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(keys.call(call_id))
+        return decode_call(raw) if raw else None
+
+    async def call_id_by_num(self, num: int) -> str | None:
+        value = await self.redis.get(keys.call_by_num(num))
+        return value or None
+
+    async def list_calls(self, function: str | None, status: str | None, before: float | None,
+                         limit: int) -> tuple[list[dict[str, Any]], float | None]:
+        """Newest first; ``before`` (created, seconds) is the cursor of the next page."""
+        index = keys.calls_of(function) if function else keys.CALLS
+        top = f"({int(before * 1000)}" if before else "+inf"
+        out: list[dict[str, Any]] = []
+        cursor: float | None = None
+        scan = max(limit, 100)
+        while len(out) < limit:
+            ids = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=scan, withscores=True)
+            if not ids:
+                cursor = None
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for call_id, _ in ids:
+                pipe.hgetall(keys.call(call_id))
+            rows = await pipe.execute()
+            for (_call_id, score), raw in zip(ids, rows, strict=True):
+                cursor = score / 1000
+                if not raw:
+                    continue
+                call = decode_call(raw)
+                if status and call.get("status") != status:
+                    continue
+                out.append(call)
+                if len(out) >= limit:
+                    break
+            top = f"({int(ids[-1][1])}"
+            if len(ids) < scan and len(out) < limit:
+                cursor = None
+                break
+        return out, cursor
+
+    async def active_calls(self) -> list[dict[str, Any]]:
+        ids = await self.redis.zrange(keys.ACTIVE, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for call_id in ids:
+            pipe.hgetall(keys.call(call_id))
+        rows = await pipe.execute() if ids else []
+        return [decode_call(raw) for raw in rows if raw]
+
+    async def prune(self) -> int:
+        """Drop finished calls older than the retention from the indexes (their hashes expire)."""
+        cutoff = now_ms() - self.retention * 1000
+        removed = int(await self.redis.zremrangebyscore(keys.CALLS, "-inf", cutoff))
+        for name in [f["name"] for f in await self.list_functions()]:
+            await self.redis.zremrangebyscore(keys.calls_of(name), "-inf", cutoff)
+        return removed
+
+    # ---- nodes ---------------------------------------------------------------------------------
+    async def save_node(self, node_id: str, info: dict[str, Any]) -> None:
+        await self.redis.hset(keys.NODES, node_id, json.dumps(info))
+
+    async def list_nodes(self) -> dict[str, dict[str, Any]]:
+        raw = await self.redis.hgetall(keys.NODES)
+        return {k: json.loads(v) for k, v in raw.items()}

@@ -1,0 +1,181 @@
+"""A whole Shoal cluster on this machine: Redis, a controller and N node agents, as child processes.
+
+Used by `shoal up`, `make demo`, the end-to-end tests and the benchmarks. Agents register over HTTP
+(``POST /register``) and then keep their ZMQ link, as on real hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.devenv.redis_server import RedisServer, free_port, start_redis
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class Agent:
+    node_id: str
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+
+
+@dataclass
+class LocalCluster:
+    docker_url: str
+    agents: int = 2
+    name: str = "node"  # node ids are NAME-1..N: unique per Docker engine (orphan sweeps go by node id)
+    policy: str = "function"
+    placement: str = "warm-first"
+    redis_url: str | None = None
+    base: Path | None = None
+    log_level: str = "warning"
+    agent_env: dict[str, str] = field(default_factory=dict)
+    controller_env: dict[str, str] = field(default_factory=dict)
+    heartbeat: float = 0.5
+    port: int = 0
+    zmq_port: int = 0
+    controller: subprocess.Popen[bytes] | None = None
+    nodes: dict[str, Agent] = field(default_factory=dict)
+    _redis: RedisServer | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [f"{self.name}-{i + 1}" for i in range(self.agents)]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalCluster:
+        if self.base is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="shoal-cluster-")
+            self.base = Path(self._tmp.name)
+        if self.redis_url is None:
+            self._redis = start_redis(appendonly=True)
+            self.redis_url = self._redis.url
+        self.port = self.port or free_port()
+        self.zmq_port = self.zmq_port or free_port()
+        self.start_controller()
+        for node_id in self.node_ids:
+            self.start_agent(node_id)
+        self.wait_nodes(self.agents)
+        return self
+
+    def start_controller(self) -> None:
+        assert self.base is not None and self.redis_url is not None
+        env = dict(os.environ, SHOAL_REDIS_URL=self.redis_url, SHOAL_PORT=str(self.port),
+                   SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
+                   SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
+                   SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
+        self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.controller.poll() is not None:
+                raise ClusterError(f"the controller exited with {self.controller.returncode}")
+            try:
+                self.get("/ping")
+                return
+            except (OSError, ClusterError):
+                time.sleep(0.05)
+        raise ClusterError("the controller did not answer within 30 s")
+
+    def stop_controller(self, sig: int = signal.SIGTERM) -> None:
+        if self.controller is not None and self.controller.poll() is None:
+            self.controller.send_signal(sig)
+            try:
+                self.controller.wait(30)
+            except subprocess.TimeoutExpired:
+                self.controller.kill()
+                self.controller.wait(10)
+        self.controller = None
+
+    def start_agent(self, node_id: str) -> Agent:
+        assert self.base is not None
+        state = self.base / "agents"
+        env = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
+                   **self.agent_env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
+             "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,
+             "--log-level", self.log_level],
+            env=env, stdin=subprocess.DEVNULL)
+        agent = self.nodes[node_id] = Agent(node_id, proc, state)
+        return agent
+
+    def stop_agent(self, node_id: str, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        agent = self.nodes.pop(node_id)
+        if agent.proc.poll() is None:
+            agent.proc.send_signal(sig)
+        try:
+            return agent.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            return agent.proc.wait(10)
+
+    def wait_nodes(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = [n for n in self.get("/v1/nodes") if n["state"] == "ready"]
+            if len(nodes) >= count:
+                return nodes
+            if time.monotonic() > deadline:
+                raise ClusterError(f"only {len(nodes)} of {count} nodes joined within {timeout:g} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node_id in list(self.nodes):
+            self.stop_agent(node_id)
+        self.stop_controller()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, data: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, Any, dict[str, str]]:
+        hdrs = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw, status, rh = resp.read(), resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            raw, status, rh = err.read(), err.code, dict(err.headers)
+        ctype = rh.get("Content-Type", "")
+        return status, (json.loads(raw) if "json" in ctype and raw else raw.decode("utf-8", "replace")), rh
+
+    def get(self, path: str) -> Any:
+        status, body, _ = self.request("GET", path)
+        if status != 200:
+            raise ClusterError(f"GET {path} answered {status}: {body}")
+        return body

@@ -1,0 +1,139 @@
+"""Placement and resilience on a real 2-node cluster: spread, warm-first, node loss, controller restart,
+and a 200 MB archive streamed to both nodes in constant memory."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import signal
+import tarfile
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+import pytest
+
+from shoal.localcluster import LocalCluster
+from tests.controller.conftest import ECHO, SLOW, seed_runtime, upload, wait_call, wait_ready
+
+pytestmark = pytest.mark.docker
+
+
+def submit(cluster: LocalCluster, name: str, params: Any) -> str:
+    status, body, _ = cluster.request("POST", f"/v1/functions/{name}/invoke-async", {"params": params})
+    assert status == 202, body
+    return str(body["id"])
+
+
+def test_calls_spread_over_both_nodes(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=2, placement="least-loaded")
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=2, max_warm=2)
+    wait_ready(cluster, "slow", 2)
+    ids = [submit(cluster, "slow", {"s": 0.3}) for _ in range(8)]
+    nodes = Counter(wait_call(cluster, i)["node"] for i in ids)
+    assert set(nodes) == set(cluster.node_ids), nodes
+
+
+def test_warm_first_placement_prefers_the_node_with_a_warm_container(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=2, placement="warm-first")
+    seed_runtime(cluster)
+    # preload=runtime on nodes whose policy is `function`: no container until a call needs one.
+    upload(cluster, "echo", ECHO, entrypoint="handler:handler", preload="runtime")
+    wait_ready(cluster, "echo", 2)
+    _, first, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 0})
+    assert first["status"] == "DONE" and first["cold"] is True
+    warm_node = first["node"]
+    deadline = time.monotonic() + 30
+    while cluster.get(f"/v1/nodes/{warm_node}")["warm_pool"].get("echo@1", 0) < 1:
+        assert time.monotonic() < deadline, "the node never reported its warm container"
+        time.sleep(0.1)
+    later = [cluster.request("POST", "/v1/functions/echo/invoke", {"params": i})[1] for i in range(10)]
+    assert {c["node"] for c in later} == {warm_node}
+    assert not any(c["cold"] for c in later)
+
+
+def test_kill_9_of_an_agent_with_calls_in_flight_loses_no_call(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=2, placement="least-loaded")
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=2, max_warm=4)
+    wait_ready(cluster, "slow", 2)
+    ids = [submit(cluster, "slow", {"s": 1.5}) for _ in range(10)]
+    deadline = time.monotonic() + 60
+    first = cluster.node_ids[0]
+    while not any(cluster.get(f"/v1/calls/{i}")["node"] == first for i in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = cluster.nodes[first].proc
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    calls = [wait_call(cluster, i, timeout=180) for i in ids]
+    assert all(c["status"] == "DONE" for c in calls), [(c["status"], c.get("error")) for c in calls]
+    assert any(c["attempts"] >= 2 for c in calls)  # some were re-dispatched to node-2
+    deadline = time.monotonic() + 30
+    while cluster.get(f"/v1/nodes/{first}")["state"] != "lost":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_controller_killed_and_restarted_with_queued_async_calls_completes_them_all(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=2)
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", max_warm=1)
+    wait_ready(cluster, "slow", 2)
+    ids = [submit(cluster, "slow", {"s": 0.2}) for _ in range(30)]
+    cluster.stop_controller(signal.SIGKILL)
+    cluster.start_controller()
+    calls = [wait_call(cluster, i, timeout=180) for i in ids]
+    assert [c["status"] for c in calls] == ["DONE"] * 30
+    assert cluster.get("/v1/health")["active"] == 0
+
+
+def test_a_200mb_archive_reaches_both_agents_in_constant_memory(make_cluster: Any, tmp_path: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=2)
+    seed_runtime(cluster)
+    archive = tmp_path / "big.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tf:
+        payload = os.urandom(200 << 20)
+        info = tarfile.TarInfo("blob.bin")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo("handler.py")
+        code = b"import os\ndef handler(p):\n    return os.path.getsize('blob.bin')\n"
+        info.size = len(code)
+        tf.addfile(info, io.BytesIO(code))
+        del payload
+    size = archive.stat().st_size
+    assert size > 200 << 20
+    procs = {"controller": psutil.Process(cluster.controller.pid)} if cluster.controller else {}
+    procs.update({n: psutil.Process(a.proc.pid) for n, a in cluster.nodes.items()})
+    base = {n: p.memory_info().rss for n, p in procs.items()}
+    peak = dict(base)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for n, p in procs.items():
+                peak[n] = max(peak[n], p.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=300)
+        with open(archive, "rb") as f:
+            conn.request("POST", "/v1/functions/big?runtime=pythonruntime&entrypoint=handler:handler", body=f,
+                         headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        resp = conn.getresponse()
+        assert resp.status == 201, resp.read()
+        wait_ready(cluster, "big", 2, timeout=300)
+    finally:
+        stop.set()
+        sampler.join()
+    growth = {n: (peak[n] - base[n]) / 2**20 for n in procs}
+    assert all(g < 64 for g in growth.values()), growth
+    _, call, _ = cluster.request("POST", "/v1/functions/big/invoke", {})
+    assert call["status"] == "DONE" and call["result"] == 200 << 20
