@@ -1,41 +1,60 @@
-"""`make demo`: start what is needed, run the seed's dice function on a local node, print its result."""
+"""`make demo`: a local cluster (Redis, Docker engine, controller, 2 agents) runs the seed's dice function.
+
+It registers the runtime and uploads the function through the main seed's own routes, invokes it through
+the v1 API (sync), prints the result, then stops everything it started.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+import uuid
+from pathlib import Path
 
+from shoal.archive import build_tar_gz
 from shoal.devenv.stack import start_infra
-from shoal.localnode import LocalNode
+from shoal.localcluster import LocalCluster
 from shoal.logs import configure
 
-DICE_DIR = "examples/runtimes/python/dice"
+DICE_DIR = Path(__file__).resolve().parent.parent / "examples" / "runtimes" / "python" / "dice"
+SEED_RUNTIME = {"image": "pythonruntime", "path": "/ws", "dependencies": "pip3 install -r requirements.txt",
+                "run": "python3 test.py"}
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def main() -> int:
     configure("warning")
-    print("shoal demo: starting the Docker engine and the python runtime image (built offline, cached)...")
+    say = lambda text: print(f"shoal demo: {text}", flush=True)  # noqa: E731
+    say("starting the Docker engine and the python runtime image (built offline, cached)...")
     infra = start_infra(with_redis=False)
     try:
-        with LocalNode(infra.engine.url, node_id="demo-node", policy="function") as node:
-            print(f"shoal demo: node agent up (status {node.status_url}); registering runtime 'pythonruntime'")
-            node.add_runtime()
-            files = {name: open(f"{DICE_DIR}/{name}").read() for name in ("test.py", "requirements.txt")}
-            state = node.deploy("dice", files)
-            if state.get("state") != "ready":
-                print(f"shoal demo: the function could not be prepared: {state}", file=sys.stderr)
-                return 1
-            print('shoal demo: invoking dice with {"roll": "4d6"}')
-            for attempt in range(2):
+        with LocalCluster(infra.engine.url, agents=2, name="demo") as cluster:
+            say(f"controller {cluster.url}, nodes {', '.join(n['node_id'] for n in cluster.get('/v1/nodes'))}")
+            status, body, _ = cluster.request("POST", "/registerRuntime", SEED_RUNTIME)
+            say(f"POST /registerRuntime -> {status} {body['name']}")
+            archive = build_tar_gz({n: (DICE_DIR / n).read_text() for n in ("test.py", "requirements.txt")})
+            data, ctype = multipart("module", "python.tar.gz", archive)
+            status, body, _ = cluster.request("POST", "/registerFunction/pythonruntime/dice", data=data,
+                                              headers={"Content-Type": ctype})
+            say(f"POST /registerFunction/pythonruntime/dice -> {status} (sha256 {body['sha256'][:12]})")
+            for attempt in (1, 2, 3):
                 t0 = time.perf_counter()
-                result = node.call("dice", {"roll": "4d6"})
+                status, call, _ = cluster.request("POST", "/v1/functions/dice/invoke",
+                                                  {"params": {"roll": "4d6"}})
                 took = (time.perf_counter() - t0) * 1000
-                if result["status"] != "DONE":
-                    print(f"shoal demo: call failed: {json.dumps(result, indent=2)}", file=sys.stderr)
+                if status != 200 or call["status"] != "DONE":
+                    say(f"call failed: {json.dumps(call, indent=2)}")
                     return 1
-                kind = "cold" if result["cold"] else "warm"
-                print(f"shoal demo: call {attempt + 1} ({kind}, {took:.0f} ms): result {result['result']}")
+                kind = "cold" if call["cold"] else "warm"
+                say(f"dice 4d6 #{attempt} on {call['node']} ({kind}, {took:.0f} ms) -> {call['result']}")
+        say("stopped the cluster")
         return 0
     finally:
         infra.close()

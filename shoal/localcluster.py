@@ -46,6 +46,7 @@ class LocalCluster:
     agent_env: dict[str, str] = field(default_factory=dict)
     controller_env: dict[str, str] = field(default_factory=dict)
     heartbeat: float = 0.5
+    detach: bool = False  # children in their own sessions, to outlive this process (`shoal up`)
     port: int = 0
     zmq_port: int = 0
     controller: subprocess.Popen[bytes] | None = None
@@ -82,7 +83,8 @@ class LocalCluster:
                    SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
                    SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
-        self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL)
+        self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
+                                           start_new_session=self.detach)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.controller.poll() is not None:
@@ -113,7 +115,7 @@ class LocalCluster:
             [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
              "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,
              "--log-level", self.log_level],
-            env=env, stdin=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, start_new_session=self.detach)
         agent = self.nodes[node_id] = Agent(node_id, proc, state)
         return agent
 
@@ -136,6 +138,13 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"only {len(nodes)} of {count} nodes joined within {timeout:g} s")
             time.sleep(0.1)
+
+    def describe(self) -> dict[str, Any]:
+        """What `shoal down` needs to stop a detached cluster."""
+        assert self.controller is not None and self._redis is not None
+        return {"url": self.url, "controller": self.controller.pid,
+                "agents": {n: a.proc.pid for n, a in self.nodes.items()},
+                "redis_port": self._redis.port, "redis_dir": str(self._redis.directory), "base": str(self.base)}
 
     def stop(self) -> None:
         for node_id in list(self.nodes):

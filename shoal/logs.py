@@ -32,4 +32,5 @@ def configure(level: str = "info", json_lines: bool = False) -> None:
 
 
 def get_logger(component: str, **bound: Any) -> Any:
-    return structlog.get_logger(component).bind(component=component, **bound)
+    # Initial values, not .bind(): a module-level logger must stay lazy until configure() has run.
+    return structlog.get_logger(component, component=component, **bound)

@@ -1,0 +1,381 @@
+"""``shoal``: the command line for a Shoal cluster.
+
+    shoal runtime create --image pythonruntime --run "python3 test.py" [--name N] [--path /ws] [--dependencies CMD]
+    shoal function upload dice ./examples/runtimes/python/dice --runtime pythonruntime [--entrypoint mod:fn]
+    shoal invoke dice --params '{"roll": "4d6"}' [--async] [--timeout S]
+    shoal calls list [--function F] [--status S] | calls get ID | calls wait ID | calls cancel ID
+    shoal nodes list | nodes get ID
+    shoal up [--agents 2] [--port 3000] | shoal status | shoal down
+
+Every command takes ``--url`` (default ``$SHOAL_URL`` or http://127.0.0.1:3000) and ``--json`` (machine
+output); without ``--json`` it prints tables and shows progress for uploads and long waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import signal
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from shoal.devenv.paths import state_dir
+
+TERMINAL = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+
+class CliError(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body: Any = None, data: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 300) -> Any:
+        hdrs = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode("utf-8", "replace")[:500]
+            raise CliError(f"{method} {path}: HTTP {err.code}: {message}") from None
+        except OSError as exc:
+            raise CliError(f"cannot reach the controller at {self.url}: {exc}") from None
+        if status == 204 or not raw:
+            return None
+        return json.loads(raw)
+
+    def upload(self, path: str, archive: bytes, show: bool) -> Any:
+        """Stream an archive with a progress bar."""
+        parsed = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=600)
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(len(archive)))
+        conn.endheaders()
+        with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=errors, disable=not show, transient=True) as progress:
+            task = progress.add_task("upload", total=len(archive))
+            view = memoryview(archive)
+            for start in range(0, len(archive), 1 << 20):
+                chunk = view[start:start + (1 << 20)]
+                conn.send(chunk)
+                progress.update(task, advance=len(chunk))
+        resp = conn.getresponse()
+        raw = resp.read()
+        if resp.status >= 400:
+            try:
+                message = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode("utf-8", "replace")[:500]
+            raise CliError(f"upload: HTTP {resp.status}: {message}")
+        return json.loads(raw)
+
+
+def archive_of(path: Path) -> bytes:
+    """A directory becomes a tar.gz of its files; a file is taken as the archive itself."""
+    if path.is_file():
+        return path.read_bytes()
+    if not path.is_dir():
+        raise CliError(f"{path} is neither a directory nor an archive file")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for file in sorted(path.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts:
+                tf.add(file, arcname=str(file.relative_to(path)))
+    return buf.getvalue()
+
+
+def show(args: argparse.Namespace, data: Any, columns: list[str] | None = None, title: str = "") -> None:
+    if args.json or columns is None:
+        print(json.dumps(data, indent=None if args.json else 2))
+        return
+    rows = data if isinstance(data, list) else [data]
+    table = Table(title=title or None)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[_cell(row.get(col)) for col in columns])
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def cmd_runtime(args: argparse.Namespace, c: Client) -> None:
+    if args.action == "create":
+        body = {k: v for k, v in {"name": args.name, "image": args.image, "path": args.path,
+                                  "dependencies": args.dependencies, "run": args.run}.items() if v is not None}
+        show(args, c.request("POST", "/v1/runtimes", body), ["name", "image", "path", "dependencies", "run"])
+    elif args.action == "list":
+        show(args, c.request("GET", "/v1/runtimes"), ["name", "image", "path", "dependencies", "run"], "runtimes")
+    elif args.action == "get":
+        show(args, c.request("GET", f"/v1/runtimes/{args.name}"), ["name", "image", "path", "dependencies", "run"])
+    elif args.action == "delete":
+        c.request("DELETE", f"/v1/runtimes/{args.name}")
+        show(args, {"deleted": args.name})
+
+
+def cmd_function(args: argparse.Namespace, c: Client) -> None:
+    cols = ["name", "version", "runtime", "entrypoint", "size", "sha256"]
+    if args.action == "upload":
+        query = {"runtime": args.runtime}
+        for key in ("entrypoint", "timeout", "preload", "min_warm", "max_warm", "keepalive"):
+            value = getattr(args, key, None)
+            if value is not None:
+                query[key] = str(value)
+        data = archive_of(Path(args.path))
+        record = c.upload(f"/v1/functions/{args.name}?{urllib.parse.urlencode(query)}", data, not args.json)
+        show(args, record, cols)
+    elif args.action == "list":
+        show(args, c.request("GET", "/v1/functions"), cols, "functions")
+    elif args.action == "get":
+        show(args, c.request("GET", f"/v1/functions/{args.name}"), [*cols, "versions", "nodes"])
+    elif args.action == "delete":
+        c.request("DELETE", f"/v1/functions/{args.name}")
+        show(args, {"deleted": args.name})
+
+
+CALL_COLS = ["id", "function", "version", "status", "node", "result", "error"]
+
+
+def wait_for(c: Client, call_id: str, human: bool, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=errors, disable=not human,
+                  transient=True) as progress:
+        task = progress.add_task(f"call {call_id[:12]}: waiting")
+        while True:
+            call = c.request("GET", f"/v1/calls/{call_id}")
+            progress.update(task, description=f"call {call_id[:12]}: {call['status']}")
+            if call["status"] in TERMINAL:
+                return call
+            if time.monotonic() > deadline:
+                raise CliError(f"call {call_id} still {call['status']} after {timeout:g} s")
+            time.sleep(0.1)
+
+
+def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
+    try:
+        params = json.loads(args.params) if args.params is not None else None
+    except ValueError as exc:
+        raise CliError(f"--params must be JSON: {exc}") from None
+    body: dict[str, Any] = {"params": params}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if args.async_:
+        show(args, c.request("POST", f"/v1/functions/{args.name}/invoke-async", body))
+        return
+    answer = c.request("POST", f"/v1/functions/{args.name}/invoke", body)
+    if answer.get("status") not in TERMINAL:
+        answer = wait_for(c, answer["id"], not args.json, 86400)
+    show(args, answer, CALL_COLS)
+    if answer["status"] != "DONE":
+        sys.exit(1)
+
+
+def cmd_calls(args: argparse.Namespace, c: Client) -> None:
+    if args.action == "list":
+        query = {k: v for k, v in {"function": args.function, "status": args.status,
+                                   "limit": args.limit}.items() if v is not None}
+        page = c.request("GET", f"/v1/calls?{urllib.parse.urlencode(query)}")
+        show(args, page if args.json else page["calls"], CALL_COLS, "calls")
+    elif args.action == "get":
+        show(args, c.request("GET", f"/v1/calls/{args.id}"))
+    elif args.action == "wait":
+        show(args, wait_for(c, args.id, not args.json, args.timeout), CALL_COLS)
+    elif args.action == "cancel":
+        show(args, c.request("POST", f"/v1/calls/{args.id}/cancel"))
+
+
+def cmd_nodes(args: argparse.Namespace, c: Client) -> None:
+    cols = ["node_id", "state", "capacity", "inflight", "done", "functions_ready", "status_url"]
+    if args.action == "list":
+        show(args, c.request("GET", "/v1/nodes"), cols, "nodes")
+    else:
+        show(args, c.request("GET", f"/v1/nodes/{args.id}"))
+
+
+# ---- local cluster -------------------------------------------------------------------------------
+def cluster_record() -> Path:
+    return state_dir() / "cluster.json"
+
+
+def cmd_up(args: argparse.Namespace, c: Client) -> None:
+    from shoal.devenv.__main__ import up
+    from shoal.localcluster import LocalCluster
+
+    if cluster_record().exists():
+        raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
+    env = up(with_redis=False)
+    base = state_dir() / "cluster"
+    base.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(env["DOCKER_HOST"], agents=args.agents, policy=args.policy, port=args.port,
+                           base=base, log_level="warning", detach=True)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    record = cluster.describe()
+    cluster_record().write_text(json.dumps(record))
+    show(args, record)
+
+
+def cmd_down(args: argparse.Namespace, c: Client) -> None:
+    from shoal.devenv.__main__ import down
+    from shoal.devenv.redis_server import RedisServer
+
+    path = cluster_record()
+    if not path.exists():
+        show(args, {"down": "nothing was up"})
+        return
+    record = json.loads(path.read_text())
+    for pid in [*record["agents"].values(), record["controller"]]:
+        _stop_pid(int(pid))
+    RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop()
+    down()
+    path.unlink()
+    show(args, {"down": record["url"]})
+
+
+def _stop_pid(pid: int, timeout: float = 60) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def cmd_status(args: argparse.Namespace, c: Client) -> None:
+    if not cluster_record().exists():
+        raise CliError("no local cluster is up (`shoal up` starts one)")
+    record = json.loads(cluster_record().read_text())
+    client = Client(record["url"])
+    health = client.request("GET", "/v1/health")
+    nodes = client.request("GET", "/v1/nodes")
+    if args.json:
+        show(args, {"cluster": record, "health": health, "nodes": nodes})
+        return
+    console.print(f"controller {record['url']}  queued {health['queued']}  active {health['active']}")
+    show(args, nodes, ["node_id", "state", "capacity", "inflight", "done", "functions_ready"], "nodes")
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Shoal: functions as a service.")
+    parser.add_argument("--url", default=os.environ.get("SHOAL_URL", "http://127.0.0.1:3000"))
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rt = sub.add_parser("runtime", help="runtimes").add_subparsers(dest="action", required=True)
+    create = rt.add_parser("create")
+    create.add_argument("--image", required=True)
+    create.add_argument("--name")
+    create.add_argument("--path")
+    create.add_argument("--dependencies")
+    create.add_argument("--run")
+    rt.add_parser("list")
+    for action in ("get", "delete"):
+        rt.add_parser(action).add_argument("name")
+
+    fn = sub.add_parser("function", help="functions").add_subparsers(dest="action", required=True)
+    upload = fn.add_parser("upload")
+    upload.add_argument("name")
+    upload.add_argument("path", help="a directory (packed as tar.gz) or a zip/tar.gz archive")
+    upload.add_argument("--runtime", required=True)
+    upload.add_argument("--entrypoint", help="module:function for handler style")
+    upload.add_argument("--timeout", type=float)
+    upload.add_argument("--preload", choices=["none", "runtime", "function"])
+    upload.add_argument("--min-warm", dest="min_warm", type=int)
+    upload.add_argument("--max-warm", dest="max_warm", type=int)
+    upload.add_argument("--keepalive", type=float)
+    fn.add_parser("list")
+    for action in ("get", "delete"):
+        fn.add_parser(action).add_argument("name")
+
+    inv = sub.add_parser("invoke", help="invoke a function")
+    inv.add_argument("name")
+    inv.add_argument("--params", help="JSON")
+    inv.add_argument("--timeout", type=float)
+    inv.add_argument("--async", dest="async_", action="store_true")
+
+    calls = sub.add_parser("calls", help="calls").add_subparsers(dest="action", required=True)
+    lst = calls.add_parser("list")
+    lst.add_argument("--function")
+    lst.add_argument("--status")
+    lst.add_argument("--limit", type=int)
+    for action in ("get", "cancel"):
+        calls.add_parser(action).add_argument("id")
+    wait = calls.add_parser("wait")
+    wait.add_argument("id")
+    wait.add_argument("--timeout", type=float, default=3600)
+
+    nodes = sub.add_parser("nodes", help="nodes").add_subparsers(dest="action", required=True)
+    nodes.add_parser("list")
+    nodes.add_parser("get").add_argument("id")
+
+    up = sub.add_parser("up", help="start a local cluster (Redis, Docker engine, controller, agents)")
+    up.add_argument("--agents", type=int, default=2)
+    up.add_argument("--port", type=int, default=3000)
+    up.add_argument("--policy", choices=["none", "runtime", "function"], default="function")
+    sub.add_parser("down", help="stop the local cluster")
+    sub.add_parser("status", help="the local cluster's state")
+    return parser
+
+
+COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invoke, "calls": cmd_calls,
+            "nodes": cmd_nodes, "up": cmd_up, "down": cmd_down, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args, Client(args.url))
+    except CliError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
