@@ -234,28 +234,36 @@ def cluster_record() -> Path:
 
 
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
-    from shoal.devenv.__main__ import up
+    from shoal.devenv.docker_engine import ensure_engine
+    from shoal.devenv.runtime_image import ensure_image
     from shoal.localcluster import LocalCluster
 
     if cluster_record().exists():
         raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
-    env = up(with_redis=False)
+    engine = ensure_engine()
+    client = engine.client()
+    try:
+        ensure_image(client, engine.url)
+    finally:
+        client.close()
     base = state_dir() / "cluster"
     base.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(env["DOCKER_HOST"], agents=args.agents, policy=args.policy, port=args.port,
+    cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port,
                            base=base, log_level="warning", detach=True)
     try:
         cluster.start()
     except BaseException:
         cluster.stop()
+        engine.stop()
         raise
     record = cluster.describe()
+    if engine.started and engine._proc is not None:
+        record["dockerd_pid"] = engine._proc.pid
     cluster_record().write_text(json.dumps(record))
     show(args, record)
 
 
 def cmd_down(args: argparse.Namespace, c: Client) -> None:
-    from shoal.devenv.__main__ import down
     from shoal.devenv.redis_server import RedisServer
 
     path = cluster_record()
@@ -266,7 +274,8 @@ def cmd_down(args: argparse.Namespace, c: Client) -> None:
     for pid in [*record["agents"].values(), record["controller"]]:
         _stop_pid(int(pid))
     RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop()
-    down()
+    if record.get("dockerd_pid"):
+        _stop_pid(int(record["dockerd_pid"]))
     path.unlink()
     show(args, {"down": record["url"]})
 

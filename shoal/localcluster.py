@@ -84,7 +84,7 @@ class LocalCluster:
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
                    SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
         self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
-                                           start_new_session=self.detach)
+                                           start_new_session=self.detach, **self._output("controller"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.controller.poll() is not None:
@@ -115,7 +115,7 @@ class LocalCluster:
             [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
              "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,
              "--log-level", self.log_level],
-            env=env, stdin=subprocess.DEVNULL, start_new_session=self.detach)
+            env=env, stdin=subprocess.DEVNULL, start_new_session=self.detach, **self._output(node_id))
         agent = self.nodes[node_id] = Agent(node_id, proc, state)
         return agent
 
@@ -138,6 +138,14 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"only {len(nodes)} of {count} nodes joined within {timeout:g} s")
             time.sleep(0.1)
+
+    def _output(self, name: str) -> dict[str, Any]:
+        """Detached children log to files: they must not hold the caller's stdout/stderr open."""
+        if not self.detach:
+            return {}
+        assert self.base is not None
+        log = open(self.base / f"{name}.log", "ab")
+        return {"stdout": log, "stderr": subprocess.STDOUT}
 
     def describe(self) -> dict[str, Any]:
         """What `shoal down` needs to stop a detached cluster."""

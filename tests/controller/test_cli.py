@@ -1,0 +1,72 @@
+"""The `shoal` command line against a real cluster, and `shoal up | status | down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.devenv.redis_server import free_port
+from shoal.localcluster import LocalCluster
+from tests.controller.conftest import ECHO
+
+pytestmark = pytest.mark.docker
+DICE = Path(__file__).resolve().parents[2] / "examples" / "runtimes" / "python" / "dice"
+
+
+def shoal(url: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> Any:
+    proc = subprocess.run([sys.executable, "-m", "shoal.cli", "--url", url, "--json", *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout) if proc.stdout.strip() else proc
+
+
+def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_path: Path) -> None:
+    cluster: LocalCluster = make_cluster(agents=1)
+    url = cluster.url
+    rt = shoal(url, "runtime", "create", "--image", "pythonruntime", "--run", "python3 test.py",
+               "--dependencies", "pip3 install -r requirements.txt")
+    assert rt["name"] == "pythonruntime"
+    assert [r["name"] for r in shoal(url, "runtime", "list")] == ["pythonruntime"]
+    fn = shoal(url, "function", "upload", "dice", str(DICE), "--runtime", "pythonruntime")
+    assert fn["name"] == "dice" and fn["version"] == 1
+    call = shoal(url, "invoke", "dice", "--params", '{"roll": "4d6"}')
+    assert call["status"] == "DONE" and len(json.loads(call["result"])) == 4
+    echo_dir = tmp_path / "echo"
+    echo_dir.mkdir()
+    (echo_dir / "handler.py").write_text(ECHO["handler.py"])
+    shoal(url, "function", "upload", "echo", str(echo_dir), "--runtime", "pythonruntime",
+          "--entrypoint", "handler:handler")
+    accepted = shoal(url, "invoke", "echo", "--params", "[1, 2]", "--async")
+    waited = shoal(url, "calls", "wait", accepted["id"])
+    assert waited["result"] == {"echo": [1, 2]}
+    listed = shoal(url, "calls", "list", "--function", "echo")
+    assert [c["id"] for c in listed["calls"]] == [accepted["id"]]
+    assert shoal(url, "nodes", "list")[0]["node_id"] == cluster.node_ids[0]
+    bad = shoal(url, "invoke", "nope", check=False)
+    assert bad.returncode == 2 and "HTTP 404" in bad.stderr
+    bad = shoal(url, "invoke", "echo", "--params", "{not json", check=False)
+    assert bad.returncode == 2 and "--params must be JSON" in bad.stderr
+
+
+@pytest.mark.xdist_group("shoal-up")
+def test_shoal_up_status_down(tmp_path: Path, docker_client: Any) -> None:
+    env = {"SHOAL_STATE_DIR": str(tmp_path / "state")}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    up = shoal(url, "up", "--agents", "2", "--port", str(port), env=env)
+    try:
+        assert up["url"] == url and len(up["agents"]) == 2
+        status = shoal(url, "status", env=env)
+        assert len([n for n in status["nodes"] if n["state"] == "ready"]) == 2
+    finally:
+        shoal(url, "down", env=env)
+    for pid in [up["controller"], *up["agents"].values()]:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert shoal(url, "status", env=env, check=False).returncode == 2
