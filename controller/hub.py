@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.asyncio
 
 from controller.config import ControllerConfig
 from controller.nodestate import NodeState
@@ -22,7 +21,9 @@ from shoal import protocol
 from shoal.archive_server import ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.logs import get_logger
-from shoal.protocol import Message, Msg, ProtocolError
+from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
+
+DRAIN_BATCH = 256
 
 if TYPE_CHECKING:
     from controller.dispatcher import Dispatcher
@@ -33,7 +34,7 @@ class Hub:
         self.config = config
         self.store = store
         self.log = get_logger("hub")
-        self.ctx = zmq.asyncio.Context()
+        self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -42,9 +43,9 @@ class Hub:
         self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self.sock.bind(config.zmq_bind)
         self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        # Sends go through a synchronous shadow of the same socket: NOBLOCK errors (a node gone) raise
-        # here and now instead of surfacing later in a future nobody awaits.
-        self.out: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        self.fd = int(self.sock.getsockopt(zmq.FD))
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
         self.archives = ArchiveServer(blobs)
         self.nodes: dict[str, NodeState] = {}
         self.dispatcher: Dispatcher | None = None
@@ -54,8 +55,13 @@ class Hub:
 
     def start(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
-        loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._liveness_loop())]
+        loop = self.loop = asyncio.get_running_loop()
+        # ZMQ's FD is edge-triggered: it signals "something changed", and any call that reads the socket's
+        # events (a send included) consumes that signal. So: drain on the signal, and check again after
+        # every send (see _recheck); never block on a receive.
+        loop.add_reader(self.fd, self._drain)
+        self.tasks = [loop.create_task(self._liveness_loop())]
+        loop.call_soon(self._drain)
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -65,6 +71,8 @@ class Hub:
                 await task
             except asyncio.CancelledError:
                 pass  # stopping
+        if self.loop is not None:
+            self.loop.remove_reader(self.fd)
         self.archives.close()
         self.sock.close()
         self.ctx.term()
@@ -72,11 +80,18 @@ class Hub:
     # ---- sending -------------------------------------------------------------------------------
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: bytes) -> bool:
         try:
-            self.out.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)], flags=zmq.NOBLOCK)
+            self.sock.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             self.log.warning("node_unreachable", node_id=node_id, error=exc.strerror)
             return False
+        finally:
+            self._recheck()
+
+    def _recheck(self) -> None:
+        if not self._drain_scheduled and self.loop is not None and zmq_readable(self.sock):
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
 
     def broadcast(self, mtype: bytes, header: dict[str, Any]) -> None:
         for node in self.nodes.values():
@@ -84,14 +99,19 @@ class Hub:
                 self.send(node.node_id, mtype, header)
 
     # ---- receiving -----------------------------------------------------------------------------
-    async def _recv_loop(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
+    def _drain(self) -> None:
+        """Handle what the socket holds, in bounded batches so that HTTP requests are served between."""
+        self._drain_scheduled = False
+        for _ in range(DRAIN_BATCH):
+            if not zmq_readable(self.sock):
+                return
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
             try:
                 self.on_frames(frames)
             except ProtocolError as exc:
                 self.protocol_errors += 1
                 self.log.error("protocol_error", node_id=frames[0][:64].decode("utf-8", "replace"), error=str(exc))
+        self._recheck()
 
     def on_frames(self, frames: list[bytes]) -> None:
         node_id = frames[0].decode("utf-8", "replace")

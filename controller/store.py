@@ -66,6 +66,8 @@ class Store:
         self._num_next = 0
         self._num_end = 0
         self._num_lock = asyncio.Lock()
+        # Latest record per function: this controller is the only writer, so it can answer from memory.
+        self._functions: dict[str, dict[str, Any] | None] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,11 +130,17 @@ class Store:
         pipe.hset(keys.versions(name), str(version), json.dumps(record))
         pipe.hset(keys.FUNCTIONS, name, json.dumps(record))
         await pipe.execute()
+        self._functions[name] = record
         return record
 
     async def get_function(self, name: str) -> dict[str, Any] | None:
+        if name in self._functions:
+            return self._functions[name]
         raw = await self.redis.hget(keys.FUNCTIONS, name)
-        return json.loads(raw) if raw else None
+        record = json.loads(raw) if raw else None
+        if record is not None:
+            self._functions[name] = record
+        return record
 
     async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
         raw = await self.redis.hget(keys.versions(name), str(version))
@@ -151,6 +159,7 @@ class Store:
         pipe.hdel(keys.FUNCTIONS, name)
         pipe.delete(keys.versions(name))
         removed, _ = await pipe.execute()
+        self._functions.pop(name, None)
         return bool(removed)
 
     # ---- calls ---------------------------------------------------------------------------------

@@ -488,6 +488,7 @@ class Agent:
             "queues": {k: len(q) for k, q in self.broker.queues.items() if q},
             "running": len(self.broker.running),
             "archives_fetching": len(self.fetcher.transfers),
+            "archive_transfers": list(self.fetcher.completed),
             "system": {
                 "cpu_percent": psutil.cpu_percent(interval=None), "cpus": psutil.cpu_count(),
                 "load": list(os.getloadavg()),

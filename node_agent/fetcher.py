@@ -11,8 +11,9 @@ usable. A transfer that stalls is asked again from where it stands.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from node_agent.cache import NodeCache
@@ -34,6 +35,8 @@ class Transfer:
     digest: Any  # hashlib sha256 object
     last_progress: float
     stalls: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_offset: int = 0
 
 
 class ArchiveFetcher:
@@ -42,6 +45,7 @@ class ArchiveFetcher:
         self.send = send
         self.on_done = on_done  # (sha, error or None)
         self.transfers: dict[str, Transfer] = {}
+        self.completed: deque[dict[str, Any]] = deque(maxlen=20)  # recent transfers, for /status
 
     def want(self, sha: str, size: int) -> None:
         """Make sure the archive ``sha`` is (or becomes) in the cache; ``on_done`` tells when."""
@@ -54,7 +58,7 @@ class ArchiveFetcher:
         if offset > size:
             self.cache.partial(sha).unlink(missing_ok=True)
             offset, digest = self.cache.open_partial(sha)
-        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic())
+        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset)
         self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
 
     def on_chunk(self, header: dict[str, Any], payload: list[bytes]) -> None:
@@ -73,6 +77,10 @@ class ArchiveFetcher:
         t.stalls = 0
         if header["last"] or t.offset == t.size:
             del self.transfers[sha]
+            seconds = time.monotonic() - t.started
+            moved = t.offset - t.first_offset
+            self.completed.append({"sha256": sha, "bytes": moved, "seconds": round(seconds, 4),
+                                   "mb_per_s": round(moved / 2**20 / max(seconds, 1e-9), 1)})
             try:
                 self.cache.commit(sha, t.digest)
             except FetchError as exc:

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+.venv/bin/pip install -q --disable-pip-version-check -e ".[bench]"
 .venv/bin/python -m bench.node_bench "$@"
+.venv/bin/python -m bench.e2e_bench "$@"

@@ -1,0 +1,243 @@
+"""End-to-end benchmark: REST -> controller -> Redis -> node -> miniworker -> container, against Celery.
+
+Measured in one run on this machine (everything shares its cores):
+
+shoal    sync latency p50/p99 at concurrency 1 and 32 (wrk, a C load generator), calls/s at saturation,
+         async submissions/s accepted (each durably stored in Redis before its 202), cold (preload none) vs
+         warm latency, and archive distribution (a 200 MB archive fetched by 2 nodes, MB/s per node);
+celery   the same trivial function as a Celery 5 task with Redis as broker and result backend:
+         `delay().get()` latency and tasks/s at saturation (32 client threads), results fetched.
+
+Run: `make bench` (or `.venv/bin/python -m bench.e2e_bench [--quick]`). Writes bench/results/e2e.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shoal.archive import build_tar_gz
+from shoal.devenv.redis_server import start_redis
+from shoal.devenv.stack import start_infra
+from shoal.localcluster import LocalCluster
+from shoal.logs import configure
+
+ECHO = {"handler.py": "def handler(params):\n    return params\n"}
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---- wrk ---------------------------------------------------------------------------------------
+def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    with script:
+        script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                     'wrk.headers["Content-Type"] = "application/json"\n'
+                     "done = function(summary, latency, requests)\n"
+                     "  io.write(string.format('P50 %d\\nP99 %d\\n', latency:percentile(50), latency:percentile(99)))\n"
+                     "  io.write(string.format('NON2XX %d\\n', summary.errors.status))\n"
+                     "end\n")
+    try:
+        out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "-s",
+                              script.name, url], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = int(re.search(r"P50 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
+    p99 = int(re.search(r"P99 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
+    non2xx = int(re.search(r"NON2XX (\d+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx}
+
+
+# ---- celery ------------------------------------------------------------------------------------
+CELERY_APP = """
+import os
+from celery import Celery
+app = Celery("bench", broker=os.environ["BENCH_REDIS"], backend=os.environ["BENCH_REDIS"])
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True)
+
+@app.task
+def echo(params):
+    return params
+"""
+
+
+def bench_celery(seconds: float, quick: bool) -> dict[str, float]:
+    redis = start_redis("celery-redis", appendonly=False)
+    workdir = Path(tempfile.mkdtemp(prefix="shoal-celery-"))
+    (workdir / "celery_bench_app.py").write_text(CELERY_APP)
+    env = dict(os.environ, BENCH_REDIS=redis.url, PYTHONPATH=str(workdir))
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker", "-c", "2",
+                               "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+                               "--without-heartbeat"], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        sys.path.insert(0, str(workdir))
+        os.environ["BENCH_REDIS"] = redis.url
+        import celery_bench_app
+
+        task = celery_bench_app.echo
+        task.delay(0).get(timeout=60)  # warm up (waits for the worker)
+        for i in range(50):
+            task.delay(i).get(timeout=10)
+        samples = []
+        for i in range(300 if quick else 2000):
+            t0 = time.perf_counter()
+            task.delay(i).get(timeout=10)
+            samples.append(time.perf_counter() - t0)
+        samples.sort()
+        done = 0
+        stop = time.monotonic() + seconds
+        lock = threading.Lock()
+
+        def client() -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                task.delay(1).get(timeout=30)
+                with lock:
+                    done += 1
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(32) as pool:
+            for _ in range(32):
+                pool.submit(client)
+        rate = done / (time.perf_counter() - t0)
+        return {"p50_ms": samples[len(samples) // 2] * 1000, "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
+                "rps_saturation": rate}
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        redis.stop()
+
+
+# ---- shoal ---------------------------------------------------------------------------------------
+def bench_archive(cluster: LocalCluster) -> dict[str, Any]:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tf:
+        payload = os.urandom(200 << 20)
+        info = tarfile.TarInfo("blob.bin")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    status, _, _ = cluster.request("POST", "/v1/functions/big?runtime=pythonruntime&entrypoint=x:y", data=data,
+                                   headers={"Content-Type": "application/octet-stream"}, timeout=600)
+    if status != 201:
+        raise RuntimeError(f"upload answered {status}")
+    deadline = time.monotonic() + 300
+    rates: dict[str, float] = {}
+    while len(rates) < len(cluster.nodes):
+        for node in cluster.get("/v1/nodes"):
+            _, st, _ = status_of(node["status_url"])
+            for t in st.get("archive_transfers", []):
+                if t["bytes"] >= 200 << 20:
+                    rates[node["node_id"]] = t["mb_per_s"]
+        if time.monotonic() > deadline:
+            raise RuntimeError("the archive did not reach every node")
+        time.sleep(0.2)
+    return {"archive_mb": len(data) / 2**20, "mb_per_s_per_node": rates}
+
+
+def status_of(url: str) -> tuple[int, Any, dict[str, str]]:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/status", timeout=10) as resp:
+        return resp.status, json.loads(resp.read()), {}
+
+
+def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with LocalCluster(docker_url, agents=2, name="bench", log_level="error",
+                      controller_env={"SHOAL_QUEUE_LIMIT": "2000000"}) as cluster:
+        cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
+        for name, extra in (("echo", "&min_warm=2&max_warm=4"), ("cold", "&preload=none")):
+            status, body, _ = cluster.request("POST", f"/v1/functions/{name}?runtime=pythonruntime"
+                                              f"&entrypoint=handler:handler{extra}", data=build_tar_gz(ECHO),
+                                              headers={"Content-Type": "application/octet-stream"})
+            if status != 201:
+                raise RuntimeError(body)
+        for _ in range(200):
+            cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
+        url = cluster.url + "/v1/functions/echo/invoke"
+        print("  shoal sync c=1...", flush=True)
+        out["sync_c1"] = wrk(url, '{"params": 1}', 1, seconds)
+        print("  shoal sync c=32...", flush=True)
+        out["sync_c32"] = wrk(url, '{"params": 1}', 32, seconds)
+        print("  shoal async submissions...", flush=True)
+        out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
+                               max(2, seconds // 2))
+        drain_deadline = time.monotonic() + 600
+        while cluster.get("/v1/health")["active"] and time.monotonic() < drain_deadline:
+            time.sleep(0.5)
+        print("  shoal cold vs warm...", flush=True)
+        cold = []
+        for i in range(5 if quick else 15):
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            _, call, _ = cluster.request("POST", "/v1/functions/cold/invoke", {"params": i})
+            cold.append(time.perf_counter() - t0)
+            if not call.get("cold"):
+                raise RuntimeError(f"expected a cold call: {call}")
+        out["cold_p50_ms"] = statistics.median(cold) * 1000
+        print("  shoal archive distribution...", flush=True)
+        out["archive"] = bench_archive(cluster)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    configure("error")
+    seconds = 3 if args.quick else 10
+    infra = start_infra(with_redis=False)
+    try:
+        print("shoal...", flush=True)
+        shoal = bench_shoal(infra.engine.url, seconds, args.quick)
+    finally:
+        infra.close()
+    print("celery...", flush=True)
+    celery = bench_celery(seconds, args.quick)
+    results = {"shoal": shoal, "celery": celery}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "e2e.json").write_text(json.dumps(results, indent=2))
+    report(results)
+    return 0
+
+
+def report(r: dict[str, Any]) -> None:
+    s, c = r["shoal"], r["celery"]
+    rows = [
+        ("sync c=1", f"p50 {s['sync_c1']['p50_ms']:.2f} ms  p99 {s['sync_c1']['p99_ms']:.2f} ms  "
+                     f"({s['sync_c1']['rps']:.0f}/s)   celery delay().get() p50 {c['p50_ms']:.2f} ms  "
+                     f"p99 {c['p99_ms']:.2f} ms"),
+        ("sync c=32", f"p50 {s['sync_c32']['p50_ms']:.2f} ms  p99 {s['sync_c32']['p99_ms']:.2f} ms"),
+        ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s   "
+                                  f"= {s['sync_c32']['rps'] / c['rps_saturation']:.2f}x celery"),
+        ("async submissions/s", f"{s['async_c32']['rps']:.0f}/s accepted (non-2xx {s['async_c32']['non_2xx']})"),
+        ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
+                                        f"{s['sync_c1']['p50_ms']:.2f} ms"),
+        ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
+                               + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
