@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.errors import BadRequest, UnsupportedMedia
 from controller.service import Service
@@ -47,8 +48,11 @@ async def stream_chunks(request: web.Request) -> AsyncIterator[bytes]:
 
 
 async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(1 << 20):
-        yield chunk
+    try:
+        while chunk := await part.read_chunk(1 << 20):
+            yield chunk
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
 
 
 async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> tuple[BodyPartReader, dict[str, str]]:
@@ -57,13 +61,13 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
         raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     fields: dict[str, str] = {}
     while True:
         try:
             part = await reader.next()
-        except (ValueError, AssertionError) as exc:
+        except (ValueError, AssertionError, HttpProcessingError) as exc:
             raise BadRequest(f"malformed multipart body: {exc}") from None
         if part is None:
             raise BadRequest(f"multipart body has no file field {field_names[0]!r}")
@@ -72,7 +76,11 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
         if part.name in field_names:
             return part, fields
         if part.name:
-            fields[part.name] = (await part.read(decode=True))[:4096].decode("utf-8", "replace")
+            try:
+                value = await part.read(decode=True)
+            except (ValueError, AssertionError, HttpProcessingError, LookupError) as exc:
+                raise BadRequest(f"malformed multipart field {part.name[:40]!r}: {exc}") from None
+            fields[part.name] = value[:4096].decode("utf-8", "replace")
 
 
 def render_call(call: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ INVOKE_BODY = {
         "type": "object",
         "properties": {
             "params": {"description": "Any JSON value, passed to the function"},
-            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+            "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 86400},
             "version": {"type": "integer", "minimum": 1},
             "wait": {"type": "number", "minimum": 0, "maximum": 3600},
         },
@@ -112,7 +112,7 @@ DOCUMENT: dict[str, Any] = {
                         {"name": "limit", "in": "query", "required": False,
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                         {"name": "cursor", "in": "query", "required": False,
-                         "schema": {"type": "number", "exclusiveMinimum": 0}},
+                         "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True}},
                     ],
                     "responses": {"200": _resp("A page of calls", {"type": "object", "properties": {
                         "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},

@@ -75,9 +75,7 @@ def extract_archive_zip(workdir: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize(
-    ("data", "needle"),
-    [
+HOSTILE = [
         (tar_with([member("../evil", size=1)], {"../evil": b"x"}), "traversal"),
         (tar_with([member("a/../../evil", size=1)], {"a/../../evil": b"x"}), "traversal"),
         (tar_with([member("/etc/evil", size=1)], {"/etc/evil": b"x"}), "absolute"),
@@ -93,8 +91,11 @@ def extract_archive_zip(workdir: Path) -> Path:
         (b"this is not an archive at all", "not a zip or tar"),
         (b"PK\x03\x04garbage-after-zip-magic", "unreadable zip"),
         (b"\x1f\x8bgarbage-after-gzip-magic", "tar"),
-    ],
-)
+]
+
+
+# Explicit ids: gzip headers carry a timestamp, and xdist workers must collect identical test ids.
+@pytest.mark.parametrize(("data", "needle"), HOSTILE, ids=[f"{i}-{needle}" for i, (_, needle) in enumerate(HOSTILE)])
 def test_hostile_archives_are_refused_and_write_nothing(workdir: Path, data: bytes, needle: str) -> None:
     with pytest.raises(ArchiveError, match=needle):
         extract(workdir, data)
