@@ -15,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from shoal.devenv.docker_engine import ensure_engine
+import docker
+
+from shoal.devenv.docker_engine import API_VERSION, ensure_engine
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
+from shoal.devenv.sshrig import rig
 
 
 def record_path() -> Path:
@@ -77,12 +80,24 @@ def down() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.devenv")
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "image", "rig-up", "rig-down"])
     parser.add_argument("--no-redis", action="store_true")
     args = parser.parse_args()
     if args.command == "up":
         for key, value in up(with_redis=not args.no_redis).items():
             print(f"export {key}={value}")
+    elif args.command == "image":
+        # The runtime image in the engine at $DOCKER_HOST: prints present, imported or built.
+        client = docker.DockerClient(base_url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+                                     version=API_VERSION, timeout=300)
+        try:
+            print(ensure_image(client, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"), log=False))
+        finally:
+            client.close()
+    elif args.command == "rig-up":
+        print(f"export SHOAL_RIG_KEY={rig().start().key}")
+    elif args.command == "rig-down":
+        rig().stop()
     else:
         down()
     return 0

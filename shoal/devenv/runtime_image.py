@@ -51,19 +51,22 @@ def _build_tarball(out: Path) -> None:
 
 
 def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True) -> str:
-    """Make sure ``IMAGE`` (and its seed alias) exist in the engine; return the image id."""
+    """Make sure ``IMAGE`` (and its seed alias) exist in the engine; return how: present/imported/built."""
     want = recipe_hash()
     try:
         image = client.images.get(IMAGE)
         if image.labels.get(LABEL) == want:
-            image.tag(SEED_ALIAS)
-            return str(image.id)
+            if SEED_ALIAS not in {t.split(":")[0] for t in image.tags}:
+                image.tag(SEED_ALIAS)
+            return "present"
     except ImageNotFound:
         pass
     cache = state_dir() / "images"
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / f"python-bookworm-{want}.tar"
+    how = "imported"
     if not tarball.is_file():
+        how = "built"
         if log:
             print(f"shoal: building the python runtime image offline with mmdebstrap ({tarball})", flush=True)
         _build_tarball(tarball)
@@ -81,4 +84,4 @@ def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True
         raise ImageBuildError(f"docker import failed: {result.stderr.strip()[-2000:]}")
     image = client.images.get(IMAGE)
     image.tag(SEED_ALIAS)
-    return str(image.id)
+    return how
