@@ -169,6 +169,9 @@ class Miniworker:
             self.send(Msg.MW_FAILED, header)
             self.teardown()
             return 1
+        # Booting blocked this loop (container start, dependency install): the broker's silence meanwhile
+        # says nothing about the broker, so the liveness clock starts now.
+        self.last_heard = time.monotonic()
         self.send(Msg.MW_READY, {
             "v": protocol.PROTOCOL_VERSION, "mw_id": self.spec.mw_id, "container_id": self.container.id or "",
             "function": self.loaded, "mode": self.spec.mode, "pid": os.getpid(),
@@ -270,6 +273,7 @@ class Miniworker:
             })
             self.stopping = True
             return
+        self.last_heard = time.monotonic()  # a cold load blocked the loop: see run()
         self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
         try:
             self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
