@@ -1,0 +1,139 @@
+"""The playbooks, run for real over SSH against the local inventory (3 node hosts + a controller host on
+loopback addresses, reached through the test rig's sshd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from shoal.archive import build_tar_gz
+from shoal.devenv.sshrig import rig
+
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ansible")]
+ROOT = Path(__file__).resolve().parents[2]
+API = "http://127.0.0.10:3000"
+NODES = ["shoal-node-a", "shoal-node-b", "shoal-node-c"]
+ECHO = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 0))\n    return p\n"}
+
+
+def playbook(name: str, env: dict[str, str]) -> tuple[float, dict[str, dict[str, int]], str]:
+    t0 = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
+                           f"playbooks/{name}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+             for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", proc.stdout, re.M)}
+    return took, recap, proc.stdout
+
+
+def api(method: str, path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"} if body is not None else {"Content-Type": "application/octet-stream"}
+    payload = json.dumps(body).encode() if body is not None else data
+    req = urllib.request.Request(API + path, data=payload, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def node_states() -> dict[str, str]:
+    return {n["node_id"]: n["state"] for n in api("GET", "/v1/nodes")[1]}
+
+
+def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_client: docker.DockerClient) -> None:
+    key = rig().start().key
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"), SHOAL_RIG_KEY=str(key),
+               DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1")
+    torn_down = False
+    try:
+        rollout_s, recap, _ = playbook("site.yml", env)
+        assert set(recap) == {"shoal-ctl", *NODES} and all(r["failed"] == 0 for r in recap.values())
+        print(f"\nrollout: {rollout_s:.1f} s")
+        assert node_states() == {n: "ready" for n in NODES}
+
+        # A function, invoked through the controller: calls land on all three nodes.
+        assert api("POST", "/v1/runtimes", {"image": "pythonruntime", "name": "py"})[0] == 201
+        assert api("POST", "/v1/functions/echo?runtime=py&entrypoint=handler:handler&min_warm=1",
+                   data=build_tar_gz(ECHO))[0] == 201
+        wait(lambda: sum(s == "ready" for s in api("GET", "/v1/functions/echo")[1]["nodes"].values()) == 3, 120,
+             "echo ready on 3 nodes")
+        ids = [api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": 0.3}})[1]["id"] for _ in range(15)]
+        calls = [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] == "DONE" and c, 120, "calls")
+                 for i in ids]
+        assert {c["node"] for c in calls} == set(NODES)
+
+        # Idempotent: a second run changes nothing.
+        rerun_s, recap, out = playbook("site.yml", env)
+        print(f"idempotent re-run: {rerun_s:.1f} s, recap {recap}")
+        assert all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+
+        # A rolling upgrade (serial: 1) while calls run: none is lost.
+        submitted: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                status, body = api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": 0.05}})
+                assert status == 202, body
+                submitted.append(body["id"])
+                time.sleep(0.05)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        try:
+            upgrade_s, recap, _ = playbook("upgrade.yml", env)
+        finally:
+            stop.set()
+            loader.join()
+        print(f"rolling upgrade: {upgrade_s:.1f} s, {len(submitted)} calls submitted meanwhile")
+        assert len(submitted) > 20
+        finals = [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] in
+                       ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "upgrade calls") for i in submitted]
+        assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
+                                                                          if c["status"] != "DONE"]
+
+        # One node's agent stopped: calls go on elsewhere; the controller reports the node lost.
+        stopped = NODES[2]
+        supervisor = f"/var/tmp/shoal-local/{stopped}/supervisor/supervisord.conf"
+        subprocess.run([f"/var/tmp/shoal-local/{stopped}/venv/bin/supervisorctl", "-c", supervisor, "stop",
+                        "shoal-agent"], check=True, capture_output=True, timeout=120)
+        for _ in range(10):
+            status, call = api("POST", "/v1/functions/echo/invoke", {"params": {}})
+            assert status == 200 and call["status"] == "DONE" and call["node"] != stopped
+        wait(lambda: node_states()[stopped] == "lost", 60, f"{stopped} reported lost")
+
+        playbook("teardown.yml", env)
+        torn_down = True
+        leftovers = subprocess.run(["pgrep", "-af", "shoal-local"], capture_output=True, text=True).stdout
+        assert leftovers.strip() == "", leftovers
+        for node in NODES:
+            assert docker_client.containers.list(all=True, filters={"label": f"org.shoal.node={node}"}) == []
+        with pytest.raises(OSError):
+            urllib.request.urlopen(API + "/ping", timeout=2)
+        assert not Path("/var/tmp/shoal-local/shoal-ctl").exists()
+    finally:
+        if not torn_down:
+            subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
+                            "playbooks/teardown.yml"], cwd=ROOT, env=env, capture_output=True, timeout=600)
