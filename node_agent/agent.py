@@ -195,6 +195,10 @@ class Agent:
                       queued=sum(len(q) for q in self.broker.queues.values()))
         self.draining = True
         self.pool.draining = True
+        # Calls not started here yet go back to the controller, which places them on other nodes now.
+        for key in list(self.broker.queues):
+            self.broker.fail_queued(key, {"type": "Draining", "message": f"node {self.config.node_id} is draining"},
+                                    status=REJECTED)
         self.drain_deadline = time.monotonic() + self.config.drain_timeout
         self.send_status()
 

@@ -72,6 +72,7 @@ class Broker:
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
+        """Send to a miniworker; False (and the miniworker is lost) if it cannot be reached."""
         try:
             self.sock.send_multipart([h.mw_id.encode(), *protocol.encode(mtype, header)], zmq.NOBLOCK)
             return True
@@ -136,13 +137,19 @@ class Broker:
             if h.mode == "runtime":
                 self.forget_idle(h)
                 h.function = ticket.key  # from now on it serves this function only
+        if not self.send(h, Msg.MW_CALL, header):
+            # It never reached the miniworker: not an attempt. Back to the head of its queue.
+            ticket.queued = True
+            self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+            self.pump()  # another idle miniworker may take it (each failed send loses one: this ends)
+            return
         h.state = MwState.BUSY
         h.ticket = ticket
         ticket.mw_id = h.mw_id
         ticket.dispatched = time.monotonic()
         ticket.started_at = time.time()
         self.running[ticket.call_id] = ticket
-        if self.send(h, Msg.MW_CALL, header) and (ticket.queued or h.loading):
+        if ticket.queued or h.loading:
             self.on_dispatch(ticket)  # it waited or starts cold: say RUNNING now; warm calls see tick()
 
     def pump(self) -> None:

@@ -85,6 +85,10 @@ class Spawner:
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "miniworker", spec.to_json()], stdin=subprocess.DEVNULL, close_fds=True,
+            # Its own session: a signal to the agent's process group (a terminal's Ctrl-C, a supervisor
+            # stopping the group) must not kill miniworkers mid-call; the agent stops them (MW_STOP), and
+            # if the agent dies they notice the broker's silence.
+            start_new_session=True,
         )
         function = load.key if (load is not None and mode == "bound") else None
         return MwHandle(mw_id=mw_id, mode=mode, runtime=runtime.name if runtime else None,
