@@ -63,7 +63,9 @@ def node_states() -> dict[str, str]:
 
 
 def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_client: docker.DockerClient) -> None:
-    key = rig().start().key
+    ssh_rig = rig()
+    already_up = ssh_rig.pidfile.exists()
+    key = ssh_rig.start().key
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"), SHOAL_RIG_KEY=str(key),
                DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1")
     torn_down = False
@@ -137,3 +139,5 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         if not torn_down:
             subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
                             "playbooks/teardown.yml"], cwd=ROOT, env=env, capture_output=True, timeout=600)
+        if not already_up:
+            ssh_rig.stop()
