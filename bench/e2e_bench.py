@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.table import print_table
 from shoal.archive import build_tar_gz
 from shoal.devenv.redis_server import start_redis
 from shoal.devenv.stack import start_infra
@@ -233,10 +234,7 @@ def report(r: dict[str, Any]) -> None:
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
                                + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())),
     ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k.ljust(width)}  {v}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import zmq
 
+from bench.table import print_table
 from shoal.devenv.stack import start_infra
 from shoal.localnode import LocalNode
 from shoal.logs import configure
@@ -255,10 +256,7 @@ def report(r: dict[str, Any]) -> None:
                                  f"{r['agent_rss']['rss_after_mb']:.1f} MB (growth "
                                  f"{r['agent_rss']['growth_mb']:+.1f} MB)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k.ljust(width)}  {v}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

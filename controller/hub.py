@@ -21,6 +21,7 @@ from shoal import protocol
 from shoal.archive_server import ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.logs import get_logger
+from shoal.nodelink import bind_router
 from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
@@ -35,13 +36,7 @@ class Hub:
         self.store = store
         self.log = get_logger("hub")
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        self.sock.bind(config.zmq_bind)
+        self.sock = bind_router(self.ctx, config.zmq_bind)
         self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.fd = int(self.sock.getsockopt(zmq.FD))
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -234,18 +234,12 @@ def cluster_record() -> Path:
 
 
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
-    from shoal.devenv.docker_engine import ensure_engine
-    from shoal.devenv.runtime_image import ensure_image
+    from shoal.devenv.stack import engine_with_image
     from shoal.localcluster import LocalCluster
 
     if cluster_record().exists():
         raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
-    engine = ensure_engine()
-    client = engine.client()
-    try:
-        ensure_image(client, engine.url)
-    finally:
-        client.close()
+    engine = engine_with_image()
     base = state_dir() / "cluster"
     base.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port,

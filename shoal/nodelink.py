@@ -36,6 +36,18 @@ class NodeInfo:
     functions: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> FSTATE header
 
 
+def bind_router(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
+    """The controller's side of node links: a ROUTER addressed by node id, reconnects handed over."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.SNDHWM, 1_000_000)
+    sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    sock.bind(url)
+    return sock
+
+
 class NodeLink:
     def __init__(self, blobs: BlobStore, bind: str = "tcp://127.0.0.1:0", heartbeat: float = 1.0,
                  chunk_size: int = CHUNK_SIZE) -> None:
@@ -44,13 +56,7 @@ class NodeLink:
         self.chunk_size = chunk_size
         self.log = get_logger("nodelink")
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        self.sock.bind(bind)
+        self.sock = bind_router(self.ctx, bind)
         self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.nodes: dict[str, NodeInfo] = {}
         self.results: dict[str, dict[str, Any]] = {}

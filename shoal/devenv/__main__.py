@@ -17,11 +17,12 @@ from pathlib import Path
 
 import docker
 
-from shoal.devenv.docker_engine import API_VERSION, ensure_engine
+from shoal.devenv.docker_engine import API_VERSION
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
 from shoal.devenv.sshrig import rig
+from shoal.devenv.stack import engine_with_image
 
 
 def record_path() -> Path:
@@ -29,12 +30,7 @@ def record_path() -> Path:
 
 
 def up(with_redis: bool) -> dict[str, str]:
-    engine = ensure_engine()
-    client = engine.client()
-    try:
-        ensure_image(client, engine.url)
-    finally:
-        client.close()
+    engine = engine_with_image()
     record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
     if engine.started and engine._proc is not None:
         record["dockerd_pid"] = engine._proc.pid

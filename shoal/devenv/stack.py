@@ -26,16 +26,25 @@ class Infra:
         self._stack.close()
 
 
+def engine_with_image() -> DockerEngine:
+    """A Docker engine (started if none answers) that holds the base runtime image."""
+    engine = ensure_engine()
+    client = engine.client()
+    try:
+        ensure_image(client, engine.url)
+    except BaseException:
+        engine.stop()
+        raise
+    finally:
+        client.close()
+    return engine
+
+
 def start_infra(with_redis: bool = True) -> Infra:
     stack = ExitStack()
     try:
-        engine = ensure_engine()
+        engine = engine_with_image()
         stack.callback(engine.stop)
-        client = engine.client()
-        try:
-            ensure_image(client, engine.url)
-        finally:
-            client.close()
         redis = None
         if with_redis:
             redis = start_redis()
