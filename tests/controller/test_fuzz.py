@@ -22,9 +22,11 @@ def test_schemathesis_finds_no_server_error(make_cluster: Any, tmp_path: Path) -
     cluster: LocalCluster = make_cluster(agents=1)
     seed_runtime(cluster)
     upload(cluster, "echo", ECHO, entrypoint="handler:handler")
+    # One worker: Hypothesis's lambda-source parsing is not thread-safe on Python 3.11 ("AST constructor
+    # recursion depth mismatch"), and a fixed seed keeps the run reproducible.
     proc = subprocess.run(
         [cli, "run", f"{cluster.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
-         "--workers", "2", "--seed", "7", "--request-timeout", "30", "--generation-database", "none"],
+         "--workers", "1", "--seed", "7", "--request-timeout", "30", "--generation-database", "none"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[:12000] + proc.stderr[-2000:]
