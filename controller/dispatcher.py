@@ -44,6 +44,9 @@ class Pending:
     node_id: str | None = None
     cancelled: bool = False
     waiters: list[asyncio.Future[dict[str, Any]]] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)  # the call as first stored (for sync answers)
+    stamps: dict[str, float] = field(default_factory=dict)  # state -> when, as written to the store
+    last_node: str = ""
 
     @property
     def key(self) -> str:
@@ -126,7 +129,8 @@ class Dispatcher:
             self.queue.appendleft(pending)
             return
         pending.attempts += 1
-        pending.node_id = node.node_id
+        pending.node_id = pending.last_node = node.node_id
+        pending.stamps["DISPATCHED"] = time.time()
         node.inflight.add(pending.call_id)
         node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
         node.dispatched += 1
@@ -153,6 +157,8 @@ class Dispatcher:
         if isinstance(h.get("progress"), int):
             fields["progress"] = max(0, min(100, h["progress"]))
         status = CallStatus.RUNNING if h["state"] == "RUNNING" else None
+        if status is not None:
+            pending.stamps["RUNNING"] = time.time()
         self.store.update_call(pending.call_id, status, fields)
 
     def on_result(self, node: NodeState, h: dict[str, Any]) -> None:
@@ -175,12 +181,19 @@ class Dispatcher:
         fields["cold"] = bool(h.get("cold"))
         if h.get("started_at"):
             fields["t_RUNNING"] = h["started_at"]
+            pending.stamps["RUNNING"] = h["started_at"]
         self.finish(pending, status, fields)
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self.calls.pop(pending.call_id, None)
         write = self.store.update_call(pending.call_id, status, fields)
-        outcome = dict(fields, status=status.value, id=pending.call_id)
+        now = time.time()
+        pending.stamps[status.value] = now
+        # The whole call as it now stands in the store: a sync caller is answered without reading it back.
+        outcome = dict(pending.record)
+        outcome.update({f"t_{k}": v for k, v in pending.stamps.items()})
+        outcome.update(fields)
+        outcome.update(status=status.value, node=pending.last_node, attempts=pending.attempts)
 
         def resolve(_: asyncio.Future[None]) -> None:
             for fut in pending.waiters:

@@ -135,19 +135,20 @@ class Service:
                 "version": int(record["version"]), "params": params, "status": "QUEUED", "created": now,
                 "t_QUEUED": now, "timeout": timeout, "attempts": 0, "node": ""}
         await self.store.create_call(call)
-        pending = Pending(call_id, name, int(record["version"]), params, timeout)
+        pending = Pending(call_id, name, int(record["version"]), params, timeout, record=call,
+                          stamps={"QUEUED": now})
         self.dispatcher.enqueue(pending)
         return call, pending
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:
         """The call's stored record once it ends, or None if ``timeout`` passes first."""
         fut = self.dispatcher.wait(call_id) if pending is not None else None
-        if fut is not None:
-            try:
-                await asyncio.wait_for(fut, timeout)
-            except TimeoutError:
-                return None
-        return await self.get_call(call_id)
+        if fut is None:
+            return await self.get_call(call_id)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
         call = await self.store.get_call(call_id)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from node_agent.errors import FetchError
 from shoal.archive import ArchiveLimits, extract_archive, sha256_file
@@ -47,12 +48,12 @@ class NodeCache:
                 size += len(chunk)
         return size, digest
 
-    def append(self, sha: str, offset: int, data: bytes) -> None:
-        part = self.partial(sha)
-        with open(part, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-            f.truncate()
+    def open_for_append(self, sha: str, offset: int) -> BinaryIO:
+        """The partial download, positioned at ``offset`` (anything after it is dropped)."""
+        f = open(self.partial(sha), "r+b")
+        f.seek(offset)
+        f.truncate()
+        return f
 
     def commit(self, sha: str, digest: hashlib._Hash) -> Path:
         part = self.partial(sha)

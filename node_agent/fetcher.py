@@ -14,13 +14,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from node_agent.cache import NodeCache
 from node_agent.errors import FetchError
 from shoal.protocol import Msg
 
-CREDIT = 8
+CREDIT = 16
 STALL_SECONDS = 10.0
 MAX_STALLS = 5
 
@@ -37,6 +37,7 @@ class Transfer:
     stalls: int = 0
     started: float = field(default_factory=time.monotonic)
     first_offset: int = 0
+    file: BinaryIO | None = None  # the .part file, open for the transfer's lifetime
 
 
 class ArchiveFetcher:
@@ -58,7 +59,8 @@ class ArchiveFetcher:
         if offset > size:
             self.cache.partial(sha).unlink(missing_ok=True)
             offset, digest = self.cache.open_partial(sha)
-        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset)
+        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset,
+                                       file=self.cache.open_for_append(sha, offset))
         self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
 
     def on_chunk(self, header: dict[str, Any], payload: list[bytes]) -> None:
@@ -70,13 +72,15 @@ class ArchiveFetcher:
         if t.offset + len(data) > t.size:
             self._fail(t, f"archive {sha[:12]} is longer than announced ({t.size} bytes)")
             return
-        self.cache.append(sha, t.offset, data)
+        assert t.file is not None
+        t.file.write(data)
         t.digest.update(data)
         t.offset += len(data)
         t.last_progress = time.monotonic()
         t.stalls = 0
         if header["last"] or t.offset == t.size:
             del self.transfers[sha]
+            t.file.close()
             seconds = time.monotonic() - t.started
             moved = t.offset - t.first_offset
             self.completed.append({"sha256": sha, "bytes": moved, "seconds": round(seconds, 4),
@@ -97,6 +101,8 @@ class ArchiveFetcher:
 
     def _fail(self, t: Transfer, reason: str) -> None:
         self.transfers.pop(t.sha, None)
+        if t.file is not None:
+            t.file.close()
         self.cache.partial(t.sha).unlink(missing_ok=True)
         self.on_done(t.sha, reason)
 
