@@ -6,6 +6,7 @@
     shoal calls list [--function F] [--status S] | calls get ID | calls wait ID | calls cancel ID
     shoal nodes list | nodes get ID
     shoal up [--agents 2] [--port 3000] | shoal status | shoal down
+    shoal deploy -i inventory/example [site|upgrade|teardown] [-- ansible-playbook args]
 
 Every command takes ``--url`` (default ``$SHOAL_URL`` or http://127.0.0.1:3000) and ``--json`` (machine
 output); without ``--json`` it prints tables and shows progress for uploads and long waits.
@@ -19,6 +20,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import tarfile
 import time
@@ -303,6 +305,36 @@ def cmd_status(args: argparse.Namespace, c: Client) -> None:
     show(args, nodes, ["node_id", "state", "capacity", "inflight", "done", "functions_ready"], "nodes")
 
 
+# ---- deployment ----------------------------------------------------------------------------------
+PLAYBOOKS = {"site": "site.yml", "upgrade": "upgrade.yml", "teardown": "teardown.yml"}
+
+
+def playbooks_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "playbooks"
+    if not (here / "site.yml").is_file():
+        raise CliError(f"no playbooks next to this installation ({here}); run from a Shoal checkout")
+    return here
+
+
+def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
+    """`ansible-playbook -i INVENTORY playbooks/<action>.yml`, with the project's ansible.cfg."""
+    import shutil
+
+    book = playbooks_dir()
+    exe = shutil.which("ansible-playbook", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if exe is None:
+        raise CliError("ansible-playbook is not installed: pip install ansible-core (or -e '.[deploy]')")
+    if not Path(args.inventory).exists():
+        raise CliError(f"no inventory at {args.inventory}")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(book / "ansible.cfg"))
+    extra = args.ansible_args[1:] if args.ansible_args[:1] == ["--"] else args.ansible_args
+    cmd = [exe, "-i", args.inventory, str(book / PLAYBOOKS[args.action]), *extra]
+    sys.stdout.flush()
+    code = subprocess.call(cmd, env=env)
+    if code != 0:
+        raise CliError(f"ansible-playbook exited with {code}")
+
+
 # ---- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Shoal: functions as a service.")
@@ -362,12 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=3000)
     up.add_argument("--policy", choices=["none", "runtime", "function"], default="function")
     sub.add_parser("down", help="stop the local cluster")
+    deploy = sub.add_parser("deploy", help="roll a cluster out with Ansible (wraps ansible-playbook)")
+    deploy.add_argument("-i", "--inventory", required=True, help="an Ansible inventory (see inventory/)")
+    deploy.add_argument("action", nargs="?", choices=sorted(PLAYBOOKS), default="site",
+                        help="site (roll out, idempotent), upgrade (rolling, one node at a time), teardown")
+    deploy.add_argument("ansible_args", nargs=argparse.REMAINDER, help="passed to ansible-playbook after --")
     sub.add_parser("status", help="the local cluster's state")
     return parser
 
 
 COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invoke, "calls": cmd_calls,
-            "nodes": cmd_nodes, "up": cmd_up, "down": cmd_down, "status": cmd_status}
+            "nodes": cmd_nodes, "up": cmd_up, "down": cmd_down, "status": cmd_status, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

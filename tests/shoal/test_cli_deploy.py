@@ -1,0 +1,29 @@
+"""`shoal deploy` wraps ansible-playbook with the project's config (the playbooks' real runs are in
+tests/deploy); here: it finds them, passes the inventory and extra arguments, and fails clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shoal.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_deploy_lists_the_local_inventorys_hosts_for_each_playbook() -> None:
+    for action in ("site", "upgrade", "teardown"):
+        proc = shoal("deploy", "-i", "inventory/local", action, "--", "--list-hosts")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "shoal-node-a" in proc.stdout and "shoal-node-c" in proc.stdout
+    proc = shoal("deploy", "-i", "inventory/example", "site", "--", "--syntax-check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_deploy_refuses_a_missing_inventory() -> None:
+    proc = shoal("deploy", "-i", "no/such/inventory")
+    assert proc.returncode == 2 and "no inventory at no/such/inventory" in proc.stderr
