@@ -45,7 +45,3 @@ class Busy(ApiError):
         super().__init__(message)
         self.retry_after = retry_after
 
-
-class Unavailable(ApiError):
-    status = 503
-    code = "unavailable"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node_agent.errors import FetchError
-from shoal.archive import ArchiveLimits, extract_archive, sha256_file
+from shoal.archive import ArchiveLimits, extract_archive
 from shoal.models import SHA256_RE, Runtime
 
 
@@ -63,12 +63,6 @@ class NodeCache:
         final = self.blob_path(sha)
         os.replace(part, final)
         return final
-
-    def add_blob(self, data_path: Path) -> str:
-        """Adopt a local archive file (tests, the single-node tooling)."""
-        sha = sha256_file(data_path)
-        shutil.copyfile(data_path, self.blob_path(sha))
-        return sha
 
     def code_dir(self, sha: str) -> Path:
         """The archive's extracted tree, extracting it (safely) on first use."""

@@ -140,7 +140,8 @@ class PoolManager:
                                               self.registry.policy_of(fn) == Policy.FUNCTION else 0)
             idle_for = now - h.idle_since
             if (superseded and not self.broker.queues.get(h.function)) or (
-                by_pool[h.function] > floor and idle_for > fn.spec.keepalive
+                by_pool[h.function] > floor
+                and idle_for > (fn.spec.keepalive if fn.spec.keepalive is not None else cfg.keepalive)
             ):
                 self.broker.stop(h)
                 by_pool[h.function] -= 1

@@ -119,7 +119,7 @@ class FunctionSpec:
     preload: str | None = None  # overrides the node's policy
     min_warm: int = 0
     max_warm: int = 4
-    keepalive: float = 600.0
+    keepalive: float | None = None  # None: the node's keepalive
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -158,7 +158,8 @@ class FunctionSpec:
             preload=preload,
             min_warm=min_warm,
             max_warm=max_warm,
-            keepalive=_check_number(data, "keepalive", 600.0, 0.0, 7 * 86400.0),
+            keepalive=None if data.get("keepalive") is None
+            else _check_number(data, "keepalive", 600.0, 0.0, 7 * 86400.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
