@@ -20,7 +20,7 @@ from node_agent.cache import NodeCache
 from node_agent.errors import FetchError
 from shoal.protocol import Msg
 
-CREDIT = 16
+CREDIT = 8  # chunks (MiB) in flight per transfer: the sender holds at most this much per node
 STALL_SECONDS = 10.0
 MAX_STALLS = 5
 
