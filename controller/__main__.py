@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 
+import uvloop
 from aiohttp import web
 
 from controller.app import create_app
@@ -13,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ControllerConfig.from_args(argv)
     configure(config.log_level)
     web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                access_log=None, shutdown_timeout=5)
+                access_log=None, shutdown_timeout=5, loop=uvloop.new_event_loop())
     return 0
 
 

@@ -38,7 +38,7 @@ def create_app(config: ControllerConfig) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(config.redis_url, decode_responses=True)
         await redis.ping()
-        store = Store(redis, config.retention)
+        store = Store(redis, config.retention, config.redis_url)
         store.start()
         blobs = BlobStore(config.blob_dir)
         hub = Hub(config, store, blobs)

@@ -45,3 +45,10 @@ class Busy(ApiError):
         super().__init__(message)
         self.retry_after = retry_after
 
+
+
+class StoreError(ApiError):
+    """Redis refused or lost a write: the request is not accepted (HTTP 503); nothing was given an id."""
+
+    status = 503
+    code = "store_unavailable"

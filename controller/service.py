@@ -13,7 +13,7 @@ from typing import Any
 
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
-from controller.errors import BadRequest, Conflict, Missing, TooLarge
+from controller.errors import BadRequest, Conflict, Missing, StoreError, TooLarge
 from controller.hub import Hub, function_message
 from controller.store import Store
 from shoal.archive import ArchiveLimits, extract_archive
@@ -134,10 +134,17 @@ class Service:
         call = {"id": call_id, "num": await self.store.next_call_num(), "function": name,
                 "version": int(record["version"]), "params": params, "status": "QUEUED", "created": now,
                 "t_QUEUED": now, "timeout": timeout, "attempts": 0, "node": ""}
-        await self.store.create_call(call)
+        # The write and the dispatch start together (the writer keeps each call's writes in order, so its
+        # outcome cannot be overwritten by its creation); the caller hears of the call only once it is stored.
+        created = self.store.create_call(call)
         pending = Pending(call_id, name, int(record["version"]), params, timeout, record=call,
                           stamps={"QUEUED": now})
         self.dispatcher.enqueue(pending)
+        try:
+            await created
+        except StoreError:
+            self.dispatcher.cancel(call_id)
+            raise
         return call, pending
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """The controller's state in Redis: runtimes, function versions, calls and nodes (keys in ``keys.py``).
 
 Call writes go through a single writer task that folds every write waiting at that moment into one
-pipeline: under load, hundreds of concurrent requests share a round trip to Redis, and each still awaits
-its own write before answering (a call id is only given out once its call is stored).
+pipeline on its own connection (:mod:`controller.resp`): under load, hundreds of concurrent requests share
+a round trip to Redis, and each still awaits its own write before answering (a call id is only given out
+once its call is stored).
 """
 
 from __future__ import annotations
@@ -10,17 +11,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from controller import keys
+from controller.errors import StoreError
+from controller.resp import Command, RespConnection
+from shoal.logs import get_logger
 from shoal.models import TERMINAL, CallStatus, Runtime
+from shoal.protocol import dumps_str
 
-Write = Callable[[Pipeline], None]
+Write = list[Command]
 JSON_FIELDS = ("params", "result", "error", "logs", "timings")
+
+
+log = get_logger("store")
+
+
+def _flat(mapping: dict[str, str]) -> list[str]:
+    return [item for pair in mapping.items() for item in pair]
 
 
 def now_ms() -> int:
@@ -31,7 +42,7 @@ def encode_call(fields: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in fields.items():
         if key in JSON_FIELDS:
-            out[key] = json.dumps(value, separators=(",", ":"))
+            out[key] = dumps_str(value)
         elif isinstance(value, bool):
             out[key] = "1" if value else "0"
         elif value is None:
@@ -58,9 +69,10 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, redis: Redis, retention: float) -> None:
+    def __init__(self, redis: Redis, retention: float, url: str) -> None:
         self.redis: Any = redis  # redis-py's stubs type replies as bytes | str; we decode responses
         self.retention = int(retention)
+        self._conn = RespConnection(url)
         self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._num_next = 0
@@ -80,6 +92,7 @@ class Store:
                 await self._writer
             except asyncio.CancelledError:
                 pass  # the writer was told to stop
+        await self._conn.close()
         await self.redis.aclose()
 
     async def _write_loop(self) -> None:
@@ -87,18 +100,25 @@ class Store:
             batch = [await self._writes.get()]
             while not self._writes.empty() and len(batch) < 1024:
                 batch.append(self._writes.get_nowait())
-            pipe = self.redis.pipeline(transaction=False)
-            for write, _ in batch:
-                write(pipe)
+            commands = [command for write, _ in batch for command in write]
             try:
-                await pipe.execute()
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure, none is lost
+                replies = await self._conn.execute(commands)
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure; the writer lives on
+                log.error("store_write_failed", error=str(exc), writes=len(batch))
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc)
+                        fut.set_exception(StoreError(f"redis is unavailable: {exc}"))
                 continue
-            for _, fut in batch:
-                if not fut.done():
+            at = 0
+            for write, fut in batch:
+                errors = [r for r in replies[at:at + len(write)] if isinstance(r, hiredis.ReplyError)]
+                at += len(write)
+                if fut.done():
+                    continue
+                if errors:
+                    log.error("store_write_refused", error=str(errors[0]), command=str(write[0][0]))
+                    fut.set_exception(StoreError(f"redis refused a write: {errors[0]}"))
+                else:
                     fut.set_result(None)
 
     def write(self, write: Write) -> asyncio.Future[None]:
@@ -183,30 +203,22 @@ class Store:
 
     def create_call(self, call: dict[str, Any]) -> asyncio.Future[None]:
         call_id, created_ms = call["id"], int(call["created"] * 1000)
-        fields = encode_call(call)
-
-        def write(pipe: Pipeline) -> None:
-            pipe.hset(keys.call(call_id), mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(keys.CALLS, {call_id: created_ms})
-            pipe.zadd(keys.calls_of(call["function"]), {call_id: created_ms})
-            pipe.zadd(keys.ACTIVE, {call_id: created_ms})
-            pipe.set(keys.call_by_num(call["num"]), call_id, ex=self.retention)
-
-        return self.write(write)
+        return self.write([
+            ("HSET", keys.call(call_id), *_flat(encode_call(call))),
+            ("ZADD", keys.CALLS, created_ms, call_id),
+            ("ZADD", keys.calls_of(call["function"]), created_ms, call_id),
+            ("ZADD", keys.ACTIVE, created_ms, call_id),
+            ("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention),
+        ])
 
     def update_call(self, call_id: str, status: CallStatus | None, fields: dict[str, Any]) -> asyncio.Future[None]:
         mapping = encode_call(fields)
         if status is not None:
             mapping["status"] = status.value
             mapping[f"t_{status.value}"] = repr(time.time())
-        terminal = status in TERMINAL
-
-        def write(pipe: Pipeline) -> None:
-            pipe.hset(keys.call(call_id), mapping=mapping)  # type: ignore[arg-type]
-            if terminal:
-                pipe.zrem(keys.ACTIVE, call_id)
-                pipe.expire(keys.call(call_id), self.retention)
-
+        write: Write = [("HSET", keys.call(call_id), *_flat(mapping))]
+        if status in TERMINAL:
+            write += [("ZREM", keys.ACTIVE, call_id), ("EXPIRE", keys.call(call_id), self.retention)]
         return self.write(write)
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api.common import json_object, multipart_file, part_chunks, service
+from controller.api.common import json_object, json_response, multipart_file, part_chunks, service
 from controller.errors import BadRequest, Missing
 from shoal import __version__
 from shoal.models import check_name
@@ -39,7 +39,7 @@ def seed_call(call: dict[str, Any]) -> dict[str, Any]:
 
 async def register_runtime(request: web.Request) -> web.Response:
     runtime = await service(request).register_runtime(await json_object(request))
-    return web.json_response(runtime.to_dict())
+    return json_response(runtime.to_dict())
 
 
 async def register_function(request: web.Request) -> web.Response:
@@ -47,7 +47,7 @@ async def register_function(request: web.Request) -> web.Response:
     name = check_name(request.match_info["funcName"], "function name")
     part, _ = await multipart_file(request, ("module",))
     record = await service(request).upload_function(name, runtime, part_chunks(part), {}, part.filename or "")
-    return web.json_response({
+    return json_response({
         "fieldname": "module", "originalname": part.filename or "", "size": record["size"],
         "functionName": name, "runtimeName": runtime, "sha256": record["sha256"], "version": record["version"],
     })
@@ -59,21 +59,21 @@ async def invoke_function(request: web.Request) -> web.Response:
     if not isinstance(name, str):
         raise BadRequest("funcName must be a string")
     call, _ = await service(request).invoke(check_name(name, "funcName"), body.get("params"))
-    return web.json_response(seed_call(call))
+    return json_response(seed_call(call))
 
 
 async def runtimes(request: web.Request) -> web.Response:
-    return web.json_response([r.name for r in await service(request).store.list_runtimes()])
+    return json_response([r.name for r in await service(request).store.list_runtimes()])
 
 
 async def functions(request: web.Request) -> web.Response:
-    return web.json_response([f["name"] for f in await service(request).store.list_functions()])
+    return json_response([f["name"] for f in await service(request).store.list_functions()])
 
 
 async def calls(request: web.Request) -> web.Response:
     found, _ = await service(request).store.list_calls(None, None, None, SEED_CALLS_LIMIT)
     ordered = sorted(found, key=lambda c: c.get("num") or 0)
-    return web.json_response({f"c{c['num']}": seed_call(c) for c in ordered})
+    return json_response({f"c{c['num']}": seed_call(c) for c in ordered})
 
 
 async def call(request: web.Request) -> web.Response:
@@ -84,7 +84,7 @@ async def call(request: web.Request) -> web.Response:
     call_id = await svc.store.call_id_by_num(int(raw))
     if call_id is None:
         raise Missing(f"no call number {raw}")
-    return web.json_response(seed_call(await svc.get_call(call_id)))
+    return json_response(seed_call(await svc.get_call(call_id)))
 
 
 # ---- forwarder seed ----------------------------------------------------------------------------
@@ -96,13 +96,13 @@ async def register_endpoint(request: web.Request) -> web.Response:
     check_name(endpoint, "endpoint_id")
     url = service(request).config.node_url
     hub_url = service(request).hub.url if url.endswith(":0") else url
-    return web.json_response({"endpoint_id": endpoint, "task_url": hub_url, "result_url": hub_url,
+    return json_response({"endpoint_id": endpoint, "task_url": hub_url, "result_url": hub_url,
                               "command_port": hub_url})
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
     hub = service(request).hub
-    return web.json_response({n.node_id: {"task_url": hub.url, "result_url": hub.url,
+    return json_response({n.node_id: {"task_url": hub.url, "result_url": hub.url,
                                           "state": n.to_dict()["state"]} for n in hub.nodes.values()})
 
 
@@ -111,7 +111,7 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__, "api": "v1"})
+    return json_response({"version": __version__, "api": "v1"})
 
 
 def add_routes(app: web.Application) -> None:

@@ -6,6 +6,7 @@ import json
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from controller.errors import ApiError, Busy
 from shoal.errors import NotFound, ValidationError
@@ -31,6 +32,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(400, "bad_request", str(exc))
     except NotFound as exc:
         return error_response(404, "not_found", str(exc))
+    except RedisError as exc:
+        log.error("store_unavailable", path=request.path, error=str(exc))
+        return error_response(503, "store_unavailable", f"the store (redis) is unavailable: {exc}")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -6,7 +6,16 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api.common import STATES, json_object, multipart_file, part_chunks, render_call, service, stream_chunks
+from controller.api.common import (
+    STATES,
+    json_object,
+    json_response,
+    multipart_file,
+    part_chunks,
+    render_call,
+    service,
+    stream_chunks,
+)
 from controller.errors import BadRequest
 from controller.service import parse_options
 from shoal.models import check_name
@@ -20,15 +29,15 @@ def runtime_json(runtime: Any) -> dict[str, Any]:
 
 async def create_runtime(request: web.Request) -> web.Response:
     runtime = await service(request).register_runtime(await json_object(request))
-    return web.json_response(runtime_json(runtime), status=201)
+    return json_response(runtime_json(runtime), status=201)
 
 
 async def list_runtimes(request: web.Request) -> web.Response:
-    return web.json_response([runtime_json(r) for r in await service(request).store.list_runtimes()])
+    return json_response([runtime_json(r) for r in await service(request).store.list_runtimes()])
 
 
 async def get_runtime(request: web.Request) -> web.Response:
-    return web.json_response(runtime_json(await service(request).get_runtime(request.match_info["name"])))
+    return json_response(runtime_json(await service(request).get_runtime(request.match_info["name"])))
 
 
 async def delete_runtime(request: web.Request) -> web.Response:
@@ -50,15 +59,15 @@ async def upload_function(request: web.Request) -> web.Response:
         runtime = request.query.get("runtime", "")
         record = await svc.upload_function(name, check_name(runtime, "runtime"), stream_chunks(request),
                                            parse_options(dict(request.query)))
-    return web.json_response(record, status=201)
+    return json_response(record, status=201)
 
 
 async def list_functions(request: web.Request) -> web.Response:
-    return web.json_response(await service(request).store.list_functions())
+    return json_response(await service(request).store.list_functions())
 
 
 async def get_function(request: web.Request) -> web.Response:
-    return web.json_response(await service(request).get_function(request.match_info["name"]))
+    return json_response(await service(request).get_function(request.match_info["name"]))
 
 
 async def delete_function(request: web.Request) -> web.Response:
@@ -92,7 +101,7 @@ async def invoke(request: web.Request) -> web.Response:
     done = await svc.wait(pending, call["id"], wait)
     if done is None or done["status"] not in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
         return accepted(request, done or call)
-    return web.json_response(render_call(done))
+    return json_response(render_call(done))
 
 
 async def invoke_async(request: web.Request) -> web.Response:
@@ -105,7 +114,7 @@ async def invoke_async(request: web.Request) -> web.Response:
 
 def accepted(request: web.Request, call: dict[str, Any]) -> web.Response:
     location = f"/v1/calls/{call['id']}"
-    return web.json_response({"id": call["id"], "status": call["status"], "location": location},
+    return json_response({"id": call["id"], "status": call["status"], "location": location},
                              status=202, headers={"Location": location})
 
 
@@ -127,20 +136,20 @@ async def list_calls(request: web.Request) -> web.Response:
     if cursor is not None and not 0 < cursor < 1e12:
         raise BadRequest("cursor must be a positive number")
     calls, next_cursor = await service(request).store.list_calls(function, status, cursor, limit)
-    return web.json_response({"calls": [render_call(c) for c in calls], "next_cursor": next_cursor})
+    return json_response({"calls": [render_call(c) for c in calls], "next_cursor": next_cursor})
 
 
 async def get_call(request: web.Request) -> web.Response:
-    return web.json_response(render_call(await service(request).get_call(request.match_info["id"])))
+    return json_response(render_call(await service(request).get_call(request.match_info["id"])))
 
 
 async def cancel_call(request: web.Request) -> web.Response:
     call = await service(request).cancel(request.match_info["id"])
-    return web.json_response({"id": call["id"], "status": "CANCELLING"}, status=202)
+    return json_response({"id": call["id"], "status": "CANCELLING"}, status=202)
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    return web.json_response([n.to_dict() for n in sorted(service(request).hub.nodes.values(),
+    return json_response([n.to_dict() for n in sorted(service(request).hub.nodes.values(),
                                                           key=lambda n: n.node_id)])
 
 
@@ -150,13 +159,13 @@ async def get_node(request: web.Request) -> web.Response:
     node = service(request).hub.nodes.get(request.match_info["id"])
     if node is None:
         raise Missing(f"no node {request.match_info['id']!r}")
-    return web.json_response(node.to_dict())
+    return json_response(node.to_dict())
 
 
 async def health(request: web.Request) -> web.Response:
     svc = service(request)
     await svc.store.redis.ping()
-    return web.json_response({"ok": True, "nodes": sum(1 for n in svc.hub.nodes.values() if n.alive()),
+    return json_response({"ok": True, "nodes": sum(1 for n in svc.hub.nodes.values() if n.alive()),
                               **svc.dispatcher.snapshot()})
 
 

@@ -18,12 +18,13 @@ SLOW = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 1
 def all_containers_gone(client: docker.DockerClient, node_ids: list[str], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        # One listing call (the SDK's containers.list inspects each one and races with their removal).
         left = [c for n in node_ids for c in
-                client.containers.list(all=True, filters={"label": f"org.shoal.node={n}"})]
+                client.api.containers(all=True, filters={"label": f"org.shoal.node={n}"})]
         if not left:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"containers left behind: {[c.name for c in left]}")
+            raise AssertionError(f"containers left behind: {[c['Names'] for c in left]}")
         time.sleep(0.2)
 
 

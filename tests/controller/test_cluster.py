@@ -137,3 +137,27 @@ def test_a_200mb_archive_reaches_both_agents_in_constant_memory(make_cluster: An
     assert all(g < 64 for g in growth.values()), growth
     _, call, _ = cluster.request("POST", "/v1/functions/big/invoke", {})
     assert call["status"] == "DONE" and call["result"] == 200 << 20
+
+
+def test_redis_down_answers_503_and_calls_are_taken_again_once_it_is_back(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=1)
+    seed_runtime(cluster)
+    upload(cluster, "echo", ECHO, entrypoint="handler:handler")
+    wait_ready(cluster, "echo", 1)
+    assert wait_call(cluster, submit(cluster, "echo", 1))["status"] == "DONE"
+    redis = cluster._redis
+    assert redis is not None and cluster.controller is not None
+    redis.stop()
+    for route in ("invoke", "invoke-async"):
+        for _ in range(3):
+            status, body, _ = cluster.request("POST", f"/v1/functions/echo/{route}", {"params": 2})
+            assert status == 503 and body["error"]["code"] == "store_unavailable", (status, body)
+    assert cluster.controller.poll() is None
+    redis.start()
+    deadline = time.monotonic() + 30
+    while True:
+        status, body, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 3})
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200 and body["status"] == "DONE" and body["result"] == {"echo": 3}, body

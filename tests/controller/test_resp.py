@@ -1,0 +1,82 @@
+"""The pipelined RESP connection behind the store's call writes, against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import hiredis
+import pytest
+import redis
+
+from controller.errors import StoreError
+from controller.resp import RespConnection, pack
+from shoal.devenv.redis_server import RedisServer, start_redis
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = start_redis("resp-test", appendonly=False)
+    yield srv
+    srv.stop()
+
+
+def test_pack_writes_resp_arrays_of_bulk_strings() -> None:
+    assert pack([("SET", "k", b"v\r\n", 7), ("EXPIRE", "k", 1.5)]) == (
+        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n7\r\n"
+        b"*3\r\n$6\r\nEXPIRE\r\n$1\r\nk\r\n$3\r\n1.5\r\n"
+    )
+    assert pack([("SET", "ключ", "значение")]).count(b"$8\r\n") == 1  # lengths are in bytes, not characters
+
+
+def test_a_batch_gets_its_replies_in_order_and_an_error_reply_is_a_value(server: RedisServer) -> None:
+    async def run() -> list[object]:
+        conn = RespConnection(server.url)
+        try:
+            return await conn.execute([("DEL", "h"), ("HSET", "h", "a", "1", "b", "x" * 100_000), ("INCR", "h"),
+                                       ("HGET", "h", "a"), ("HLEN", "h")])
+        finally:
+            await conn.close()
+
+    _, added, wrong, value, length = asyncio.run(run())
+    assert added == 2 and value == b"1" and length == 2
+    assert isinstance(wrong, hiredis.ReplyError) and "WRONGTYPE" in str(wrong)
+
+
+def test_a_dropped_connection_raises_once_and_the_next_batch_reconnects(server: RedisServer) -> None:
+    admin = redis.Redis(port=server.port)
+
+    async def run() -> object:
+        conn = RespConnection(server.url)
+        try:
+            assert await conn.execute([("PING",)]) == [b"PONG"]
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            with pytest.raises((ConnectionError, OSError)):
+                for _ in range(3):  # the first write may land in the socket before the close is seen
+                    await conn.execute([("PING",)])
+            return (await conn.execute([("PING",)]))[0]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == b"PONG"
+    admin.close()
+
+
+def test_password_and_database_from_the_url_and_a_wrong_password_is_a_store_error(server: RedisServer) -> None:
+    admin = redis.Redis(port=server.port)
+    admin.config_set("requirepass", "s3cret")
+    try:
+        async def run(url: str) -> None:
+            conn = RespConnection(url)
+            try:
+                await conn.execute([("SET", "in-db-3", "yes")])
+            finally:
+                await conn.close()
+
+        asyncio.run(run(f"redis://:s3cret@127.0.0.1:{server.port}/3"))
+        assert redis.Redis(port=server.port, password="s3cret", db=3).get("in-db-3") == b"yes"
+        with pytest.raises(StoreError, match="refused"):
+            asyncio.run(run(f"redis://:wrong@127.0.0.1:{server.port}/0"))
+    finally:
+        redis.Redis(port=server.port, password="s3cret").config_set("requirepass", "")
+        admin.close()
