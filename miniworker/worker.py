@@ -8,6 +8,11 @@ Life of a miniworker (see ARCHITECTURE.md):
 * ``oneshot``: say MW_READY with no container; the one call it gets creates the container, runs, and the
   container is removed.
 
+A warm miniworker may hold one more call while it runs one (the broker pipelines short functions): the held
+call goes to the runner the moment the running one's result is sent, so the broker's round trip overlaps the
+run. A held call never started: if the miniworker ends first, it is answered REJECTED (the broker queues it
+again), and ``MW_DROP`` (its call was cancelled) removes it.
+
 Anything that leaves the container in doubt (a timeout, the runner's connection closing, a load failure)
 ends the miniworker: it reports the call's outcome with ``retire: true``, removes its container and exits,
 and the agent's pool starts a replacement. A silent broker (agent gone) also ends it, so no container
@@ -58,6 +63,7 @@ class Miniworker:
         self.stream = RunnerStream()
         self.loaded: str | None = None
         self.call: ActiveCall | None = None
+        self.held: dict[str, Any] | None = None  # the MW_CALL header of the call to run next
         self.path = spec.runtime_path
         self.last_heard = time.monotonic()
         self.next_heartbeat = 0.0
@@ -228,6 +234,9 @@ class Miniworker:
     def on_broker(self, msg: Message) -> None:
         if msg.type == Msg.MW_CALL:
             self.on_call(msg.header)
+        elif msg.type == Msg.MW_DROP:
+            if self.held is not None and self.held["call_id"] == msg.header["call_id"]:
+                self.held = None
         elif msg.type == Msg.MW_STOP:
             self.stopping = True
         elif msg.type != Msg.MW_HEARTBEAT:
@@ -235,6 +244,9 @@ class Miniworker:
 
     def on_call(self, h: dict[str, Any]) -> None:
         call_id = h["call_id"]
+        if self.call is not None and self.held is None and self.loaded is not None and h.get("load") is None:
+            self.held = h  # pipelined: it runs when the current call ends
+            return
         if self.call is not None:
             self.log.error("call_while_busy", call_id=call_id, busy_with=self.call.call_id)
             self.send(Msg.MW_RESULT, {"call_id": call_id, "status": "REJECTED", "retire": False,
@@ -271,6 +283,7 @@ class Miniworker:
                 "error": error, "logs": {"load": logs},
                 "container_id": self.container.id or "",
             })
+            self._reject_held()
             self.stopping = True
             return
         self.last_heard = time.monotonic()  # a cold load blocked the loop: see run()
@@ -328,6 +341,17 @@ class Miniworker:
         self.send(Msg.MW_RESULT, reply)
         if retire:
             self.stopping = True
+            self._reject_held()
+        elif self.held is not None:
+            held, self.held = self.held, None
+            self.on_call(held)
+
+    def _reject_held(self) -> None:
+        """The held call never started: the broker queues it again."""
+        if self.held is not None:
+            self.send(Msg.MW_RESULT, {"call_id": self.held["call_id"], "status": "REJECTED", "retire": True,
+                                      "error": {"type": "Busy", "message": "its miniworker ended first"}})
+            self.held = None
 
     def _end_call(self, status: str, error: dict[str, Any]) -> None:
         call = self.call
@@ -339,6 +363,7 @@ class Miniworker:
             })
         else:
             self.send(Msg.MW_FAILED, {"reason": error["message"]})
+        self._reject_held()
         self.stopping = True
 
     def on_timeout(self) -> None:

@@ -484,6 +484,7 @@ class Agent:
                  "function": h.function, "runtime": h.runtime, "container_id": h.container_id,
                  "calls_served": h.calls_served, "pid": h.proc.pid,
                  "call_id": h.ticket.call_id if h.ticket else None,
+                 "next_call_id": h.ahead.call_id if h.ahead else None,
                  "idle_s": round(now - h.idle_since, 3) if h.state.value == "idle" else None,
                  "reason": h.reason or None}
                 for h in self.broker.mws.values()

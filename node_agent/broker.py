@@ -5,6 +5,11 @@
   that can serve it.
 * Calls with no idle miniworker wait in a bounded queue per function; the pool manager sees the queue
   and starts miniworkers; beyond the bound the node rejects the call (the controller places it elsewhere).
+* Pipelining: when no miniworker is idle, a busy warm miniworker of a short function (recent runs under
+  ``PIPELINE_MAX_RUN_S``) is given one more call to hold; it starts that call the moment it sends the
+  current result, so the broker's round trip overlaps the run. A held call has not started: if its
+  miniworker ends or is stopped first, it goes back to the head of its queue (not an attempt); a cancel
+  drops it (``MW_DROP``).
 * Liveness: the broker heartbeats every live miniworker; one that is silent past ``liveness`` heartbeats,
   whose process exits, or that overruns its call's timeout is lost: its call is retried once (at-least-
   once) or failed with the reason, and the pool manager starts a replacement.
@@ -36,6 +41,8 @@ Outcome = Callable[[Ticket, dict[str, Any]], None]
 OVERRUN_GRACE = 10.0
 #: Seconds after which a running call is reported RUNNING to the controller (see tick()).
 RUNNING_REPORT_AFTER = 0.05
+#: A function whose recent runs (moving average) took longer than this is never pipelined (see above).
+PIPELINE_MAX_RUN_S = 0.005
 
 
 class Broker:
@@ -69,6 +76,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.spawn_blocked_until: dict[str, float] = {}
         self.failures: dict[str, int] = {}
+        self.run_s: dict[str, float] = {}  # moving average of each function's run time (seconds)
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
@@ -96,7 +104,7 @@ class Broker:
         fn = self.registry.functions[ticket.key]
         queue = self.queues.setdefault(ticket.key, deque())
         if fn.state == FnState.READY and not queue:
-            h = self.take_idle(self.candidates(ticket.key))
+            h = self.take_idle(self.candidates(ticket.key)) or self.take_pipelined(ticket.key)
             if h is not None:
                 self.dispatch(h, ticket)
                 return
@@ -117,6 +125,19 @@ class Broker:
                 return self.mws[mw_id]
         return None
 
+    def take_pipelined(self, key: str) -> MwHandle | None:
+        """A busy warm miniworker of ``key`` that can hold one more call (the one busy longest), if the
+        function is short enough to pipeline."""
+        if self.run_s.get(key, PIPELINE_MAX_RUN_S) >= PIPELINE_MAX_RUN_S:
+            return None
+        best: MwHandle | None = None
+        for h in self.mws.values():
+            if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
+                    and h.ticket is not None and h.mode != ONESHOT
+                    and (best is None or h.ticket.dispatched < best.ticket.dispatched)):  # type: ignore[union-attr]
+                best = h
+        return best
+
     def make_idle(self, h: MwHandle) -> None:
         h.state = MwState.IDLE
         h.idle_since = time.monotonic()
@@ -129,6 +150,17 @@ class Broker:
 
     def dispatch(self, h: MwHandle, ticket: Ticket) -> None:
         header: dict[str, Any] = {"call_id": ticket.call_id, "params": ticket.params, "timeout": ticket.timeout}
+        if h.state == MwState.BUSY:  # pipelined: it holds the call until its current one ends
+            if not self.send(h, Msg.MW_CALL, header):
+                self.requeue(ticket)
+                self.pump()
+                return
+            h.ahead = ticket
+            ticket.ahead = True
+            ticket.mw_id = h.mw_id
+            ticket.dispatched = time.monotonic()
+            self.running[ticket.call_id] = ticket
+            return
         h.loading = h.function is None
         if ticket.queued and h.calls_served == 0:
             ticket.cold_wait = True  # it waited for this miniworker's container to start
@@ -139,8 +171,7 @@ class Broker:
                 h.function = ticket.key  # from now on it serves this function only
         if not self.send(h, Msg.MW_CALL, header):
             # It never reached the miniworker: not an attempt. Back to the head of its queue.
-            ticket.queued = True
-            self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+            self.requeue(ticket)
             self.pump()  # another idle miniworker may take it (each failed send loses one: this ends)
             return
         h.state = MwState.BUSY
@@ -152,6 +183,28 @@ class Broker:
         if ticket.queued or h.loading:
             self.on_dispatch(ticket)  # it waited or starts cold: say RUNNING now; warm calls see tick()
 
+    def requeue(self, ticket: Ticket) -> None:
+        """Back to the head of its queue: it did not start, so this is not an attempt."""
+        self.running.pop(ticket.call_id, None)
+        ticket.mw_id = None
+        ticket.ahead = False
+        ticket.queued = True
+        self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+
+    def requeue_ahead(self, h: MwHandle) -> None:
+        ticket, h.ahead = h.ahead, None
+        if ticket is not None:
+            self.requeue(ticket)
+
+    def promote(self, h: MwHandle) -> None:
+        """The held call started when its miniworker sent the previous result."""
+        ticket, h.ahead = h.ahead, None
+        assert ticket is not None
+        ticket.ahead = False
+        ticket.dispatched = time.monotonic()
+        ticket.started_at = time.time()
+        h.ticket = ticket
+
     def pump(self) -> None:
         """Hand queued calls to idle miniworkers that can serve them, oldest call first."""
         pending = [(q[0].received, key) for key, q in self.queues.items() if q]
@@ -162,7 +215,7 @@ class Broker:
             queue = self.queues[key]
             keys = self.candidates(key)
             while queue:
-                h = self.take_idle(keys)
+                h = self.take_idle(keys) or self.take_pipelined(key)
                 if h is None:
                     break
                 self.dispatch(h, queue.popleft())
@@ -186,6 +239,13 @@ class Broker:
         h = self.mws.get(ticket.mw_id)
         if h is None:
             return False
+        if h.ahead is ticket:  # held, not started: the miniworker forgets it
+            h.ahead = None
+            self.running.pop(call_id, None)
+            self.send(h, Msg.MW_DROP, {"call_id": call_id})
+            self.on_outcome(ticket, {"status": "CANCELLED", "error": {
+                "type": "Cancelled", "message": "cancelled before it started"}})
+            return True
         self.finish(h, ticket, {"status": "CANCELLED", "error": {
             "type": "Cancelled", "message": "cancelled while running; its container was removed"}})
         self.stop(h)
@@ -230,24 +290,39 @@ class Broker:
 
     def _on_result(self, h: MwHandle, msg: Message) -> None:
         header = msg.header
-        ticket = h.ticket
-        if ticket is None or ticket.call_id != header["call_id"]:
-            self.log.warning("late_result_ignored", mw_id=h.mw_id, call_id=header["call_id"])
-            return
-        h.calls_served += 1
-        if header.get("container_id"):
-            h.container_id = header["container_id"]
-        if header["status"] == REJECTED:
-            h.ticket = None
-            self.running.pop(ticket.call_id, None)
-            self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
+        call_id = header["call_id"]
+        if h.ahead is not None and h.ahead.call_id == call_id:
+            if header["status"] != REJECTED:  # only a held call's miniworker ending answers for it
+                self.log.error("held_call_answered", mw_id=h.mw_id, call_id=call_id, status=header["status"])
+            self.requeue_ahead(h)
+        elif h.ticket is not None and h.ticket.call_id == call_id:
+            ticket = h.ticket
+            if header.get("container_id"):
+                h.container_id = header["container_id"]
+            if header["status"] == REJECTED:
+                h.ticket = None
+                self.requeue(ticket)
+            else:
+                h.calls_served += 1
+                self._note_run_time(ticket.key, header.get("timings"))
+                self.finish(h, ticket, header)
         else:
-            self.finish(h, ticket, header)
+            self.log.warning("late_result_ignored", mw_id=h.mw_id, call_id=call_id)
+            return
         if header.get("retire"):
             h.state = MwState.STOPPING
-        else:
-            self.make_idle(h)
+        elif h.ticket is None:
+            if h.ahead is not None:
+                self.promote(h)
+            else:
+                self.make_idle(h)
         self.pump()
+
+    def _note_run_time(self, key: str, timings: Any) -> None:
+        run = timings.get("run_s") if isinstance(timings, dict) else None
+        if isinstance(run, int | float) and not isinstance(run, bool):
+            last = self.run_s.get(key)
+            self.run_s[key] = float(run) if last is None else 0.8 * last + 0.2 * float(run)
 
     def _on_failed(self, h: MwHandle, msg: Message) -> None:
         reason = msg.header["reason"]
@@ -256,6 +331,7 @@ class Broker:
         self.forget_idle(h)
         self.metrics.mw_lost.inc(reason="start_failed")
         self.log.warning("miniworker_failed", mw_id=h.mw_id, pool=h.pool_key, reason=reason)
+        self.requeue_ahead(h)
         if h.ticket is not None:
             self.finish(h, h.ticket, {"status": "FAILED", "error": {"type": "MiniworkerFailed", "message": reason}})
         failures = self.failures[h.pool_key] = self.failures.get(h.pool_key, 0) + 1
@@ -292,6 +368,7 @@ class Broker:
         self.forget_idle(h)
         h.state = MwState.STOPPING
         h.reason = h.reason or "stopped by the pool"
+        self.requeue_ahead(h)
         self.send(h, Msg.MW_STOP, {})
 
     def lose(self, h: MwHandle, reason: str) -> None:
@@ -305,6 +382,7 @@ class Broker:
         h.reason = reason
         if h.proc.poll() is None:
             h.proc.send_signal(signal.SIGKILL)
+        self.requeue_ahead(h)  # before the retried call: that one goes first
         ticket = h.ticket
         if ticket is not None:
             h.ticket = None
@@ -329,6 +407,9 @@ class Broker:
             code = h.proc.poll()
             if h.state in (MwState.STOPPING, MwState.FAILED):
                 if code is not None:
+                    if h.ahead is not None:
+                        self.requeue_ahead(h)
+                        self.pump()
                     del self.mws[h.mw_id]
                     if h.state == MwState.STOPPING and code != 0:
                         self.on_lost(h)  # it may not have removed its container
@@ -348,7 +429,7 @@ class Broker:
         for ticket in self.running.values():
             # A warm call usually ends within a millisecond: its RESULT carries when it started. Only calls
             # still running a tick later are reported RUNNING, which keeps the hot path to two messages.
-            if not ticket.state_sent and now - ticket.dispatched >= RUNNING_REPORT_AFTER:
+            if not ticket.state_sent and not ticket.ahead and now - ticket.dispatched >= RUNNING_REPORT_AFTER:
                 self.on_dispatch(ticket)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + cfg.heartbeat

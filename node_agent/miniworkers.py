@@ -49,6 +49,7 @@ class MwHandle:
     container_id: str = ""
     calls_served: int = 0
     ticket: Ticket | None = None
+    ahead: Ticket | None = None  # a call it holds to run next (pipelined; not started)
     loading: bool = False  # the current call also starts a container or loads the function
     reason: str = ""
 

@@ -21,3 +21,4 @@ class Ticket:
     state_sent: bool = False  # RUNNING was reported to the controller
     queued: bool = False  # waited in the node's queue for a miniworker
     cold_wait: bool = False  # waited for a miniworker to start
+    ahead: bool = False  # held by a busy miniworker to run next (pipelined), not started yet

@@ -15,6 +15,7 @@ import zmq
 
 from miniworker.container import LABEL_NODE
 from shoal.localnode import LocalNode
+from shoal.protocol import Msg
 from tests.conftest import node_containers
 from tests.integration.functions import CHAOS, DICE, ECHO, SLOW, UPPER
 
@@ -68,7 +69,7 @@ def test_seed_dice_function_returns_four_dice_under_each_policy(make_node, docke
         assert first["container_id"] != second["container_id"]
         assert second["cold"] is True
         used = {first["container_id"], second["container_id"]}
-        wait_until(node, lambda: not used & {c.id for c in node_containers(docker_client, node.node_id)},
+        wait_until(node, lambda: not used & set(node_containers(docker_client, node.node_id)),
                    what="the calls' containers to be removed")
     else:
         assert first["container_id"] == second["container_id"]
@@ -152,10 +153,70 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     assert retried["status"] == "DONE" and retried["attempts"] == 2 and retried["mw_id"] != victim["id"], retried
     assert metric(node, "shoal_miniworkers_lost_total") >= 1
     # The lost miniworker's container is removed and the pool is back to its warm size.
-    wait_until(node, lambda: victim["container_id"] not in {c.id for c in node_containers(docker_client, node.node_id)},
+    wait_until(node, lambda: victim["container_id"] not in set(node_containers(docker_client, node.node_id)),
                what="the lost miniworker's container to be removed")
     wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
     assert metric(node, "shoal_calls_total") == 10
+
+
+def holding(node: LocalNode, call_id: str) -> dict[str, Any]:
+    return wait_until(node, lambda: next((m for m in node.status()["miniworkers"] if m["next_call_id"] == call_id),
+                                         None), what=f"call {call_id} to be held")
+
+
+def warm_up(node: LocalNode) -> None:
+    """Enough short calls for the broker to see the function as short (a long run keeps it off for a while)."""
+    for _ in range(25):
+        assert node.call("chaos", {})["status"] == "DONE"
+
+
+def test_a_busy_warm_miniworker_holds_one_short_call_and_gives_it_back_if_it_ends_first(make_node) -> None:
+    node = make_node("function")
+    node.deploy("chaos", CHAOS, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    warm_up(node)
+
+    # Held, then run by the same miniworker as soon as the running call ends.
+    head = node.submit("chaos", {"do": "sleep", "s": 1})
+    mw = running_miniworker(node, head)
+    held = node.submit("chaos", {})
+    assert holding(node, held)["id"] == mw["id"]
+    results = node.link.wait_all([head, held], timeout=60)
+    assert results[head]["status"] == results[held]["status"] == "DONE"
+    assert results[held]["mw_id"] == mw["id"] and results[held]["attempts"] == 1
+    assert results[held]["started_at"] >= results[head]["started_at"] + 1
+
+    warm_up(node)
+    # Cancelled while held: it never runs.
+    head = node.submit("chaos", {"do": "sleep", "s": 1})
+    running_miniworker(node, head)
+    held = node.submit("chaos", {"do": "raise", "why": "must not run"})
+    holding(node, held)
+    node.link.send(node.node_id, Msg.CANCEL, {"call_id": held})
+    results = node.link.wait_all([head, held], timeout=60)
+    assert results[held]["status"] == "CANCELLED" and "before it started" in results[held]["error"]["message"]
+    assert results[head]["status"] == "DONE"
+
+    warm_up(node)
+    # The running call times out: its container is replaced and the held call runs on the next one.
+    head = node.submit("chaos", {"do": "sleep", "s": 60}, timeout=1)
+    mw = running_miniworker(node, head)
+    held = node.submit("chaos", {})
+    holding(node, held)
+    results = node.link.wait_all([head, held], timeout=120)
+    assert results[head]["status"] == "TIMEOUT"
+    assert results[held]["status"] == "DONE" and results[held]["mw_id"] != mw["id"], results[held]
+    assert results[held]["attempts"] == 1  # holding it was not an attempt
+
+    warm_up(node)
+    # The miniworker is SIGKILLed: the running call is retried, the held one queued again; both run.
+    head = node.submit("chaos", {"do": "sleep", "s": 2})
+    mw = running_miniworker(node, head)
+    held = node.submit("chaos", {})
+    holding(node, held)
+    os.kill(mw["pid"], signal.SIGKILL)
+    results = node.link.wait_all([head, held], timeout=120)
+    assert results[head]["status"] == "DONE" and results[head]["attempts"] == 2, results[head]
+    assert results[held]["status"] == "DONE" and results[held]["attempts"] == 1, results[held]
 
 
 def test_a_call_lost_twice_fails_with_a_clear_reason(make_node) -> None:
@@ -325,4 +386,4 @@ def test_an_agent_killed_leaves_no_container_and_removes_orphans_at_start(make_n
     # A container left behind (as by a crash of the whole host) is removed by the next start.
     orphan = docker_client.containers.create("pythonruntime", ["sleep", "60"], labels={LABEL_NODE: node.node_id})
     node.start()
-    assert orphan.id not in {c.id for c in node_containers(docker_client, node.node_id)}
+    assert orphan.id not in set(node_containers(docker_client, node.node_id))
