@@ -52,6 +52,7 @@ class Pending:
     stamps: dict[str, float] = field(default_factory=dict)  # state -> when, as written to the store
     last_node: str = ""
     dispatch_unwritten: bool = False  # dispatched, but its DISPATCHED state is not written yet
+    outcome: dict[str, Any] | None = None  # the whole call once its terminal state is stored
 
     @property
     def key(self) -> str:
@@ -87,12 +88,14 @@ class Dispatcher:
             self.queue.append(pending)
         self.kick()
 
-    def wait(self, call_id: str) -> asyncio.Future[dict[str, Any]] | None:
-        pending = self.calls.get(call_id)
-        if pending is None:
-            return None
+    @staticmethod
+    def wait(pending: Pending) -> asyncio.Future[dict[str, Any]]:
+        """The call's outcome once it is stored (at once if it already is)."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending.waiters.append(fut)
+        if pending.outcome is not None:
+            fut.set_result(pending.outcome)
+        else:
+            pending.waiters.append(fut)
         return fut
 
     # ---- placing -------------------------------------------------------------------------------
@@ -226,6 +229,7 @@ class Dispatcher:
         outcome.update(status=status.value, node=pending.last_node, attempts=pending.attempts)
 
         def resolve(_: asyncio.Future[None]) -> None:
+            pending.outcome = outcome
             for fut in pending.waiters:
                 if not fut.done():
                     fut.set_result(outcome)

@@ -22,7 +22,7 @@ from shoal.archive_server import ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.logs import get_logger
 from shoal.nodelink import bind_router
-from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
+from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
 
@@ -73,9 +73,11 @@ class Hub:
         self.ctx.term()
 
     # ---- sending -------------------------------------------------------------------------------
-    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: bytes) -> bool:
+    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: Buffer) -> bool:
         try:
-            self.sock.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)], flags=zmq.NOBLOCK)
+            # Payload frames (archive chunks, views of a mapped blob) go zero-copy; ZMQ copies small frames.
+            self.sock.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)], flags=zmq.NOBLOCK,
+                                     copy=not payload)
             return True
         except zmq.ZMQError as exc:
             self.log.warning("node_unreachable", node_id=node_id, error=exc.strerror)

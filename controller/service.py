@@ -149,9 +149,9 @@ class Service:
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:
         """The call's stored record once it ends, or None if ``timeout`` passes first."""
-        fut = self.dispatcher.wait(call_id) if pending is not None else None
-        if fut is None:
+        if pending is None:
             return await self.get_call(call_id)
+        fut = self.dispatcher.wait(pending)
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -142,7 +142,8 @@ class Agent:
                 if self.broker.sock in events:
                     self.drain_socket(self.broker.sock, self.broker.on_frames)
                 if self.link.sock in events:
-                    self.drain_socket(self.link.sock, self.on_controller_frames)
+                    # Zero-copy frames: archive chunks go from ZMQ's buffer to the file and the hash.
+                    self.drain_socket(self.link.sock, self.on_controller_frames, copy=False)
                 if self.wake_r in events:
                     self.drain_inbox()
                 now = time.monotonic()
@@ -165,11 +166,11 @@ class Agent:
             self.shutdown()
         return 0
 
-    def drain_socket(self, sock: zmq.Socket[Any], handle: Callable[[list[bytes]], None]) -> None:
+    def drain_socket(self, sock: zmq.Socket[Any], handle: Callable[[list[Any]], None], copy: bool = True) -> None:
         for _ in range(1000):  # bounded, so one busy socket cannot starve the other
             if not zmq_readable(sock):
                 return
-            handle(sock.recv_multipart(zmq.NOBLOCK))
+            handle(sock.recv_multipart(zmq.NOBLOCK, copy=copy))
 
     def drain_inbox(self) -> None:
         try:
@@ -228,7 +229,7 @@ class Agent:
         self.log.info("agent_stopped")
 
     # ---- controller messages -------------------------------------------------------------------
-    def on_controller_frames(self, frames: list[bytes]) -> None:
+    def on_controller_frames(self, frames: list[Any]) -> None:
         try:
             msg = protocol.decode(frames)
             handler = self._handlers.get(msg.type)

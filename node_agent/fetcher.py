@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 from node_agent.cache import NodeCache
 from node_agent.errors import FetchError
-from shoal.protocol import Msg
+from shoal.protocol import Buffer, Msg
 
 CREDIT = 8  # chunks (MiB) in flight per transfer: the sender holds at most this much per node
 STALL_SECONDS = 10.0
@@ -63,7 +63,7 @@ class ArchiveFetcher:
                                        file=self.cache.open_for_append(sha, offset))
         self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
 
-    def on_chunk(self, header: dict[str, Any], payload: list[bytes]) -> None:
+    def on_chunk(self, header: dict[str, Any], payload: list[Buffer]) -> None:
         sha = header["sha256"]
         t = self.transfers.get(sha)
         if t is None or header["offset"] != t.offset:

@@ -2,32 +2,51 @@
 
 Used by the controller's node hub and by :class:`shoal.nodelink.NodeLink`. ``on_fetch`` turns a node's
 ``FETCH {sha256, offset, credit}`` into the ``CHUNK`` messages it may send now: at most ``credit`` chunks
-past what the node acknowledged. Each transfer keeps one open file and reads one chunk at a time, so the
-sender's memory does not grow with the archive.
+past what the node acknowledged.
+
+Chunks are zero-copy: each transfer maps its blob (read-only) and a chunk is a view of the mapping, which
+ZMQ sends from directly (``copy=False``) instead of a read into a new buffer and ZMQ's own copy of it. What
+the node acknowledged is dropped from this process's mapping (``MADV_DONTNEED``; the page cache keeps it),
+so the sender's memory stays at about ``credit`` chunks whatever the archive's size.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from shoal.blobs import BlobStore
 from shoal.errors import NotFound
-from shoal.protocol import Msg
+from shoal.protocol import Buffer, Msg
 
 CHUNK_SIZE = 1 << 20
 MAX_CREDIT = 64
 
-Outgoing = tuple[bytes, dict[str, Any], bytes | None]
+Outgoing = tuple[bytes, dict[str, Any], Buffer | None]
 
 
 @dataclass
 class Transfer:
     sha: str
     size: int
-    file: IO[bytes]
+    map: mmap.mmap | None  # None for an empty archive
     sent: int = 0
     acked: int = 0
+    released: int = 0  # bytes [0, released) were dropped from this process's mapping
+
+    def release_acked(self) -> None:
+        end = self.acked - self.acked % mmap.PAGESIZE
+        if self.map is not None and end > self.released:
+            self.map.madvise(mmap.MADV_DONTNEED, self.released, end - self.released)
+            self.released = end
+
+
+def _map(path: str, size: int) -> mmap.mmap | None:
+    if size == 0:
+        return None
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
 
 
 class ArchiveServer:
@@ -43,39 +62,41 @@ class ArchiveServer:
         key = (node_id, sha)
         out: list[Outgoing] = []
         t = self.transfers.get(key)
+        if t is None and not h.get("restart"):
+            # An acknowledgement that arrives after the last chunk went out (the node acknowledges every
+            # chunk, so up to ``credit`` of them do). Starting over here would send the tail again.
+            return out
         if t is None or h.get("restart"):
             if t is not None:
-                t.file.close()
-                del self.transfers[key]
+                del self.transfers[key]  # its mapping goes once ZMQ has sent what it holds
             try:
                 size = self.blobs.size(sha)
             except NotFound as exc:
                 return [(Msg.FETCH_ERROR, {"sha256": sha[:64], "error": str(exc)}, None)]
             if not 0 <= offset <= size:
                 return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"}, None)]
-            t = self.transfers[key] = Transfer(sha, size, open(self.blobs.path(sha), "rb"), offset, offset)
+            try:
+                mapping = _map(str(self.blobs.path(sha)), size)
+            except (OSError, ValueError) as exc:
+                return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"cannot read archive: {exc}"}, None)]
+            t = self.transfers[key] = Transfer(sha, size, mapping, offset, offset, offset - offset % mmap.PAGESIZE)
             if size == 0:
                 out.append((Msg.CHUNK, {"sha256": sha, "offset": 0, "last": True}, b""))
         t.acked = max(t.acked, offset)
-        while t.sent < t.size and t.sent - t.acked < credit * self.chunk_size:
-            t.file.seek(t.sent)
-            data = t.file.read(self.chunk_size)
-            if not data:
-                break
-            last = t.sent + len(data) >= t.size
-            out.append((Msg.CHUNK, {"sha256": sha, "offset": t.sent, "last": last}, data))
-            t.sent += len(data)
-            self.bytes_sent += len(data)
+        t.release_acked()
+        view = memoryview(t.map) if t.map is not None else None
+        while view is not None and t.sent < t.size and t.sent - t.acked < credit * self.chunk_size:
+            end = min(t.sent + self.chunk_size, t.size)
+            out.append((Msg.CHUNK, {"sha256": sha, "offset": t.sent, "last": end >= t.size}, view[t.sent:end]))
+            self.bytes_sent += end - t.sent
+            t.sent = end
         if t.sent >= t.size:  # everything is out; a node that stalls restarts the transfer itself
-            t.file.close()
             del self.transfers[key]
         return out
 
     def forget(self, node_id: str) -> None:
         for key in [k for k in self.transfers if k[0] == node_id]:
-            self.transfers.pop(key).file.close()
+            del self.transfers[key]
 
     def close(self) -> None:
-        for t in self.transfers.values():
-            t.file.close()
         self.transfers.clear()

@@ -21,7 +21,7 @@ from shoal.blobs import BlobStore
 from shoal.errors import NotFound, ShoalError
 from shoal.logs import get_logger
 from shoal.models import FunctionSpec, Runtime
-from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
+from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 
 class LinkTimeout(ShoalError):
@@ -66,7 +66,7 @@ class NodeLink:
         self.next_heartbeat = 0.0
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: bytes) -> None:
+    def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: Buffer) -> None:
         try:
             self.sock.send_multipart([node_id.encode(), *protocol.encode(mtype, header, *payload)])
         except zmq.ZMQError as exc:

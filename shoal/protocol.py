@@ -133,13 +133,17 @@ SCHEMAS: dict[bytes, dict[str, tuple[type, ...]]] = {
 PAYLOAD_TYPES = frozenset({Msg.CHUNK})
 
 
+#: A payload frame: bytes, or a zero-copy view of a received ZMQ frame (``recv_multipart(copy=False)``).
+Buffer = bytes | memoryview
+
+
 @dataclass(slots=True)
 class Message:
     """A decoded message."""
 
     type: bytes
     header: dict[str, Any]
-    payload: list[bytes] = field(default_factory=list)
+    payload: list[Buffer] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -182,26 +186,33 @@ def dumps_str(value: Any) -> str:
 loads = json.loads
 
 
-def encode(mtype: bytes, header: dict[str, Any] | None = None, *payload: bytes) -> list[bytes]:
+def encode(mtype: bytes, header: dict[str, Any] | None = None, *payload: Buffer) -> list[Buffer]:
     """Frames for a ZMQ message. Validates outgoing messages too: a bug shows where it is made."""
     head = _validate(mtype, {} if header is None else header)
     return [mtype, dumps(head), *payload]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Decode and validate the frames of a ZMQ message (routing envelope already removed)."""
+def decode(frames: list[Any]) -> Message:
+    """Decode and validate the frames of a ZMQ message (routing envelope already removed).
+
+    Frames are bytes, or ZMQ frames (``copy=False``): payload frames then stay zero-copy views.
+    """
     if len(frames) < 2:
         raise ProtocolError(f"expected at least 2 frames [type][header], got {len(frames)}")
+    if len(frames[0]) > 64:
+        raise ProtocolError(f"message type of {len(frames[0])} bytes")
     mtype = bytes(frames[0])
     raw = frames[1]
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
     _validate(mtype, header)
-    payload = [bytes(f) for f in frames[2:]]
+    payload: list[Buffer] = [f if isinstance(f, bytes) else memoryview(f) for f in frames[2:]]
     if payload and mtype not in PAYLOAD_TYPES:
         raise ProtocolError(f"{mtype.decode()}: carries {len(payload)} unexpected payload frame(s)")
     return Message(mtype, header, payload)

@@ -1,0 +1,125 @@
+"""The archive transfer's two halves, wired back to back in memory: the controller's ArchiveServer and the
+node's ArchiveFetcher. Credit bounds what is in flight, the bytes arrive exactly, a broken transfer resumes
+from its partial file, and the sender's chunks are views of its mapped blob (no copies)."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_agent.cache import NodeCache
+from node_agent.fetcher import CREDIT, ArchiveFetcher
+from shoal.archive_server import ArchiveServer
+from shoal.blobs import BlobStore
+from shoal.protocol import Msg
+
+CHUNK = 64 * 1024
+
+
+class Wire:
+    """Carries FETCH from the fetcher to the server and the server's answers back, counting what is in flight."""
+
+    def __init__(self, tmp: Path, data: bytes) -> None:
+        self.blobs = BlobStore(tmp / "blobs")
+        src = tmp / "archive.bin"
+        src.write_bytes(data)
+        self.sha, self.size = self.blobs.put_file(src)
+        self.server = ArchiveServer(self.blobs, chunk_size=CHUNK)
+        self.cache = NodeCache(tmp / "node")
+        self.done: list[tuple[str, str | None]] = []
+        self.inbox: list[tuple[bytes, dict[str, Any]]] = []
+        self.max_in_flight = 0
+        self.payloads: list[Any] = []
+        self.fetcher = self.new_fetcher()
+
+    def new_fetcher(self) -> ArchiveFetcher:
+        return ArchiveFetcher(self.cache, lambda mtype, h: self.inbox.append((mtype, h)),
+                              lambda sha, err: self.done.append((sha, err)))
+
+    def run(self, fetcher: ArchiveFetcher, max_chunks: int | None = None) -> None:
+        delivered = 0
+        while self.inbox:
+            mtype, header = self.inbox.pop(0)
+            assert mtype == Msg.FETCH
+            answers = self.server.on_fetch("node-1", header)
+            for t in self.server.transfers.values():
+                self.max_in_flight = max(self.max_in_flight, t.sent - t.acked)
+            for amtype, ah, payload in answers:
+                if amtype == Msg.FETCH_ERROR:
+                    fetcher.on_error(ah)
+                    continue
+                assert payload is not None
+                self.payloads.append(payload)
+                if max_chunks is not None and delivered >= max_chunks:
+                    return  # the link breaks: the rest is lost
+                fetcher.on_chunk(ah, [payload])
+                delivered += 1
+
+
+def test_an_archive_arrives_exactly_with_credit_bounding_what_is_in_flight(tmp_path: Path) -> None:
+    data = os.urandom(40 * CHUNK + 123)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    wire.run(wire.fetcher)
+    assert wire.done == [(wire.sha, None)]
+    assert wire.cache.blob_path(wire.sha).read_bytes() == data
+    assert wire.max_in_flight <= CREDIT * CHUNK
+    assert all(isinstance(p, memoryview) for p in wire.payloads)  # views of the mapped blob, not copies
+    # Every chunk was sent once: the acknowledgements that arrived after the last chunk sent nothing again.
+    assert wire.server.bytes_sent == len(data) and wire.server.transfers == {}
+
+
+def test_a_broken_transfer_resumes_from_its_partial_file(tmp_path: Path) -> None:
+    data = os.urandom(30 * CHUNK)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    wire.run(wire.fetcher, max_chunks=11)  # the agent dies after 11 chunks
+    assert wire.done == [] and wire.cache.partial(wire.sha).stat().st_size == 11 * CHUNK
+    wire.inbox.clear()
+    before = wire.server.bytes_sent
+    fresh = wire.new_fetcher()  # a restarted agent: it finds the partial file
+    fresh.want(wire.sha, wire.size)
+    assert wire.inbox[0][1]["offset"] == 11 * CHUNK and wire.inbox[0][1]["restart"] is True
+    wire.run(fresh)
+    assert wire.done == [(wire.sha, None)]
+    assert wire.cache.blob_path(wire.sha).read_bytes() == data
+    assert wire.server.bytes_sent - before == 19 * CHUNK  # only the rest was sent again
+
+
+def test_acknowledged_bytes_are_dropped_from_the_senders_mapping(tmp_path: Path) -> None:
+    wire = Wire(tmp_path, os.urandom(20 * CHUNK))
+    first = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 0, "credit": 4, "restart": True})
+    assert len(first) == 4
+    transfer = wire.server.transfers[("n", wire.sha)]
+    wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 3 * CHUNK, "credit": 4})
+    assert transfer.released == 3 * CHUNK and transfer.sent - transfer.acked == 4 * CHUNK
+    wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 5 * CHUNK + 10, "credit": 4})  # never page-aligned
+    assert transfer.released == (5 * CHUNK + 10) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+@pytest.mark.parametrize("header, needle", [
+    ({"sha256": "0" * 64, "offset": 0, "credit": 4, "restart": True}, "no archive"),
+    ({"sha256": "nothex", "offset": 0, "credit": 4, "restart": True}, ""),
+])
+def test_unknown_or_malformed_archives_get_a_fetch_error(tmp_path: Path, header: dict[str, Any], needle: str) -> None:
+    server = ArchiveServer(BlobStore(tmp_path / "blobs"))
+    [(mtype, answer, payload)] = server.on_fetch("n", header)
+    assert mtype == Msg.FETCH_ERROR and payload is None and needle in answer["error"]
+
+
+def test_an_offset_past_the_end_is_refused_and_an_empty_archive_is_one_last_chunk(tmp_path: Path) -> None:
+    wire = Wire(tmp_path, b"abc")
+    [(mtype, answer, _)] = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 4, "credit": 1, "restart": True})
+    assert mtype == Msg.FETCH_ERROR and "out of range" in answer["error"]
+    empty = Wire(tmp_path / "empty", b"")
+    first = {"sha256": empty.sha, "offset": 0, "credit": 1, "restart": True}
+    [(mtype, answer, payload)] = empty.server.on_fetch("n", first)
+    assert mtype == Msg.CHUNK and answer["last"] is True and payload == b""
+    empty.fetcher.want(empty.sha, 0)
+    empty.run(empty.fetcher)
+    assert empty.done == [(hashlib.sha256(b"").hexdigest(), None)]
