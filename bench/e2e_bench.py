@@ -21,9 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +55,8 @@ def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -
     p50 = int(re.search(r"P50 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
     p99 = int(re.search(r"P99 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
     non2xx = int(re.search(r"NON2XX (\d+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx, "requests": requests}
 
 
 # ---- celery ------------------------------------------------------------------------------------
@@ -74,7 +73,35 @@ def echo(params):
 """
 
 
-def bench_celery(seconds: float, quick: bool) -> dict[str, float]:
+CELERY_CLIENT = """
+import sys, threading, time
+from celery_bench_app import echo
+threads, seconds = int(sys.argv[1]), float(sys.argv[2])
+echo.delay(0).get(timeout=60)
+done = [0] * threads
+start = time.monotonic()
+stop = start + seconds
+def client(i):
+    while time.monotonic() < stop:
+        echo.delay(1).get(timeout=30)
+        done[i] += 1
+workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+print(sum(done), time.monotonic() - start)
+"""
+
+
+def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> float:
+    """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched (each
+    client counts from its first task on, after its imports, so start-up is not in the figure)."""
+    clients = [subprocess.Popen([sys.executable, "-c", CELERY_CLIENT, str(threads), str(seconds)], env=env,
+                                cwd=workdir, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    outputs = [c.communicate(timeout=seconds + 120)[0].split() for c in clients]
+    return sum(int(done) for done, _ in outputs) / max(float(elapsed) for _, elapsed in outputs)
+
+
+def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
     redis = start_redis("celery-redis", appendonly=False)
     workdir = Path(tempfile.mkdtemp(prefix="shoal-celery-"))
     (workdir / "celery_bench_app.py").write_text(CELERY_APP)
@@ -98,24 +125,13 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, float]:
             task.delay(i).get(timeout=10)
             samples.append(time.perf_counter() - t0)
         samples.sort()
-        done = 0
-        stop = time.monotonic() + seconds
-        lock = threading.Lock()
-
-        def client() -> None:
-            nonlocal done
-            while time.monotonic() < stop:
-                task.delay(1).get(timeout=30)
-                with lock:
-                    done += 1
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(32) as pool:
-            for _ in range(32):
-                pool.submit(client)
-        rate = done / (time.perf_counter() - t0)
+        # Saturation: the client must not be what limits Celery, so try one process of 32 threads and 4
+        # processes of 8 threads (the GIL), and keep Celery's better figure.
+        rates = {f"{procs}x{threads}": celery_clients(env, workdir, procs, threads, seconds)
+                 for procs, threads in ((1, 32), (4, 8))}
+        best = max(rates, key=lambda k: rates[k])
         return {"p50_ms": samples[len(samples) // 2] * 1000, "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
-                "rps_saturation": rate}
+                "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates}
     finally:
         worker.terminate()
         worker.wait(30)
@@ -178,11 +194,14 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
         print("  shoal sync c=32...", flush=True)
         out["sync_c32"] = wrk(url, '{"params": 1}', 32, seconds)
         print("  shoal async submissions...", flush=True)
+        t0 = time.monotonic()
         out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
                                max(2, seconds // 2))
         drain_deadline = time.monotonic() + 600
         while cluster.get("/v1/health")["active"] and time.monotonic() < drain_deadline:
-            time.sleep(0.5)
+            time.sleep(0.05)
+        # Every accepted call ran: from the first submission to the last completion.
+        out["async_completed_per_s"] = out["async_c32"]["requests"] / (time.monotonic() - t0)
         print("  shoal cold vs warm...", flush=True)
         cold = []
         for i in range(5 if quick else 15):
@@ -226,9 +245,11 @@ def report(r: dict[str, Any]) -> None:
                      f"({s['sync_c1']['rps']:.0f}/s)   celery delay().get() p50 {c['p50_ms']:.2f} ms  "
                      f"p99 {c['p99_ms']:.2f} ms"),
         ("sync c=32", f"p50 {s['sync_c32']['p50_ms']:.2f} ms  p99 {s['sync_c32']['p99_ms']:.2f} ms"),
-        ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s   "
+        ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s "
+                                  f"({c['clients']} client procs x threads)   "
                                   f"= {s['sync_c32']['rps'] / c['rps_saturation']:.2f}x celery"),
-        ("async submissions/s", f"{s['async_c32']['rps']:.0f}/s accepted (non-2xx {s['async_c32']['non_2xx']})"),
+        ("async submissions/s", f"{s['async_c32']['rps']:.0f}/s accepted (non-2xx {s['async_c32']['non_2xx']}); "
+                                f"all {s['async_c32']['requests']} ran at {s['async_completed_per_s']:.0f}/s"),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "

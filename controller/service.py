@@ -134,12 +134,14 @@ class Service:
         call = {"id": call_id, "num": await self.store.next_call_num(), "function": name,
                 "version": int(record["version"]), "params": params, "status": "QUEUED", "created": now,
                 "t_QUEUED": now, "timeout": timeout, "attempts": 0, "node": ""}
-        # The write and the dispatch start together (the writer keeps each call's writes in order, so its
-        # outcome cannot be overwritten by its creation); the caller hears of the call only once it is stored.
-        created = self.store.create_call(call)
+        # The write and the dispatch start together: enqueue only schedules the placement, so the creation is
+        # queued to the writer first and the writer keeps each call's writes in order (its outcome cannot be
+        # overwritten by its creation); the dispatch goes out before the write. The caller hears of the call
+        # only once it is stored.
         pending = Pending(call_id, name, int(record["version"]), params, timeout, record=call,
                           stamps={"QUEUED": now})
         self.dispatcher.enqueue(pending)
+        created = self.store.create_call(call)
         try:
             await created
         except StoreError:
