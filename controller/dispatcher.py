@@ -123,7 +123,7 @@ class Dispatcher:
             if key in blocked:
                 waiting.append(pending)
                 continue
-            candidates = [n for n in nodes if key in n.ready and len(n.inflight) < n.capacity * limit]
+            candidates = [n for n in nodes if key in n.ready and n.has_room(key, limit)]
             node = self.placement.choose(key, candidates)
             if node is None:
                 blocked.add(key)

@@ -6,6 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+#: A node's per-function queue bound when its HELLO does not say (the agent's default).
+DEFAULT_QUEUE_LIMIT = 256
+
 
 @dataclass
 class NodeState:
@@ -23,6 +26,18 @@ class NodeState:
     dispatched: int = 0
     done: int = 0
     connected_at: float = field(default_factory=time.time)
+
+    @property
+    def queue_limit(self) -> int:
+        """Calls of one function the node holds waiting (beyond, it answers REJECTED)."""
+        limit = self.hello.get("queue_limit")
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else DEFAULT_QUEUE_LIMIT
+
+    def has_room(self, key: str, oversubscribe: int) -> bool:
+        """Whether a call of ``key`` sent now would be taken: within the node's overall bound, and no more of
+        this function in flight than its queue holds (the rest would come back REJECTED, at a round trip's
+        cost each, and be placed again)."""
+        return len(self.inflight) < self.capacity * oversubscribe and self.warm_busy.get(key, 0) < self.queue_limit
 
     def load(self) -> float:
         return len(self.inflight) / max(1, self.capacity)

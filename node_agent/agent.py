@@ -441,7 +441,7 @@ class Agent:
     def hello(self) -> dict[str, Any]:
         return {
             "v": protocol.PROTOCOL_VERSION, "node_id": self.config.node_id, "capacity": self.config.capacity,
-            "policy": self.config.policy.value, "version": __version__,
+            "queue_limit": self.config.queue_limit, "policy": self.config.policy.value, "version": __version__,
             "status_url": f"http://{self.config.status_host}:{self.status.port}",
             "runtimes": sorted(self.registry.runtimes),
             "functions": [fn.key for fn in self.registry.functions.values() if fn.state == FnState.READY],
