@@ -98,6 +98,7 @@ class Store:
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._writes.get()]
+            await asyncio.sleep(0)  # one loop turn: the handlers ready now add their writes to this batch
             while not self._writes.empty() and len(batch) < 1024:
                 batch.append(self._writes.get_nowait())
             commands = [command for write, _ in batch for command in write]
