@@ -5,7 +5,10 @@ Run after every event and on a timer, it compares what is live with what is want
 1. demand first: a function with waiting calls gets miniworkers started (bound to it under ``function``,
    started-ahead runtime containers under ``runtime``, oneshot processes under ``none``), up to its
    ``max_warm`` and the node's capacity; when the node is full, the least recently used idle miniworker
-   of another pool makes room;
+   of another pool makes room. Not when the queue will be gone before a new container could help: a
+   short function's queue (see the broker's pipelining) that its running miniworkers drain within
+   ``SCALE_UP_AFTER_S`` starts none (a container takes longer than that to start, and extra processes on a
+   busy host only take CPU from the ones serving);
 2. then the baseline: ``min_warm`` per ready function (``function``), ``runtime_warm`` per runtime
    (``runtime``), ``oneshot_spares`` (``none``);
 3. then keep-alive: idle miniworkers above the baseline for longer than their keep-alive are stopped, as
@@ -21,12 +24,17 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from miniworker.spec import LoadSpec
-from node_agent.broker import Broker
+from node_agent.broker import PIPELINE_MAX_RUN_S, Broker
 from node_agent.config import AgentConfig
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.miniworkers import LIVE, ONESHOT, MwHandle, MwState, Spawner, generic_key
 from shoal.logs import get_logger
 from shoal.models import Policy
+
+#: A queue that the running miniworkers would drain sooner than this starts no new miniworker (see above).
+SCALE_UP_AFTER_S = 0.1
+#: What a call costs a miniworker at least, beyond its run: the broker's round trip.
+CALL_OVERHEAD_S = 0.0005
 
 
 class PoolManager:
@@ -67,6 +75,13 @@ class PoolManager:
         self.broker.stop(victim)
         return True
 
+    def _drains_soon(self, key: str, queued: int, serving: int) -> bool:
+        """Whether ``serving`` miniworkers of a short function drain ``queued`` calls within SCALE_UP_AFTER_S."""
+        run = self.broker.run_s.get(key)
+        if run is None or run >= PIPELINE_MAX_RUN_S or serving <= 0:
+            return False
+        return queued * max(run, CALL_OVERHEAD_S) / serving < SCALE_UP_AFTER_S
+
     def reconcile(self) -> None:
         if self.draining:
             return
@@ -87,6 +102,8 @@ class PoolManager:
                 oneshot_demand += len(queue)
                 continue
             pool = key if policy == Policy.FUNCTION else generic_key(fn.spec.runtime)
+            if self._drains_soon(key, len(queue), by_pool[key] - starting[key]):
+                continue
             need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
             for _ in range(max(0, need)):
                 if free <= 0 and not (by_pool[key] == 0 and self._make_room(pool)):
