@@ -206,8 +206,13 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
         t0 = time.monotonic()
         out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
                                max(2, seconds // 2))
-        drain_deadline = time.monotonic() + 600
-        while cluster.get("/v1/health")["active"] and time.monotonic() < drain_deadline:
+        drain_deadline = time.monotonic() + 120
+        while cluster.get("/v1/health")["active"]:
+            if time.monotonic() > drain_deadline:  # a stuck call is a bug, not a figure: show the state
+                nodes = cluster.get("/v1/nodes")
+                statuses = [status_of(n["status_url"])[1] for n in nodes]
+                raise RuntimeError(f"accepted calls did not all finish: {cluster.get('/v1/health')}\n"
+                                   f"{json.dumps(nodes, indent=1)}\n{json.dumps(statuses, indent=1)[:20000]}")
             time.sleep(0.05)
         # Every accepted call ran: from the first submission to the last completion.
         out["async_completed_per_s"] = out["async_c32"]["requests"] / (time.monotonic() - t0)

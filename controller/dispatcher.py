@@ -199,6 +199,8 @@ class Dispatcher:
             self.log.info("late_result_ignored", call_id=call_id, node_id=node.node_id)
             return
         self._release(pending)
+        if self.queue:
+            self.kick()  # the node has room again: calls waiting for it (nothing else may come to wake them)
         node.done += 1
         if h["status"] == REJECTED:
             pending.attempts -= 1  # it never ran there

@@ -161,3 +161,17 @@ def test_redis_down_answers_503_and_calls_are_taken_again_once_it_is_back(make_c
             break
         time.sleep(0.2)
     assert status == 200 and body["status"] == "DONE" and body["result"] == {"echo": 3}, body
+
+
+def test_calls_waiting_for_room_on_a_node_are_placed_as_its_calls_end(make_cluster: Any) -> None:
+    # The node queues 2 calls of a function: the controller holds the rest, and each result must place the
+    # next one (no new request comes to wake it). Every call ends; none came back REJECTED to be placed again.
+    cluster: LocalCluster = make_cluster(agents=1, agent_env={"SHOAL_AGENT_QUEUE_LIMIT": "2"})
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    wait_ready(cluster, "slow", 1)
+    ids = [submit(cluster, "slow", {"s": 0.1}) for _ in range(12)]
+    calls = [wait_call(cluster, i, timeout=60) for i in ids]
+    assert [c["status"] for c in calls] == ["DONE"] * 12
+    [node] = cluster.get("/v1/nodes")
+    assert node["dispatched"] == node["done"] == 12 and node["inflight_by_function"] == {}
