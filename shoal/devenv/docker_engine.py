@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -64,21 +65,36 @@ class DockerEngine:
         self.started = False
 
 
+#: How long an engine named by $DOCKER_HOST may take to answer (a busy engine is slow, not absent).
+EXPLICIT_ENGINE_WAIT = 60.0
+
+
 def ensure_engine() -> DockerEngine:
-    """Use ``$DOCKER_HOST``, the system socket, or our private socket if one answers; else start dockerd."""
-    candidates = [os.environ.get("DOCKER_HOST", ""), "unix:///var/run/docker.sock"]
+    """Use ``$DOCKER_HOST``, the system socket, or our private socket if one answers; else start dockerd.
+
+    An engine named by ``$DOCKER_HOST`` is waited for, never replaced: starting a second daemon because a
+    busy one answered slowly would leave two engines (and their mounts) fighting over the same host.
+    """
+    explicit = os.environ.get("DOCKER_HOST", "")
+    if explicit:
+        deadline = time.monotonic() + EXPLICIT_ENGINE_WAIT
+        while not _answers(explicit):
+            if time.monotonic() > deadline:
+                raise EngineError(f"DOCKER_HOST={explicit} does not answer (waited {EXPLICIT_ENGINE_WAIT:g} s)")
+            time.sleep(1.0)
+        return DockerEngine(url=explicit)
     root = state_dir() / "docker"
     private = f"unix://{root}/docker.sock"
-    candidates.append(private)
-    for url in candidates:
-        if url and _answers(url):
+    for url in ("unix:///var/run/docker.sock", private):
+        if _answers(url):
             return DockerEngine(url=url)
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise EngineError("dockerd is not installed: run scripts/bootstrap.sh (installs Debian's docker.io)")
     (root / "data").mkdir(parents=True, exist_ok=True)
-    # exec-root holds unix sockets: keep its path short.
-    exec_root = Path("/run/shoal-docker") if Path("/run").is_dir() else root / "exec"
+    # exec-root holds unix sockets: keep its path short, and one per data root (two engines must not share it).
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    exec_root = Path(f"/run/shoal-docker-{tag}") if Path("/run").is_dir() else root / "exec"
     exec_root.mkdir(parents=True, exist_ok=True)
     sock = root / "docker.sock"
     sock.unlink(missing_ok=True)
