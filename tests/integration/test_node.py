@@ -345,8 +345,9 @@ def test_garbage_frames_are_dropped_and_the_agent_keeps_serving(make_node) -> No
 def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> None:
     node = make_node("function")
     assert node.http("/healthz") == (200, {"ok": True})
-    code, ready = node.http("/readyz")
-    assert code == 200 and ready["ready"] is True
+    # Ready once the agent has handled the controller's WELCOME (the link only saw its HELLO so far).
+    code, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 200 and r, what="readyz to say 200")
+    assert ready == {"ready": True, "controller": True, "draining": False, "docker": True}
     node.deploy("echo", ECHO, entrypoint="handler:handler")
     for i in range(5):
         node.call("echo", i)
@@ -361,13 +362,14 @@ def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> N
     assert docker_client.containers.get(mw["container_id"]).status == "running"
     assert {"cpu_percent", "memory", "disk", "load"} <= set(status["system"])
     code, text = node.http("/metrics")
+    assert code == 200
     assert 'shoal_calls_total{function="echo@1",outcome="DONE"} 5' in text
     assert 'shoal_call_duration_seconds_count{function="echo@1"} 5' in text
     assert 'shoal_warm_pool_size{pool="echo@1",state="idle"} 1' in text
     assert 'shoal_cold_starts_total{function="echo@1"} 1' in text
     # Told to drain, the node is no longer ready, then exits cleanly once idle.
     node.link.send(node.node_id, b"DRAIN", {})
-    code, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 503 and r, what="readyz to say 503")
+    _, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 503 and r, what="readyz to say 503")
     assert ready["draining"] is True
     assert node.proc is not None
     wait_until(node, lambda: node.proc.poll() is not None, what="the drained agent to exit")
