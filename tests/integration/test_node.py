@@ -346,7 +346,7 @@ def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> N
     node = make_node("function")
     assert node.http("/healthz") == (200, {"ok": True})
     # Ready once the agent has handled the controller's WELCOME (the link only saw its HELLO so far).
-    code, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 200 and r, what="readyz to say 200")
+    _, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 200 and r, what="readyz to say 200")
     assert ready == {"ready": True, "controller": True, "draining": False, "docker": True}
     node.deploy("echo", ECHO, entrypoint="handler:handler")
     for i in range(5):
