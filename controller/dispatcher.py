@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.callqueue import CallQueue
 from controller.config import ControllerConfig
 from controller.errors import Busy
 from controller.hub import Hub
@@ -66,7 +66,7 @@ class Dispatcher:
         self.hub = hub
         self.placement = make_placement(config.placement)
         self.log = get_logger("dispatcher")
-        self.queue: deque[Pending] = deque()
+        self.queue: CallQueue[Pending] = CallQueue()
         self.calls: dict[str, Pending] = {}  # every non-terminal call this controller holds
         self._kick_scheduled = False
         self._unwritten: list[Pending] = []  # dispatched calls whose DISPATCHED write waits
@@ -82,10 +82,7 @@ class Dispatcher:
 
     def enqueue(self, pending: Pending, front: bool = False) -> None:
         self.calls[pending.call_id] = pending
-        if front:
-            self.queue.appendleft(pending)
-        else:
-            self.queue.append(pending)
+        self.queue.append(pending, front)
         self.kick()
 
     @staticmethod
@@ -113,31 +110,24 @@ class Dispatcher:
         if not nodes:
             return
         limit = self.config.node_oversubscribe
-        blocked: set[str] = set()
-        waiting: deque[Pending] = deque()
-        while self.queue:
-            pending = self.queue.popleft()
-            if pending.cancelled:
-                continue
-            key = pending.key
-            if key in blocked:
-                waiting.append(pending)
-                continue
-            candidates = [n for n in nodes if key in n.ready and n.has_room(key, limit)]
-            node = self.placement.choose(key, candidates)
-            if node is None:
-                blocked.add(key)
-                waiting.append(pending)
-                continue
-            self._dispatch(pending, node)
-        self.queue = waiting
+        for key in self.queue.lanes():
+            while (pending := self.queue.head(key)) is not None:
+                if pending.cancelled:
+                    self.queue.popleft(key)
+                    continue
+                node = self.placement.choose(key, [n for n in nodes if key in n.ready and n.has_room(key, limit)])
+                if node is None:
+                    break  # no node takes this function now: its later calls wait too
+                self.queue.popleft(key)
+                if not self._dispatch(pending, node):
+                    self.queue.append(pending, front=True)
+                    break
 
-    def _dispatch(self, pending: Pending, node: NodeState) -> None:
+    def _dispatch(self, pending: Pending, node: NodeState) -> bool:
         header: dict[str, Any] = {"call_id": pending.call_id, "function": pending.function,
                                   "version": pending.version, "params": pending.params, "timeout": pending.timeout}
         if not self.hub.send(node.node_id, Msg.CALL, header):
-            self.queue.appendleft(pending)
-            return
+            return False
         pending.attempts += 1
         pending.node_id = pending.last_node = node.node_id
         pending.stamps["DISPATCHED"] = time.time()
@@ -149,6 +139,7 @@ class Dispatcher:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(DISPATCH_WRITE_AFTER, self._flush_dispatched)
+        return True
 
     def _flush_dispatched(self) -> None:
         """Write DISPATCHED for the calls dispatched a moment ago that are still running."""
