@@ -25,7 +25,7 @@ import docker
 import psutil
 import requests
 import zmq
-from docker.errors import DockerException
+from docker.errors import DockerException, NotFound
 
 from miniworker.container import LABEL_MW, LABEL_NODE
 from miniworker.spec import LoadSpec
@@ -113,14 +113,24 @@ class Agent:
     # ---- lifecycle -----------------------------------------------------------------------------
     def remove_orphans(self) -> int:
         """Remove containers a previous run of this node left behind."""
-        removed = 0
         try:
-            for c in self.docker.containers.list(all=True, filters={"label": f"{LABEL_NODE}={self.config.node_id}"}):
-                c.remove(force=True)
-                removed += 1
+            removed = self.remove_containers(LABEL_NODE, self.config.node_id)
         except ENGINE_ERRORS as exc:
             self.log.error("orphan_cleanup_failed", error=str(exc))
+            removed = 0
         self.cache.clear_mw_dirs()
+        return removed
+
+    def remove_containers(self, label: str, value: str) -> int:
+        """Force-remove the containers labelled ``label=value``; one listing call (the SDK's ``containers.list``
+        inspects each one, and fails if one is removed meanwhile), and one already gone is not an error."""
+        removed = 0
+        for c in self.docker.api.containers(all=True, filters={"label": f"{label}={value}"}):
+            try:
+                self.docker.api.remove_container(c["Id"], force=True)
+                removed += 1
+            except NotFound:
+                continue  # its miniworker removed it meanwhile
         return removed
 
     def run(self) -> int:
@@ -239,6 +249,7 @@ class Agent:
             handler(self, msg)
         except (ProtocolError, ValidationError) as exc:
             self.log.error("protocol_error", source="controller", error=str(exc))
+            self.metrics.protocol_errors.inc(socket="controller")
 
     def on_welcome(self, msg: Message) -> None:
         if msg.header.get("hello"):  # a restarted controller does not know us yet
@@ -418,10 +429,7 @@ class Agent:
         mw_id = h.mw_id
 
         def cleanup() -> int:
-            removed = 0
-            for c in self.docker.containers.list(all=True, filters={"label": f"{LABEL_MW}={mw_id}"}):
-                c.remove(force=True)
-                removed += 1
+            removed = self.remove_containers(LABEL_MW, mw_id)
             shutil.rmtree(self.cache.mw_dir(mw_id), ignore_errors=True)
             return removed
 

@@ -6,7 +6,7 @@
 * Calls with no idle miniworker wait in a bounded queue per function; the pool manager sees the queue
   and starts miniworkers; beyond the bound the node rejects the call (the controller places it elsewhere).
 * Pipelining: when no miniworker is idle, a busy warm miniworker of a short function (recent runs under
-  ``PIPELINE_MAX_RUN_S``) is given one more call to hold; it starts that call the moment it sends the
+  ``pipeline_max_run``, 5 ms by default) is given one more call to hold; it starts that call the moment it sends the
   current result, so the broker's round trip overlaps the run. A held call has not started: if its
   miniworker ends or is stopped first, it goes back to the head of its queue (not an attempt); a cancel
   drops it (``MW_DROP``).
@@ -41,8 +41,6 @@ Outcome = Callable[[Ticket, dict[str, Any]], None]
 OVERRUN_GRACE = 10.0
 #: Seconds after which a running call is reported RUNNING to the controller (see tick()).
 RUNNING_REPORT_AFTER = 0.05
-#: A function whose recent runs (moving average) took longer than this is never pipelined (see above).
-PIPELINE_MAX_RUN_S = 0.005
 
 
 class Broker:
@@ -128,7 +126,8 @@ class Broker:
     def take_pipelined(self, key: str) -> MwHandle | None:
         """A busy warm miniworker of ``key`` that can hold one more call (the one busy longest), if the
         function is short enough to pipeline."""
-        if self.run_s.get(key, PIPELINE_MAX_RUN_S) >= PIPELINE_MAX_RUN_S:
+        limit = self.config.pipeline_max_run
+        if self.run_s.get(key, limit) >= limit:
             return None
         best: MwHandle | None = None
         for h in self.mws.values():
@@ -264,10 +263,12 @@ class Broker:
             msg = protocol.decode(frames[1:])
         except ProtocolError as exc:
             self.log.error("protocol_error", source=identity, error=str(exc))
+            self.metrics.protocol_errors.inc(socket="broker")
             return
         h = self.mws.get(identity)
         if h is None:
             self.log.warning("message_from_unknown_miniworker", mw_id=identity, type=msg.name)
+            self.metrics.protocol_errors.inc(socket="broker")
             return
         h.last_seen = time.monotonic()
         handler = self._handlers.get(msg.type)

@@ -29,6 +29,7 @@ class AgentConfig:
     oneshot_spares: int = 2  # miniworker processes kept ready under the `none` policy
     keepalive: float = 600.0  # idle seconds before a warm container above min_warm is stopped
     queue_limit: int = 256  # calls waiting per function; beyond, the node rejects
+    pipeline_max_run: float = 0.005  # a function whose runs average less (s) may have a call held ahead
     heartbeat: float = 1.0
     liveness: int = 3
     start_timeout: float = 120.0
@@ -76,6 +77,7 @@ class AgentConfig:
             "oneshot_spares": env_int(p + "ONESHOT_SPARES", 2, 0, 1024),
             "keepalive": env_float(p + "KEEPALIVE", 600.0, 0.0, 7 * 86400.0),
             "queue_limit": env_int(p + "QUEUE_LIMIT", 256, 1, 1_000_000),
+            "pipeline_max_run": env_float(p + "PIPELINE_MAX_RUN", 0.005, 0.0, 3600.0),
             "heartbeat": env_float(p + "HEARTBEAT", 1.0, 0.05, 60.0),
             "liveness": env_int(p + "LIVENESS", 3, 1, 100),
             "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, 0, 10),

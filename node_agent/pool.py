@@ -24,7 +24,7 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from miniworker.spec import LoadSpec
-from node_agent.broker import PIPELINE_MAX_RUN_S, Broker
+from node_agent.broker import Broker
 from node_agent.config import AgentConfig
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.miniworkers import LIVE, ONESHOT, MwHandle, MwState, Spawner, generic_key
@@ -78,7 +78,7 @@ class PoolManager:
     def _drains_soon(self, key: str, queued: int, serving: int) -> bool:
         """Whether ``serving`` miniworkers of a short function drain ``queued`` calls within SCALE_UP_AFTER_S."""
         run = self.broker.run_s.get(key)
-        if run is None or run >= PIPELINE_MAX_RUN_S or serving <= 0:
+        if run is None or run >= self.config.pipeline_max_run or serving <= 0:
             return False
         return queued * max(run, CALL_OVERHEAD_S) / serving < SCALE_UP_AFTER_S
 

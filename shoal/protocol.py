@@ -97,6 +97,9 @@ _OPT_STR = (str, type(None))
 _OPT_DICT = (dict, type(None))
 _ANY: tuple[type, ...] = ()
 
+#: Fields that count or locate bytes (a negative one is malformed, not merely unknown).
+COUNT_FIELDS = frozenset({"offset", "credit", "size", "capacity", "version"})
+
 #: Required header fields per message type (name -> accepted types; empty tuple = any JSON value).
 #: Extra fields are allowed (forward compatibility); missing or mistyped required fields are not.
 SCHEMAS: dict[bytes, dict[str, tuple[type, ...]]] = {
@@ -164,6 +167,8 @@ def _validate(mtype: bytes, header: Any) -> dict[str, Any]:
         if types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             expected = "/".join(t.__name__ for t in types)
             raise ProtocolError(f"{mtype.decode()}: field {name!r} must be {expected}")
+        if name in COUNT_FIELDS and value < 0:
+            raise ProtocolError(f"{mtype.decode()}: field {name!r} must not be negative")
     return header
 
 

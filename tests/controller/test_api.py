@@ -108,7 +108,8 @@ def test_timeouts_and_failures_come_back_with_reasons(cluster: LocalCluster) -> 
     wait_ready(cluster, "bad", 1)
     _, failed, _ = cluster.request("POST", "/v1/functions/bad/invoke", {})
     assert failed["status"] == "FAILED" and failed["error"]["type"] == "KeyError"
-    _, timed, _ = cluster.request("POST", "/v1/functions/slow/invoke", {"params": {"s": 30}, "timeout": 1})
+    _, timed, _ = cluster.request("POST", "/v1/functions/slow/invoke", {"params": {"s": 30}, "timeout": 1,
+                                                                         "wait": 120})
     assert timed["status"] == "TIMEOUT" and "timeout" in timed["error"]["message"]
 
 

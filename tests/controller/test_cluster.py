@@ -174,4 +174,5 @@ def test_calls_waiting_for_room_on_a_node_are_placed_as_its_calls_end(make_clust
     calls = [wait_call(cluster, i, timeout=60) for i in ids]
     assert [c["status"] for c in calls] == ["DONE"] * 12
     [node] = cluster.get("/v1/nodes")
-    assert node["dispatched"] == node["done"] == 12 and node["inflight_by_function"] == {}
+    # Nothing was sent twice but what the node lost (a re-HELLO under load re-sends what it does not run).
+    assert node["dispatched"] == sum(c["attempts"] for c in calls) and node["inflight_by_function"] == {}

@@ -20,6 +20,7 @@ import pytest
 
 from shoal.archive import build_tar_gz
 from shoal.devenv.sshrig import rig
+from tests.conftest import node_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ansible")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +132,7 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         leftovers = subprocess.run(["pgrep", "-af", "shoal-local"], capture_output=True, text=True).stdout
         assert leftovers.strip() == "", leftovers
         for node in NODES:
-            assert docker_client.containers.list(all=True, filters={"label": f"org.shoal.node={node}"}) == []
+            assert node_containers(docker_client, node) == []
         with pytest.raises(OSError):
             urllib.request.urlopen(API + "/ping", timeout=2)
         assert not Path("/var/tmp/shoal-local/shoal-ctl").exists()

@@ -9,7 +9,7 @@ from node_agent.pool import PoolManager
 
 
 def manager(run_s: dict[str, float]) -> PoolManager:
-    stub: Any = SimpleNamespace(node_id="n1", run_s=run_s)
+    stub: Any = SimpleNamespace(node_id="n1", run_s=run_s, pipeline_max_run=0.005)
     return PoolManager(stub, stub, stub, stub, lambda key: stub)
 
 

@@ -27,6 +27,8 @@ def test_round_trip_keeps_header_and_payload() -> None:
         ([b"CALL", b'{"call_id": "x"}'], "missing field 'function'"),
         ([b"CALL", b'{"call_id": 5, "function": "f", "params": null}'], "'call_id' must be str"),
         ([b"FETCH", b'{"sha256": "x", "offset": true, "credit": 1}'], "'offset' must be int"),
+        ([b"FETCH", b'{"sha256": "x", "offset": 0, "credit": -8}'], "'credit' must not be negative"),
+        ([b"CHUNK", b'{"sha256": "x", "offset": -1, "last": false}', b"data"], "'offset' must not be negative"),
         ([b"HB", b"{}", b"unexpected"], "unexpected payload"),
     ],
 )
