@@ -76,9 +76,10 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self.queue)
 
-    def check_room(self) -> None:
-        if len(self.queue) >= self.config.queue_limit:
-            raise Busy(f"{len(self.queue)} calls are waiting for a node; retry later", retry_after=1)
+    def check_room(self, count: int = 1) -> None:
+        if len(self.queue) + count > self.config.queue_limit:
+            raise Busy(f"{len(self.queue)} calls are waiting for a node (at most {self.config.queue_limit});"
+                       " retry later", retry_after=1)
 
     def enqueue(self, pending: Pending, front: bool = False) -> None:
         self.calls[pending.call_id] = pending

@@ -108,9 +108,8 @@ class Service:
             raise Missing(f"no function named {name!r}")
 
     # ---- calls ---------------------------------------------------------------------------------
-    async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
-                     idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:
-        """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key."""
+    async def _callable(self, name: str, version: int | None) -> dict[str, Any]:
+        """The function version a new call runs: the latest, or the one asked for."""
         record = await self.store.get_function(name)
         if record is None:
             raise Missing(f"no function named {name!r}")
@@ -118,36 +117,76 @@ class Service:
             record = await self.store.get_version(name, version)
             if record is None:
                 raise Missing(f"function {name!r} has no version {version}")
+        return record
+
+    @staticmethod
+    def _check_key(idempotency_key: str) -> None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise BadRequest("Idempotency-Key must be 1-200 characters")
+
+    async def _new_call(self, record: dict[str, Any], params: Any, timeout: float, call_id: str,
+                        now: float) -> tuple[dict[str, Any], Pending]:
+        name, version = record["name"], int(record["version"])
+        call = {"id": call_id, "num": await self.store.next_call_num(), "function": name, "version": version,
+                "params": params, "status": "QUEUED", "created": now, "t_QUEUED": now, "timeout": timeout,
+                "attempts": 0, "node": ""}
+        return call, Pending(call_id, name, version, params, timeout, record=call, stamps={"QUEUED": now})
+
+    async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
+                     idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:
+        """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key."""
+        record = await self._callable(name, version)
         if timeout is None:
             timeout = float(record.get("timeout") or 30.0)
         self.dispatcher.check_room()
         call_id = uuid.uuid4().hex
         if idempotency_key is not None:
-            if not 1 <= len(idempotency_key) <= 200:
-                raise BadRequest("Idempotency-Key must be 1-200 characters")
+            self._check_key(idempotency_key)
             existing = await self.store.claim_idempotency(idempotency_key, call_id)
             if existing is not None:
                 call = await self.store.get_call(existing)
                 if call is not None:
                     return call, self.dispatcher.calls.get(existing)
-        now = time.time()
-        call = {"id": call_id, "num": await self.store.next_call_num(), "function": name,
-                "version": int(record["version"]), "params": params, "status": "QUEUED", "created": now,
-                "t_QUEUED": now, "timeout": timeout, "attempts": 0, "node": ""}
+        call, pending = await self._new_call(record, params, timeout, call_id, time.time())
         # The write and the dispatch start together: enqueue only schedules the placement, so the creation is
         # queued to the writer first and the writer keeps each call's writes in order (its outcome cannot be
         # overwritten by its creation); the dispatch goes out before the write. The caller hears of the call
         # only once it is stored.
-        pending = Pending(call_id, name, int(record["version"]), params, timeout, record=call,
-                          stamps={"QUEUED": now})
         self.dispatcher.enqueue(pending)
-        created = self.store.create_call(call)
+        created = self.store.create_calls([call])
         try:
             await created
         except StoreError:
             self.dispatcher.cancel(call_id)
             raise
         return call, pending
+
+    async def invoke_batch(self, name: str, params: list[Any], *, timeout: float | None = None,
+                           version: int | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        """Store and queue one call per entry of ``params`` (all or none: one write); return them as stored, in
+        order. A replayed key returns the calls of its first batch, as they stand now."""
+        record = await self._callable(name, version)
+        if timeout is None:
+            timeout = float(record.get("timeout") or 30.0)
+        self.dispatcher.check_room(len(params))
+        ids = [uuid.uuid4().hex for _ in params]
+        if idempotency_key is not None:
+            self._check_key(idempotency_key)
+            existing = await self.store.claim_idempotency("batch:" + idempotency_key, ",".join(ids))
+            if existing is not None:
+                return await self.store.call_statuses(existing.split(","))
+        now = time.time()
+        made = [await self._new_call(record, p, timeout, call_id, now) for p, call_id in zip(params, ids, strict=True)]
+        for _, pending in made:
+            self.dispatcher.enqueue(pending)
+        created = self.store.create_calls([call for call, _ in made])
+        try:
+            await created
+        except StoreError:
+            for call_id in ids:
+                self.dispatcher.cancel(call_id)
+            raise
+        return [call for call, _ in made]
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:
         """The call's stored record once it ends, or None if ``timeout`` passes first."""

@@ -202,15 +202,27 @@ class Store:
         existing = await self.redis.get(keys.idempotency(key))
         return existing if existing else None
 
-    def create_call(self, call: dict[str, Any]) -> asyncio.Future[None]:
-        call_id, created_ms = call["id"], int(call["created"] * 1000)
-        return self.write([
-            ("HSET", keys.call(call_id), *_flat(encode_call(call))),
-            ("ZADD", keys.CALLS, created_ms, call_id),
-            ("ZADD", keys.calls_of(call["function"]), created_ms, call_id),
-            ("ZADD", keys.ACTIVE, created_ms, call_id),
-            ("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention),
-        ])
+    def create_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """Store new calls in one write (they are in the durable queue, ``ACTIVE``, once it is done)."""
+        write: Write = []
+        for call in calls:
+            call_id, created_ms = call["id"], int(call["created"] * 1000)
+            write += [
+                ("HSET", keys.call(call_id), *_flat(encode_call(call))),
+                ("ZADD", keys.CALLS, created_ms, call_id),
+                ("ZADD", keys.calls_of(call["function"]), created_ms, call_id),
+                ("ZADD", keys.ACTIVE, created_ms, call_id),
+                ("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention),
+            ]
+        return self.write(write)
+
+    async def call_statuses(self, call_ids: list[str]) -> list[dict[str, Any]]:
+        """``{id, status}`` of each call, in order (``UNKNOWN`` for a call no longer kept)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for call_id in call_ids:
+                pipe.hget(keys.call(call_id), "status")
+            statuses = await pipe.execute()
+        return [{"id": i, "status": status or "UNKNOWN"} for i, status in zip(call_ids, statuses, strict=True)]
 
     def update_call(self, call_id: str, status: CallStatus | None, fields: dict[str, Any]) -> asyncio.Future[None]:
         mapping = encode_call(fields)

@@ -42,6 +42,21 @@ INVOKE_BODY = {
     }}},
 }
 
+BATCH_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": {
+        "type": "object",
+        "required": ["calls"],
+        "properties": {
+            "calls": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {
+                "type": "object", "properties": {"params": {"description": "Any JSON value, passed to the function"}},
+            }},
+            "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 86400},
+            "version": {"type": "integer", "minimum": 1},
+        },
+    }}},
+}
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "Shoal", "version": __version__,
@@ -100,6 +115,17 @@ DOCUMENT: dict[str, Any] = {
                                                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
             "post": {"summary": "Invoke without waiting", "requestBody": INVOKE_BODY,
                      "responses": {"202": _resp("Accepted", {"$ref": "#/components/schemas/Accepted"}),
+                                   **_errors(400, 404, 429)}},
+        },
+        "/v1/functions/{name}/invoke-batch": {
+            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
+                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "post": {"summary": "Invoke many times without waiting: every call stored (one write) and queued",
+                     "requestBody": BATCH_BODY,
+                     "responses": {"202": _resp("Accepted, in the order given", {
+                         "type": "object", "required": ["count", "calls"], "properties": {
+                             "count": {"type": "integer"},
+                             "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Accepted"}}}}),
                                    **_errors(400, 404, 429)}},
         },
         "/v1/calls": {

@@ -112,6 +112,25 @@ async def invoke_async(request: web.Request) -> web.Response:
     return accepted(request, call)
 
 
+MAX_BATCH = 1000  # calls per batch request
+
+
+async def invoke_batch(request: web.Request) -> web.Response:
+    """Many calls of one function in one request: each stored (one write) and queued, as `invoke-async`."""
+    body = await json_object(request)
+    args = _invoke_args(body)
+    calls = body.get("calls")
+    if not isinstance(calls, list) or not 1 <= len(calls) <= MAX_BATCH:
+        raise BadRequest(f"calls must be a list of 1 to {MAX_BATCH} objects")
+    if not all(isinstance(c, dict) for c in calls):
+        raise BadRequest('each entry of calls must be an object, e.g. {"params": ...}')
+    made = await service(request).invoke_batch(
+        request.match_info["name"], [c.get("params") for c in calls], timeout=args["timeout"],
+        version=args["version"], idempotency_key=request.headers.get("Idempotency-Key"))
+    return json_response({"count": len(made), "calls": [
+        {"id": c["id"], "status": c["status"], "location": f"/v1/calls/{c['id']}"} for c in made]}, status=202)
+
+
 def accepted(request: web.Request, call: dict[str, Any]) -> web.Response:
     location = f"/v1/calls/{call['id']}"
     return json_response({"id": call["id"], "status": call["status"], "location": location},
@@ -181,6 +200,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/functions/{name}", delete_function)
     r.add_post("/v1/functions/{name}/invoke", invoke)
     r.add_post("/v1/functions/{name}/invoke-async", invoke_async)
+    r.add_post("/v1/functions/{name}/invoke-batch", invoke_batch)
     r.add_get("/v1/calls", list_calls)
     r.add_get("/v1/calls/{id}", get_call)
     r.add_post("/v1/calls/{id}/cancel", cancel_call)

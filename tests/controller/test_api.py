@@ -123,6 +123,24 @@ def test_idempotency_key_makes_a_retry_safe(cluster: LocalCluster) -> None:
     assert len(cluster.get("/v1/calls?function=echo")["calls"]) == 1
 
 
+def test_a_batch_of_calls_is_stored_and_queued_in_one_request(cluster: LocalCluster) -> None:
+    upload(cluster, "echo", ECHO, entrypoint="handler:handler")
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    status, batch, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch",
+                                       {"calls": [{"params": i} for i in range(40)], "timeout": 20}, headers=key)
+    assert status == 202 and batch["count"] == 40 and len({c["id"] for c in batch["calls"]}) == 40
+    assert all(c["status"] == "QUEUED" and c["location"] == f"/v1/calls/{c['id']}" for c in batch["calls"])
+    calls = [wait_call(cluster, c["id"]) for c in batch["calls"]]
+    assert [c["result"] for c in calls] == [{"echo": i} for i in range(40)]  # each its own params, in order
+    assert {c["status"] for c in calls} == {"DONE"} and {c["timeout"] for c in calls} == {20}
+    assert len({c["num"] for c in calls}) == 40  # each has its seed-API number too
+    # A retried batch (same key) creates nothing: the first batch's calls, as they stand now.
+    status, again, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch",
+                                       {"calls": [{"params": i} for i in range(40)]}, headers=key)
+    assert status == 202 and [c["id"] for c in again["calls"]] == [c["id"] for c in batch["calls"]]
+    assert {c["status"] for c in again["calls"]} == {"DONE"}
+
+
 def test_versions_runtimes_and_deletes(cluster: LocalCluster) -> None:
     v1 = upload(cluster, "v", {"handler.py": "def handler(p):\n    return 1\n"}, entrypoint="handler:handler")
     v2 = upload(cluster, "v", {"handler.py": "def handler(p):\n    return 2\n"}, entrypoint="handler:handler")
@@ -190,6 +208,13 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("POST", "/v1/functions/nope/invoke", {"data": b"[", "headers": {"Content-Type": "application/json"}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": "soon"}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": -3}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}]}}, 404),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": []}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": "x"}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}, 1]}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}] * 1001}}, 400),
+        ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}], "timeout": 0}}, 400),
         ("GET", "/v1/calls/nope", {}, 404),
         ("GET", "/v1/calls?status=WHATEVER", {}, 400),
         ("GET", "/v1/calls?limit=0", {}, 400),
@@ -226,6 +251,9 @@ def test_a_full_queue_answers_429_with_retry_after(make_cluster: Any) -> None:
     codes = [cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": i})[:3] for i in range(5)]
     assert [c[0] for c in codes] == [202, 202, 202, 429, 429]
     assert codes[3][2]["Retry-After"] == "1" and codes[3][1]["error"]["code"] == "queue_full"
+    # A batch is taken whole or not at all.
+    status, body, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch", {"calls": [{"params": 9}]})
+    assert status == 429 and body["error"]["code"] == "queue_full"
     cluster.start_agent(cluster.node_ids[0])  # the waiting calls run once a node is back
     for _, body, _ in codes[:3]:
         assert wait_call(cluster, body["id"])["status"] == "DONE"
