@@ -95,6 +95,29 @@ print(sum(done), time.monotonic() - start)
 """
 
 
+CELERY_SUBMITTER = """
+import sys, time
+from celery_bench_app import echo
+seconds = float(sys.argv[1])
+echo.delay(0)
+done = 0
+start = time.monotonic()
+stop = start + seconds
+while time.monotonic() < stop:
+    echo.delay(1)
+    done += 1
+print(done, time.monotonic() - start)
+"""
+
+
+def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> float:
+    """Tasks/s sent with ``delay()`` (results not awaited) by ``procs`` client processes."""
+    clients = [subprocess.Popen([sys.executable, "-c", CELERY_SUBMITTER, str(seconds)], env=env, cwd=workdir,
+                                stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    outputs = [c.communicate(timeout=seconds + 120)[0].split() for c in clients]
+    return sum(int(done) for done, _ in outputs) / max(float(elapsed) for _, elapsed in outputs)
+
+
 def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> float:
     """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched (each
     client counts from its first task on, after its imports, so start-up is not in the figure)."""
@@ -133,8 +156,10 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
         rates = {f"{procs}x{threads}": celery_clients(env, workdir, procs, threads, seconds)
                  for procs, threads in ((1, 32), (4, 8))}
         best = max(rates, key=lambda k: rates[k])
+        submits = {procs: celery_submitters(env, workdir, procs, max(2, seconds // 2)) for procs in (1, 2)}
         return {"p50_ms": samples[len(samples) // 2] * 1000, "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
-                "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates}
+                "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates,
+                "submits_per_s": max(submits.values()), "submits_by_procs": submits}
     finally:
         worker.terminate()
         worker.wait(30)
@@ -178,6 +203,21 @@ def status_of(url: str) -> tuple[int, Any, dict[str, str]]:
         return resp.status, json.loads(resp.read()), {}
 
 
+BATCH = 500  # calls per invoke-batch request
+
+
+def drain(cluster: LocalCluster, seconds: float) -> None:
+    """Wait until every accepted call has ended; a stuck call is a bug, not a figure: fail with the state."""
+    deadline = time.monotonic() + seconds
+    while cluster.get("/v1/health")["active"]:
+        if time.monotonic() > deadline:
+            nodes = cluster.get("/v1/nodes")
+            statuses = [status_of(n["status_url"])[1] for n in nodes]
+            raise RuntimeError(f"accepted calls did not all finish: {cluster.get('/v1/health')}\n"
+                               f"{json.dumps(nodes, indent=1)}\n{json.dumps(statuses, indent=1)[:20000]}")
+        time.sleep(0.05)
+
+
 def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with LocalCluster(docker_url, agents=2, name="bench", log_level="error",
@@ -206,16 +246,18 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
         t0 = time.monotonic()
         out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
                                max(2, seconds // 2))
-        drain_deadline = time.monotonic() + 120
-        while cluster.get("/v1/health")["active"]:
-            if time.monotonic() > drain_deadline:  # a stuck call is a bug, not a figure: show the state
-                nodes = cluster.get("/v1/nodes")
-                statuses = [status_of(n["status_url"])[1] for n in nodes]
-                raise RuntimeError(f"accepted calls did not all finish: {cluster.get('/v1/health')}\n"
-                                   f"{json.dumps(nodes, indent=1)}\n{json.dumps(statuses, indent=1)[:20000]}")
-            time.sleep(0.05)
+        drain(cluster, 120)
         # Every accepted call ran: from the first submission to the last completion.
         out["async_completed_per_s"] = out["async_c32"]["requests"] / (time.monotonic() - t0)
+        print(f"  shoal async batch submissions ({BATCH} calls per request)...", flush=True)
+        t0 = time.monotonic()
+        batch = wrk(cluster.url + "/v1/functions/echo/invoke-batch",
+                    json.dumps({"calls": [{"params": 1}] * BATCH}), 2, max(2, seconds // 2))
+        batch["calls_per_s"] = batch["rps"] * BATCH
+        batch["calls"] = batch["requests"] * BATCH
+        out["async_batch"] = batch
+        drain(cluster, 600)
+        out["async_batch_completed_per_s"] = batch["calls"] / (time.monotonic() - t0)
         print("  shoal cold vs warm...", flush=True)
         cold = []
         for i in range(5 if quick else 15):
@@ -263,8 +305,14 @@ def report(r: dict[str, Any]) -> None:
         ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s "
                                   f"({c['clients']} client procs x threads)   "
                                   f"= {s['sync_c32']['rps'] / c['rps_saturation']:.2f}x celery"),
-        ("async submissions/s", f"{s['async_c32']['rps']:.0f}/s accepted (non-2xx {s['async_c32']['non_2xx']}); "
-                                f"all {s['async_c32']['requests']} ran at {s['async_completed_per_s']:.0f}/s"),
+        ("async submissions/s", f"one per request: {s['async_c32']['rps']:.0f}/s accepted (non-2xx "
+                                f"{s['async_c32']['non_2xx']}); all {s['async_c32']['requests']} ran at "
+                                f"{s['async_completed_per_s']:.0f}/s"),
+        ("async, batches", f"{BATCH} per request: {s['async_batch']['calls_per_s']:.0f} calls/s accepted (non-2xx "
+                           f"{s['async_batch']['non_2xx']}, p50 {s['async_batch']['p50_ms']:.1f} ms per batch); all "
+                           f"{s['async_batch']['calls']} ran at {s['async_batch_completed_per_s']:.0f}/s   celery "
+                           f"delay() {c['submits_per_s']:.0f}/s = "
+                           f"{s['async_batch']['calls_per_s'] / c['submits_per_s']:.1f}x celery"),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,10 +124,11 @@ class Service:
         if not 1 <= len(idempotency_key) <= 200:
             raise BadRequest("Idempotency-Key must be 1-200 characters")
 
-    async def _new_call(self, record: dict[str, Any], params: Any, timeout: float, call_id: str,
-                        now: float) -> tuple[dict[str, Any], Pending]:
+    @staticmethod
+    def _new_call(record: dict[str, Any], params: Any, timeout: float, call_id: str, num: int,
+                  now: float) -> tuple[dict[str, Any], Pending]:
         name, version = record["name"], int(record["version"])
-        call = {"id": call_id, "num": await self.store.next_call_num(), "function": name, "version": version,
+        call = {"id": call_id, "num": num, "function": name, "version": version,
                 "params": params, "status": "QUEUED", "created": now, "t_QUEUED": now, "timeout": timeout,
                 "attempts": 0, "node": ""}
         return call, Pending(call_id, name, version, params, timeout, record=call, stamps={"QUEUED": now})
@@ -139,7 +140,7 @@ class Service:
         if timeout is None:
             timeout = float(record.get("timeout") or 30.0)
         self.dispatcher.check_room()
-        call_id = uuid.uuid4().hex
+        call_id = new_call_id()
         if idempotency_key is not None:
             self._check_key(idempotency_key)
             existing = await self.store.claim_idempotency(idempotency_key, call_id)
@@ -147,7 +148,8 @@ class Service:
                 call = await self.store.get_call(existing)
                 if call is not None:
                     return call, self.dispatcher.calls.get(existing)
-        call, pending = await self._new_call(record, params, timeout, call_id, time.time())
+        call, pending = self._new_call(record, params, timeout, call_id, await self.store.next_call_num(),
+                                       time.time())
         # The write and the dispatch start together: enqueue only schedules the placement, so the creation is
         # queued to the writer first and the writer keeps each call's writes in order (its outcome cannot be
         # overwritten by its creation); the dispatch goes out before the write. The caller hears of the call
@@ -169,14 +171,16 @@ class Service:
         if timeout is None:
             timeout = float(record.get("timeout") or 30.0)
         self.dispatcher.check_room(len(params))
-        ids = [uuid.uuid4().hex for _ in params]
+        ids = [new_call_id() for _ in params]
         if idempotency_key is not None:
             self._check_key(idempotency_key)
             existing = await self.store.claim_idempotency("batch:" + idempotency_key, ",".join(ids))
             if existing is not None:
                 return await self.store.call_statuses(existing.split(","))
         now = time.time()
-        made = [await self._new_call(record, p, timeout, call_id, now) for p, call_id in zip(params, ids, strict=True)]
+        nums = await self.store.next_call_nums(len(params))
+        made = [self._new_call(record, p, timeout, call_id, num, now)
+                for p, call_id, num in zip(params, ids, nums, strict=True)]
         for _, pending in made:
             self.dispatcher.enqueue(pending)
         created = self.store.create_calls([call for call, _ in made])
@@ -210,6 +214,12 @@ class Service:
             raise Conflict(f"call {call_id} already ended ({call['status']})")
         self.dispatcher.cancel(call_id)
         return call
+
+
+def new_call_id() -> str:
+    """128 random bits as 32 hex digits (what ``uuid.uuid4().hex`` gives, less the version bits, at a third
+    of its cost on the ingest path)."""
+    return os.urandom(16).hex()
 
 
 def record_key(record: dict[str, Any]) -> str:

@@ -185,14 +185,21 @@ class Store:
 
     # ---- calls ---------------------------------------------------------------------------------
     async def next_call_num(self) -> int:
-        """The seed API's integer callNum: reserved from Redis in blocks, handed out in order."""
+        return (await self.next_call_nums(1))[0]
+
+    async def next_call_nums(self, count: int) -> list[int]:
+        """The seed API's integer callNums: reserved from Redis in blocks, handed out in order."""
         async with self._num_lock:
-            if self._num_next >= self._num_end:
-                end = int(await self.redis.incrby(keys.CALL_NUM, 256))
-                self._num_next, self._num_end = end - 255, end + 1
-            num = self._num_next
-            self._num_next += 1
-            return num
+            nums: list[int] = []
+            while len(nums) < count:
+                if self._num_next >= self._num_end:
+                    block = max(256, count - len(nums))
+                    end = int(await self.redis.incrby(keys.CALL_NUM, block))
+                    self._num_next, self._num_end = end - block + 1, end + 1
+                take = min(count - len(nums), self._num_end - self._num_next)
+                nums.extend(range(self._num_next, self._num_next + take))
+                self._num_next += take
+            return nums
 
     async def claim_idempotency(self, key: str, call_id: str) -> str | None:
         """Bind ``key`` to ``call_id``; return the call id it was already bound to, if any."""
@@ -203,17 +210,20 @@ class Store:
         return existing if existing else None
 
     def create_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
-        """Store new calls in one write (they are in the durable queue, ``ACTIVE``, once it is done)."""
+        """Store new calls in one write (they are in the durable queue, ``ACTIVE``, once it is done); the
+        indexes take the whole batch in one command each."""
         write: Write = []
+        scored: list[Any] = []
+        by_function: dict[str, list[Any]] = {}
         for call in calls:
             call_id, created_ms = call["id"], int(call["created"] * 1000)
-            write += [
-                ("HSET", keys.call(call_id), *_flat(encode_call(call))),
-                ("ZADD", keys.CALLS, created_ms, call_id),
-                ("ZADD", keys.calls_of(call["function"]), created_ms, call_id),
-                ("ZADD", keys.ACTIVE, created_ms, call_id),
-                ("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention),
-            ]
+            write.append(("HSET", keys.call(call_id), *_flat(encode_call(call))))
+            write.append(("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention))
+            scored += (created_ms, call_id)
+            by_function.setdefault(call["function"], []).extend((created_ms, call_id))
+        write.append(("ZADD", keys.CALLS, *scored))
+        write += [("ZADD", keys.calls_of(function), *members) for function, members in by_function.items()]
+        write.append(("ZADD", keys.ACTIVE, *scored))
         return self.write(write)
 
     async def call_statuses(self, call_ids: list[str]) -> list[dict[str, Any]]:

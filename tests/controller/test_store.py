@@ -1,0 +1,70 @@
+"""The store's call creation and call numbers, against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from controller import keys
+from controller.store import Store
+from shoal.devenv.redis_server import RedisServer, start_redis
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = start_redis("store-test", appendonly=False)
+    yield srv
+    srv.stop()
+
+
+def call(n: int, function: str, num: int) -> dict[str, object]:
+    now = time.time()
+    return {"id": f"id{n}", "num": num, "function": function, "version": 1, "params": {"n": n}, "status": "QUEUED",
+            "created": now, "t_QUEUED": now, "timeout": 5.0, "attempts": 0, "node": ""}
+
+
+def test_call_numbers_are_unique_and_in_order_across_blocks_and_restarts(server: RedisServer) -> None:
+    async def scenario() -> list[int]:
+        nums: list[int] = []
+        for _ in range(2):  # two controller lifetimes: the second continues after the first's blocks
+            store = Store(Redis.from_url(server.url, decode_responses=True), 60, server.url)
+            nums += [await store.next_call_num() for _ in range(3)]
+            nums += await store.next_call_nums(600)  # more than a block at once
+            nums += [await store.next_call_num()]
+            await store.redis.aclose()
+        return nums
+
+    nums = asyncio.run(scenario())
+    assert len(nums) == len(set(nums)) == 2 * 604
+    first, second = nums[:604], nums[604:]
+    assert first == list(range(1, 605)) and first == sorted(first) and second == sorted(second)
+    assert second[0] > first[-1]
+
+
+def test_a_batch_of_calls_is_stored_with_every_index_in_one_write(server: RedisServer) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        store.start()
+        calls = [call(n, "f" if n % 2 else "g", 1000 + n) for n in range(10)]
+        await store.create_calls(calls)
+        got = [await store.get_call(f"id{n}") for n in range(10)]
+        active = await r.zrange(keys.ACTIVE, 0, -1)
+        of_f = await r.zrange(keys.calls_of("f"), 0, -1)
+        by_num = [await store.call_id_by_num(1000 + n) for n in range(10)]
+        statuses = await store.call_statuses(["id3", "nope"])
+        await store.close()
+        await r.aclose()
+        return got, active, of_f, by_num, statuses
+
+    got, active, of_f, by_num, statuses = asyncio.run(scenario())
+    assert [g["params"] for g in got] == [{"n": n} for n in range(10)]
+    assert set(active) >= {f"id{n}" for n in range(10)}
+    assert set(of_f) >= {f"id{n}" for n in range(1, 10, 2)} and not set(of_f) & {f"id{n}" for n in range(0, 10, 2)}
+    assert by_num == [f"id{n}" for n in range(10)]
+    assert statuses == [{"id": "id3", "status": "QUEUED"}, {"id": "nope", "status": "UNKNOWN"}]
