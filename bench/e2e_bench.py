@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.table import print_table
+from controller.keys import ACTIVE as ACTIVE_KEY
 from shoal.archive import build_tar_gz
 from shoal.devenv.redis_server import start_redis
 from shoal.devenv.stack import start_infra
@@ -218,6 +219,32 @@ def drain(cluster: LocalCluster, seconds: float) -> None:
         time.sleep(0.05)
 
 
+def bench_ingest(cluster: LocalCluster, seconds: int) -> dict[str, Any]:
+    """The ingest path alone: batches accepted while no node takes calls (the nodes are stopped, as for a
+    maintenance window or while they are all busy), so that execution does not share the 2 cores. Every
+    accepted call is counted in Redis's durable queue before the nodes come back, then all of them run."""
+    from redis import Redis
+
+    nodes = list(cluster.node_ids)
+    for node_id in nodes:
+        cluster.stop_agent(node_id)
+    r = Redis.from_url(str(cluster.redis_url), decode_responses=True)
+    before = int(r.zcard(ACTIVE_KEY))
+    res = wrk(cluster.url + "/v1/functions/echo/invoke-batch", json.dumps({"calls": [{"params": 1}] * BATCH}),
+              2, seconds)
+    res["calls_per_s"], res["calls"] = res["rps"] * BATCH, res["requests"] * BATCH
+    res["durably_queued"] = int(r.zcard(ACTIVE_KEY)) - before
+    r.close()
+    if res["durably_queued"] != res["calls"]:
+        raise RuntimeError(f"{res['calls']} calls accepted but {res['durably_queued']} in the durable queue")
+    t0 = time.monotonic()
+    for node_id in nodes:
+        cluster.start_agent(node_id)
+    drain(cluster, 900)
+    res["completed_per_s"] = res["calls"] / (time.monotonic() - t0)
+    return res
+
+
 def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with LocalCluster(docker_url, agents=2, name="bench", log_level="error",
@@ -258,6 +285,7 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
         out["async_batch"] = batch
         drain(cluster, 600)
         out["async_batch_completed_per_s"] = batch["calls"] / (time.monotonic() - t0)
+        out["async_ingest"] = bench_ingest(cluster, 2)
         print("  shoal cold vs warm...", flush=True)
         cold = []
         for i in range(5 if quick else 15):
@@ -313,6 +341,11 @@ def report(r: dict[str, Any]) -> None:
                            f"{s['async_batch']['calls']} ran at {s['async_batch_completed_per_s']:.0f}/s   celery "
                            f"delay() {c['submits_per_s']:.0f}/s = "
                            f"{s['async_batch']['calls_per_s'] / c['submits_per_s']:.1f}x celery"),
+        ("async, ingest alone", f"{BATCH} per request, nodes stopped: {s['async_ingest']['calls_per_s']:.0f} calls/s "
+                                f"accepted (non-2xx {s['async_ingest']['non_2xx']}), "
+                                f"{s['async_ingest']['durably_queued']} counted in Redis's durable queue; all ran "
+                                f"at {s['async_ingest']['completed_per_s']:.0f}/s once the nodes were back   = "
+                                f"{s['async_ingest']['calls_per_s'] / c['submits_per_s']:.1f}x celery delay()"),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
