@@ -3,6 +3,7 @@
     shoal runtime create --image pythonruntime --run "python3 test.py" [--name N] [--path /ws] [--dependencies CMD]
     shoal function upload dice ./examples/runtimes/python/dice --runtime pythonruntime [--entrypoint mod:fn]
     shoal invoke dice --params '{"roll": "4d6"}' [--async] [--timeout S]
+    shoal invoke dice --batch params.jsonl     (one JSON params per line; all accepted, none awaited)
     shoal calls list [--function F] [--status S] | calls get ID | calls wait ID | calls cancel ID
     shoal nodes list | nodes get ID
     shoal up [--agents 2] [--port 3000] | shoal status | shoal down
@@ -189,7 +190,44 @@ def wait_for(c: Client, call_id: str, human: bool, timeout: float) -> Any:
             time.sleep(0.1)
 
 
+BATCH_MAX = 1000  # calls per invoke-batch request (the controller's bound)
+
+
+def read_params_lines(path: str) -> list[Any]:
+    """One JSON value per line (blank lines skipped); ``-`` is stdin."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    params: list[Any] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                params.append(json.loads(line))
+            except ValueError as exc:
+                raise CliError(f"{path}:{number}: not JSON ({exc})") from None
+    if not params:
+        raise CliError(f"{path}: no params (one JSON value per line)")
+    return params
+
+
+def cmd_invoke_batch(args: argparse.Namespace, c: Client) -> None:
+    if args.params is not None or args.async_:
+        raise CliError("--batch reads each call's params from its file and does not wait: no --params/--async")
+    params = read_params_lines(args.batch)
+    accepted: list[dict[str, Any]] = []
+    for start in range(0, len(params), BATCH_MAX):
+        body: dict[str, Any] = {"calls": [{"params": p} for p in params[start:start + BATCH_MAX]]}
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        accepted += c.request("POST", f"/v1/functions/{args.name}/invoke-batch", body)["calls"]
+    show(args, accepted, ["id", "status", "location"], f"{len(accepted)} calls accepted")
+
+
 def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
+    if args.batch is not None:
+        cmd_invoke_batch(args, c)
+        return
     try:
         params = json.loads(args.params) if args.params is not None else None
     except ValueError as exc:
@@ -373,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--params", help="JSON")
     inv.add_argument("--timeout", type=float)
     inv.add_argument("--async", dest="async_", action="store_true")
+    inv.add_argument("--batch", metavar="FILE",
+                     help="many calls without waiting: one JSON params per line ('-': stdin)")
 
     calls = sub.add_parser("calls", help="calls").add_subparsers(dest="action", required=True)
     lst = calls.add_parser("list")

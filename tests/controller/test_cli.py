@@ -49,6 +49,14 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     listed = shoal(url, "calls", "list", "--function", "echo")
     assert [c["id"] for c in listed["calls"]] == [accepted["id"]]
     assert shoal(url, "nodes", "list")[0]["node_id"] == cluster.node_ids[0]
+    lines = tmp_path / "params.jsonl"
+    lines.write_text("".join(f'{{"i": {i}}}\n' for i in range(1500)) + "\n")  # two requests (1,000 at most each)
+    batch = shoal(url, "invoke", "echo", "--batch", str(lines))
+    assert len(batch) == 1500 and len({b["id"] for b in batch}) == 1500
+    assert shoal(url, "calls", "wait", batch[-1]["id"])["result"] == {"echo": {"i": 1499}}
+    lines.write_text('{"i": 1}\n{oops\n')
+    bad = shoal(url, "invoke", "echo", "--batch", str(lines), check=False)
+    assert bad.returncode == 2 and "params.jsonl:2: not JSON" in bad.stderr
     bad = shoal(url, "invoke", "nope", check=False)
     assert bad.returncode == 2 and "HTTP 404" in bad.stderr
     bad = shoal(url, "invoke", "echo", "--params", "{not json", check=False)
