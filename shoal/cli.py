@@ -34,6 +34,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
 from rich.table import Table
+from rich.text import Text
 
 from shoal.devenv.paths import state_dir
 
@@ -452,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args, Client(args.url))
     except CliError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        # One line, whatever the terminal's width, and the message as written (no rich markup in it).
+        errors.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         return 2
     return 0
 

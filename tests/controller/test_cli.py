@@ -56,7 +56,7 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     assert shoal(url, "calls", "wait", batch[-1]["id"])["result"] == {"echo": {"i": 1499}}
     lines.write_text('{"i": 1}\n{oops\n')
     bad = shoal(url, "invoke", "echo", "--batch", str(lines), check=False)
-    assert bad.returncode == 2 and "params.jsonl:2: not JSON" in " ".join(bad.stderr.split())  # rich wraps lines
+    assert bad.returncode == 2 and f"error: {lines}:2: not JSON" in bad.stderr
     bad = shoal(url, "invoke", "nope", check=False)
     assert bad.returncode == 2 and "HTTP 404" in bad.stderr
     bad = shoal(url, "invoke", "echo", "--params", "{not json", check=False)
