@@ -11,7 +11,7 @@ Life of a miniworker (see ARCHITECTURE.md):
 A warm miniworker may hold one more call while it runs one (the broker pipelines short functions): the held
 call goes to the runner the moment the running one's result is sent, so the broker's round trip overlaps the
 run. A held call never started: if the miniworker ends first, it is answered REJECTED (the broker queues it
-again), and ``MW_DROP`` (its call was cancelled) removes it.
+again), and ``MW_DROP`` (its call was cancelled) removes it, answered CANCELLED.
 
 Anything that leaves the container in doubt (a timeout, the runner's connection closing, a load failure)
 ends the miniworker: it reports the call's outcome with ``retire: true``, removes its container and exits,
@@ -235,7 +235,11 @@ class Miniworker:
         if msg.type == Msg.MW_CALL:
             self.on_call(msg.header)
         elif msg.type == Msg.MW_DROP:
+            # Dropped if still held (the broker waits for this answer); if it already started, the broker
+            # learns it from the previous call's result, sent before it started.
             if self.held is not None and self.held["call_id"] == msg.header["call_id"]:
+                self.send(Msg.MW_RESULT, {"call_id": self.held["call_id"], "status": "CANCELLED", "retire": False,
+                                          "error": {"type": "Cancelled", "message": "cancelled before it started"}})
                 self.held = None
         elif msg.type == Msg.MW_STOP:
             self.stopping = True

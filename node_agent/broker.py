@@ -8,8 +8,9 @@
 * Pipelining: when no miniworker is idle, a busy warm miniworker of a short function (recent runs under
   ``pipeline_max_run``, 5 ms by default) is given one more call to hold; it starts that call the moment it sends the
   current result, so the broker's round trip overlaps the run. A held call has not started: if its
-  miniworker ends or is stopped first, it goes back to the head of its queue (not an attempt); a cancel
-  drops it (``MW_DROP``).
+  miniworker ends or is stopped first, it goes back to the head of its queue (not an attempt). A cancel
+  asks the miniworker to drop it (``MW_DROP``) and the miniworker's answer decides: dropped (CANCELLED,
+  never ran), or already started (its previous result arrives first: cancelled as a running call is).
 * Liveness: the broker heartbeats every live miniworker; one that is silent past ``liveness`` heartbeats,
   whose process exits, or that overruns its call's timeout is lost: its call is retried once (at-least-
   once) or failed with the reason, and the pool manager starts a replacement.
@@ -41,6 +42,8 @@ Outcome = Callable[[Ticket, dict[str, Any]], None]
 OVERRUN_GRACE = 10.0
 #: Seconds after which a running call is reported RUNNING to the controller (see tick()).
 RUNNING_REPORT_AFTER = 0.05
+CANCELLED_BEFORE_START = {"type": "Cancelled", "message": "cancelled before it started"}
+CANCELLED_RUNNING = {"type": "Cancelled", "message": "cancelled while running; its container was removed"}
 
 
 class Broker:
@@ -191,18 +194,29 @@ class Broker:
         self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
 
     def requeue_ahead(self, h: MwHandle) -> None:
+        """The held call did not start (its miniworker ended or gave it back): queue it again, unless it was
+        cancelled meanwhile, which then ends it."""
         ticket, h.ahead = h.ahead, None
-        if ticket is not None:
+        if ticket is None:
+            return
+        if ticket.cancelling:
+            self.running.pop(ticket.call_id, None)
+            self.on_outcome(ticket, {"status": "CANCELLED", "error": CANCELLED_BEFORE_START})
+        else:
             self.requeue(ticket)
 
     def promote(self, h: MwHandle) -> None:
-        """The held call started when its miniworker sent the previous result."""
+        """The held call started when its miniworker sent the previous result. If it was cancelled while
+        held, the drop came too late: it is cancelled as a running call is (its container goes)."""
         ticket, h.ahead = h.ahead, None
         assert ticket is not None
         ticket.ahead = False
         ticket.dispatched = time.monotonic()
         ticket.started_at = time.time()
         h.ticket = ticket
+        if ticket.cancelling:
+            self.finish(h, ticket, {"status": "CANCELLED", "error": CANCELLED_RUNNING})
+            self.stop(h)
 
     def pump(self) -> None:
         """Hand queued calls to idle miniworkers that can serve them, oldest call first."""
@@ -229,8 +243,7 @@ class Broker:
             for queued in queue:
                 if queued.call_id == call_id:
                     queue.remove(queued)
-                    self.on_outcome(queued, {"status": "CANCELLED", "error": {
-                        "type": "Cancelled", "message": "cancelled before it started"}})
+                    self.on_outcome(queued, {"status": "CANCELLED", "error": CANCELLED_BEFORE_START})
                     return True
         ticket = self.running.get(call_id)
         if ticket is None or ticket.mw_id is None:
@@ -238,15 +251,14 @@ class Broker:
         h = self.mws.get(ticket.mw_id)
         if h is None:
             return False
-        if h.ahead is ticket:  # held, not started: the miniworker forgets it
-            h.ahead = None
-            self.running.pop(call_id, None)
-            self.send(h, Msg.MW_DROP, {"call_id": call_id})
-            self.on_outcome(ticket, {"status": "CANCELLED", "error": {
-                "type": "Cancelled", "message": "cancelled before it started"}})
+        if h.ahead is ticket:
+            # Held: the miniworker may already have started it (its previous result on the way here). It
+            # answers the drop (CANCELLED, never started) or its previous result comes first (promote()).
+            if not ticket.cancelling:
+                ticket.cancelling = True
+                self.send(h, Msg.MW_DROP, {"call_id": call_id})
             return True
-        self.finish(h, ticket, {"status": "CANCELLED", "error": {
-            "type": "Cancelled", "message": "cancelled while running; its container was removed"}})
+        self.finish(h, ticket, {"status": "CANCELLED", "error": CANCELLED_RUNNING})
         self.stop(h)
         return True
 
@@ -293,7 +305,11 @@ class Broker:
         header = msg.header
         call_id = header["call_id"]
         if h.ahead is not None and h.ahead.call_id == call_id:
-            if header["status"] != REJECTED:  # only a held call's miniworker ending answers for it
+            # A held call is answered only when it did not start: REJECTED (its miniworker ended first) or
+            # CANCELLED (dropped on our request).
+            if header["status"] == "CANCELLED":
+                h.ahead.cancelling = True
+            elif header["status"] != REJECTED:
                 self.log.error("held_call_answered", mw_id=h.mw_id, call_id=call_id, status=header["status"])
             self.requeue_ahead(h)
         elif h.ticket is not None and h.ticket.call_id == call_id:

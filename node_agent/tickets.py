@@ -22,3 +22,4 @@ class Ticket:
     queued: bool = False  # waited in the node's queue for a miniworker
     cold_wait: bool = False  # waited for a miniworker to start
     ahead: bool = False  # held by a busy miniworker to run next (pipelined), not started yet
+    cancelling: bool = False  # cancelled while held: the miniworker is asked to drop it, not answered yet

@@ -1,0 +1,97 @@
+"""Cancelling a held (pipelined) call: the miniworker's answer decides what happened to it.
+
+The broker's state machine is driven directly (real ZMQ socket, messages captured instead of sent): the
+race it settles (the miniworker starting the held call while the drop is on its way) cannot be timed from
+outside on the real engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+
+from node_agent.broker import Broker
+from node_agent.config import AgentConfig
+from node_agent.functions import Registry
+from node_agent.metrics import AgentMetrics
+from node_agent.miniworkers import MwHandle, MwState
+from node_agent.tickets import Ticket
+from shoal import protocol
+from shoal.models import Policy
+from shoal.protocol import Msg
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="t1", state_dir=tmp_path)
+        config.node_dir.mkdir(parents=True)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.outcomes: list[tuple[str, str, str]] = []
+        self.sent: list[tuple[bytes, dict[str, Any]]] = []
+        self.broker = Broker(config, Registry(Policy.FUNCTION), AgentMetrics(), self.ctx, self.on_outcome,
+                             lambda key: None, lambda h: None, lambda t: None)  # type: ignore[arg-type,return-value]
+        self.broker.send = self.capture  # type: ignore[method-assign]
+        proc: Any = SimpleNamespace(poll=lambda: None, send_signal=lambda sig: None)
+        self.mw = MwHandle("mw1", "bound", "rt", "f@1", proc, state=MwState.BUSY)
+        self.broker.mws["mw1"] = self.mw
+        self.head, self.held = Ticket("c1", "f@1", 1, 5.0), Ticket("c2", "f@1", 2, 5.0)
+        self.mw.ticket, self.head.mw_id = self.head, "mw1"
+        self.broker.running["c1"] = self.head
+        self.broker.dispatch(self.mw, self.held)  # busy: it holds the call
+
+    def on_outcome(self, ticket: Ticket, header: dict[str, Any]) -> None:
+        self.outcomes.append((ticket.call_id, header["status"], (header.get("error") or {}).get("message", "")))
+
+    def capture(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
+        self.sent.append((mtype, header))
+        return True
+
+    def result(self, header: dict[str, Any]) -> None:
+        self.broker._on_result(self.mw, protocol.decode(protocol.encode(Msg.MW_RESULT, header)))
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.broker.close()
+    r.ctx.term()
+
+
+def test_a_held_call_is_cancelled_once_its_miniworker_has_dropped_it(rig: Rig) -> None:
+    assert rig.mw.ahead is rig.held and rig.sent[-1][0] == Msg.MW_CALL
+    assert rig.broker.cancel("c2") and rig.broker.cancel("c2")
+    assert [m for m, _ in rig.sent].count(Msg.MW_DROP) == 1
+    assert rig.outcomes == []  # not yet: it may have started already
+    rig.result({"call_id": "c2", "status": "CANCELLED"})
+    assert rig.outcomes == [("c2", "CANCELLED", "cancelled before it started")]
+    assert rig.mw.ahead is None and rig.mw.ticket is rig.head and rig.mw.state == MwState.BUSY
+    rig.result({"call_id": "c1", "status": "DONE", "result": 1})
+    assert rig.outcomes[-1][:2] == ("c1", "DONE") and rig.mw.state == MwState.IDLE
+
+
+def test_a_held_call_that_started_before_the_drop_is_cancelled_as_a_running_call(rig: Rig) -> None:
+    rig.broker.cancel("c2")
+    rig.result({"call_id": "c1", "status": "DONE", "result": 1})  # sent just before it started c2
+    assert rig.outcomes == [("c1", "DONE", ""),
+                            ("c2", "CANCELLED", "cancelled while running; its container was removed")]
+    assert rig.mw.state == MwState.STOPPING and rig.sent[-1][0] == Msg.MW_STOP
+    rig.result({"call_id": "c2", "status": "DONE", "result": 2})  # it ran: its result comes to nothing
+    assert len(rig.outcomes) == 2 and "c2" not in rig.broker.running
+
+
+def test_a_cancelled_held_call_whose_miniworker_ends_first_is_not_queued_again(rig: Rig) -> None:
+    rig.broker.cancel("c2")
+    rig.result({"call_id": "c2", "status": "REJECTED", "retire": True})
+    assert rig.outcomes == [("c2", "CANCELLED", "cancelled before it started")]
+    assert not any(rig.broker.queues.values()) and "c2" not in rig.broker.running
+
+
+def test_a_held_call_given_back_without_a_cancel_is_queued_again(rig: Rig) -> None:
+    rig.result({"call_id": "c2", "status": "REJECTED", "retire": True})
+    assert rig.outcomes == [] and list(rig.broker.queues["f@1"]) == [rig.held] and rig.held.mw_id is None
