@@ -58,7 +58,9 @@ def test_forwarder_seed_routes(cluster: LocalCluster) -> None:
     assert status == 200 and reg["endpoint_id"] == "ep-1"
     assert reg["task_url"].startswith("tcp://127.0.0.1:") and reg["result_url"] == reg["task_url"]
     endpoints = cluster.get("/list_endpoints")
-    assert set(endpoints) == set(cluster.node_ids) and endpoints[cluster.node_ids[0]]["state"] == "ready"
+    assert set(endpoints) == set(cluster.node_ids)
+    cluster.wait_nodes(len(cluster.node_ids))  # (a node briefly silent under load is not ready meanwhile)
+    assert cluster.get("/list_endpoints")[cluster.node_ids[0]]["state"] == "ready"
 
 
 def test_sync_async_states_listing_and_cancel(cluster: LocalCluster) -> None:
