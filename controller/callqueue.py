@@ -62,7 +62,3 @@ class CallQueue(Generic[T]):
         if not lane:
             del self._lanes[key]
         return item
-
-    def lane_length(self, key: str) -> int:
-        lane = self._lanes.get(key)
-        return len(lane) if lane else 0

@@ -134,7 +134,7 @@ async def invoke_batch(request: web.Request) -> web.Response:
 def accepted(request: web.Request, call: dict[str, Any]) -> web.Response:
     location = f"/v1/calls/{call['id']}"
     return json_response({"id": call["id"], "status": call["status"], "location": location},
-                             status=202, headers={"Location": location})
+                         status=202, headers={"Location": location})
 
 
 async def list_calls(request: web.Request) -> web.Response:
