@@ -108,8 +108,9 @@ class Service:
             raise Missing(f"no function named {name!r}")
 
     # ---- calls ---------------------------------------------------------------------------------
-    async def _callable(self, name: str, version: int | None) -> dict[str, Any]:
-        """The function version a new call runs: the latest, or the one asked for."""
+    async def _callable(self, name: str, version: int | None,
+                        timeout: float | None) -> tuple[dict[str, Any], float]:
+        """The function version a new call runs (the latest, or the one asked for) and the call's timeout."""
         record = await self.store.get_function(name)
         if record is None:
             raise Missing(f"no function named {name!r}")
@@ -117,7 +118,7 @@ class Service:
             record = await self.store.get_version(name, version)
             if record is None:
                 raise Missing(f"function {name!r} has no version {version}")
-        return record
+        return record, timeout if timeout is not None else float(record.get("timeout") or 30.0)
 
     @staticmethod
     def _check_key(idempotency_key: str) -> None:
@@ -133,12 +134,26 @@ class Service:
                 "attempts": 0, "node": ""}
         return call, Pending(call_id, name, version, params, timeout, record=call, stamps={"QUEUED": now})
 
+    async def _store_and_queue(self, made: list[tuple[dict[str, Any], Pending]]) -> None:
+        """Queue new calls and store them in one write; the caller hears of them only once they are stored.
+
+        The write and the dispatch start together: enqueue only schedules the placement, so the creation is
+        queued to the writer first and the writer keeps each call's writes in order (an outcome cannot be
+        overwritten by its creation). If the write fails, the calls are cancelled and nothing is given an id."""
+        for _, pending in made:
+            self.dispatcher.enqueue(pending)
+        created = self.store.create_calls([call for call, _ in made])
+        try:
+            await created
+        except StoreError:
+            for call, _ in made:
+                self.dispatcher.cancel(call["id"])
+            raise
+
     async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
                      idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:
         """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key."""
-        record = await self._callable(name, version)
-        if timeout is None:
-            timeout = float(record.get("timeout") or 30.0)
+        record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room()
         call_id = new_call_id()
         if idempotency_key is not None:
@@ -150,26 +165,14 @@ class Service:
                     return call, self.dispatcher.calls.get(existing)
         call, pending = self._new_call(record, params, timeout, call_id, await self.store.next_call_num(),
                                        time.time())
-        # The write and the dispatch start together: enqueue only schedules the placement, so the creation is
-        # queued to the writer first and the writer keeps each call's writes in order (its outcome cannot be
-        # overwritten by its creation); the dispatch goes out before the write. The caller hears of the call
-        # only once it is stored.
-        self.dispatcher.enqueue(pending)
-        created = self.store.create_calls([call])
-        try:
-            await created
-        except StoreError:
-            self.dispatcher.cancel(call_id)
-            raise
+        await self._store_and_queue([(call, pending)])
         return call, pending
 
     async def invoke_batch(self, name: str, params: list[Any], *, timeout: float | None = None,
                            version: int | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
         """Store and queue one call per entry of ``params`` (all or none: one write); return them as stored, in
         order. A replayed key returns the calls of its first batch, as they stand now."""
-        record = await self._callable(name, version)
-        if timeout is None:
-            timeout = float(record.get("timeout") or 30.0)
+        record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room(len(params))
         ids = [new_call_id() for _ in params]
         if idempotency_key is not None:
@@ -181,15 +184,7 @@ class Service:
         nums = await self.store.next_call_nums(len(params))
         made = [self._new_call(record, p, timeout, call_id, num, now)
                 for p, call_id, num in zip(params, ids, nums, strict=True)]
-        for _, pending in made:
-            self.dispatcher.enqueue(pending)
-        created = self.store.create_calls([call for call, _ in made])
-        try:
-            await created
-        except StoreError:
-            for call_id in ids:
-                self.dispatcher.cancel(call_id)
-            raise
+        await self._store_and_queue(made)
         return [call for call, _ in made]
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:
