@@ -10,11 +10,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from controller.api import compat, openapi, v1
-from controller.api.common import SERVICE
+from controller.api.common import METRICS, SERVICE
 from controller.api.middleware import errors
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher
 from controller.hub import Hub
+from controller.metrics import ControllerMetrics
 from controller.service import Service
 from controller.store import Store
 from shoal.blobs import BlobStore
@@ -34,17 +35,18 @@ async def _prune_loop(store: Store) -> None:
 
 def create_app(config: ControllerConfig) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+    metrics = app[METRICS] = ControllerMetrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(config.redis_url, decode_responses=True)
         await redis.ping()
-        store = Store(redis, config.retention, config.redis_url)
+        store = Store(redis, config.retention, config.redis_url, metrics)
         store.start()
         blobs = BlobStore(config.blob_dir)
-        hub = Hub(config, store, blobs)
-        dispatcher = Dispatcher(config, store, hub)
+        hub = Hub(config, store, blobs, metrics)
+        dispatcher = Dispatcher(config, store, hub, metrics)
         hub.start(dispatcher)
-        app[SERVICE] = Service(config, store, blobs, hub, dispatcher)
+        app[SERVICE] = Service(config, store, blobs, hub, dispatcher, metrics)
         recovered = await dispatcher.recover()
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
         log.info("controller_started", zmq=hub.url, redis=config.redis_url, recovered=recovered,

@@ -24,6 +24,7 @@ from controller.callqueue import CallQueue
 from controller.config import ControllerConfig
 from controller.errors import Busy
 from controller.hub import Hub
+from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from controller.placement import make_placement
 from controller.store import Store
@@ -60,8 +61,9 @@ class Pending:
 
 
 class Dispatcher:
-    def __init__(self, config: ControllerConfig, store: Store, hub: Hub) -> None:
+    def __init__(self, config: ControllerConfig, store: Store, hub: Hub, metrics: ControllerMetrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.hub = hub
         self.placement = make_placement(config.placement)
@@ -197,6 +199,7 @@ class Dispatcher:
         if h["status"] == REJECTED:
             pending.attempts -= 1  # it never ran there
             pending.dispatch_unwritten = False
+            self.metrics.requeued.inc(reason="rejected")
             self.enqueue(pending, front=True)
             return
         status = STATUSES.get(h["status"])
@@ -216,6 +219,9 @@ class Dispatcher:
         write = self.store.update_call(pending.call_id, status, fields)
         now = time.time()
         pending.stamps[status.value] = now
+        self.metrics.finished.inc(function=pending.function, status=status.value)
+        if (accepted := pending.stamps.get("QUEUED")) is not None:
+            self.metrics.duration.observe(now - accepted, function=pending.function)
         # The whole call as it now stands in the store: a sync caller is answered without reading it back.
         outcome = dict(pending.record)
         outcome.update({f"t_{k}": v for k, v in pending.stamps.items()})
@@ -244,6 +250,7 @@ class Dispatcher:
             else:
                 self.log.info("call_requeued", call_id=call_id, node_id=node.node_id, attempts=pending.attempts)
                 pending.dispatch_unwritten = False
+                self.metrics.requeued.inc(reason="node_lost")
                 self.store.update_call(call_id, CallStatus.QUEUED, {"node": ""})
                 self.enqueue(pending, front=True)
         node.inflight.clear()
@@ -257,6 +264,7 @@ class Dispatcher:
                 if pending is not None and pending.node_id == node.node_id:
                     self._release(pending)
                     pending.dispatch_unwritten = False
+                    self.metrics.requeued.inc(reason="node_restarted")
                     self.enqueue(pending, front=True)
         self.kick()
 
@@ -286,12 +294,14 @@ class Dispatcher:
                 continue
             pending = Pending(call_id=call["id"], function=call["function"], version=int(call["version"]),
                               params=call.get("params"), timeout=float(call.get("timeout") or 30.0),
-                              attempts=int(call.get("attempts") or 0))
+                              attempts=int(call.get("attempts") or 0),
+                              stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()})
             self.calls[pending.call_id] = pending
             self.queue.append(pending)
             count += 1
         if count:
             self.log.info("calls_recovered", count=count)
+            self.metrics.requeued.inc(count, reason="controller_restarted")
             self.kick()
         return count
 

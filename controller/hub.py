@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from controller.config import ControllerConfig
+from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from controller.store import Store
 from shoal import protocol
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 
 
 class Hub:
-    def __init__(self, config: ControllerConfig, store: Store, blobs: BlobStore) -> None:
+    def __init__(self, config: ControllerConfig, store: Store, blobs: BlobStore, metrics: ControllerMetrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.log = get_logger("hub")
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -44,7 +46,6 @@ class Hub:
         self.archives = ArchiveServer(blobs)
         self.nodes: dict[str, NodeState] = {}
         self.dispatcher: Dispatcher | None = None
-        self.protocol_errors = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.on_function_state: list[Callable[[str, str, dict[str, Any]], None]] = []
 
@@ -106,12 +107,16 @@ class Hub:
             try:
                 self.on_frames(frames)
             except ProtocolError as exc:
-                self.protocol_errors += 1
-                self.log.error("protocol_error", node_id=frames[0][:64].decode("utf-8", "replace"), error=str(exc))
+                self.metrics.protocol_errors.inc(socket="nodes")
+                self.log.error("protocol_error", node_id=bytes(frames[0][:64]).decode("utf-8", "backslashreplace"),
+                               error=str(exc))
         self._recheck()
 
     def on_frames(self, frames: list[bytes]) -> None:
-        node_id = frames[0].decode("utf-8", "replace")
+        try:
+            node_id = frames[0].decode()  # agents connect with their node id as ZMQ identity
+        except UnicodeDecodeError:
+            raise ProtocolError("the peer's identity is not a node id (an anonymous ZMQ peer?)") from None
         msg = protocol.decode(frames[1:])
         node = self.nodes.get(node_id)
         if msg.type == Msg.HELLO:

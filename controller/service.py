@@ -15,6 +15,7 @@ from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
 from controller.errors import BadRequest, Conflict, Missing, StoreError, TooLarge
 from controller.hub import Hub, function_message
+from controller.metrics import ControllerMetrics
 from controller.store import Store
 from shoal.archive import ArchiveLimits, extract_archive
 from shoal.blobs import BlobStore
@@ -25,12 +26,13 @@ from shoal.protocol import Msg
 
 class Service:
     def __init__(self, config: ControllerConfig, store: Store, blobs: BlobStore, hub: Hub,
-                 dispatcher: Dispatcher) -> None:
+                 dispatcher: Dispatcher, metrics: ControllerMetrics) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
         self.hub = hub
         self.dispatcher = dispatcher
+        self.metrics = metrics
         self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
 
     # ---- runtimes ------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class Service:
         return call, Pending(call_id, name, version, params, timeout, record=call, stamps={"QUEUED": now})
 
     async def _store_and_queue(self, made: list[tuple[dict[str, Any], Pending]]) -> None:
-        """Queue new calls and store them in one write; the caller hears of them only once they are stored.
+        """Queue new calls (of one function) and store them in one write; the caller hears of them only once
+        they are stored.
 
         The write and the dispatch start together: enqueue only schedules the placement, so the creation is
         queued to the writer first and the writer keeps each call's writes in order (an outcome cannot be
@@ -149,6 +152,7 @@ class Service:
             for call, _ in made:
                 self.dispatcher.cancel(call["id"])
             raise
+        self.metrics.accepted.inc(len(made), function=made[0][1].function)
 
     async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
                      idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:

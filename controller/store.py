@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from controller import keys
 from controller.errors import StoreError
+from controller.metrics import ControllerMetrics
 from controller.resp import Command, RespConnection
 from shoal.logs import get_logger
 from shoal.models import TERMINAL, CallStatus, Runtime
@@ -69,10 +70,11 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, redis: Redis, retention: float, url: str) -> None:
+    def __init__(self, redis: Redis, retention: float, url: str, metrics: ControllerMetrics | None = None) -> None:
         self.redis: Any = redis  # redis-py's stubs type replies as bytes | str; we decode responses
         self.retention = int(retention)
         self._conn = RespConnection(url)
+        self.metrics = metrics if metrics is not None else ControllerMetrics()
         self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._num_next = 0
@@ -106,6 +108,7 @@ class Store:
                 replies = await self._conn.execute(commands)
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure; the writer lives on
                 log.error("store_write_failed", error=str(exc), writes=len(batch))
+                self.metrics.store_write_failures.inc(len(batch))
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(StoreError(f"redis is unavailable: {exc}"))
@@ -118,6 +121,7 @@ class Store:
                     continue
                 if errors:
                     log.error("store_write_refused", error=str(errors[0]), command=str(write[0][0]))
+                    self.metrics.store_write_failures.inc()
                     fut.set_exception(StoreError(f"redis refused a write: {errors[0]}"))
                 else:
                     fut.set_result(None)

@@ -10,10 +10,12 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from controller.errors import BadRequest, UnsupportedMedia
+from controller.metrics import ControllerMetrics
 from controller.service import Service
 from shoal.protocol import dumps_str
 
 SERVICE: web.AppKey[Service] = web.AppKey("service")
+METRICS: web.AppKey[ControllerMetrics] = web.AppKey("metrics")
 MAX_JSON = 16 << 20
 STATES = ("QUEUED", "DISPATCHED", "RUNNING", "DONE", "FAILED", "TIMEOUT", "CANCELLED")
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
+from controller.api.common import METRICS
 from controller.errors import ApiError, Busy
 from shoal.errors import NotFound, ValidationError
 from shoal.logs import get_logger
@@ -24,22 +25,29 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except Busy as exc:
-        return error_response(exc.status, exc.code, str(exc), {"Retry-After": str(exc.retry_after)})
-    except ApiError as exc:
-        return error_response(exc.status, exc.code, str(exc))
-    except ValidationError as exc:
-        return error_response(400, "bad_request", str(exc))
-    except NotFound as exc:
-        return error_response(404, "not_found", str(exc))
-    except RedisError as exc:
+    except Exception as exc:  # noqa: BLE001 - mapped to an answer below; an unknown error is logged there
+        status, code, message, headers = _describe(request, exc)
+    request.app[METRICS].http_errors.inc(status=str(status), code=code)
+    return error_response(status, code, message, headers)
+
+
+def _describe(request: web.Request, exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
+    """(status, code, message, headers) of the answer for ``exc``; re-raises what is not an error."""
+    if isinstance(exc, Busy):
+        return exc.status, exc.code, str(exc), {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, str(exc), None
+    if isinstance(exc, ValidationError):
+        return 400, "bad_request", str(exc), None
+    if isinstance(exc, NotFound):
+        return 404, "not_found", str(exc), None
+    if isinstance(exc, RedisError):
         log.error("store_unavailable", path=request.path, error=str(exc))
-        return error_response(503, "store_unavailable", f"the store (redis) is unavailable: {exc}")
-    except web.HTTPException as exc:
+        return 503, "store_unavailable", f"the store (redis) is unavailable: {exc}", None
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
-                              {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-    except Exception:
-        log.exception("unhandled_error", path=request.path, method=request.method)
-        return error_response(500, "internal", "internal error; see the controller's log")
+            raise exc
+        return (exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
+                {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    log.error("unhandled_error", path=request.path, method=request.method, exc_info=exc)
+    return 500, "internal", "internal error; see the controller's log", None

@@ -162,6 +162,9 @@ DOCUMENT: dict[str, Any] = {
                                                            **_errors(404)}},
         },
         "/v1/health": {"get": {"summary": "Health", "responses": {"200": _resp("Healthy", {"type": "object"})}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)", "responses": {"200": {
+            "description": "Calls accepted and finished, durations, requeues, queue depth, nodes, errors",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     },
     "components": {"schemas": {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {

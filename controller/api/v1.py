@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.api.common import (
+    METRICS,
     STATES,
     json_object,
     json_response,
@@ -188,6 +189,14 @@ async def health(request: web.Request) -> web.Response:
                               **svc.dispatcher.snapshot()})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (see controller/metrics.py)."""
+    svc = service(request)
+    text = request.app[METRICS].render(svc.hub.nodes.values(), svc.dispatcher.queued(), len(svc.dispatcher.calls),
+                                       svc.hub.archives.bytes_sent)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/runtimes", create_runtime)
@@ -207,3 +216,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{id}", get_node)
     r.add_get("/v1/health", health)
+    r.add_get("/metrics", metrics)

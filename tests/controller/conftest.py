@@ -84,4 +84,12 @@ def wait_call(cluster: LocalCluster, call_id: str, timeout: float = 120) -> dict
         time.sleep(0.05)
 
 
-__all__ = ["ECHO", "SLOW", "build_tar_gz", "seed_runtime", "upload", "wait_call", "wait_ready"]
+def metrics(cluster: LocalCluster) -> dict[str, float]:
+    """The controller's /metrics page: series (name and labels, as printed) -> value."""
+    status, text, headers = cluster.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain"), (status, text)
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+__all__ = ["ECHO", "SLOW", "build_tar_gz", "metrics", "seed_runtime", "upload", "wait_call", "wait_ready"]

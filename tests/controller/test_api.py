@@ -15,7 +15,7 @@ import pytest
 
 from controller.api.openapi import DOCUMENT
 from shoal.localcluster import LocalCluster
-from tests.controller.conftest import ECHO, SLOW, build_tar_gz, seed_runtime, upload, wait_call, wait_ready
+from tests.controller.conftest import ECHO, SLOW, build_tar_gz, metrics, seed_runtime, upload, wait_call, wait_ready
 
 pytestmark = pytest.mark.docker
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -113,6 +113,18 @@ def test_timeouts_and_failures_come_back_with_reasons(cluster: LocalCluster) -> 
     _, timed, _ = cluster.request("POST", "/v1/functions/slow/invoke", {"params": {"s": 30}, "timeout": 1,
                                                                          "wait": 120})
     assert timed["status"] == "TIMEOUT" and "timeout" in timed["error"]["message"]
+    # The controller's metrics count each outcome, and nothing is left waiting or in flight.
+    m = metrics(cluster)
+    assert m['shoal_controller_calls_accepted_total{function="bad"}'] == 1
+    assert m['shoal_controller_calls_finished_total{function="bad",status="FAILED"}'] == 1
+    assert m['shoal_controller_calls_finished_total{function="slow",status="TIMEOUT"}'] == 1
+    assert m['shoal_controller_call_duration_seconds_count{function="slow"}'] == 1
+    assert m['shoal_controller_call_duration_seconds_bucket{function="slow",le="0.5"}'] == 0  # it ran 1 s
+    assert m["shoal_controller_calls_queued"] == 0 and m["shoal_controller_calls_active"] == 0
+    assert m['shoal_controller_nodes{state="ready"}'] == 2 and m['shoal_controller_nodes{state="lost"}'] == 0
+    assert sum(v for k, v in m.items() if k.startswith("shoal_controller_node_dispatched_total{")) == 2
+    sizes = sum(cluster.get(f"/v1/functions/{name}")["size"] for name in ("slow", "bad"))
+    assert m["shoal_controller_archive_bytes_sent_total"] >= sizes  # each archive reached at least one node
 
 
 def test_idempotency_key_makes_a_retry_safe(cluster: LocalCluster) -> None:
@@ -243,6 +255,7 @@ def test_bad_input_gets_a_clear_4xx_with_a_json_body(cluster: LocalCluster, meth
     assert headers["Content-Type"].startswith("application/json")
     assert isinstance(body, dict) and body["error"]["message"]
     assert cluster.request("GET", "/ping")[1] == "pong"  # and the controller lives on
+    assert metrics(cluster)[f'shoal_controller_http_errors_total{{code="{body["error"]["code"]}",status="{got}"}}'] == 1
 
 
 def test_a_full_queue_answers_429_with_retry_after(make_cluster: Any) -> None:
@@ -259,6 +272,10 @@ def test_a_full_queue_answers_429_with_retry_after(make_cluster: Any) -> None:
     cluster.start_agent(cluster.node_ids[0])  # the waiting calls run once a node is back
     for _, body, _ in codes[:3]:
         assert wait_call(cluster, body["id"])["status"] == "DONE"
+    m = metrics(cluster)
+    assert m['shoal_controller_http_errors_total{code="queue_full",status="429"}'] == 3
+    assert m['shoal_controller_calls_accepted_total{function="echo"}'] == 3
+    assert m['shoal_controller_calls_finished_total{function="echo",status="DONE"}'] == 3
 
 
 def test_openapi_document_matches_the_routes(cluster: LocalCluster) -> None:

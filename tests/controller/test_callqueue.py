@@ -9,6 +9,7 @@ from typing import Any
 from controller.callqueue import CallQueue
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
+from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 
 
@@ -52,7 +53,7 @@ def test_placement_sends_what_nodes_take_and_a_blocked_backlog_keeps_its_order()
 
     async def scenario() -> None:
         hub = FakeHub()
-        d = Dispatcher(ControllerConfig(), FakeStore(), hub)  # type: ignore[arg-type]
+        d = Dispatcher(ControllerConfig(), FakeStore(), hub, ControllerMetrics())  # type: ignore[arg-type]
         node = hub.nodes["n1"]
         node.ready.add("fast@1")
         for n in range(10_000):

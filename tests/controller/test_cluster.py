@@ -15,9 +15,12 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 
+from shoal import protocol
 from shoal.localcluster import LocalCluster
-from tests.controller.conftest import ECHO, SLOW, seed_runtime, upload, wait_call, wait_ready
+from shoal.protocol import Msg
+from tests.controller.conftest import ECHO, SLOW, metrics, seed_runtime, upload, wait_call, wait_ready
 
 pytestmark = pytest.mark.docker
 
@@ -77,6 +80,10 @@ def test_kill_9_of_an_agent_with_calls_in_flight_loses_no_call(make_cluster: Any
     while cluster.get(f"/v1/nodes/{first}")["state"] != "lost":
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    m = metrics(cluster)
+    assert m['shoal_controller_calls_requeued_total{reason="node_lost"}'] >= 1
+    assert m['shoal_controller_nodes{state="lost"}'] == 1 and m['shoal_controller_nodes{state="ready"}'] == 1
+    assert m['shoal_controller_calls_finished_total{function="slow",status="DONE"}'] == 10
 
 
 def test_controller_killed_and_restarted_with_queued_async_calls_completes_them_all(make_cluster: Any) -> None:
@@ -90,6 +97,11 @@ def test_controller_killed_and_restarted_with_queued_async_calls_completes_them_
     calls = [wait_call(cluster, i, timeout=180) for i in ids]
     assert [c["status"] for c in calls] == ["DONE"] * 30
     assert cluster.get("/v1/health")["active"] == 0
+    # The new controller accepted nothing itself: every call it finished, it had taken from the store.
+    m = metrics(cluster)
+    recovered = m['shoal_controller_calls_requeued_total{reason="controller_restarted"}']
+    assert recovered >= 1 and m['shoal_controller_calls_finished_total{function="slow",status="DONE"}'] == recovered
+    assert not any(k.startswith("shoal_controller_calls_accepted_total") for k in m)
 
 
 def test_a_200mb_archive_reaches_both_agents_in_constant_memory(make_cluster: Any, tmp_path: Any) -> None:
@@ -137,6 +149,46 @@ def test_a_200mb_archive_reaches_both_agents_in_constant_memory(make_cluster: An
     assert all(g < 64 for g in growth.values()), growth
     _, call, _ = cluster.request("POST", "/v1/functions/big/invoke", {})
     assert call["status"] == "DONE" and call["result"] == 200 << 20
+
+
+def test_garbage_frames_to_the_controller_are_dropped_and_a_strangers_result_is_ignored(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=1)
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler")
+    wait_ready(cluster, "slow", 1)
+    call_id = submit(cluster, "slow", {"s": 2})
+    _, reg, _ = cluster.request("POST", "/register", {"endpoint_id": "stranger"})
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    stranger: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.IDENTITY, b"stranger")  # named as an agent names itself, but it never said HELLO
+    stranger.setsockopt(zmq.LINGER, 5000)  # closed at once, but what it sent still goes out
+    stranger.connect(reg["task_url"])
+    garbage = [[b"JUNK", b"{}"], [b"RESULT", b"{not json"], [b"RESULT", b'{"call_id": 1}'], [b"\xff" * 100],
+               [b"FETCH", b'{"sha256": "zz", "offset": -1, "credit": 1}'], [b"HELLO", b"[]"]]
+    for frames in garbage:
+        stranger.send_multipart(frames)
+    # Well-formed, but from a peer that never said HELLO: not the call's outcome. It is asked to introduce itself.
+    stranger.send_multipart(protocol.encode(Msg.RESULT, {"call_id": call_id, "status": "DONE", "result": "forged"}))
+    assert stranger.poll(30_000), "the controller did not answer the stranger"
+    answer = protocol.decode(stranger.recv_multipart())
+    assert answer.type == Msg.WELCOME and answer.header.get("hello") is True
+    stranger.close()
+    # A peer with ZMQ's anonymous (binary) identity cannot be a node: what it sends is dropped as well.
+    anonymous: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    anonymous.setsockopt(zmq.LINGER, 5000)
+    anonymous.connect(reg["task_url"])
+    anonymous.send_multipart(protocol.encode(Msg.RESULT, {"call_id": call_id, "status": "DONE", "result": "forged"}))
+    anonymous.close()
+    dropped = len(garbage) + 1
+    deadline = time.monotonic() + 30
+    while metrics(cluster).get('shoal_protocol_errors_total{socket="nodes"}', 0) < dropped:
+        assert time.monotonic() < deadline, metrics(cluster)
+        time.sleep(0.1)
+    assert metrics(cluster)['shoal_protocol_errors_total{socket="nodes"}'] == dropped
+    call = wait_call(cluster, call_id)
+    assert call["status"] == "DONE" and call["result"] == 2
+    assert cluster.request("POST", "/v1/functions/slow/invoke", {"params": {"s": 0}})[1]["result"] == 0
+    assert cluster.controller is not None and cluster.controller.poll() is None
 
 
 def test_redis_down_answers_503_and_calls_are_taken_again_once_it_is_back(make_cluster: Any) -> None:
