@@ -285,6 +285,19 @@ class Dispatcher:
             self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})
         return True
 
+    def withdraw(self, call_id: str) -> None:
+        """Forget a call whose creation was not stored: its caller gets an error, not an id, so nothing about
+        it is written and it is not counted. If it was already sent to a node, the node is asked to cancel it
+        and its result will be ignored."""
+        pending = self.calls.pop(call_id, None)
+        if pending is None:
+            return
+        pending.cancelled = True  # a queued call is skipped when its lane comes to it
+        pending.dispatch_unwritten = False
+        if pending.node_id is not None:
+            self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})
+            self._release(pending)
+
     # ---- recovery ------------------------------------------------------------------------------
     async def recover(self) -> int:
         """Queue again every call the store holds as not finished (after a controller restart)."""

@@ -142,7 +142,7 @@ class Service:
 
         The write and the dispatch start together: enqueue only schedules the placement, so the creation is
         queued to the writer first and the writer keeps each call's writes in order (an outcome cannot be
-        overwritten by its creation). If the write fails, the calls are cancelled and nothing is given an id."""
+        overwritten by its creation). If the write fails, the calls are withdrawn and nothing is given an id."""
         for _, pending in made:
             self.dispatcher.enqueue(pending)
         created = self.store.create_calls([call for call, _ in made])
@@ -150,7 +150,7 @@ class Service:
             await created
         except StoreError:
             for call, _ in made:
-                self.dispatcher.cancel(call["id"])
+                self.dispatcher.withdraw(call["id"])
             raise
         self.metrics.accepted.inc(len(made), function=made[0][1].function)
 
