@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,23 @@ def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int,
     return run_clients(CELERY_CLIENT, [str(threads), str(seconds)], env, workdir, procs, seconds + 120)
 
 
+def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM to ``proc`` and its children (started in its own session), SIGKILL to what is left after
+    ``grace`` seconds. Celery's warm shutdown can take longer than that with a backlog of delay()ed tasks."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass  # killed below
+    except ProcessLookupError:
+        return  # already gone, children included
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker if it is still there, and any prefork child left
+    except ProcessLookupError:
+        pass  # nothing left
+    proc.wait()
+
+
 def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
     redis = start_redis("celery-redis", appendonly=False)
     workdir = Path(tempfile.mkdtemp(prefix="shoal-celery-"))
@@ -139,7 +157,7 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker", "-c", "2",
                                "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
                                "--without-heartbeat"], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         sys.path.insert(0, str(workdir))
         os.environ["BENCH_REDIS"] = redis.url
@@ -165,8 +183,7 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
                 "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates,
                 "submits_per_s": max(submits.values()), "submits_by_procs": submits}
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_group(worker)
         redis.stop()
 
 
@@ -320,10 +337,11 @@ def main() -> int:
         shoal = bench_shoal(infra.engine.url, seconds, args.quick)
     finally:
         infra.close()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "e2e.json").write_text(json.dumps({"shoal": shoal}, indent=2))  # kept if the peer's run fails
     print("celery...", flush=True)
     celery = bench_celery(seconds, args.quick)
     results = {"shoal": shoal, "celery": celery}
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "e2e.json").write_text(json.dumps(results, indent=2))
     report(results)
     return 0
