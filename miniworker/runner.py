@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner
+from shoal.protocol import MAX_JSON_DEPTH, Message, Msg, ProtocolError, RunnerStream, nested_deeper_than, pack_runner
 
 #: Bytes of stdout/stderr kept per call (and per dependency install).
 LOG_LIMIT = 64 * 1024
@@ -214,17 +214,31 @@ def serve(sock_path: str) -> int:
 
 def handle(runner: Runner, msg: Message) -> bytes:
     if msg.type == Msg.R_CALL:
-        reply = runner.call(msg.header["call_id"], msg.header["params"])
-        try:
-            return pack_runner(Msg.R_RESULT, reply)
-        except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
-            reply.pop("result", None)
-            reply.update(ok=False, error=error_info(exc))
-            return pack_runner(Msg.R_RESULT, reply)
+        return pack_result(runner.call(msg.header["call_id"], msg.header["params"]))
     if msg.type == Msg.R_LOAD:
         return pack_runner(Msg.R_LOADED, runner.load(msg.header))
     print(f"runner: ignoring unexpected message {msg.name}", file=sys.stderr)
     return b""
+
+
+def pack_result(reply: dict[str, Any]) -> bytes:
+    """The R_RESULT for ``reply``. A result JSON cannot carry, or nested too deeply for every process on its
+    way back to decode (the limit is the protocol's, checked only when the message has that many brackets),
+    fails the call instead."""
+    too_deep = {"type": "ResultTooDeep", "message": f"the result is nested deeper than {MAX_JSON_DEPTH - 1} levels",
+                "traceback": ""}
+    try:
+        packed = pack_runner(Msg.R_RESULT, reply)
+        if packed.count(b"[") + packed.count(b"{") <= MAX_JSON_DEPTH or not nested_deeper_than(reply, MAX_JSON_DEPTH):
+            return packed
+        error = too_deep
+    except RecursionError:
+        error = too_deep
+    except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
+        error = error_info(exc)
+    reply.pop("result", None)
+    reply.update(ok=False, error=error)
+    return pack_runner(Msg.R_RESULT, reply)
 
 
 def main() -> None:

@@ -35,6 +35,10 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Largest runner message (a call's params or result travel in the header there).
 MAX_RUNNER_MESSAGE = 64 * 1024 * 1024
+#: Deepest nesting of arrays and objects in a JSON document taken from outside (API bodies, runner messages).
+#: Far below Python's recursion limit, so that every process on a call's way can encode and decode what was
+#: accepted (the standard library's json recurses in C, and runs out of stack near 1,000 levels).
+MAX_JSON_DEPTH = 200
 
 
 #: Plain ints for ZMQ's EVENTS/POLLIN (pyzmq's IntFlag arithmetic costs microseconds per message).
@@ -191,6 +195,36 @@ def dumps_str(value: Any) -> str:
 loads = json.loads
 
 
+class DepthError(ValueError):
+    """A JSON document nested deeper than :data:`MAX_JSON_DEPTH`."""
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has arrays/objects nested more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def loads_bounded(raw: bytes) -> Any:
+    """``json.loads`` that refuses documents nested deeper than :data:`MAX_JSON_DEPTH` (:class:`DepthError`;
+    malformed JSON raises ``ValueError`` as json does). The depth is only walked when the document has more
+    brackets than the limit, so ordinary documents pay two byte counts."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise DepthError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and isinstance(value, (dict, list))
+            and nested_deeper_than(value, MAX_JSON_DEPTH)):
+        raise DepthError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
 def encode(mtype: bytes, header: dict[str, Any] | None = None, *payload: Buffer) -> list[Buffer]:
     """Frames for a ZMQ message. Validates outgoing messages too: a bug shows where it is made."""
     head = _validate(mtype, {} if header is None else header)
@@ -212,10 +246,7 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     if not isinstance(raw, bytes):
         raw = bytes(raw)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
+    header = _parse_header(mtype, raw)
     _validate(mtype, header)
     payload: list[Buffer] = [f if isinstance(f, bytes) else memoryview(f) for f in frames[2:]]
     if payload and mtype not in PAYLOAD_TYPES:
@@ -241,11 +272,16 @@ def unpack_runner_body(body: bytes) -> Message:
     mtype, sep, raw = body.partition(b"\0")
     if not sep:
         raise ProtocolError("runner message has no type separator")
+    return Message(mtype, _validate(mtype, _parse_header(mtype, raw)))
+
+
+def _parse_header(mtype: bytes, raw: bytes) -> Any:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads_bounded(raw)
+    except DepthError as exc:
+        raise ProtocolError(f"{mtype[:32]!r}: header {exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
-    return Message(mtype, _validate(mtype, header))
 
 
 class RunnerStream:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from controller.errors import BadRequest, UnsupportedMedia
 from controller.metrics import ControllerMetrics
 from controller.service import Service
-from shoal.protocol import dumps_str
+from shoal.protocol import DepthError, dumps_str, loads_bounded
 
 SERVICE: web.AppKey[Service] = web.AppKey("service")
 METRICS: web.AppKey[ControllerMetrics] = web.AppKey("metrics")
@@ -38,8 +37,10 @@ async def json_body(request: web.Request) -> Any:
     if not raw.strip():
         raise BadRequest("a JSON body is required")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads_bounded(raw)
+    except DepthError as exc:
+        raise BadRequest(f"the body's {exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
         raise BadRequest(f"malformed JSON: {exc}") from None
 
 

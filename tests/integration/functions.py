@@ -20,7 +20,7 @@ SLOW = {
     )
 }
 
-# Misbehaves on request: raise, _exit, print.
+# Misbehaves on request: raise, _exit, sleep, a result nested n levels deep, print.
 CHAOS = {
     "handler.py": (
         "import os, sys, time\n"
@@ -32,6 +32,11 @@ CHAOS = {
         "        os._exit(3)\n"
         "    if what == 'sleep':\n"
         "        time.sleep(params['s'])\n"
+        "    if what == 'deep':\n"
+        "        nested = []\n"
+        "        for _ in range(params['n'] - 1):\n"
+        "            nested = [nested]\n"
+        "        return nested\n"
         "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
         "    return {'ok': True, 'pid': os.getpid()}\n"
     )

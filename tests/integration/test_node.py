@@ -15,7 +15,7 @@ import zmq
 
 from miniworker.container import LABEL_NODE
 from shoal.localnode import LocalNode
-from shoal.protocol import Msg
+from shoal.protocol import MAX_JSON_DEPTH, Msg
 from tests.conftest import node_containers
 from tests.integration.functions import CHAOS, DICE, ECHO, SLOW, UPPER
 
@@ -130,6 +130,14 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     assert "raise ValueError" in raised["error"]["traceback"]
     assert node.call("chaos", {})["container_id"] == ok["container_id"]  # a raise does not cost the container
 
+    # A result nested deeper than the protocol carries fails the call, not the processes on its way back.
+    deep = node.call("chaos", {"do": "deep", "n": 150})
+    assert deep["status"] == "DONE" and json.dumps(deep["result"]) == "[" * 150 + "]" * 150
+    for n in (MAX_JSON_DEPTH, 100_000):
+        too_deep = node.call("chaos", {"do": "deep", "n": n})
+        assert too_deep["status"] == "FAILED" and too_deep["error"]["type"] == "ResultTooDeep", too_deep
+    assert node.call("chaos", {})["container_id"] == ok["container_id"]  # nor does a result too deep
+
     timed_out = node.call("chaos", {"do": "sleep", "s": 60}, timeout=1)
     assert timed_out["status"] == "TIMEOUT" and "timeout of 1 s" in timed_out["error"]["message"]
     healed = node.call("chaos", {})
@@ -156,7 +164,7 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     wait_until(node, lambda: victim["container_id"] not in set(node_containers(docker_client, node.node_id)),
                what="the lost miniworker's container to be removed")
     wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
-    assert metric(node, "shoal_calls_total") == 10
+    assert metric(node, "shoal_calls_total") == 14
 
 
 def holding(node: LocalNode, call_id: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from shoal import protocol
-from shoal.protocol import Msg, ProtocolError, RunnerStream, pack_runner
+from shoal.protocol import MAX_JSON_DEPTH, DepthError, Msg, ProtocolError, RunnerStream, loads_bounded, pack_runner
 
 
 def test_round_trip_keeps_header_and_payload() -> None:
@@ -30,11 +30,25 @@ def test_round_trip_keeps_header_and_payload() -> None:
         ([b"FETCH", b'{"sha256": "x", "offset": 0, "credit": -8}'], "'credit' must not be negative"),
         ([b"CHUNK", b'{"sha256": "x", "offset": -1, "last": false}', b"data"], "'offset' must not be negative"),
         ([b"HB", b"{}", b"unexpected"], "unexpected payload"),
+        # Nested past what every process can decode and encode again: refused before anyone has to.
+        ([b"CALL", b'{"call_id": "x", "function": "f", "params": ' + b"[" * 200 + b"]" * 200 + b"}"], "deeper"),
+        ([b"CALL", b"[" * 100_000 + b"]" * 100_000], "deeper than 200 levels"),
     ],
 )
 def test_garbage_is_one_clear_protocol_error(frames: list[bytes], needle: str) -> None:
     with pytest.raises(ProtocolError, match=needle):
         protocol.decode(frames)
+
+
+def test_json_depth_is_bounded_and_only_walked_when_the_brackets_allow_it() -> None:
+    at_limit = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert json.dumps(loads_bounded(at_limit)) == at_limit.decode()
+    with pytest.raises(DepthError):
+        loads_bounded(b"[" + at_limit + b"]")
+    wide = json.dumps({"k": [[i] for i in range(5000)], "s": "[[[[" * 100}).encode()  # many brackets, shallow
+    assert len(loads_bounded(wide)["k"]) == 5000
+    with pytest.raises(ValueError, match="Expecting value"):
+        loads_bounded(b"[1,]")
 
 
 def test_encode_refuses_a_malformed_outgoing_message() -> None:
@@ -60,3 +74,6 @@ def test_runner_stream_refuses_oversized_and_malformed() -> None:
     body = b"RCALL" + json.dumps({"call_id": 1}).encode()
     with pytest.raises(ProtocolError, match="separator"):
         RunnerStream().feed(len(body).to_bytes(4, "big") + body)
+    deep = Msg.R_RESULT + b'\0{"call_id": "1", "ok": true, "result": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(ProtocolError, match="deeper than"):
+        RunnerStream().feed(len(deep).to_bytes(4, "big") + deep)
