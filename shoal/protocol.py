@@ -20,6 +20,7 @@ function containers, where the standard library's json serves.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,12 +212,29 @@ def nested_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def loads_bounded(raw: bytes) -> Any:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return value
+
+
+def loads_bounded(raw: bytes, strict: bool = False) -> Any:
     """``json.loads`` that refuses documents nested deeper than :data:`MAX_JSON_DEPTH` (:class:`DepthError`;
     malformed JSON raises ``ValueError`` as json does). The depth is only walked when the document has more
-    brackets than the limit, so ordinary documents pay two byte counts."""
+    brackets than the limit, so ordinary documents pay two byte counts.
+
+    ``strict`` also refuses what Python's json takes but JSON has not: ``NaN``, ``Infinity`` and numbers
+    beyond a float's range (they would go on as ``null``)."""
     try:
-        value = json.loads(raw)
+        if strict:
+            value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        else:
+            value = json.loads(raw)
     except RecursionError:
         raise DepthError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and isinstance(value, (dict, list))

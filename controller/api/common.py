@@ -37,7 +37,7 @@ async def json_body(request: web.Request) -> Any:
     if not raw.strip():
         raise BadRequest("a JSON body is required")
     try:
-        return loads_bounded(raw)
+        return loads_bounded(raw, strict=True)
     except DepthError as exc:
         raise BadRequest(f"the body's {exc}") from None
     except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError

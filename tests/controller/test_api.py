@@ -223,6 +223,8 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                                                "headers": {"Content-Type": "application/json"}}, 400),
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": json.loads("[" * 200 + "]" * 200)}}, 400),
+        ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": NaN}',
+                                               "headers": {"Content-Type": "application/json"}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": "soon"}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": -3}}, 400),
         ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}]}}, 404),

@@ -51,6 +51,14 @@ def test_json_depth_is_bounded_and_only_walked_when_the_brackets_allow_it() -> N
         loads_bounded(b"[1,]")
 
 
+@pytest.mark.parametrize(("raw", "needle"), [(b'{"p": NaN}', "NaN is not JSON"), (b"[-Infinity]", "-Infinity is not"),
+                                             (b"[1e999]", "1e999 is out of range"), (b"[-2E400]", "out of range")])
+def test_strict_parsing_refuses_what_json_has_not(raw: bytes, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        loads_bounded(raw, strict=True)
+    assert loads_bounded(b"[1.5, -2e10, 1E3]", strict=True) == [1.5, -2e10, 1000.0]
+
+
 def test_encode_refuses_a_malformed_outgoing_message() -> None:
     with pytest.raises(ProtocolError):
         protocol.encode(Msg.RESULT, {"call_id": "c"})
