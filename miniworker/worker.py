@@ -382,6 +382,9 @@ class Miniworker:
         })
 
     def on_runner_gone(self, reason: str | None = None) -> None:
+        """The runner's connection closed (``reason`` None: the engine says why), or what came on it broke the
+        protocol (the function's code shares the runner's process and can write to its socket)."""
+        error_type = "ContainerExited" if reason is None else "RunnerProtocolError"
         if reason is None:
             # Give the engine a moment to record the exit before asking why.
             if self.container.id is not None:
@@ -391,7 +394,7 @@ class Miniworker:
                     self.log.debug("container_wait_failed", error=str(exc))
             reason = self.container.exit_reason()
         self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
-        self._end_call("FAILED", {"type": "ContainerExited", "message": reason})
+        self._end_call("FAILED", {"type": error_type, "message": reason})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,5 +42,20 @@ CHAOS = {
     )
 }
 
+# Writes the bytes it is given onto the runner's socket (it shares the runner's process), then returns.
+RUDE = {
+    "handler.py": (
+        "import os, stat\n"
+        "def handler(params):\n"
+        "    for fd in range(3, 256):\n"
+        "        try:\n"
+        "            if stat.S_ISSOCK(os.fstat(fd).st_mode):\n"
+        "                os.write(fd, bytes.fromhex(params['hex']))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return 'after the bytes'\n"
+    )
+}
+
 # The fourth seed's style: a plain string argument as argv[1], stdout as the result.
 UPPER = {"upper.py": "import sys\nprint(sys.argv[1].upper())\n"}

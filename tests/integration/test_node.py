@@ -15,9 +15,9 @@ import zmq
 
 from miniworker.container import LABEL_NODE
 from shoal.localnode import LocalNode
-from shoal.protocol import MAX_JSON_DEPTH, Msg
+from shoal.protocol import MAX_JSON_DEPTH, Msg, pack_runner
 from tests.conftest import node_containers
-from tests.integration.functions import CHAOS, DICE, ECHO, SLOW, UPPER
+from tests.integration.functions import CHAOS, DICE, ECHO, RUDE, SLOW, UPPER
 
 pytestmark = pytest.mark.docker
 
@@ -349,6 +349,27 @@ def test_garbage_frames_are_dropped_and_the_agent_keeps_serving(make_node) -> No
                    what=f"{len(garbage)} messages dropped on the {socket} socket")
     r = node.call("echo", "still here")
     assert r["status"] == "DONE" and r["result"] == {"echo": "still here"}
+    assert node.proc is not None and node.proc.poll() is None
+
+
+def test_a_function_writing_on_its_runners_socket_fails_its_call_and_the_pool_heals(make_node) -> None:
+    node = make_node("function")
+    node.deploy("rude", RUDE, entrypoint="handler:handler")
+    polite = node.call("rude", {"hex": ""})
+    assert polite["status"] == "DONE" and polite["result"] == "after the bytes"
+    # A well-formed result for another call: logged and ignored; the call's own result follows.
+    stray = pack_runner(Msg.R_RESULT, {"call_id": "someone-else", "ok": True, "result": "forged"})
+    r = node.call("rude", {"hex": stray.hex()})
+    assert r["status"] == "DONE" and r["result"] == "after the bytes", r
+    assert r["container_id"] == polite["container_id"]
+    # Bytes that break the protocol: the call fails with the reason, and the container (in doubt) is replaced.
+    not_json = Msg.R_RESULT + b"\0{"
+    for garbage in (len(not_json).to_bytes(4, "big") + not_json, b"\xff\xff\xff\xff"):
+        r = node.call("rude", {"hex": garbage.hex()})
+        assert r["status"] == "FAILED" and r["error"]["type"] == "RunnerProtocolError", r
+        assert "broke the protocol" in r["error"]["message"], r
+    healed = node.call("rude", {"hex": ""})
+    assert healed["status"] == "DONE" and healed["container_id"] != polite["container_id"]
     assert node.proc is not None and node.proc.poll() is None
 
 
