@@ -81,7 +81,10 @@ class Hub:
                                      copy=not payload)
             return True
         except zmq.ZMQError as exc:
-            self.log.warning("node_unreachable", node_id=node_id, error=exc.strerror)
+            # A heartbeat to a node that went away says nothing the liveness check will not (it marks the node
+            # lost); anything else not delivered is worth a warning.
+            log = self.log.debug if mtype == Msg.HEARTBEAT else self.log.warning
+            log("node_unreachable", node_id=node_id, error=exc.strerror, message=mtype.decode())
             return False
         finally:
             self._recheck()
