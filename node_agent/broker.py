@@ -341,6 +341,12 @@ class Broker:
             last = self.run_s.get(key)
             self.run_s[key] = float(run) if last is None else 0.8 * last + 0.2 * float(run)
 
+    def back_off(self, pool_key: str) -> int:
+        """One more failed start in ``pool_key``: its next spawn waits (0.5 s, doubling, at most 30 s)."""
+        failures = self.failures[pool_key] = self.failures.get(pool_key, 0) + 1
+        self.spawn_blocked_until[pool_key] = time.monotonic() + min(30.0, 0.25 * 2**failures)
+        return failures
+
     def _on_failed(self, h: MwHandle, msg: Message) -> None:
         reason = msg.header["reason"]
         h.state = MwState.FAILED
@@ -351,8 +357,7 @@ class Broker:
         self.requeue_ahead(h)
         if h.ticket is not None:
             self.finish(h, h.ticket, {"status": "FAILED", "error": {"type": "MiniworkerFailed", "message": reason}})
-        failures = self.failures[h.pool_key] = self.failures.get(h.pool_key, 0) + 1
-        self.spawn_blocked_until[h.pool_key] = time.monotonic() + min(30.0, 0.25 * 2**failures)
+        failures = self.back_off(h.pool_key)
         error = msg.header.get("error") or {"type": "StartFailed", "message": reason}
         if "error" in msg.header and h.function:
             # The function itself does not load (import or dependency error): its waiting calls fail now.

@@ -12,7 +12,11 @@ from typing import BinaryIO
 
 from node_agent.errors import FetchError
 from shoal.archive import ArchiveLimits, extract_archive
+from shoal.errors import ValidationError
+from shoal.logs import get_logger
 from shoal.models import SHA256_RE, Runtime
+
+log = get_logger("cache")
 
 
 class NodeCache:
@@ -24,7 +28,7 @@ class NodeCache:
 
     # ---- archives -----------------------------------------------------------------------------
     def blob_path(self, sha: str) -> Path:
-        if not SHA256_RE.match(sha):
+        if not SHA256_RE.fullmatch(sha):
             raise FetchError(f"not a sha256: {sha!r}")
         return self.root / "blobs" / sha
 
@@ -81,7 +85,12 @@ class NodeCache:
     def load_runtimes(self) -> dict[str, Runtime]:
         out: dict[str, Runtime] = {}
         for path in sorted((self.root / "runtimes").glob("*.json")):
-            runtime = Runtime.from_dict(json.loads(path.read_text()))
+            try:
+                runtime = Runtime.from_dict(json.loads(path.read_text()))
+            except (ValueError, ValidationError) as exc:  # written by an older version, or damaged
+                log.error("cached_runtime_dropped", file=path.name, error=str(exc))
+                path.unlink(missing_ok=True)  # the controller sends every runtime again at HELLO
+                continue
             out[runtime.name] = runtime
         return out
 

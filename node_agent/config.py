@@ -39,7 +39,7 @@ class AgentConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if not NAME_RE.match(self.node_id):
+        if not NAME_RE.fullmatch(self.node_id):
             raise ConfigError(f"node id {self.node_id!r} must be letters, digits, '_', '.', '-'")
         if not self.controller.startswith(("tcp://", "ipc://", "inproc://", "http://", "https://")):
             raise ConfigError(

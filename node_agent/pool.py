@@ -54,14 +54,20 @@ class PoolManager:
     def _spawn(self, pool_key: str, fn: NodeFunction | None, runtime_name: str | None) -> bool:
         if time.monotonic() < self.broker.spawn_blocked_until.get(pool_key, 0.0):
             return False
-        if pool_key == ONESHOT:
-            h = self.spawner.spawn("oneshot", None, None)
-        elif fn is not None:
-            runtime = self.registry.runtimes[fn.spec.runtime]
-            h = self.spawner.spawn("bound", runtime, self.load_for(fn.key))
-        else:
-            assert runtime_name is not None
-            h = self.spawner.spawn("runtime", self.registry.runtimes[runtime_name], None)
+        try:
+            if pool_key == ONESHOT:
+                h = self.spawner.spawn("oneshot", None, None)
+            elif fn is not None:
+                runtime = self.registry.runtimes[fn.spec.runtime]
+                h = self.spawner.spawn("bound", runtime, self.load_for(fn.key))
+            else:
+                assert runtime_name is not None
+                h = self.spawner.spawn("runtime", self.registry.runtimes[runtime_name], None)
+        except OSError as exc:  # the process could not be started (resources, an argument the kernel refuses)
+            self.log.error("miniworker_spawn_failed", pool=pool_key, error=str(exc))
+            self.broker.metrics.mw_lost.inc(reason="spawn_failed")
+            self.broker.back_off(pool_key)
+            return False
         self.broker.add(h)
         self.log.debug("miniworker_spawned", mw_id=h.mw_id, pool=pool_key, mode=h.mode)
         return True

@@ -18,7 +18,7 @@ class BlobStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha: str) -> Path:
-        if not SHA256_RE.match(sha):
+        if not SHA256_RE.fullmatch(sha):
             raise NotFound(f"not a sha256: {sha[:80]!r}")
         return self.root / sha[:2] / sha
 

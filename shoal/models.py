@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from shoal.errors import ValidationError
 
+# Used with fullmatch: ``$`` alone also matches before a trailing newline ("echo\n" was a second "echo").
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -43,7 +45,7 @@ REJECTED = "REJECTED"
 
 
 def check_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValidationError(
             f"{what} must be 1-128 characters of letters, digits, '_', '.', '-' (got {value!r})"
         )
@@ -81,6 +83,13 @@ class Runtime:
     dependencies: str = ""
     run: str = ""
 
+    #: Where Shoal mounts its own things in a container (a runtime's code path must not hide them).
+    RESERVED_PATHS = ("/shoal", "/opt/shoal", "/tmp", "/proc", "/sys", "/dev")
+    #: Longest ``run`` / ``dependencies`` command and ``path``: they travel in a miniworker's command line,
+    #: which the kernel caps (128 KiB per argument).
+    MAX_COMMAND = 8192
+    MAX_PATH = 1024
+
     @classmethod
     def from_dict(cls, data: Any) -> Runtime:
         if not isinstance(data, dict):
@@ -90,16 +99,21 @@ class Runtime:
             raise ValidationError("field 'image' must be a non-empty image reference without spaces")
         # The main seed registers runtimes without a name: they are known by their image's name.
         name = check_name(data.get("name", image.split(":")[0].split("/")[-1]), "runtime name")
-        path = _check_str(data, "path", "/ws")
-        if not path.startswith("/") or ".." in path.split("/") or path == "/":
-            raise ValidationError("field 'path' must be an absolute directory path inside the container")
-        return cls(
-            name=name,
-            image=image,
-            path=path.rstrip("/") or "/",
-            dependencies=_check_str(data, "dependencies", ""),
-            run=_check_str(data, "run", ""),
-        )
+        raw_path = _check_str(data, "path", "/ws")
+        path = posixpath.normpath(raw_path) if raw_path.startswith("/") else ""
+        if (not path or ".." in raw_path.split("/") or path in ("/", "//") or len(raw_path) > cls.MAX_PATH
+                or not raw_path.isprintable()):
+            raise ValidationError("field 'path' must be an absolute directory path inside the container, "
+                                  f"at most {cls.MAX_PATH} printable characters")
+        path = "/" + path.lstrip("/")  # normpath keeps a leading "//"
+        if any(path == r or path.startswith(r + "/") or r.startswith(path + "/") for r in cls.RESERVED_PATHS):
+            raise ValidationError(f"field 'path' must not be or contain {', '.join(cls.RESERVED_PATHS)} "
+                                  "(Shoal mounts its own files there)")
+        commands = {key: _check_str(data, key, "") for key in ("dependencies", "run")}
+        for key, value in commands.items():
+            if len(value) > cls.MAX_COMMAND:
+                raise ValidationError(f"field {key!r} must be at most {cls.MAX_COMMAND} characters")
+        return cls(name=name, image=image, path=path, **commands)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,13 +149,13 @@ class FunctionSpec:
         if not isinstance(data, dict):
             raise ValidationError("a function must be a JSON object")
         entry = data.get("entrypoint")
-        if entry is not None and (not isinstance(entry, str) or not ENTRYPOINT_RE.match(entry)):
+        if entry is not None and (not isinstance(entry, str) or not ENTRYPOINT_RE.fullmatch(entry)):
             raise ValidationError("field 'entrypoint' must look like 'module:function'")
         preload = data.get("preload")
         if preload is not None and preload not in {p.value for p in Policy}:
             raise ValidationError("field 'preload' must be one of none, runtime, function")
         sha = _check_str(data, "sha256")
-        if not SHA256_RE.match(sha):
+        if not SHA256_RE.fullmatch(sha):
             raise ValidationError("field 'sha256' must be 64 lowercase hex digits")
         min_warm = _check_int(data, "min_warm", 0, 0, 64)
         max_warm = _check_int(data, "max_warm", 4, 1, 256)

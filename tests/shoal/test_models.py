@@ -15,12 +15,20 @@ def test_seed_runtime_without_a_name_is_named_after_its_image() -> None:
                             "dependencies": "pip3 install -r requirements.txt", "run": "python3 test.py"})
     assert rt.name == "pythonruntime"
     assert rt.path == "/ws"
+    assert Runtime.from_dict({"image": "img", "path": "//srv//app/"}).path == "/srv/app"
 
 
 @pytest.mark.parametrize(
     "data",
     [None, [], {"image": ""}, {"image": 5}, {"image": "a b"}, {"image": "img", "path": "relative"},
-     {"image": "img", "path": "/a/../b"}, {"image": "img", "name": "../x"}, {"image": "img", "run": 3}],
+     {"image": "img", "path": "/a/../b"}, {"image": "img", "name": "../x"}, {"image": "img", "run": 3},
+     # Paths that normalise to the root, hide Shoal's own mounts, or are not plain text.
+     {"image": "img", "path": "//"}, {"image": "img", "path": "/shoal"}, {"image": "img", "path": "/tmp/code"},
+     {"image": "img", "path": "/opt"}, {"image": "img", "path": "/w\ns"},
+     # Commands too long for a miniworker's command line (the kernel's cap per argument is 128 KiB).
+     {"image": "img", "run": "x" * 8193}, {"image": "img", "dependencies": "x" * 8193},
+     {"image": "img", "path": "/" + "a" * 1024},
+     {"image": "img", "name": "echo\n"}],  # a trailing newline used to pass the name check
 )
 def test_bad_runtimes_are_refused(data: Any) -> None:
     with pytest.raises(ValidationError):
