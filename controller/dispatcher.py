@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,9 +209,11 @@ class Dispatcher:
             status = CallStatus.FAILED
         fields: dict[str, Any] = {k: h.get(k) for k in ("result", "error", "logs", "timings") if k in h}
         fields["cold"] = bool(h.get("cold"))
-        if h.get("started_at"):
-            fields["t_RUNNING"] = h["started_at"]
-            pending.stamps["RUNNING"] = h["started_at"]
+        started = h.get("started_at")
+        if isinstance(started, int | float) and not isinstance(started, bool) and math.isfinite(started) and started:
+            fields["t_RUNNING"] = pending.stamps["RUNNING"] = float(started)
+        elif started is not None:  # stored, it would make the call unreadable (timestamps are numbers)
+            self.log.error("bad_started_at", call_id=call_id, node_id=node.node_id, value=repr(started)[:64])
         self.finish(pending, status, fields)
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:

@@ -124,8 +124,8 @@ class Service:
 
     @staticmethod
     def _check_key(idempotency_key: str) -> None:
-        if not 1 <= len(idempotency_key) <= 200:
-            raise BadRequest("Idempotency-Key must be 1-200 characters")
+        if not 1 <= len(idempotency_key) <= 200 or not idempotency_key.isascii() or not idempotency_key.isprintable():
+            raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters")
 
     @staticmethod
     def _new_call(record: dict[str, Any], params: Any, timeout: float, call_id: str, num: int,

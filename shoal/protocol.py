@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,7 +186,8 @@ def dumps(value: Any) -> bytes:
             return _orjson.dumps(value)
         except TypeError:
             pass  # the standard library below handles what orjson refuses
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII: a lone surrogate is only expressible escaped (encoding it as UTF-8 would raise).
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def dumps_str(value: Any) -> str:
@@ -223,13 +225,33 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string (or key) in ``value`` holds a lone surrogate: text that no UTF-8 can carry."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def loads_bounded(raw: bytes, strict: bool = False) -> Any:
     """``json.loads`` that refuses documents nested deeper than :data:`MAX_JSON_DEPTH` (:class:`DepthError`;
     malformed JSON raises ``ValueError`` as json does). The depth is only walked when the document has more
     brackets than the limit, so ordinary documents pay two byte counts.
 
     ``strict`` also refuses what Python's json takes but JSON has not: ``NaN``, ``Infinity`` and numbers
-    beyond a float's range (they would go on as ``null``)."""
+    beyond a float's range (they would go on as ``null``), and strings with a lone surrogate (``"\\ud800"``:
+    valid JSON text, but no UTF-8 can carry it on; looked for only when the text has such an escape)."""
     try:
         if strict:
             value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
@@ -240,6 +262,8 @@ def loads_bounded(raw: bytes, strict: bool = False) -> Any:
     if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and isinstance(value, (dict, list))
             and nested_deeper_than(value, MAX_JSON_DEPTH)):
         raise DepthError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    if strict and (b"\\ud" in raw or b"\\uD" in raw) and has_lone_surrogate(value):
+        raise ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff not in a pair)")
     return value
 
 

@@ -64,8 +64,13 @@ async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         raise BadRequest(f"malformed multipart body: {exc}") from None
 
 
+MAX_FORM_FIELDS = 16  # form fields before the file part (the function's options)
+MAX_FORM_FIELD = 4096  # bytes of one form field
+
+
 async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> tuple[BodyPartReader, dict[str, str]]:
-    """The multipart file part named one of ``field_names``; form fields before it are returned too."""
+    """The multipart file part named one of ``field_names``; form fields before it are returned too (at most
+    ``MAX_FORM_FIELDS`` of at most ``MAX_FORM_FIELD`` bytes each: they are held in memory)."""
     if not request.content_type.startswith("multipart/"):
         raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
     try:
@@ -85,11 +90,31 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
         if part.name in field_names:
             return part, fields
         if part.name:
-            try:
-                value = await part.read(decode=True)
-            except (ValueError, AssertionError, HttpProcessingError, LookupError) as exc:
-                raise BadRequest(f"malformed multipart field {part.name[:40]!r}: {exc}") from None
-            fields[part.name] = value[:4096].decode("utf-8", "replace")
+            if len(fields) >= MAX_FORM_FIELDS:
+                raise BadRequest(f"at most {MAX_FORM_FIELDS} form fields may come before the file field")
+            fields[part.name] = await _form_field(part)
+
+
+async def _form_field(part: BodyPartReader) -> str:
+    name = (part.name or "")[:40]
+    data = b""
+    try:
+        while chunk := await part.read_chunk(MAX_FORM_FIELD):
+            data += chunk
+            if len(data) > MAX_FORM_FIELD:
+                break
+        decoded = part.decode(data)
+    except (ValueError, AssertionError, HttpProcessingError, LookupError, RuntimeError) as exc:
+        raise BadRequest(f"malformed multipart field {name!r}: {exc}") from None
+    if len(data) > MAX_FORM_FIELD:
+        raise BadRequest(f"form field {name!r} is longer than {MAX_FORM_FIELD} bytes")
+    return decoded.decode("utf-8", "replace")
+
+
+def upload_name(part: BodyPartReader) -> str:
+    """The uploaded file's name as sent, made safe to store and show: bytes that are not UTF-8 (aiohttp
+    passes them on as lone surrogates) become U+FFFD, and it is cut at 255 characters."""
+    return (part.filename or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:255]
 
 
 def render_call(call: dict[str, Any]) -> dict[str, Any]:

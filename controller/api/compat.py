@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api.common import json_object, json_response, multipart_file, part_chunks, service
+from controller.api.common import json_object, json_response, multipart_file, part_chunks, service, upload_name
 from controller.errors import BadRequest, Missing
 from shoal import __version__
 from shoal.models import check_name
@@ -46,9 +46,9 @@ async def register_function(request: web.Request) -> web.Response:
     runtime = check_name(request.match_info["runtime"], "runtime")
     name = check_name(request.match_info["funcName"], "function name")
     part, _ = await multipart_file(request, ("module",))
-    record = await service(request).upload_function(name, runtime, part_chunks(part), {}, part.filename or "")
+    record = await service(request).upload_function(name, runtime, part_chunks(part), {}, upload_name(part))
     return json_response({
-        "fieldname": "module", "originalname": part.filename or "", "size": record["size"],
+        "fieldname": "module", "originalname": record["original_name"], "size": record["size"],
         "functionName": name, "runtimeName": runtime, "sha256": record["sha256"], "version": record["version"],
     })
 
@@ -78,7 +78,7 @@ async def calls(request: web.Request) -> web.Response:
 
 async def call(request: web.Request) -> web.Response:
     raw = request.match_info["callNum"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²" is a digit to str.isdigit, not to int()
         raise BadRequest("callNum must be a positive integer")
     svc = service(request)
     call_id = await svc.store.call_id_by_num(int(raw))

@@ -16,6 +16,7 @@ from controller.api.common import (
     render_call,
     service,
     stream_chunks,
+    upload_name,
 )
 from controller.errors import BadRequest
 from controller.service import parse_options
@@ -55,7 +56,7 @@ async def upload_function(request: web.Request) -> web.Response:
         options = dict(request.query, **fields)
         runtime = options.get("runtime") or ""
         record = await svc.upload_function(name, check_name(runtime, "runtime"), part_chunks(part),
-                                           parse_options(options), part.filename or "")
+                                           parse_options(options), upload_name(part))
     else:
         runtime = request.query.get("runtime", "")
         record = await svc.upload_function(name, check_name(runtime, "runtime"), stream_chunks(request),

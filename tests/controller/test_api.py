@@ -133,6 +133,10 @@ def test_idempotency_key_makes_a_retry_safe(cluster: LocalCluster) -> None:
     _, first, _ = cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 1}, headers=key)
     _, second, _ = cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 1}, headers=key)
     assert first["id"] == second["id"]
+    for bad in ("cl\xe9", "a\tb", "x" * 201):  # sent as latin-1 bytes; a control character; too long
+        status, body, _ = cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 1},
+                                          headers={"Idempotency-Key": bad})
+        assert status == 400 and "Idempotency-Key" in body["error"]["message"], (bad, body)
     assert wait_call(cluster, first["id"])["status"] == "DONE"
     assert len(cluster.get("/v1/calls?function=echo")["calls"]) == 1
 
@@ -177,6 +181,11 @@ def test_versions_runtimes_and_deletes(cluster: LocalCluster) -> None:
     status, rec, _ = cluster.request("POST", "/v1/functions/mp", data=body,
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 201 and rec["entrypoint"] == "handler:handler" and rec["original_name"] == "f.tar.gz"
+    # A file name that is not UTF-8 is kept readable (it used to be stored, then break every listing with a 500).
+    status, rec, _ = cluster.request("POST", "/v1/functions/mp2?runtime=pythonruntime",
+                                     **form([("entrypoint", b"handler:handler")], build_tar_gz(ECHO), b"a\xffb.tgz"))
+    assert status == 201 and rec["original_name"] == "a\ufffdb.tgz", rec
+    assert {f["name"] for f in cluster.get("/v1/functions")} >= {"mp", "mp2"}
 
 
 def raw(data: bytes) -> dict[str, Any]:
@@ -187,6 +196,15 @@ def multipart(field: str) -> dict[str, Any]:
     disposition = f'form-data; name="{field}"; filename="a"'
     data = f"--x\r\nContent-Disposition: {disposition}\r\n\r\nabc\r\n--x--\r\n".encode()
     return {"data": data, "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+
+
+def form(fields: list[tuple[str, bytes]], file: bytes = b"", filename: bytes = b"a.tgz") -> dict[str, Any]:
+    """A multipart body: form fields, then the file field ``archive``."""
+    parts = [b'--x\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+             for name, value in fields]
+    parts.append(b'--x\r\nContent-Disposition: form-data; name="archive"; filename="' + filename + b'"\r\n\r\n'
+                 + file + b"\r\n--x--\r\n")
+    return {"data": b"".join(parts), "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
 
 
 def zip_slip() -> bytes:
@@ -225,6 +243,11 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": json.loads("[" * 200 + "]" * 200)}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": NaN}',
                                                "headers": {"Content-Type": "application/json"}}, 400),
+        ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": "\\ud800"}',  # no UTF-8 can carry it on
+                                               "headers": {"Content-Type": "application/json"}}, 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", form([(f"o{i}", b"1") for i in range(17)], ECHO_TGZ), 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", form([("entrypoint", b"x" * 5000)], ECHO_TGZ), 400),
+        ("GET", "/call/%C2%B2", {}, 400),  # a digit to str.isdigit, not to int()
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": "soon"}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"body": {"timeout": -3}}, 400),
         ("POST", "/v1/functions/nope/invoke-batch", {"body": {"calls": [{}]}}, 404),

@@ -30,9 +30,11 @@ class FakeHub:
 class FakeStore:
     def __init__(self) -> None:
         self.writes: list[tuple[str, Any]] = []
+        self.fields: dict[str, dict[str, Any]] = {}
 
     def update_call(self, call_id: str, status: Any, fields: dict[str, Any]) -> asyncio.Future[None]:
         self.writes.append((call_id, status))
+        self.fields.setdefault(call_id, {}).update(fields)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -93,5 +95,23 @@ def test_a_call_whose_creation_was_not_stored_is_withdrawn_without_a_trace() -> 
         assert hub.calls_sent() == ["sent", "next"]  # the withdrawn queued call was skipped
         assert [w for w in store.writes if w[0] != "next"] == []
         assert not metrics.finished.values and not metrics.duration.series
+
+    asyncio.run(scenario())
+
+
+def test_a_result_whose_start_time_is_not_a_number_is_stored_without_it() -> None:
+    """Stored, a ``t_RUNNING`` that is not a number made the call unreadable (every GET of it a 500)."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        node = hub.nodes["n1"]
+        node.ready.add("f@1")
+        for n, started in enumerate(("soon", float("nan"), True, 1_700_000_000.5)):
+            d.enqueue(Pending(f"c{n}", "f", 1, None, 1.0))
+            await asyncio.sleep(0)
+            d.on_result(node, {"call_id": f"c{n}", "status": "DONE", "result": n, "started_at": started})
+        await asyncio.sleep(0)
+        assert [store.fields[f"c{n}"].get("t_RUNNING") for n in range(4)] == [None, None, None, 1_700_000_000.5]
+        assert all(store.fields[f"c{n}"]["result"] == n for n in range(4))
 
     asyncio.run(scenario())

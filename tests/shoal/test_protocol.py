@@ -51,6 +51,15 @@ def test_json_depth_is_bounded_and_only_walked_when_the_brackets_allow_it() -> N
         loads_bounded(b"[1,]")
 
 
+def test_a_lone_surrogate_is_refused_in_strict_parsing_and_encoded_escaped_anywhere() -> None:
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate"):
+        loads_bounded(b'{"k": ["ok", {"\\uDC80": 1}]}', strict=True)
+    assert loads_bounded(b'"\\ud83d\\ude00"', strict=True) == "\U0001f600"  # a pair is one character
+    assert protocol.dumps({"s": "\ud800"}) == b'{"s":"\\ud800"}'  # orjson refuses it; the fallback escapes it
+    assert protocol.decode(protocol.encode(Msg.RESULT, {"call_id": "c", "status": "DONE", "result": "\udcff"})
+                           ).header["result"] == "\udcff"
+
+
 @pytest.mark.parametrize(("raw", "needle"), [(b'{"p": NaN}', "NaN is not JSON"), (b"[-Infinity]", "-Infinity is not"),
                                              (b"[1e999]", "1e999 is out of range"), (b"[-2E400]", "out of range")])
 def test_strict_parsing_refuses_what_json_has_not(raw: bytes, needle: str) -> None:
