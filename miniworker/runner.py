@@ -29,7 +29,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from shoal.protocol import MAX_JSON_DEPTH, Message, Msg, ProtocolError, RunnerStream, nested_deeper_than, pack_runner
+from shoal.protocol import (
+    MAX_JSON_DEPTH,
+    MAX_RESULT_MESSAGE,
+    Message,
+    Msg,
+    ProtocolError,
+    RunnerStream,
+    nested_deeper_than,
+    pack_runner,
+)
 
 #: Bytes of stdout/stderr kept per call (and per dependency install).
 LOG_LIMIT = 64 * 1024
@@ -222,16 +231,20 @@ def handle(runner: Runner, msg: Message) -> bytes:
 
 
 def pack_result(reply: dict[str, Any]) -> bytes:
-    """The R_RESULT for ``reply``. A result JSON cannot carry, or nested too deeply for every process on its
-    way back to decode (the limit is the protocol's, checked only when the message has that many brackets),
-    fails the call instead."""
+    """The R_RESULT for ``reply``. A result JSON cannot carry, too large for the messages that take it back to
+    the controller, or nested too deeply for every process on its way back to decode (the limit is the
+    protocol's, checked only when the message has that many brackets), fails the call instead."""
     too_deep = {"type": "ResultTooDeep", "message": f"the result is nested deeper than {MAX_JSON_DEPTH - 1} levels",
                 "traceback": ""}
     try:
         packed = pack_runner(Msg.R_RESULT, reply)
-        if packed.count(b"[") + packed.count(b"{") <= MAX_JSON_DEPTH or not nested_deeper_than(reply, MAX_JSON_DEPTH):
+        if len(packed) > MAX_RESULT_MESSAGE:
+            error = {"type": "ResultTooLarge", "traceback": "",
+                     "message": f"the result takes {len(packed)} bytes as JSON; at most {MAX_RESULT_MESSAGE}"}
+        elif packed.count(b"[") + packed.count(b"{") <= MAX_JSON_DEPTH or not nested_deeper_than(reply, MAX_JSON_DEPTH):
             return packed
-        error = too_deep
+        else:
+            error = too_deep
     except RecursionError:
         error = too_deep
     except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry

@@ -37,6 +37,9 @@ from shoal import protocol
 from shoal.logs import configure, get_logger
 from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner, zmq_readable
 
+#: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
+RUNNER_SEND_TIMEOUT = 30.0
+
 
 @dataclass(slots=True)
 class ActiveCall:
@@ -74,8 +77,16 @@ class Miniworker:
         self.sock.send_multipart(protocol.encode(mtype, header))
 
     def runner_send(self, mtype: bytes, header: dict[str, Any]) -> None:
+        """Send one message whole. The socket is non-blocking once the function is loaded, and a message larger
+        than its buffer (a call's params of a few MB) would stop half-way: the send blocks meanwhile, with a
+        bound. The runner is reading (a call is only sent to an idle runner), so it takes what the copy takes."""
         assert self.conn is not None
-        self.conn.sendall(pack_runner(mtype, header))
+        previous = self.conn.gettimeout()
+        self.conn.settimeout(RUNNER_SEND_TIMEOUT)
+        try:
+            self.conn.sendall(pack_runner(mtype, header))
+        finally:
+            self.conn.settimeout(previous)
 
     def runner_recv(self, deadline: float) -> Message:
         """Blocking read of one runner message (used while booting and loading only)."""
@@ -294,6 +305,8 @@ class Miniworker:
         self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
         try:
             self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
+        except TimeoutError:
+            self.on_runner_gone(f"the runner did not take the call within {RUNNER_SEND_TIMEOUT:g} s")
         except OSError:
             self.on_runner_gone()
 

@@ -37,6 +37,9 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Largest runner message (a call's params or result travel in the header there).
 MAX_RUNNER_MESSAGE = 64 * 1024 * 1024
+#: Largest result message a runner sends: its result goes on to the broker and the controller in ZMQ headers,
+#: with a few fields added (node, timings), so it must leave room under MAX_HEADER_BYTES.
+MAX_RESULT_MESSAGE = MAX_HEADER_BYTES - 64 * 1024
 #: Deepest nesting of arrays and objects in a JSON document taken from outside (API bodies, runner messages).
 #: Far below Python's recursion limit, so that every process on a call's way can encode and decode what was
 #: accepted (the standard library's json recurses in C, and runs out of stack near 1,000 levels).

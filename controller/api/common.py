@@ -8,14 +8,17 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from controller.errors import BadRequest, UnsupportedMedia
+from controller.errors import BadRequest, TooLarge, UnsupportedMedia
 from controller.metrics import ControllerMetrics
 from controller.service import Service
-from shoal.protocol import DepthError, dumps_str, loads_bounded
+from shoal.protocol import MAX_HEADER_BYTES, DepthError, dumps_str, loads_bounded
 
 SERVICE: web.AppKey[Service] = web.AppKey("service")
 METRICS: web.AppKey[ControllerMetrics] = web.AppKey("metrics")
-MAX_JSON = 16 << 20
+#: Largest JSON body. A call's params travel to its node inside one message header (at most MAX_HEADER_BYTES),
+#: and encoded again they can take 4.5 times their text (1e15 is written 1000000000000000.0): a fifth of the
+#: header bound always fits.
+MAX_JSON = MAX_HEADER_BYTES // 5
 STATES = ("QUEUED", "DISPATCHED", "RUNNING", "DONE", "FAILED", "TIMEOUT", "CANCELLED")
 
 
@@ -30,10 +33,14 @@ def service(request: web.Request) -> Service:
 
 async def json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_JSON:
-        raise BadRequest(f"JSON body larger than {MAX_JSON} bytes")
-    raw = await request.content.read(MAX_JSON + 1)
-    if len(raw) > MAX_JSON:
-        raise BadRequest(f"JSON body larger than {MAX_JSON} bytes")
+        raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
+    # read(n) returns what has arrived so far, not n bytes: a body larger than a segment or two came in cut.
+    buf = bytearray()
+    while chunk := await request.content.read(1 << 16):
+        buf += chunk
+        if len(buf) > MAX_JSON:
+            raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
+    raw = bytes(buf)
     if not raw.strip():
         raise BadRequest("a JSON body is required")
     try:

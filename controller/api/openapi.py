@@ -20,7 +20,7 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Archive too large",
+    text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body or archive too large",
             415: "Unsupported media type", 429: "Queue full (see Retry-After)"}
     return {str(c): _resp(text[c], ERROR) for c in codes}
 
@@ -69,7 +69,7 @@ DOCUMENT: dict[str, Any] = {
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": {"$ref": "#/components/schemas/RuntimeIn"}}}},
                      "responses": {"201": _resp("Registered", {"$ref": "#/components/schemas/Runtime"}),
-                                   **_errors(400)}},
+                                   **_errors(400, 413)}},
         },
         "/v1/runtimes/{name}": {
             "parameters": [_path_param("name")],
@@ -108,14 +108,14 @@ DOCUMENT: dict[str, Any] = {
             "post": {"summary": "Invoke and wait for the outcome", "requestBody": INVOKE_BODY,
                      "responses": {"200": _resp("The call, ended", {"$ref": "#/components/schemas/Call"}),
                                    "202": _resp("Still running", {"$ref": "#/components/schemas/Accepted"}),
-                                   **_errors(400, 404, 429)}},
+                                   **_errors(400, 404, 413, 429)}},
         },
         "/v1/functions/{name}/invoke-async": {
             "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
                                                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
             "post": {"summary": "Invoke without waiting", "requestBody": INVOKE_BODY,
                      "responses": {"202": _resp("Accepted", {"$ref": "#/components/schemas/Accepted"}),
-                                   **_errors(400, 404, 429)}},
+                                   **_errors(400, 404, 413, 429)}},
         },
         "/v1/functions/{name}/invoke-batch": {
             "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -126,7 +126,7 @@ DOCUMENT: dict[str, Any] = {
                          "type": "object", "required": ["count", "calls"], "properties": {
                              "count": {"type": "integer"},
                              "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Accepted"}}}}),
-                                   **_errors(400, 404, 429)}},
+                                   **_errors(400, 404, 413, 429)}},
         },
         "/v1/calls": {
             "get": {"summary": "List calls, newest first",

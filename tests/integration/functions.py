@@ -20,7 +20,7 @@ SLOW = {
     )
 }
 
-# Misbehaves on request: raise, _exit, sleep, a result nested n levels deep, print.
+# Misbehaves on request: raise, _exit, sleep, a result nested n levels deep or n bytes long, print.
 CHAOS = {
     "handler.py": (
         "import os, sys, time\n"
@@ -32,6 +32,8 @@ CHAOS = {
         "        os._exit(3)\n"
         "    if what == 'sleep':\n"
         "        time.sleep(params['s'])\n"
+        "    if what == 'big':\n"
+        "        return 'x' * params['n']\n"
         "    if what == 'deep':\n"
         "        nested = []\n"
         "        for _ in range(params['n'] - 1):\n"

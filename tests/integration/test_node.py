@@ -137,6 +137,11 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
         too_deep = node.call("chaos", {"do": "deep", "n": n})
         assert too_deep["status"] == "FAILED" and too_deep["error"]["type"] == "ResultTooDeep", too_deep
     assert node.call("chaos", {})["container_id"] == ok["container_id"]  # nor does a result too deep
+    big = node.call("chaos", {"do": "big", "n": 4 << 20})
+    assert big["status"] == "DONE" and big["result"] == "x" * (4 << 20)
+    too_big = node.call("chaos", {"do": "big", "n": 20 << 20})  # past what the broker's messages carry
+    assert too_big["status"] == "FAILED" and too_big["error"]["type"] == "ResultTooLarge", too_big["error"]
+    assert too_big["container_id"] == ok["container_id"]
 
     timed_out = node.call("chaos", {"do": "sleep", "s": 60}, timeout=1)
     assert timed_out["status"] == "TIMEOUT" and "timeout of 1 s" in timed_out["error"]["message"]
@@ -164,7 +169,7 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     wait_until(node, lambda: victim["container_id"] not in set(node_containers(docker_client, node.node_id)),
                what="the lost miniworker's container to be removed")
     wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
-    assert metric(node, "shoal_calls_total") == 14
+    assert metric(node, "shoal_calls_total") == 16
 
 
 def holding(node: LocalNode, call_id: str) -> dict[str, Any]:

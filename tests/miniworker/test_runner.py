@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from miniworker.runner import Runner, handle
-from shoal.protocol import MAX_JSON_DEPTH, Message, Msg, RunnerStream
+from shoal.protocol import MAX_JSON_DEPTH, MAX_RESULT_MESSAGE, Message, Msg, RunnerStream
 
 
 def nested(levels: int) -> list[Any]:
@@ -29,6 +29,12 @@ def test_a_result_is_carried_up_to_the_depth_every_process_can_decode() -> None:
     for levels in (MAX_JSON_DEPTH, 100_000):  # the latter is past what json can encode at all
         failed = call(lambda p, n=levels: nested(n))
         assert failed["ok"] is False and failed["error"]["type"] == "ResultTooDeep" and "result" not in failed
+
+
+def test_a_result_too_large_for_the_way_back_fails_the_call() -> None:
+    assert call(lambda p: "x" * (MAX_RESULT_MESSAGE - 1000))["ok"] is True
+    failed = call(lambda p: "x" * MAX_RESULT_MESSAGE)
+    assert failed["ok"] is False and failed["error"]["type"] == "ResultTooLarge" and "result" not in failed
 
 
 def test_a_result_json_cannot_carry_fails_the_call_with_the_reason() -> None:
