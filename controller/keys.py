@@ -34,3 +34,7 @@ def call_by_num(num: int) -> str:
 
 def idempotency(key: str) -> str:
     return f"{PREFIX}:idem:{key}"  # string: call id
+
+
+def batch_idempotency(key: str) -> str:
+    return f"{PREFIX}:idem-batch:{key}"  # string: the batch's call ids, comma-separated

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
 from controller.errors import BadRequest, Conflict, Missing, StoreError, TooLarge
@@ -20,8 +22,11 @@ from controller.store import Store
 from shoal.archive import ArchiveLimits, extract_archive
 from shoal.blobs import BlobStore
 from shoal.errors import ArchiveError, ValidationError
+from shoal.logs import get_logger
 from shoal.models import FunctionSpec, Runtime, check_name
 from shoal.protocol import Msg
+
+log = get_logger("service")
 
 
 class Service:
@@ -160,17 +165,38 @@ class Service:
         record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room()
         call_id = new_call_id()
+        num = await self.store.next_call_num()
         if idempotency_key is not None:
             self._check_key(idempotency_key)
             existing = await self.store.claim_idempotency(idempotency_key, call_id)
             if existing is not None:
-                call = await self.store.get_call(existing)
-                if call is not None:
-                    return call, self.dispatcher.calls.get(existing)
-        call, pending = self._new_call(record, params, timeout, call_id, await self.store.next_call_num(),
-                                       time.time())
-        await self._store_and_queue([(call, pending)])
+                return await self._replayed(existing)
+        # No await from the claim to the queueing: a replay that finds the key finds the call in the dispatcher.
+        call, pending = self._new_call(record, params, timeout, call_id, num, time.time())
+        try:
+            await self._store_and_queue([(call, pending)])
+        except StoreError:
+            if idempotency_key is not None:
+                await self._release_key(idempotency_key, call_id)
+            raise
         return call, pending
+
+    async def _replayed(self, call_id: str) -> tuple[dict[str, Any], Pending | None]:
+        """The call a replayed Idempotency-Key names, as it stands now."""
+        pending = self.dispatcher.calls.get(call_id)
+        if pending is not None:
+            return pending.record, pending
+        await self.store.settled()  # a call that just ended here: its writes have landed
+        call = await self.store.get_call(call_id)
+        if call is None:
+            raise Conflict("this Idempotency-Key was given to a call that could not be stored; use a new key")
+        return call, None
+
+    async def _release_key(self, key: str, call_id: str) -> None:
+        try:
+            await self.store.release_idempotency(key, call_id)
+        except RedisError as exc:  # the store is failing anyway: a replay of this key will say so (409)
+            log.warning("idempotency_key_not_released", error=str(exc))
 
     async def invoke_batch(self, name: str, params: list[Any], *, timeout: float | None = None,
                            version: int | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
@@ -181,7 +207,7 @@ class Service:
         ids = [new_call_id() for _ in params]
         if idempotency_key is not None:
             self._check_key(idempotency_key)
-            existing = await self.store.claim_idempotency("batch:" + idempotency_key, ",".join(ids))
+            existing = await self.store.claim_idempotency(idempotency_key, ",".join(ids), batch=True)
             if existing is not None:
                 return await self.store.call_statuses(existing.split(","))
         now = time.time()

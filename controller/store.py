@@ -29,6 +29,7 @@ JSON_FIELDS = ("params", "result", "error", "logs", "timings")
 
 
 log = get_logger("store")
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -205,13 +206,20 @@ class Store:
                 self._num_next += take
             return nums
 
-    async def claim_idempotency(self, key: str, call_id: str) -> str | None:
-        """Bind ``key`` to ``call_id``; return the call id it was already bound to, if any."""
-        ok = await self.redis.set(keys.idempotency(key), call_id, nx=True, ex=self.retention)
-        if ok:
-            return None
-        existing = await self.redis.get(keys.idempotency(key))
-        return existing if existing else None
+    async def claim_idempotency(self, key: str, value: str, batch: bool = False) -> str | None:
+        """Bind ``key`` to ``value`` (a call id, or a batch's ids); return what it was already bound to, if
+        anything (one command: SET NX GET)."""
+        name = keys.batch_idempotency(key) if batch else keys.idempotency(key)
+        existing = await self.redis.set(name, value, nx=True, ex=self.retention, get=True)
+        return existing or None
+
+    async def release_idempotency(self, key: str, value: str) -> None:
+        """Unbind ``key`` if it is still bound to ``value`` (its call could not be stored)."""
+        await self.redis.eval(_RELEASE, 1, keys.idempotency(key), value)
+
+    async def settled(self) -> None:
+        """Return once every write queued before this call has landed (reads after it see them)."""
+        await self.write([])
 
     def create_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
         """Store new calls in one write (they are in the durable queue, ``ACTIVE``, once it is done); the

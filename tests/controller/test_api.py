@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,23 @@ def test_idempotency_key_makes_a_retry_safe(cluster: LocalCluster) -> None:
         status, body, _ = cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 1},
                                           headers={"Idempotency-Key": bad})
         assert status == 400 and "Idempotency-Key" in body["error"]["message"], (bad, body)
-    assert wait_call(cluster, first["id"])["status"] == "DONE"
-    assert len(cluster.get("/v1/calls?function=echo")["calls"]) == 1
+    # Concurrent requests with one key make one call (a replay used to create its own while the first was
+    # not stored yet).
+    race = {"Idempotency-Key": uuid.uuid4().hex}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 2},
+                                                          headers=race), range(8)))
+    assert {a[0] for a in answers} == {202} and len({a[1]["id"] for a in answers}) == 1, answers
+    # A single call's key and a batch's key never meet (a batch's keys used to be stored as "batch:" + key).
+    batch_key = uuid.uuid4().hex
+    _, batch, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch", {"calls": [{"params": 3}]},
+                                  headers={"Idempotency-Key": batch_key})
+    _, single, _ = cluster.request("POST", "/v1/functions/echo/invoke-async", {"params": 4},
+                                   headers={"Idempotency-Key": "batch:" + batch_key})
+    assert single["id"] != batch["calls"][0]["id"]
+    for call_id in (first["id"], answers[0][1]["id"], batch["calls"][0]["id"], single["id"]):
+        assert wait_call(cluster, call_id)["status"] == "DONE"
+    assert len(cluster.get("/v1/calls?function=echo")["calls"]) == 4
 
 
 def test_a_batch_of_calls_is_stored_and_queued_in_one_request(cluster: LocalCluster) -> None:

@@ -68,3 +68,25 @@ def test_a_batch_of_calls_is_stored_with_every_index_in_one_write(server: RedisS
     assert set(of_f) >= {f"id{n}" for n in range(1, 10, 2)} and not set(of_f) & {f"id{n}" for n in range(0, 10, 2)}
     assert by_num == [f"id{n}" for n in range(10)]
     assert statuses == [{"id": "id3", "status": "QUEUED"}, {"id": "nope", "status": "UNKNOWN"}]
+
+
+def test_idempotency_keys_bind_once_per_kind_and_release_only_their_own_call(server: RedisServer) -> None:
+    async def scenario() -> None:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        store.start()
+        assert await store.claim_idempotency("k1", "call-a") is None
+        assert await store.claim_idempotency("k1", "call-b") == "call-a"  # one command: bound, or who holds it
+        assert await store.claim_idempotency("k1", "a,b", batch=True) is None  # a batch's keys are their own
+        assert await store.claim_idempotency("batch:k1", "call-c") is None  # (a prefix in the key does not meet)
+        await store.release_idempotency("k1", "call-b")  # not its call: stays
+        assert await store.claim_idempotency("k1", "call-d") == "call-a"
+        await store.release_idempotency("k1", "call-a")
+        assert await store.claim_idempotency("k1", "call-e") is None
+        # settled(): every write queued before it has landed when it returns.
+        pending = store.create_calls([call(n, "h", 2000 + n) for n in range(50)])
+        await store.settled()
+        assert pending.done() and await r.zcard(keys.calls_of("h")) == 50
+        await store.close()
+
+    asyncio.run(scenario())
