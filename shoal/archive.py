@@ -202,13 +202,20 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
     try:
         ex = _Extractor(tmp, limits, size)
-        with open(archive, "rb") as stream:
-            kind = detect_format(stream.read(512))
-            stream.seek(0)
-            if kind == "zip":
-                _extract_zip(stream, ex)
-            else:
-                _extract_tar(stream, ex)
+        try:
+            with open(archive, "rb") as stream:
+                kind = detect_format(stream.read(512))
+                stream.seek(0)
+                if kind == "zip":
+                    _extract_zip(stream, ex)
+                else:
+                    _extract_tar(stream, ex)
+        except ArchiveError:
+            raise
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError) as exc:
+            # A corrupt stream in a member, a file where the archive also has a directory, a name too long for
+            # the filesystem, a full disk: the archive cannot be used here, and the reason says why.
+            raise ArchiveError(f"archive cannot be extracted: {exc}") from None
         tmp.chmod(0o755)
         try:
             tmp.rename(dest)

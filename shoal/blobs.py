@@ -56,6 +56,12 @@ class BlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def adopt(self, path: Path, sha: str) -> None:
+        """Move the file at ``path`` (in this store's root, its sha256 already computed) into place."""
+        final = self.path(sha)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(path, final)
+
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         return self.put_stream([data])
 
