@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from controller.api import compat, openapi, v1
 from controller.api.common import METRICS, SERVICE
@@ -28,7 +29,11 @@ PRUNE_EVERY = 600.0
 async def _prune_loop(store: Store) -> None:
     while True:
         await asyncio.sleep(PRUNE_EVERY)
-        removed = await store.prune()
+        try:
+            removed = await store.prune()
+        except RedisError as exc:  # the next round prunes what this one could not
+            log.error("prune_failed", error=str(exc))
+            continue
         if removed:
             log.info("calls_pruned", count=removed)
 

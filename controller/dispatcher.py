@@ -37,6 +37,8 @@ from shoal.protocol import Msg
 STATUSES = {s.value: s for s in (CallStatus.DONE, CallStatus.FAILED, CallStatus.TIMEOUT, CallStatus.CANCELLED)}
 #: Seconds after its dispatch that a call still in flight gets its DISPATCHED write (see the module doc).
 DISPATCH_WRITE_AFTER = 0.02
+#: Seconds before a terminal write that failed is tried again (doubling, at most 10 s).
+RETRY_WRITE_AFTER = 0.25
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Pending:
     attempts: int = 0
     node_id: str | None = None
     cancelled: bool = False
+    cancel_requested: bool = False  # cancelled while on a node: it must not be placed again
     waiters: list[asyncio.Future[dict[str, Any]]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)  # the call as first stored (for sync answers)
     stamps: dict[str, float] = field(default_factory=dict)  # state -> when, as written to the store
@@ -115,17 +118,35 @@ class Dispatcher:
             return
         limit = self.config.node_oversubscribe
         for key in self.queue.lanes():
+            if all(key in n.failed for n in nodes):
+                self._fail_lane(key, nodes)
+                continue
             while (pending := self.queue.head(key)) is not None:
-                if pending.cancelled:
+                if pending.cancelled or pending.node_id is not None:  # cancelled, or taken over by its node
                     self.queue.popleft(key)
                     continue
                 node = self.placement.choose(key, [n for n in nodes if key in n.ready and n.has_room(key, limit)])
                 if node is None:
                     break  # no node takes this function now: its later calls wait too
-                self.queue.popleft(key)
                 if not self._dispatch(pending, node):
-                    self.queue.append(pending, front=True)
-                    break
+                    # The node's socket refused (it went away): this round places around it; its liveness
+                    # check will mark it lost, and that places its calls again.
+                    nodes = [n for n in nodes if n is not node]
+                    if not nodes:
+                        return
+                    continue
+                self.queue.popleft(key)
+
+    def _fail_lane(self, key: str, nodes: list[NodeState]) -> None:
+        """Every alive node reported that it cannot run ``key`` (its archive or dependencies failed there):
+        its waiting calls fail with the nodes' reason instead of waiting for ever."""
+        reason = nodes[0].failed.get(key, "")
+        while (pending := self.queue.popleft(key)) is not None:
+            if pending.cancelled or pending.node_id is not None:
+                continue
+            self.finish(pending, CallStatus.FAILED, {"error": {
+                "type": "FunctionUnavailable",
+                "message": f"{key} cannot run on any node ({len(nodes)} alive): {reason}"}})
 
     def _dispatch(self, pending: Pending, node: NodeState) -> bool:
         header: dict[str, Any] = {"call_id": pending.call_id, "function": pending.function,
@@ -199,9 +220,7 @@ class Dispatcher:
         node.done += 1
         if h["status"] == REJECTED:
             pending.attempts -= 1  # it never ran there
-            pending.dispatch_unwritten = False
-            self.metrics.requeued.inc(reason="rejected")
-            self.enqueue(pending, front=True)
+            self._requeue(pending, "rejected")
             return
         status = STATUSES.get(h["status"])
         if status is None:
@@ -219,7 +238,6 @@ class Dispatcher:
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self.calls.pop(pending.call_id, None)
         fields.update(self._dispatch_fields(pending))
-        write = self.store.update_call(pending.call_id, status, fields)
         now = time.time()
         pending.stamps[status.value] = now
         self.metrics.finished.inc(function=pending.function, status=status.value)
@@ -230,50 +248,86 @@ class Dispatcher:
         outcome.update({f"t_{k}": v for k, v in pending.stamps.items()})
         outcome.update(fields)
         outcome.update(status=status.value, node=pending.last_node, attempts=pending.attempts)
+        self._store_outcome(pending, status, fields, outcome, RETRY_WRITE_AFTER)
 
-        def resolve(_: asyncio.Future[None]) -> None:
+    def _store_outcome(self, pending: Pending, status: CallStatus, fields: dict[str, Any], outcome: dict[str, Any],
+                       retry_after: float) -> None:
+        """Write a call's terminal state; its sync caller is answered once it is stored. A failed write is
+        retried until it lands: left unwritten, the store would hold the call as active, and a restart would
+        run it again, maybe to another outcome than the one its caller was told."""
+
+        def landed(write: asyncio.Future[None]) -> None:
+            if write.cancelled():
+                return  # the controller is stopping: on restart the call is recovered from the store
+            if write.exception() is not None:
+                self.log.error("outcome_not_stored", call_id=pending.call_id, retry_in_s=retry_after,
+                               error=str(write.exception()))
+                asyncio.get_running_loop().call_later(retry_after, self._store_outcome, pending, status, fields,
+                                                      outcome, min(retry_after * 2, 10.0))
+                return
             pending.outcome = outcome
             for fut in pending.waiters:
                 if not fut.done():
                     fut.set_result(outcome)
 
-        write.add_done_callback(resolve)  # a sync caller is answered once the outcome is stored
+        self.store.update_call(pending.call_id, status, fields).add_done_callback(landed)
+
+    def _requeue(self, pending: Pending, reason: str) -> None:
+        """Place a call again that its node no longer holds, unless a cancel was asked meanwhile."""
+        pending.dispatch_unwritten = False
+        if pending.cancel_requested:
+            self.finish(pending, CallStatus.CANCELLED, {"error": {"type": "Cancelled",
+                                                                  "message": "cancelled before it ran again"}})
+            return
+        self.metrics.requeued.inc(reason=reason)
+        self.enqueue(pending, front=True)
+
+    def _lost_on(self, pending: Pending, node: NodeState, reason: str) -> None:
+        """``node`` no longer holds ``pending`` (lost, or restarted without it): again, or FAILED past
+        ``max_attempts`` dispatches (at-least-once, bounded)."""
+        self._release(pending)
+        if pending.attempts >= self.config.max_attempts:
+            self.finish(pending, CallStatus.FAILED, {"error": {
+                "type": "NodeLost",
+                "message": f"node {node.node_id} lost it ({reason}), after {pending.attempts} attempt(s)",
+            }})
+            return
+        self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts,
+                      reason=reason)
+        if not pending.cancel_requested:
+            self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
+        self._requeue(pending, reason)
 
     def on_node_lost(self, node: NodeState) -> None:
         for call_id in list(node.inflight):
             pending = self.calls.get(call_id)
-            if pending is None:
-                continue
-            self._release(pending)
-            if pending.attempts >= self.config.max_attempts:
-                self.finish(pending, CallStatus.FAILED, {"error": {
-                    "type": "NodeLost",
-                    "message": f"node {node.node_id} was lost while running it, after {pending.attempts} attempt(s)",
-                }})
-            else:
-                self.log.info("call_requeued", call_id=call_id, node_id=node.node_id, attempts=pending.attempts)
-                pending.dispatch_unwritten = False
-                self.metrics.requeued.inc(reason="node_lost")
-                self.store.update_call(call_id, CallStatus.QUEUED, {"node": ""})
-                self.enqueue(pending, front=True)
+            if pending is not None:
+                self._lost_on(pending, node, "node_lost")
         node.inflight.clear()
         node.warm_busy.clear()
+        if self.queue:
+            self.kick()  # calls that waited for a round may go to the nodes left
 
     def on_node_hello(self, node: NodeState, running: set[str]) -> None:
-        """A node (re)introduced itself: calls we think it holds but it does not know are lost there."""
+        """A node (re)introduced itself with the calls it holds (running or queued there). Calls we think it
+        holds but it does not know are lost there; calls it holds that we queued again (we restarted and
+        recovered them) stay with it instead of running twice."""
         for call_id in list(node.inflight):
             if call_id not in running:
                 pending = self.calls.get(call_id)
                 if pending is not None and pending.node_id == node.node_id:
-                    self._release(pending)
-                    pending.dispatch_unwritten = False
-                    self.metrics.requeued.inc(reason="node_restarted")
-                    self.enqueue(pending, front=True)
+                    self._lost_on(pending, node, "node_restarted")
+        for call_id in running:
+            pending = self.calls.get(call_id)
+            if pending is not None and pending.node_id is None and not pending.cancelled:
+                pending.node_id = pending.last_node = node.node_id  # its queue entry is skipped in _place
+                node.inflight.add(call_id)
+                node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
         self.kick()
 
     def on_function_state(self, node: NodeState, key: str, state: str) -> None:
-        if state == "ready":
-            self.kick()
+        if state in ("ready", "failed"):
+            self.kick()  # ready: its calls can go there; failed everywhere: its calls fail
 
     # ---- cancelling ----------------------------------------------------------------------------
     def cancel(self, call_id: str) -> bool:
@@ -285,6 +339,7 @@ class Dispatcher:
             self.finish(pending, CallStatus.CANCELLED, {"error": {"type": "Cancelled",
                                                                   "message": "cancelled before it started"}})
         else:
+            pending.cancel_requested = True  # if its node gives it back (rejected, lost), it ends CANCELLED
             self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})
         return True
 
@@ -311,7 +366,8 @@ class Dispatcher:
             pending = Pending(call_id=call["id"], function=call["function"], version=int(call["version"]),
                               params=call.get("params"), timeout=float(call.get("timeout") or 30.0),
                               attempts=int(call.get("attempts") or 0),
-                              stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()})
+                              stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()},
+                              record=call)
             self.calls[pending.call_id] = pending
             self.queue.append(pending)
             count += 1

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from redis.exceptions import RedisError
 
 from controller.config import ControllerConfig
 from controller.metrics import ControllerMetrics
@@ -157,11 +158,19 @@ class Hub:
             self.dispatcher.on_node_hello(node, set(h.get("running") or []))
 
     async def sync_node(self, node_id: str) -> None:
-        """Send a node every runtime and the latest version of every function."""
+        """Send a node every runtime, the latest version of every function, and any older version that calls
+        held here still wait for (a node that restarted knows none of them; without it they would wait for
+        ever)."""
         for runtime in await self.store.list_runtimes():
             self.send(node_id, Msg.RUNTIME, runtime.to_dict())
+        latest: dict[str, int] = {}
         for fn in await self.store.list_functions():
+            latest[fn["name"]] = int(fn["version"])
             self.send(node_id, Msg.FUNCTION, function_message(fn))
+        held = {(p.function, p.version) for p in self.dispatcher.calls.values()} if self.dispatcher else set()
+        for name, version in sorted(held):
+            if latest.get(name) != version and (record := await self.store.get_version(name, version)) is not None:
+                self.send(node_id, Msg.FUNCTION, function_message(record))
         await self.store.save_node(node_id, self.nodes[node_id].to_dict())
 
     def on_heartbeat(self, node: NodeState, msg: Message) -> None:
@@ -213,23 +222,33 @@ class Hub:
 
     # ---- liveness ------------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
-        silence = self.config.heartbeat * self.config.liveness
         while True:
             await asyncio.sleep(self.config.heartbeat)
-            now = time.monotonic()
-            for node in list(self.nodes.values()):
-                if node.lost:
-                    continue
-                if now - node.last_seen > silence:
-                    node.lost = True
-                    self.archives.forget(node.node_id)
-                    self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),
-                                     inflight=len(node.inflight))
-                    if self.dispatcher is not None:
-                        self.dispatcher.on_node_lost(node)
+            for node in self.check_liveness(time.monotonic()):
+                try:
                     await self.store.save_node(node.node_id, node.to_dict())
-                else:
-                    self.send(node.node_id, Msg.HEARTBEAT, {})
+                except RedisError as exc:  # only the record of it: the loop must go on (it is the only one)
+                    self.log.error("node_state_not_saved", node_id=node.node_id, error=str(exc))
+
+    def check_liveness(self, now: float) -> list[NodeState]:
+        """Heartbeat the nodes that are alive; mark lost those silent for ``liveness`` heartbeats (their calls
+        go back to the dispatcher) and return them."""
+        silence = self.config.heartbeat * self.config.liveness
+        lost: list[NodeState] = []
+        for node in list(self.nodes.values()):
+            if node.lost:
+                continue
+            if now - node.last_seen > silence:
+                node.lost = True
+                self.archives.forget(node.node_id)
+                self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),
+                                 inflight=len(node.inflight))
+                if self.dispatcher is not None:
+                    self.dispatcher.on_node_lost(node)
+                lost.append(node)
+            else:
+                self.send(node.node_id, Msg.HEARTBEAT, {})
+        return lost
 
 
 def function_message(record: dict[str, Any]) -> dict[str, Any]:

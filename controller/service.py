@@ -131,6 +131,10 @@ class Service:
             record = await self.store.get_version(name, version)
             if record is None:
                 raise Missing(f"function {name!r} has no version {version}")
+            key = record_key(record)
+            if any(key not in n.ready and key not in n.failed for n in self.hub.nodes.values() if not n.lost):
+                # Nodes are sent the latest version of a function; a node that restarted since knows no other.
+                self.hub.broadcast(Msg.FUNCTION, function_message(record))
         return record, timeout if timeout is not None else float(record.get("timeout") or 30.0)
 
     @staticmethod

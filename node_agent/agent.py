@@ -453,7 +453,9 @@ class Agent:
             "status_url": f"http://{self.config.status_host}:{self.status.port}",
             "runtimes": sorted(self.registry.runtimes),
             "functions": [fn.key for fn in self.registry.functions.values() if fn.state == FnState.READY],
-            "running": sorted(self.broker.running),
+            # Every call this node holds, running or waiting in its queues: the controller keeps them here and
+            # places again only what is missing (a call left out would run a second time elsewhere).
+            "running": sorted({*self.broker.running, *(t.call_id for q in self.broker.queues.values() for t in q)}),
         }
 
     def update_gauges(self) -> None:

@@ -7,21 +7,27 @@ from typing import Any
 
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
+from controller.errors import StoreError
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from shoal.protocol import Msg
 
 
 class FakeHub:
-    def __init__(self) -> None:
-        self.nodes = {"n1": NodeState("n1", {"v": 1, "node_id": "n1", "queue_limit": 2}, capacity=2)}
+    def __init__(self, nodes: tuple[str, ...] = ("n1",)) -> None:
+        self.nodes = {n: NodeState(n, {"v": 1, "node_id": n, "queue_limit": 2}, capacity=2) for n in nodes}
         self.sent: list[tuple[bytes, str]] = []
+        self.placed: dict[str, list[str]] = {}  # call id -> the nodes it was sent to
         self.up = True
+        self.refusing: set[str] = set()  # nodes whose socket refuses a send (they went away)
 
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any]) -> bool:
-        if self.up:
-            self.sent.append((mtype, header["call_id"]))
-        return self.up
+        if not self.up or node_id in self.refusing:
+            return False
+        self.sent.append((mtype, header["call_id"]))
+        if mtype == Msg.CALL:
+            self.placed.setdefault(header["call_id"], []).append(node_id)
+        return True
 
     def calls_sent(self) -> list[str]:
         return [call_id for mtype, call_id in self.sent if mtype == Msg.CALL]
@@ -31,18 +37,36 @@ class FakeStore:
     def __init__(self) -> None:
         self.writes: list[tuple[str, Any]] = []
         self.fields: dict[str, dict[str, Any]] = {}
+        self.failing = 0  # this many writes fail next
+        self.active: list[dict[str, Any]] = []  # what active_calls() returns (calls of a previous lifetime)
 
     def update_call(self, call_id: str, status: Any, fields: dict[str, Any]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.failing:
+            self.failing -= 1
+            fut.set_exception(StoreError("redis is unavailable"))
+            return fut
         self.writes.append((call_id, status))
         self.fields.setdefault(call_id, {}).update(fields)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
 
+    async def active_calls(self) -> list[dict[str, Any]]:
+        return self.active
 
-def make_dispatcher() -> tuple[Dispatcher, FakeHub, FakeStore, ControllerMetrics]:
-    hub, store, metrics = FakeHub(), FakeStore(), ControllerMetrics()
+
+def make_dispatcher(nodes: tuple[str, ...] = ("n1",)) -> tuple[Dispatcher, FakeHub, FakeStore, ControllerMetrics]:
+    hub, store, metrics = FakeHub(nodes), FakeStore(), ControllerMetrics()
     return Dispatcher(ControllerConfig(), store, hub, metrics), hub, store, metrics  # type: ignore[arg-type]
+
+
+def ready(hub: FakeHub, key: str = "f@1") -> None:
+    for node in hub.nodes.values():
+        node.ready.add(key)
+
+
+def status_of(store: FakeStore, call_id: str) -> Any:
+    return [s for c, s in store.writes if c == call_id][-1]
 
 
 def test_placement_sends_what_nodes_take_and_a_blocked_backlog_keeps_its_order() -> None:
@@ -113,5 +137,126 @@ def test_a_result_whose_start_time_is_not_a_number_is_stored_without_it() -> Non
         await asyncio.sleep(0)
         assert [store.fields[f"c{n}"].get("t_RUNNING") for n in range(4)] == [None, None, None, 1_700_000_000.5]
         assert all(store.fields[f"c{n}"]["result"] == n for n in range(4))
+
+    asyncio.run(scenario())
+
+
+def test_a_node_whose_socket_refuses_is_placed_around_in_the_same_round() -> None:
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        hub.refusing.add("n1")  # its agent died: the controller has not noticed yet
+        for n in range(3):
+            d.enqueue(Pending(f"c{n}", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert hub.placed == {"c0": ["n2"], "c1": ["n2"]} and len(d.queue) == 1  # n2 holds 2 (its queue_limit)
+        d.on_node_lost(hub.nodes["n1"])  # and a node's loss places what waits (no other event may come)
+        hub.nodes["n1"].lost = True
+        d.on_result(hub.nodes["n2"], {"call_id": "c0", "status": "DONE"})
+        await asyncio.sleep(0)
+        assert hub.placed["c2"] == ["n2"]
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_asked_while_on_a_node_holds_when_the_node_gives_the_call_back() -> None:
+    """The API answered 202 CANCELLING: a call its node rejects, loses or forgets ends CANCELLED, not placed
+    again (it used to run to DONE elsewhere)."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2", "n3"))
+        ready(hub)
+        for node in hub.nodes.values():
+            node.hello["queue_limit"] = 1  # one call each: three calls, three nodes
+        calls = ("rejected", "lost", "forgotten")
+        for call_id in calls:
+            d.enqueue(Pending(call_id, "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        for call_id in calls:
+            assert d.cancel(call_id)
+        assert [c for m, c in hub.sent if m == Msg.CANCEL] == list(calls)
+        holder = {c: hub.nodes[hub.placed[c][0]] for c in calls}
+        assert len({n.node_id for n in holder.values()}) == 3
+        d.on_result(holder["rejected"], {"call_id": "rejected", "status": "REJECTED"})
+        d.on_node_lost(holder["lost"])
+        d.on_node_hello(holder["forgotten"], set())  # it restarted: it holds nothing now
+        await asyncio.sleep(0.01)
+        assert [status_of(store, c) for c in calls] == ["CANCELLED"] * 3, store.writes
+        assert all(len(hub.placed[c]) == 1 for c in calls) and not d.calls
+        assert not any(n.inflight for n in hub.nodes.values())
+
+    asyncio.run(scenario())
+
+
+def test_a_node_that_keeps_reintroducing_itself_without_a_call_bounds_its_attempts() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        ready(hub)
+        d.enqueue(Pending("c", "f", 1, None, 1.0))
+        for _ in range(10):
+            await asyncio.sleep(0)
+            d.on_node_hello(hub.nodes["n1"], set())  # it re-HELLOs, and does not hold the call
+        await asyncio.sleep(0.01)
+        assert len(hub.placed["c"]) == d.config.max_attempts and status_of(store, "c") == "FAILED"
+        assert store.fields["c"]["error"]["type"] == "NodeLost"
+
+    asyncio.run(scenario())
+
+
+def test_after_a_restart_a_node_keeps_the_recovered_calls_it_holds() -> None:
+    """Recovered calls that a node says it holds (running or queued there) are not placed again: it answers."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        store.active = [{"id": f"c{n}", "function": "f", "version": 1, "params": n, "timeout": 5.0, "attempts": 1,
+                         "created": 1.0, "t_QUEUED": 1.0, "status": "DISPATCHED", "node": "n1"} for n in range(3)]
+        hub.nodes["n1"].lost = hub.nodes["n2"].lost = True  # no node has said HELLO to this controller yet
+        assert await d.recover() == 3 and d.calls["c0"].record["id"] == "c0"
+        ready(hub)
+        hub.nodes["n1"].lost = False
+        d.on_node_hello(hub.nodes["n1"], {"c0", "c1"})  # c2 was lost with the old controller's messages
+        hub.nodes["n2"].lost = False
+        d.kick()
+        await asyncio.sleep(0)
+        assert hub.placed == {"c2": [hub.placed["c2"][0]]}  # only the call no node holds runs again
+        d.on_result(hub.nodes["n1"], {"call_id": "c0", "status": "DONE", "result": 0})
+        await asyncio.sleep(0)
+        assert status_of(store, "c0") == "DONE"
+
+    asyncio.run(scenario())
+
+
+def test_calls_of_a_function_every_node_failed_to_prepare_fail_instead_of_waiting() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        d.enqueue(Pending("c", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        hub.nodes["n1"].failed["f@1"] = "dependency install failed"
+        d.on_function_state(hub.nodes["n1"], "f@1", "failed")
+        await asyncio.sleep(0)
+        assert "c" in d.calls  # one node may still prepare it
+        hub.nodes["n2"].failed["f@1"] = "dependency install failed"
+        d.on_function_state(hub.nodes["n2"], "f@1", "failed")
+        await asyncio.sleep(0.01)
+        assert status_of(store, "c") == "FAILED"
+        assert "dependency install failed" in store.fields["c"]["error"]["message"]
+
+    asyncio.run(scenario())
+
+
+def test_an_outcome_the_store_did_not_take_is_written_again_and_answered_once_stored() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        ready(hub)
+        pending = Pending("c", "f", 1, None, 1.0)
+        d.enqueue(pending)
+        await asyncio.sleep(0)
+        waiter = d.wait(pending)
+        store.failing = 2
+        d.on_result(hub.nodes["n1"], {"call_id": "c", "status": "DONE", "result": 7})
+        await asyncio.sleep(0.1)
+        assert not waiter.done() and store.writes == []  # not stored yet: the sync caller waits
+        outcome = await asyncio.wait_for(waiter, 5)
+        assert outcome["status"] == "DONE" and outcome["result"] == 7 and store.writes == [("c", "DONE")]
 
     asyncio.run(scenario())
