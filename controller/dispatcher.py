@@ -310,13 +310,19 @@ class Dispatcher:
 
     def on_node_hello(self, node: NodeState, running: set[str]) -> None:
         """A node (re)introduced itself with the calls it holds (running or queued there). Calls we think it
-        holds but it does not know are lost there; calls it holds that we queued again (we restarted and
-        recovered them) stay with it instead of running twice."""
+        holds but it does not list are placed again; calls it holds that we queued again (we restarted and
+        recovered them) stay with it instead of running twice.
+
+        Placing a call again here does not count toward ``max_attempts``: a HELLO may have been written before
+        a CALL on its way arrived (after a controller restart, a node says HELLO to each WELCOME asking for
+        one), so a call it does not list is not proof that the node lost it; the node ignores the CALL it
+        then gets twice."""
         for call_id in list(node.inflight):
             if call_id not in running:
                 pending = self.calls.get(call_id)
                 if pending is not None and pending.node_id == node.node_id:
-                    self._lost_on(pending, node, "node_restarted")
+                    self._release(pending)
+                    self._requeue(pending, "node_restarted")
         for call_id in running:
             pending = self.calls.get(call_id)
             if pending is not None and pending.node_id is None and not pending.cancelled:

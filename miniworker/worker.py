@@ -307,8 +307,15 @@ class Miniworker:
             self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
         except TimeoutError:
             self.on_runner_gone(f"the runner did not take the call within {RUNNER_SEND_TIMEOUT:g} s")
-        except OSError:
-            self.on_runner_gone()
+        except OSError as exc:
+            # The container died while this miniworker was idle: the call never reached it (a runner does not
+            # act on part of a message), so the broker queues it again, not as an attempt.
+            self.call = None
+            self.log.warning("runner_gone_before_call", call_id=call_id, error=str(exc))
+            self.send(Msg.MW_RESULT, {"call_id": call_id, "status": "REJECTED", "retire": True,
+                                      "error": {"type": "ContainerExited", "message": "before the call reached it"}})
+            self._reject_held()
+            self.stopping = True
 
     def on_runner_readable(self) -> None:
         assert self.conn is not None

@@ -349,12 +349,21 @@ class Broker:
 
     def _on_failed(self, h: MwHandle, msg: Message) -> None:
         reason = msg.header["reason"]
+        served = h.state in (MwState.IDLE, MwState.BUSY)  # it was ready: its container died while idle
         h.state = MwState.FAILED
         h.reason = reason
         self.forget_idle(h)
-        self.metrics.mw_lost.inc(reason="start_failed")
+        self.metrics.mw_lost.inc(reason="died_idle" if served else "start_failed")
         self.log.warning("miniworker_failed", mw_id=h.mw_id, pool=h.pool_key, reason=reason)
         self.requeue_ahead(h)
+        if served:
+            # MFAILED carries no call: one sent to it as it died never started there, and the pool replaces
+            # it. Not a failed start either, so no back-off.
+            if h.ticket is not None:
+                ticket, h.ticket = h.ticket, None
+                self.requeue(ticket)
+            self.pump()
+            return
         if h.ticket is not None:
             self.finish(h, h.ticket, {"status": "FAILED", "error": {"type": "MiniworkerFailed", "message": reason}})
         failures = self.back_off(h.pool_key)

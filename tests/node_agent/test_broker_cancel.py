@@ -1,4 +1,4 @@
-"""Cancelling a held (pipelined) call: the miniworker's answer decides what happened to it.
+"""The broker's state machine around held (pipelined) calls and miniworker deaths: what the miniworker says decides.
 
 The broker's state machine is driven directly (real ZMQ socket, messages captured instead of sent): the
 race it settles (the miniworker starting the held call while the drop is on its way) cannot be timed from
@@ -95,3 +95,18 @@ def test_a_cancelled_held_call_whose_miniworker_ends_first_is_not_queued_again(r
 def test_a_held_call_given_back_without_a_cancel_is_queued_again(rig: Rig) -> None:
     rig.result({"call_id": "c2", "status": "REJECTED", "retire": True})
     assert rig.outcomes == [] and list(rig.broker.queues["f@1"]) == [rig.held] and rig.held.mw_id is None
+
+
+def test_a_miniworker_whose_container_died_idle_gives_back_the_calls_it_was_sent(rig: Rig) -> None:
+    """MFAILED comes with no call: the calls sent to a ready miniworker as its container died never started
+    there. They go back to their queue (not failed, not an attempt), and the death is no failed start."""
+    died = protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "container exited with code 137"}))
+    rig.broker._on_failed(rig.mw, died)
+    assert rig.outcomes == [] and [t.call_id for t in rig.broker.queues["f@1"]] == ["c1", "c2"]
+    assert rig.mw.state == MwState.FAILED and rig.broker.failures.get(rig.mw.pool_key, 0) == 0
+    for n in range(3):  # three idle deaths in a row do not fail what waits either
+        h = MwHandle(f"idle{n}", "bound", "rt", "f@1", rig.mw.proc, state=MwState.IDLE)
+        rig.broker.mws[h.mw_id] = h
+        rig.broker._on_failed(h, died)
+    assert rig.outcomes == [] and len(rig.broker.queues["f@1"]) == 2
+    assert rig.broker.spawn_blocked_until.get(rig.mw.pool_key) is None
