@@ -282,27 +282,26 @@ class Dispatcher:
         self.metrics.requeued.inc(reason=reason)
         self.enqueue(pending, front=True)
 
-    def _lost_on(self, pending: Pending, node: NodeState, reason: str) -> None:
-        """``node`` no longer holds ``pending`` (lost, or restarted without it): again, or FAILED past
-        ``max_attempts`` dispatches (at-least-once, bounded)."""
+    def _lost_on(self, pending: Pending, node: NodeState) -> None:
+        """``node`` was lost with ``pending`` on it: placed again, or FAILED past ``max_attempts`` dispatches
+        (at-least-once, bounded)."""
         self._release(pending)
         if pending.attempts >= self.config.max_attempts:
             self.finish(pending, CallStatus.FAILED, {"error": {
                 "type": "NodeLost",
-                "message": f"node {node.node_id} lost it ({reason}), after {pending.attempts} attempt(s)",
+                "message": f"node {node.node_id} was lost while running it, after {pending.attempts} attempt(s)",
             }})
             return
-        self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts,
-                      reason=reason)
+        self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts)
         if not pending.cancel_requested:
             self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
-        self._requeue(pending, reason)
+        self._requeue(pending, "node_lost")
 
     def on_node_lost(self, node: NodeState) -> None:
         for call_id in list(node.inflight):
             pending = self.calls.get(call_id)
             if pending is not None:
-                self._lost_on(pending, node, "node_lost")
+                self._lost_on(pending, node)
         node.inflight.clear()
         node.warm_busy.clear()
         if self.queue:
