@@ -10,6 +10,10 @@
   duplicate after a retry, a cancelled call) is ignored.
 * A lost node's calls go back to the queue (at-least-once) until ``max_attempts`` dispatches, then FAIL;
   a node's REJECTED answer (queue full, draining) sends the call back to the queue as well.
+* A live node can drop a call too (a connection reset loses what was in flight; its agent drops a result it
+  cannot queue). Each CALL carries the node's next sequence number; every STATUS (once a heartbeat) echoes the
+  last number the node received and lists the calls it holds. A call sent before that number that the node
+  neither holds nor answered was dropped there: it is treated as lost on that node.
 * At start, every call the store still holds as active is queued again: a controller restart loses none.
 """
 
@@ -58,6 +62,7 @@ class Pending:
     last_node: str = ""
     dispatch_unwritten: bool = False  # dispatched, but its DISPATCHED state is not written yet
     outcome: dict[str, Any] | None = None  # the whole call once its terminal state is stored
+    seq: int = 0  # the sequence number of its CALL to the node it is on (see the module doc)
 
     @property
     def key(self) -> str:
@@ -149,10 +154,13 @@ class Dispatcher:
                 "message": f"{key} cannot run on any node ({len(nodes)} alive): {reason}"}})
 
     def _dispatch(self, pending: Pending, node: NodeState) -> bool:
+        seq = node.call_seq + 1
         header: dict[str, Any] = {"call_id": pending.call_id, "function": pending.function,
-                                  "version": pending.version, "params": pending.params, "timeout": pending.timeout}
+                                  "version": pending.version, "params": pending.params, "timeout": pending.timeout,
+                                  "seq": seq}
         if not self.hub.send(node.node_id, Msg.CALL, header):
             return False
+        node.call_seq = pending.seq = seq
         pending.attempts += 1
         pending.node_id = pending.last_node = node.node_id
         pending.stamps["DISPATCHED"] = time.time()
@@ -282,20 +290,22 @@ class Dispatcher:
         self.metrics.requeued.inc(reason=reason)
         self.enqueue(pending, front=True)
 
-    def _lost_on(self, pending: Pending, node: NodeState) -> None:
-        """``node`` was lost with ``pending`` on it: placed again, or FAILED past ``max_attempts`` dispatches
-        (at-least-once, bounded)."""
+    def _lost_on(self, pending: Pending, node: NodeState, dropped: bool = False) -> None:
+        """``node`` was lost with ``pending`` on it (or, ``dropped``, it is alive but no longer holds the call):
+        placed again, or FAILED past ``max_attempts`` dispatches (at-least-once, bounded)."""
         self._release(pending)
+        what = "dropped it" if dropped else "was lost while running it"
         if pending.attempts >= self.config.max_attempts:
             self.finish(pending, CallStatus.FAILED, {"error": {
-                "type": "NodeLost",
-                "message": f"node {node.node_id} was lost while running it, after {pending.attempts} attempt(s)",
+                "type": "NodeDropped" if dropped else "NodeLost",
+                "message": f"node {node.node_id} {what}, after {pending.attempts} attempt(s)",
             }})
             return
-        self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts)
+        self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts,
+                      reason=what)
         if not pending.cancel_requested:
             self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
-        self._requeue(pending, "node_lost")
+        self._requeue(pending, "node_dropped" if dropped else "node_lost")
 
     def on_node_lost(self, node: NodeState) -> None:
         for call_id in list(node.inflight):
@@ -306,6 +316,20 @@ class Dispatcher:
         node.warm_busy.clear()
         if self.queue:
             self.kick()  # calls that waited for a round may go to the nodes left
+
+    def on_node_status(self, node: NodeState, seen: int, held: set[str]) -> None:
+        """A node's STATUS: it had received our CALLs up to sequence number ``seen`` and holds ``held``. A call
+        it should have by then, neither held nor answered (a result precedes the STATUS on the link), was
+        dropped on the way or there: lost on that node."""
+        dropped = [pending for call_id in node.inflight
+                   if (pending := self.calls.get(call_id)) is not None and pending.node_id == node.node_id
+                   and pending.seq <= seen and call_id not in held]
+        for pending in dropped:
+            self.log.warning("call_dropped_by_node", call_id=pending.call_id, node_id=node.node_id, seq=pending.seq,
+                             seen=seen)
+            self._lost_on(pending, node, dropped=True)
+        if dropped:
+            self.kick()
 
     def on_node_hello(self, node: NodeState, running: set[str]) -> None:
         """A node (re)introduced itself with the calls it holds (running or queued there). Calls we think it

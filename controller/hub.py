@@ -128,7 +128,7 @@ class Hub:
             return
         if node is None:
             # A node we do not know (we restarted): ask it to introduce itself.
-            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True})
+            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": 0})
             return
         node.last_seen = time.monotonic()
         if node.lost:
@@ -144,18 +144,20 @@ class Hub:
         if h["v"] != protocol.PROTOCOL_VERSION:
             self.log.error("protocol_version_mismatch", node_id=node_id, theirs=h["v"])
             return
+        running = call_ids(h.get("running"), "HELLO running")
+        functions = call_ids(h.get("functions"), "HELLO functions")
         node = self.nodes.get(node_id)
         if node is None:
             node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))
         else:
             node.hello, node.capacity, node.lost, node.draining = h, max(1, int(h["capacity"])), False, False
         node.last_seen = time.monotonic()
-        node.ready = set(h.get("functions") or [])
+        node.ready = functions
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
-        self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION})
+        self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq})
         asyncio.get_running_loop().create_task(self.sync_node(node_id))
         if self.dispatcher is not None:
-            self.dispatcher.on_node_hello(node, set(h.get("running") or []))
+            self.dispatcher.on_node_hello(node, running)
 
     async def sync_node(self, node_id: str) -> None:
         """Send a node every runtime, the latest version of every function, and any older version that calls
@@ -204,6 +206,12 @@ class Hub:
 
     def on_status(self, node: NodeState, msg: Message) -> None:
         h = msg.header
+        seen, held = h.get("seq"), h.get("calls")
+        if seen is not None or held is not None:  # an agent that reports neither does not take part
+            if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+                raise ProtocolError(f"STATUS seq must be a non-negative integer, not {seen!r:.40}")
+            if self.dispatcher is not None:
+                self.dispatcher.on_node_status(node, seen, call_ids(held, "STATUS calls", required=True))
         node.draining = bool(h.get("draining", False))
         warm = h.get("warm")
         if isinstance(warm, dict):
@@ -247,8 +255,17 @@ class Hub:
                     self.dispatcher.on_node_lost(node)
                 lost.append(node)
             else:
-                self.send(node.node_id, Msg.HEARTBEAT, {})
+                self.send(node.node_id, Msg.HEARTBEAT, {"seq": node.call_seq})
         return lost
+
+
+def call_ids(value: Any, what: str, required: bool = False) -> set[str]:
+    """A node's list of call ids (HELLO running, STATUS calls), or a ProtocolError."""
+    if value is None and not required:
+        return set()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{what} must be a list of call ids")
+    return set(value)
 
 
 def function_message(record: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class NodeState:
     warm_pool: dict[str, int] = field(default_factory=dict)  # function key -> warm miniworkers (last STATUS)
     dispatched: int = 0
     done: int = 0
+    call_seq: int = 0  # the sequence number of the last CALL sent to the node (its STATUS echoes what it saw)
     connected_at: float = field(default_factory=time.time)
 
     @property

@@ -77,6 +77,7 @@ class Agent:
         self.status = StatusServer(config.status_host, config.status_port, self.ask)
         self.engine_ok = True
         self.draining = False
+        self.last_seq: int | None = None  # the sequence number in the last controller message (see send_status)
         self.drain_deadline = 0.0
         self.stopping = False
         self.process = psutil.Process()
@@ -246,6 +247,9 @@ class Agent:
             if handler is None:
                 raise ProtocolError(f"{msg.name} is not a controller-to-node message")
             self.link.on_message(msg)
+            seq = msg.header.get("seq")
+            if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                self.last_seq = seq  # see send_status (a WELCOME's handler sends one)
             handler(self, msg)
         except (ProtocolError, ValidationError) as exc:
             self.log.error("protocol_error", source="controller", error=str(exc))
@@ -259,14 +263,19 @@ class Agent:
         self.send_status()
 
     def send_status(self) -> None:
-        """Warm pools and load, for the controller's placement (sent every heartbeat)."""
+        """Warm pools and load, for the controller's placement (sent every heartbeat), and the calls held here
+        with the sequence number of the controller's last message: the controller places again a call it sent
+        before that number that this node neither holds nor answered (dropped on the way, or its result was)."""
         warm: dict[str, int] = {}
         for h in self.broker.mws.values():
             if h.function is not None and h.state in LIVE:
                 warm[h.function] = warm.get(h.function, 0) + 1
-        self.link.send(Msg.STATUS, {"node_id": self.config.node_id, "draining": self.draining, "warm": warm,
-                                    "running": len(self.broker.running),
-                                    "queued": sum(len(q) for q in self.broker.queues.values())})
+        status: dict[str, Any] = {"node_id": self.config.node_id, "draining": self.draining, "warm": warm,
+                                  "running": len(self.broker.running),
+                                  "queued": sum(len(q) for q in self.broker.queues.values())}
+        if self.last_seq is not None:
+            status.update(seq=self.last_seq, calls=list(self.broker.held()))
+        self.link.send(Msg.STATUS, status)
 
     def on_runtime(self, msg: Message) -> None:
         runtime = Runtime.from_dict(msg.header)
@@ -455,7 +464,7 @@ class Agent:
             "functions": [fn.key for fn in self.registry.functions.values() if fn.state == FnState.READY],
             # Every call this node holds, running or waiting in its queues: the controller keeps them here and
             # places again only what is missing (a call left out would run a second time elsewhere).
-            "running": sorted({*self.broker.running, *(t.call_id for q in self.broker.queues.values() for t in q)}),
+            "running": sorted(self.broker.held()),
         }
 
     def update_gauges(self) -> None:

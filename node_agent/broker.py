@@ -431,6 +431,10 @@ class Broker:
         self.on_lost(h)
         self.pump()
 
+    def held(self) -> set[str]:
+        """The ids of every call on this node: running, held by a miniworker, or waiting in a queue."""
+        return {*self.running, *(t.call_id for q in self.queues.values() for t in q)}
+
     def tick(self, now: float) -> None:
         cfg = self.config
         silence = cfg.heartbeat * cfg.liveness

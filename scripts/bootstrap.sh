@@ -11,6 +11,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the Ansible tests' rig: an sshd on loopback addresses
+command -v ss >/dev/null 2>&1 || need+=(iproute2)  # the link-reset test: ss -K
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -61,6 +61,7 @@ class NodeLink:
         self.nodes: dict[str, NodeInfo] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.states: dict[str, list[dict[str, Any]]] = {}
+        self.statuses: dict[str, dict[str, Any]] = {}  # node id -> its last STATUS
         self.archives = ArchiveServer(blobs, chunk_size)
         self.protocol_errors = 0
         self.next_heartbeat = 0.0
@@ -110,6 +111,8 @@ class NodeLink:
             self.results.setdefault(msg.header["call_id"], msg.header)
         elif msg.type == Msg.CALL_STATE:
             self.states.setdefault(msg.header["call_id"], []).append(msg.header)
+        elif msg.type == Msg.STATUS:
+            self.statuses[node_id] = msg.header
         elif msg.type == Msg.FETCH:
             self.on_fetch(node_id, msg)
         elif msg.type == Msg.FUNCTION_STATE and node is not None:

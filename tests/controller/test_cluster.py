@@ -7,6 +7,7 @@ import http.client
 import io
 import os
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -84,6 +85,38 @@ def test_kill_9_of_an_agent_with_calls_in_flight_loses_no_call(make_cluster: Any
     assert m['shoal_controller_calls_requeued_total{reason="node_lost"}'] >= 1
     assert m['shoal_controller_nodes{state="lost"}'] == 1 and m['shoal_controller_nodes{state="ready"}'] == 1
     assert m['shoal_controller_calls_finished_total{function="slow",status="DONE"}'] == 10
+
+
+def test_calls_lost_with_a_reset_link_to_a_live_node_run_again(make_cluster: Any) -> None:
+    """A connection reset loses what was on its way to a node that stays alive (it says no HELLO: its
+    heartbeats barely paused). Its next STATUS shows the calls missing, and they run again."""
+    cluster: LocalCluster = make_cluster(agents=1)
+    seed_runtime(cluster)
+    upload(cluster, "echo", ECHO, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    wait_ready(cluster, "echo", 1)
+    [node_id] = cluster.node_ids
+    agent = psutil.Process(cluster.nodes[node_id].proc.pid)
+    agent.suspend()  # it reads nothing: the CALLs fill its socket's buffers, the rest waits in the controller's
+    try:
+        params = ["x" * 2_500_000, "y" * 2_500_000, "small"]  # more than loopback's buffers hold
+        ids = [submit(cluster, "echo", p) for p in params]
+        deadline = time.monotonic() + 20
+        while any(cluster.get(f"/v1/calls/{i}")["status"] != "DISPATCHED" for i in ids):  # sent to the node
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+        # Reset the node's end of the link: the messages cut in half are dropped, and ZMQ reconnects.
+        subprocess.run(["ss", "-K", "state", "established", "dst", "127.0.0.1", "dport", "=",
+                        f":{cluster.zmq_port}"], check=True, capture_output=True)
+    finally:
+        agent.resume()
+    calls = [wait_call(cluster, i, timeout=60) for i in ids]
+    assert [(c["status"], c["result"]) for c in calls] == [("DONE", {"echo": p}) for p in params]
+    assert [c["attempts"] for c in calls] == [2, 2, 2]
+    m = metrics(cluster)
+    assert m['shoal_controller_calls_requeued_total{reason="node_dropped"}'] == 3
+    assert not any("node_lost" in k for k in m if k.startswith("shoal_controller_calls_requeued_total"))
+    assert cluster.get(f"/v1/nodes/{node_id}")["state"] == "ready"
 
 
 def test_controller_killed_and_restarted_with_queued_async_calls_completes_them_all(make_cluster: Any) -> None:

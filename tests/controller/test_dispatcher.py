@@ -266,3 +266,60 @@ def test_an_outcome_the_store_did_not_take_is_written_again_and_answered_once_st
         assert outcome["status"] == "DONE" and outcome["result"] == 7 and store.writes == [("c", "DONE")]
 
     asyncio.run(scenario())
+
+
+def test_a_call_a_live_node_no_longer_holds_is_placed_again_then_failed_past_max_attempts() -> None:
+    """A connection reset loses what was in flight to a node that stays alive: its STATUS (the last CALL
+    sequence number it received, the calls it holds) shows the call missing, and the call runs again."""
+
+    async def scenario() -> None:
+        d, hub, store, metrics = make_dispatcher()
+        ready(hub)
+        node = hub.nodes["n1"]
+        d.enqueue(Pending("a", "f", 1, None, 1.0))
+        d.enqueue(Pending("b", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert (d.calls["a"].seq, d.calls["b"].seq, node.call_seq) == (1, 2, 2)
+        d.on_node_status(node, 2, {"b"})  # a was dropped; b is held
+        await asyncio.sleep(0)
+        assert hub.placed["a"] == ["n1", "n1"] and hub.placed["b"] == ["n1"]
+        assert d.calls["a"].seq == 3 and d.calls["a"].attempts == 2
+        assert metrics.requeued.get(reason="node_dropped") == 1
+        d.on_node_status(node, 2, {"b"})  # sent after that STATUS was written: not missing
+        await asyncio.sleep(0)
+        assert hub.placed["a"] == ["n1", "n1"]
+        for _ in range(2):
+            d.on_node_status(node, node.call_seq, {"b"})
+            await asyncio.sleep(0)
+        assert status_of(store, "a") == "FAILED" and "a" not in d.calls and len(hub.placed["a"]) == 3
+        assert store.fields["a"]["error"]["type"] == "NodeDropped"
+        assert "after 3 attempt(s)" in store.fields["a"]["error"]["message"]
+        assert node.inflight == {"b"}
+        d.on_result(node, {"call_id": "b", "status": "DONE", "result": 1})
+        await asyncio.sleep(0.01)
+        assert status_of(store, "b") == "DONE"
+
+    asyncio.run(scenario())
+
+
+def test_a_status_keeps_the_recovered_calls_its_node_holds() -> None:
+    """Calls adopted from a HELLO after a controller restart were never sent by this controller (sequence 0):
+    a STATUS that lists them keeps them; one that does not places them again."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        store.active = [{"id": c, "function": "f", "version": 1, "params": None, "timeout": 5.0, "attempts": 1,
+                         "created": 1.0, "t_QUEUED": 1.0, "status": "DISPATCHED"} for c in ("kept", "gone")]
+        node = hub.nodes["n1"]
+        node.lost = True
+        await d.recover()
+        ready(hub)
+        node.lost = False
+        d.on_node_hello(node, {"kept", "gone"})
+        await asyncio.sleep(0)
+        assert not hub.placed and node.inflight == {"kept", "gone"}
+        d.on_node_status(node, 0, {"kept"})
+        await asyncio.sleep(0)
+        assert hub.placed == {"gone": ["n1"]} and d.calls["kept"].node_id == "n1"
+
+    asyncio.run(scenario())

@@ -8,14 +8,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from controller.config import ControllerConfig
 from controller.hub import Hub
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
+from shoal import protocol
 from shoal.blobs import BlobStore
-from shoal.protocol import Msg
+from shoal.protocol import Msg, ProtocolError
 
 
 class UnreachableStore:
@@ -98,3 +100,66 @@ def test_a_joining_node_is_sent_the_older_versions_that_held_calls_wait_for(tmp_
 
     sent = asyncio.run(scenario())
     assert [(m, h["version"]) for m, h in sent] == [(Msg.FUNCTION, 3), (Msg.FUNCTION, 1)]
+
+
+class Statuses:
+    def __init__(self) -> None:
+        self.calls: dict[str, Any] = {}
+        self.reports: list[tuple[int, set[str]]] = []
+        self.hellos: list[set[str]] = []
+
+    def on_node_status(self, node: NodeState, seen: int, held: set[str]) -> None:
+        self.reports.append((seen, held))
+
+    def on_node_hello(self, node: NodeState, running: set[str]) -> None:
+        self.hellos.append(running)
+
+    def kick(self) -> None:
+        pass
+
+
+def test_a_nodes_status_and_hello_are_checked_before_they_change_anything(tmp_path: Path) -> None:
+    """Malformed call lists and sequence numbers are protocol errors (the drain loop logs them and goes on);
+    an agent that reports neither takes no part in the check for dropped calls."""
+
+    async def scenario() -> None:
+        hub = Hub(ControllerConfig(zmq_bind="tcp://127.0.0.1:0"), None, BlobStore(tmp_path),  # type: ignore[arg-type]
+                  ControllerMetrics())
+        hub.dispatcher = dispatcher = Statuses()  # type: ignore[assignment]
+        hub.send = lambda *args, **kwargs: True  # type: ignore[method-assign]
+        hub.sync_node = lambda node_id: asyncio.sleep(0)  # type: ignore[method-assign]
+        try:
+            check(hub, dispatcher)
+        finally:
+            await hub.close()
+
+    def check(hub: Hub, dispatcher: Statuses) -> None:
+        node = hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1)
+
+        def status(**fields: Any) -> None:
+            hub.on_status(node, protocol.Message(Msg.STATUS, {"node_id": "n1", **fields}, []))
+
+        status(warm={})
+        status(seq=4, calls=["a", "b"])
+        assert dispatcher.reports == [(4, {"a", "b"})]
+        bad: dict[str, Any]
+        for bad in ({"seq": 4}, {"calls": []}, {"seq": -1, "calls": []}, {"seq": True, "calls": []},
+                    {"seq": "4", "calls": []}, {"seq": 4, "calls": "a"}, {"seq": 4, "calls": [1]},
+                    {"seq": 4, "calls": [["a"]]}):
+            with pytest.raises(ProtocolError):
+                status(**bad)
+        assert len(dispatcher.reports) == 1
+
+        def hello(**fields: Any) -> None:
+            hub.on_hello("n2", protocol.Message(Msg.HELLO, {"v": protocol.PROTOCOL_VERSION, "node_id": "n2",
+                                                            "capacity": 1, **fields}, []))
+
+        bad_hello: dict[str, Any]
+        for bad_hello in ({"running": [{"a": 1}]}, {"running": "abc"}, {"functions": [["f@1"]]}, {"functions": {}}):
+            with pytest.raises(ProtocolError):
+                hello(**bad_hello)
+        assert "n2" not in hub.nodes and not dispatcher.hellos
+        hello(running=["c"], functions=["f@1"])
+        assert dispatcher.hellos == [{"c"}] and hub.nodes["n2"].ready == {"f@1"}
+
+    asyncio.run(scenario())

@@ -225,6 +225,32 @@ def test_a_busy_warm_miniworker_holds_one_short_call_and_gives_it_back_if_it_end
     assert results[held]["status"] == "DONE" and results[held]["attempts"] == 1, results[held]
 
 
+def test_the_status_lists_the_calls_held_and_echoes_the_controllers_last_sequence_number(make_node) -> None:
+    """What the controller's check for dropped calls reads: every STATUS lists the calls on the node (running,
+    held or queued) and the sequence number of the controller's last message that carried one."""
+    node = make_node("function")
+    node.deploy("slow", SLOW, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    link, node_id = node.link, node.node_id
+    link.statuses.pop(node_id, None)
+    link.wait_for(lambda: node_id in link.statuses, 30, "a STATUS")
+    assert "seq" not in link.statuses[node_id]  # no sequence number yet: the node does not report calls
+
+    def status_where(predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        link.statuses.pop(node_id, None)
+        link.wait_for(lambda: node_id in link.statuses and predicate(link.statuses[node_id]), 30, what)
+        return link.statuses[node_id]
+
+    ids = ["first", "second", "third"]
+    for seq, call_id in enumerate(ids, start=5):
+        link.send(node_id, Msg.CALL, {"call_id": call_id, "function": "slow", "params": {"s": 1.5}, "seq": seq})
+    status = status_where(lambda s: s.get("seq") == 7, "a STATUS after the CALLs")
+    assert sorted(status["calls"]) == sorted(ids)
+    link.send(node_id, Msg.HEARTBEAT, {"seq": 9})
+    results = link.wait_all(ids, timeout=60)
+    assert [results[c]["status"] for c in ids] == ["DONE"] * 3
+    assert status_where(lambda s: s.get("seq") == 9, "a STATUS after the heartbeat")["calls"] == []
+
+
 def test_a_call_lost_twice_fails_with_a_clear_reason(make_node) -> None:
     node = make_node("function")
     node.deploy("slow", SLOW, entrypoint="handler:handler")
