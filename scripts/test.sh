@@ -9,7 +9,8 @@ echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy
 echo "== infrastructure"
 trap '$PY -m shoal.devenv down' EXIT
-eval "$($PY -m shoal.devenv up --no-redis)"
+exports=$($PY -m shoal.devenv up --no-redis)  # a failing `up` stops here (set -e), before pytest
+eval "$exports"
 echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
 echo "== pytest"
 set +e

@@ -13,7 +13,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 
@@ -23,6 +25,8 @@ from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
 from shoal.devenv.sshrig import rig
 from shoal.devenv.stack import engine_with_image
+
+T = TypeVar("T")
 
 
 def record_path() -> Path:
@@ -74,13 +78,27 @@ def down() -> None:
     path.unlink(missing_ok=True)
 
 
-def main() -> int:
+def on_stderr(fn: Callable[[], T]) -> T:
+    """``fn()`` with file descriptor 1 pointing at stderr: ``up``'s stdout is evaluated by scripts, so nothing
+    but its export lines may reach it (a progress line, a child process's output)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return fn()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.devenv")
     parser.add_argument("command", choices=["up", "down", "image", "rig-up", "rig-down"])
     parser.add_argument("--no-redis", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "up":
-        for key, value in up(with_redis=not args.no_redis).items():
+        for key, value in on_stderr(lambda: up(with_redis=not args.no_redis)).items():
             print(f"export {key}={value}")
     elif args.command == "image":
         # The runtime image in the engine at $DOCKER_HOST: prints present, imported or built.

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import docker
@@ -68,7 +69,9 @@ def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True
     if not tarball.is_file():
         how = "built"
         if log:
-            print(f"shoal: building the python runtime image offline with mmdebstrap ({tarball})", flush=True)
+            # stderr: stdout may be read by a script (``python -m shoal.devenv up`` prints export lines there)
+            print(f"shoal: building the python runtime image offline with mmdebstrap ({tarball})", file=sys.stderr,
+                  flush=True)
         _build_tarball(tarball)
     repo, tag = IMAGE.split(":")
     # The SDK's import streams the tarball in a way dockerd 20.10 rejects; the CLI does it right.
