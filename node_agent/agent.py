@@ -161,7 +161,7 @@ class Agent:
                 if now >= next_tick:
                     next_tick = now + TICK
                     self.broker.tick(now)
-                    self.fetcher.tick(now)
+                    self.fetcher.tick(now, self.link.welcomed)
                     self.link.tick(now)
                     self.pool.reconcile()
                     self.update_gauges()
@@ -280,7 +280,10 @@ class Agent:
     def on_runtime(self, msg: Message) -> None:
         runtime = Runtime.from_dict(msg.header)
         self.registry.runtimes[runtime.name] = runtime
-        self.cache.save_runtime(runtime)
+        try:
+            self.cache.save_runtime(runtime)
+        except OSError as exc:  # kept in memory all the same: only a restart before the controller re-sends it
+            self.log.error("runtime_not_cached", runtime=runtime.name, error=str(exc))
 
     def on_function(self, msg: Message) -> None:
         spec = FunctionSpec.from_dict(msg.header)
@@ -307,7 +310,12 @@ class Agent:
     def prepared(self, fn: NodeFunction, result: Any, exc: BaseException | None) -> None:
         if exc is not None:
             if not isinstance(exc, ShoalError | OSError):
-                raise exc
+                # Unexpected (a defect here or in a library on a strange archive): the function fails with it,
+                # the agent and its other functions go on.
+                self.log.error("function_prepare_crashed", function=fn.key, error=repr(exc),
+                               exc_info=(type(exc), exc, exc.__traceback__))
+                self.function_failed(fn, f"{type(exc).__name__}: {exc}")
+                return
             self.function_failed(fn, str(exc))
             return
         fn.code_dir, fn.wheels_dir = result

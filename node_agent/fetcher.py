@@ -5,7 +5,13 @@ The agent sends ``FETCH {sha256, offset, credit}``: "I hold the first ``offset``
 own frame) and the agent acknowledges each with a new ``FETCH``, so neither side ever holds more than
 ``credit`` chunks and memory stays flat whatever the archive's size. Bytes go straight to a ``.part`` file
 whose size is the resume point; the sha256 is computed as they arrive and checked before the archive is
-usable. A transfer that stalls is asked again from where it stands.
+usable. A transfer that stalls is asked again from where it stands; stalls are not counted while the link to
+the controller is down (a restarting controller is not a failing transfer).
+
+A transfer that fails keeps its ``.part`` file (its bytes were checked against nothing yet but are what the
+controller sent, and the next request resumes from them) unless the bytes themselves are wrong: longer than
+announced, or a failed verification. The disk failing (full, read-only) fails the transfer with its reason;
+it never ends the agent.
 """
 
 from __future__ import annotations
@@ -55,12 +61,22 @@ class ArchiveFetcher:
             return
         if sha in self.transfers:
             return
-        offset, digest = self.cache.open_partial(sha)
-        if offset > size:
-            self.cache.partial(sha).unlink(missing_ok=True)
+        try:
             offset, digest = self.cache.open_partial(sha)
-        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset,
-                                       file=self.cache.open_for_append(sha, offset))
+            if offset == size and digest.hexdigest() == sha:
+                # Whole already (the agent stopped between the last write and the commit): the controller has
+                # nothing left to send, so the transfer would only stall.
+                self.cache.commit(sha, digest)
+                self.on_done(sha, None)
+                return
+            if offset >= size and size:
+                self.cache.partial(sha).unlink(missing_ok=True)
+                offset, digest = self.cache.open_partial(sha)
+            file = self.cache.open_for_append(sha, offset)
+        except OSError as exc:
+            self.on_done(sha, f"cannot store archive {sha[:12]}: {exc}")
+            return
+        self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset, file=file)
         self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
 
     def on_chunk(self, header: dict[str, Any], payload: list[Buffer]) -> None:
@@ -70,17 +86,22 @@ class ArchiveFetcher:
             return  # a duplicate or a chunk of an abandoned request: the ack below re-syncs
         data = payload[0] if payload else b""
         if t.offset + len(data) > t.size:
-            self._fail(t, f"archive {sha[:12]} is longer than announced ({t.size} bytes)")
+            self._fail(t, f"archive {sha[:12]} is longer than announced ({t.size} bytes)", bad_bytes=True)
             return
         assert t.file is not None
-        t.file.write(data)
+        try:
+            t.file.write(data)
+            if header["last"] or t.offset + len(data) == t.size:
+                t.file.close()
+        except OSError as exc:
+            self._fail(t, f"cannot store archive {sha[:12]}: {exc}", bad_bytes=True)  # the file may be cut short
+            return
         t.digest.update(data)
         t.offset += len(data)
         t.last_progress = time.monotonic()
         t.stalls = 0
         if header["last"] or t.offset == t.size:
             del self.transfers[sha]
-            t.file.close()
             seconds = time.monotonic() - t.started
             moved = t.offset - t.first_offset
             self.completed.append({"sha256": sha, "bytes": moved, "seconds": round(seconds, 4),
@@ -89,6 +110,10 @@ class ArchiveFetcher:
                 self.cache.commit(sha, t.digest)
             except FetchError as exc:
                 self.on_done(sha, str(exc))
+                return
+            except OSError as exc:
+                self.cache.partial(sha).unlink(missing_ok=True)
+                self.on_done(sha, f"cannot store archive {sha[:12]}: {exc}")
                 return
             self.on_done(sha, None)
         else:
@@ -99,15 +124,23 @@ class ArchiveFetcher:
         if t is not None:
             self._fail(t, f"controller cannot serve archive: {header['error']}")
 
-    def _fail(self, t: Transfer, reason: str) -> None:
+    def _fail(self, t: Transfer, reason: str, bad_bytes: bool = False) -> None:
+        """End a transfer; its ``.part`` file is kept for the next request unless its bytes are wrong."""
         self.transfers.pop(t.sha, None)
-        if t.file is not None:
-            t.file.close()
-        self.cache.partial(t.sha).unlink(missing_ok=True)
+        if t.file is not None and not t.file.closed:
+            try:
+                t.file.close()
+            except OSError:
+                bad_bytes = True  # what was buffered did not reach the file
+        if bad_bytes:
+            self.cache.partial(t.sha).unlink(missing_ok=True)
         self.on_done(t.sha, reason)
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, connected: bool = True) -> None:
         for t in list(self.transfers.values()):
+            if not connected:
+                t.last_progress = now  # the controller is away: waiting for it is not a stall
+                continue
             if now - t.last_progress < STALL_SECONDS:
                 continue
             t.stalls += 1

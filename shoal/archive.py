@@ -95,7 +95,10 @@ class _Extractor:
     def target(self, rel: str) -> Path:
         path = self.root / rel
         # Parent directories may be symlinks created earlier: resolve and re-check.
-        resolved_parent = path.parent.resolve()
+        try:
+            resolved_parent = path.parent.resolve()
+        except RuntimeError:  # Python 3.11 raises it for a loop of links (later versions raise OSError)
+            raise ArchiveError(f"member {rel!r} is reached through a loop of links") from None
         if not resolved_parent.is_relative_to(self.root.resolve()):
             raise ArchiveError(f"member {rel!r} would be written outside the tree (through a link)")
         return path

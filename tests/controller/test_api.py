@@ -17,6 +17,7 @@ import pytest
 from controller.api.openapi import DOCUMENT
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, SLOW, build_tar_gz, metrics, seed_runtime, upload, wait_call, wait_ready
+from tests.shoal.test_archive import zip_loop
 
 pytestmark = pytest.mark.docker
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -251,6 +252,7 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("POST", "/v1/functions/f?runtime=pythonruntime", raw(b""), 400),
         ("POST", "/v1/functions/f?runtime=pythonruntime", raw(b"not an archive"), 400),
         ("POST", "/v1/functions/f?runtime=pythonruntime", raw(zip_slip()), 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", raw(zip_loop()), 400),
         ("POST", "/v1/functions/f?runtime=pythonruntime", raw(b"\0" * (9 << 20)), 413),
         ("POST", "/v1/functions/f?runtime=pythonruntime&timeout=abc", raw(ECHO_TGZ), 400),
         ("POST", "/v1/functions/f?runtime=pythonruntime&entrypoint=bad", raw(ECHO_TGZ), 400),

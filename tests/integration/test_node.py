@@ -18,6 +18,7 @@ from shoal.localnode import LocalNode
 from shoal.protocol import MAX_JSON_DEPTH, Msg, pack_runner
 from tests.conftest import node_containers
 from tests.integration.functions import CHAOS, DICE, ECHO, RUDE, SLOW, UPPER
+from tests.shoal.test_archive import zip_loop
 
 pytestmark = pytest.mark.docker
 
@@ -347,6 +348,7 @@ def zip_bomb_archive() -> bytes:
 
 
 @pytest.mark.parametrize(("archive", "needle"), [(zip_slip_archive, "traversal"), (zip_bomb_archive, "bomb"),
+                                                 (zip_loop, "loop"),
                                                  (lambda: b"garbage, not an archive", "not a zip")])
 def test_hostile_archives_are_refused_by_the_node(make_node, archive: Callable[[], bytes], needle: str) -> None:
     node = make_node("function")

@@ -75,6 +75,18 @@ def extract_archive_zip(workdir: Path) -> Path:
     return out
 
 
+def zip_loop() -> bytes:
+    """Two links pointing at each other, then a directory reached through them."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, target in (("a", "b"), ("b", "a")):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+        zf.writestr("a/d/", b"")
+    return buf.getvalue()
+
+
 HOSTILE = [
         (tar_with([member("../evil", size=1)], {"../evil": b"x"}), "traversal"),
         (tar_with([member("a/../../evil", size=1)], {"a/../../evil": b"x"}), "traversal"),
@@ -88,6 +100,10 @@ HOSTILE = [
         (zip_with({"/abs": b"x"}), "absolute"),
         (zip_with({}, {"l": "/etc/passwd"}), "outside"),
         (zip_with({"C:\\windows\\evil": b"x"}), "absolute"),
+        # A loop of links: Python 3.11's resolve() raised RuntimeError (a 500 on upload, a dead agent on a node).
+        (tar_with([member("a", tarfile.SYMTYPE, link="b"), member("b", tarfile.SYMTYPE, link="a"),
+                   member("a/x", size=1)], {"a/x": b"x"}), "loop"),
+        (zip_loop(), "loop"),
         (b"this is not an archive at all", "not a zip or tar"),
         (b"PK\x03\x04garbage-after-zip-magic", "unreadable zip"),
         (b"\x1f\x8bgarbage-after-gzip-magic", "tar"),

@@ -4,16 +4,18 @@ from its partial file, and the sender's chunks are views of its mapped blob (no 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from node_agent.cache import NodeCache
-from node_agent.fetcher import CREDIT, ArchiveFetcher
+from node_agent.fetcher import CREDIT, MAX_STALLS, STALL_SECONDS, ArchiveFetcher
 from shoal.archive_server import ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.protocol import Msg
@@ -123,3 +125,90 @@ def test_an_offset_past_the_end_is_refused_and_an_empty_archive_is_one_last_chun
     empty.fetcher.want(empty.sha, 0)
     empty.run(empty.fetcher)
     assert empty.done == [(hashlib.sha256(b"").hexdigest(), None)]
+
+
+class FullDisk(NodeCache):
+    """A cache whose disk fills up after ``room`` bytes of a download."""
+
+    def __init__(self, root: Path, room: int) -> None:
+        super().__init__(root)
+        self.room = room
+
+    def open_for_append(self, sha: str, offset: int) -> Any:
+        real = super().open_for_append(sha, offset)
+        cache = self
+
+        class File:
+            closed = False
+
+            def write(self, data: Any) -> int:
+                if len(data) > cache.room:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                cache.room -= len(data)
+                return real.write(data)
+
+            def close(self) -> None:
+                self.closed = True
+                real.close()
+
+        return File()
+
+
+def test_a_full_disk_fails_the_transfer_with_its_reason_and_a_complete_part_file_is_committed(tmp_path: Path) -> None:
+    """A disk error while writing used to escape the fetcher and end the agent (and again after each restart,
+    as the controller sends the function again); an agent stopped between the last write and the commit
+    found its whole ``.part`` file and waited for chunks that never came, then failed the function."""
+    data = os.urandom(12 * CHUNK)
+    wire = Wire(tmp_path, data)
+    wire.cache = FullDisk(tmp_path / "node", room=5 * CHUNK)
+    wire.fetcher = wire.new_fetcher()
+    wire.fetcher.want(wire.sha, wire.size)
+    wire.run(wire.fetcher)
+    [(sha, error)] = wire.done
+    assert sha == wire.sha and error is not None and "No space left" in error
+    assert not wire.cache.partial(wire.sha).exists() and not wire.fetcher.transfers
+
+    # The whole archive in the .part file: committed at once, nothing asked of the controller.
+    wire.done.clear()
+    wire.inbox.clear()
+    wire.cache.partial(wire.sha).write_bytes(data)
+    wire.fetcher.want(wire.sha, wire.size)
+    assert wire.done == [(wire.sha, None)] and wire.inbox == []
+    assert wire.cache.blob_path(wire.sha).read_bytes() == data
+
+    # A cache that cannot open its file at all: the function fails with the reason, nothing raises.
+    class ReadOnly(NodeCache):
+        def open_partial(self, sha: str) -> Any:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+    other = Wire(tmp_path / "other", os.urandom(CHUNK))
+    other.cache = ReadOnly(tmp_path / "other" / "node")
+    other.fetcher = other.new_fetcher()
+    other.fetcher.want(other.sha, other.size)
+    [(_, error)] = other.done
+    assert error is not None and "cannot store" in error and "Read-only" in error and not other.fetcher.transfers
+
+
+def test_stalls_are_not_counted_while_the_controller_is_away_and_a_stalled_transfer_keeps_its_bytes(
+        tmp_path: Path) -> None:
+    data = os.urandom(20 * CHUNK)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    wire.run(wire.fetcher, max_chunks=7)  # the link breaks
+    wire.inbox.clear()
+    now = time.monotonic()
+    for minute in range(1, 30):  # half an hour without a controller
+        wire.fetcher.tick(now + 60 * minute, connected=False)
+    assert wire.done == [] and wire.inbox == []
+    now += 60 * 30
+    for n in range(1, MAX_STALLS + 2):  # back, but it never answers
+        wire.fetcher.tick(now + STALL_SECONDS * n)
+    [(_, error)] = wire.done
+    assert error is not None and "stalled" in error
+    assert wire.cache.partial(wire.sha).stat().st_size == 7 * CHUNK  # kept: the next request resumes from it
+    wire.done.clear()
+    wire.inbox.clear()
+    wire.fetcher.want(wire.sha, wire.size)
+    assert wire.inbox[0][1]["offset"] == 7 * CHUNK
+    wire.run(wire.fetcher)
+    assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
