@@ -184,7 +184,7 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
                 "submits_per_s": max(submits.values()), "submits_by_procs": submits}
     finally:
         stop_group(worker)
-        redis.stop()
+        redis.stop(remove=True)
 
 
 # ---- shoal ---------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import http.client
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -36,6 +35,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 from rich.table import Table
 from rich.text import Text
 
+from shoal.devenv import procs
 from shoal.devenv.paths import state_dir
 
 TERMINAL = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
@@ -45,6 +45,18 @@ errors = Console(stderr=True)
 
 class CliError(Exception):
     pass
+
+
+def q(name: str) -> str:
+    """A name or id as one path segment (a space or a slash in it must not change the route)."""
+    return urllib.parse.quote(name, safe="")
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise CliError(f"{what}: the answer is not JSON: {raw[:200].decode('utf-8', 'replace')!r}") from None
 
 
 class Client:
@@ -73,33 +85,39 @@ class Client:
             raise CliError(f"cannot reach the controller at {self.url}: {exc}") from None
         if status == 204 or not raw:
             return None
-        return json.loads(raw)
+        return parse_json(raw, f"{method} {path}")
 
     def upload(self, path: str, archive: bytes, show: bool) -> Any:
         """Stream an archive with a progress bar."""
-        parsed = urllib.parse.urlsplit(self.url)
-        conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port or 80, timeout=600)
-        conn.putrequest("POST", path)
-        conn.putheader("Content-Type", "application/octet-stream")
-        conn.putheader("Content-Length", str(len(archive)))
-        conn.endheaders()
-        with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=errors, disable=not show, transient=True) as progress:
-            task = progress.add_task("upload", total=len(archive))
-            view = memoryview(archive)
-            for start in range(0, len(archive), 1 << 20):
-                chunk = view[start:start + (1 << 20)]
-                conn.send(chunk)
-                progress.update(task, advance=len(chunk))
-        resp = conn.getresponse()
-        raw = resp.read()
+        try:
+            parsed = urllib.parse.urlsplit(self.url)
+            if parsed.scheme not in ("http", "https"):
+                raise ValueError(f"the URL must start with http:// or https://, not {self.url!r}")
+            kind = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+            conn = kind(parsed.hostname or "127.0.0.1", parsed.port, timeout=600)
+            conn.putrequest("POST", parsed.path.rstrip("/") + path)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(len(archive)))
+            conn.endheaders()
+            with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          console=errors, disable=not show, transient=True) as progress:
+                task = progress.add_task("upload", total=len(archive))
+                view = memoryview(archive)
+                for start in range(0, len(archive), 1 << 20):
+                    chunk = view[start:start + (1 << 20)]
+                    conn.send(chunk)
+                    progress.update(task, advance=len(chunk))
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise CliError(f"cannot upload to the controller at {self.url}: {exc}") from None
         if resp.status >= 400:
             try:
                 message = json.loads(raw)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = raw.decode("utf-8", "replace")[:500]
             raise CliError(f"upload: HTTP {resp.status}: {message}")
-        return json.loads(raw)
+        return parse_json(raw, "upload")
 
 
 def archive_of(path: Path) -> bytes:
@@ -147,9 +165,9 @@ def cmd_runtime(args: argparse.Namespace, c: Client) -> None:
     elif args.action == "list":
         show(args, c.request("GET", "/v1/runtimes"), ["name", "image", "path", "dependencies", "run"], "runtimes")
     elif args.action == "get":
-        show(args, c.request("GET", f"/v1/runtimes/{args.name}"), ["name", "image", "path", "dependencies", "run"])
+        show(args, c.request("GET", f"/v1/runtimes/{q(args.name)}"), ["name", "image", "path", "dependencies", "run"])
     elif args.action == "delete":
-        c.request("DELETE", f"/v1/runtimes/{args.name}")
+        c.request("DELETE", f"/v1/runtimes/{q(args.name)}")
         show(args, {"deleted": args.name})
 
 
@@ -162,14 +180,14 @@ def cmd_function(args: argparse.Namespace, c: Client) -> None:
             if value is not None:
                 query[key] = str(value)
         data = archive_of(Path(args.path))
-        record = c.upload(f"/v1/functions/{args.name}?{urllib.parse.urlencode(query)}", data, not args.json)
+        record = c.upload(f"/v1/functions/{q(args.name)}?{urllib.parse.urlencode(query)}", data, not args.json)
         show(args, record, cols)
     elif args.action == "list":
         show(args, c.request("GET", "/v1/functions"), cols, "functions")
     elif args.action == "get":
-        show(args, c.request("GET", f"/v1/functions/{args.name}"), [*cols, "versions", "nodes"])
+        show(args, c.request("GET", f"/v1/functions/{q(args.name)}"), [*cols, "versions", "nodes"])
     elif args.action == "delete":
-        c.request("DELETE", f"/v1/functions/{args.name}")
+        c.request("DELETE", f"/v1/functions/{q(args.name)}")
         show(args, {"deleted": args.name})
 
 
@@ -200,6 +218,8 @@ def read_params_lines(path: str) -> list[Any]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # not UTF-8
+        raise CliError(f"cannot read {path}: {exc}") from None
     params: list[Any] = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -221,7 +241,15 @@ def cmd_invoke_batch(args: argparse.Namespace, c: Client) -> None:
         body: dict[str, Any] = {"calls": [{"params": p} for p in params[start:start + BATCH_MAX]]}
         if args.timeout is not None:
             body["timeout"] = args.timeout
-        accepted += c.request("POST", f"/v1/functions/{args.name}/invoke-batch", body)["calls"]
+        try:
+            accepted += c.request("POST", f"/v1/functions/{q(args.name)}/invoke-batch", body)["calls"]
+        except CliError as exc:
+            if not accepted:
+                raise
+            # The earlier requests' calls are queued and will run: say which, so that a rerun does not repeat them.
+            show(args, accepted, ["id", "status", "location"], f"{len(accepted)} calls accepted")
+            raise CliError(f"only the first {len(accepted)} of {len(params)} calls were accepted (listed): {exc}") \
+                from None
     show(args, accepted, ["id", "status", "location"], f"{len(accepted)} calls accepted")
 
 
@@ -237,9 +265,9 @@ def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
     if args.timeout is not None:
         body["timeout"] = args.timeout
     if args.async_:
-        show(args, c.request("POST", f"/v1/functions/{args.name}/invoke-async", body))
+        show(args, c.request("POST", f"/v1/functions/{q(args.name)}/invoke-async", body))
         return
-    answer = c.request("POST", f"/v1/functions/{args.name}/invoke", body)
+    answer = c.request("POST", f"/v1/functions/{q(args.name)}/invoke", body)
     if answer.get("status") not in TERMINAL:
         answer = wait_for(c, answer["id"], not args.json, 86400)
     show(args, answer, CALL_COLS)
@@ -254,11 +282,14 @@ def cmd_calls(args: argparse.Namespace, c: Client) -> None:
         page = c.request("GET", f"/v1/calls?{urllib.parse.urlencode(query)}")
         show(args, page if args.json else page["calls"], CALL_COLS, "calls")
     elif args.action == "get":
-        show(args, c.request("GET", f"/v1/calls/{args.id}"))
+        show(args, c.request("GET", f"/v1/calls/{q(args.id)}"))
     elif args.action == "wait":
-        show(args, wait_for(c, args.id, not args.json, args.timeout), CALL_COLS)
+        call = wait_for(c, args.id, not args.json, args.timeout)
+        show(args, call, CALL_COLS)
+        if call["status"] != "DONE":
+            sys.exit(1)  # as `invoke` does: a script can tell a failed call
     elif args.action == "cancel":
-        show(args, c.request("POST", f"/v1/calls/{args.id}/cancel"))
+        show(args, c.request("POST", f"/v1/calls/{q(args.id)}/cancel"))
 
 
 def cmd_nodes(args: argparse.Namespace, c: Client) -> None:
@@ -266,7 +297,7 @@ def cmd_nodes(args: argparse.Namespace, c: Client) -> None:
     if args.action == "list":
         show(args, c.request("GET", "/v1/nodes"), cols, "nodes")
     else:
-        show(args, c.request("GET", f"/v1/nodes/{args.id}"))
+        show(args, c.request("GET", f"/v1/nodes/{q(args.id)}"))
 
 
 # ---- local cluster -------------------------------------------------------------------------------
@@ -275,59 +306,64 @@ def cluster_record() -> Path:
 
 
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
+    from shoal.devenv.docker_engine import EngineError
+    from shoal.devenv.redis_server import RedisStartError
+    from shoal.devenv.runtime_image import ImageBuildError
     from shoal.devenv.stack import engine_with_image
-    from shoal.localcluster import LocalCluster
+    from shoal.localcluster import ClusterError, LocalCluster
 
     if cluster_record().exists():
-        raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
-    engine = engine_with_image()
+        record = json.loads(cluster_record().read_text())
+        if any(procs.alive(p) for p in recorded_processes(record)):
+            raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
+        stop_recorded(record)  # none of its processes runs any more (a crash, a reboot): clear what is left
     base = state_dir() / "cluster"
+    try:
+        engine = engine_with_image()
+    except (EngineError, ImageBuildError) as exc:
+        raise CliError(f"cannot start the Docker engine or its runtime image: {exc}") from None
     base.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port,
                            base=base, log_level="warning", detach=True)
     try:
         cluster.start()
-    except BaseException:
+    except BaseException as exc:
         cluster.stop()
         engine.stop()
+        if isinstance(exc, ClusterError | RedisStartError | OSError):
+            raise CliError(f"the local cluster did not start: {exc} (logs in {base})") from None
         raise
     record = cluster.describe()
     if engine.started and engine._proc is not None:
-        record["dockerd_pid"] = engine._proc.pid
+        record["dockerd"] = procs.identity(engine._proc.pid)
     cluster_record().write_text(json.dumps(record))
     show(args, record)
 
 
-def cmd_down(args: argparse.Namespace, c: Client) -> None:
+def recorded_processes(record: dict[str, Any]) -> list[dict[str, int]]:
+    return [*record["agents"].values(), record["controller"], *([record["dockerd"]] if "dockerd" in record else [])]
+
+
+def stop_recorded(record: dict[str, Any]) -> None:
+    """Stop what ``shoal up`` recorded, each process only if it is still the one started (pids are reused)."""
     from shoal.devenv.redis_server import RedisServer
 
+    for process in [*record["agents"].values(), record["controller"]]:
+        procs.stop(process)
+    RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop(remove=True)
+    if "dockerd" in record:
+        procs.stop(record["dockerd"])
+    cluster_record().unlink(missing_ok=True)
+
+
+def cmd_down(args: argparse.Namespace, c: Client) -> None:
     path = cluster_record()
     if not path.exists():
         show(args, {"down": "nothing was up"})
         return
     record = json.loads(path.read_text())
-    for pid in [*record["agents"].values(), record["controller"]]:
-        _stop_pid(int(pid))
-    RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop()
-    if record.get("dockerd_pid"):
-        _stop_pid(int(record["dockerd_pid"]))
-    path.unlink()
+    stop_recorded(record)
     show(args, {"down": record["url"]})
-
-
-def _stop_pid(pid: int, timeout: float = 60) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
 
 
 def cmd_status(args: argparse.Namespace, c: Client) -> None:
@@ -456,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever the terminal's width, and the message as written (no rich markup in it).
         errors.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted")  # a call being waited for goes on: `shoal calls wait ID` picks it up again
+        return 130
     return 0
 
 

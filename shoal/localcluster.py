@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.devenv import procs
 from shoal.devenv.redis_server import RedisServer, free_port, start_redis
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the controller binds: TIME_WAIT is no use
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class ClusterError(RuntimeError):
@@ -79,6 +91,9 @@ class LocalCluster:
 
     def start_controller(self) -> None:
         assert self.base is not None and self.redis_url is not None
+        for port, what in ((self.port, "HTTP"), (self.zmq_port, "ZMQ")):
+            if not port_free(port):  # else a controller already there would answer as if it were ours
+                raise ClusterError(f"the controller's {what} port {port} is in use (another cluster is up?)")
         env = dict(os.environ, SHOAL_REDIS_URL=self.redis_url, SHOAL_PORT=str(self.port),
                    SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
@@ -88,7 +103,8 @@ class LocalCluster:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.controller.poll() is not None:
-                raise ClusterError(f"the controller exited with {self.controller.returncode}")
+                where = f" (see {self.base / 'controller.log'})" if self.detach else ""
+                raise ClusterError(f"the controller exited with {self.controller.returncode}{where}")
             try:
                 self.get("/ping")
                 return
@@ -150,8 +166,8 @@ class LocalCluster:
     def describe(self) -> dict[str, Any]:
         """What `shoal down` needs to stop a detached cluster."""
         assert self.controller is not None and self._redis is not None
-        return {"url": self.url, "controller": self.controller.pid,
-                "agents": {n: a.proc.pid for n, a in self.nodes.items()},
+        return {"url": self.url, "controller": procs.identity(self.controller.pid),
+                "agents": {n: procs.identity(a.proc.pid) for n, a in self.nodes.items()},
                 "redis_port": self._redis.port, "redis_dir": str(self._redis.directory), "base": str(self.base)}
 
     def stop(self) -> None:
@@ -159,7 +175,7 @@ class LocalCluster:
             self.stop_agent(node_id)
         self.stop_controller()
         if self._redis is not None:
-            self._redis.stop()
+            self._redis.stop(remove=True)
             self._redis = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import docker
 
+from shoal.devenv import procs
 from shoal.devenv.docker_engine import API_VERSION
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
@@ -37,7 +36,7 @@ def up(with_redis: bool) -> dict[str, str]:
     engine = engine_with_image()
     record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
     if engine.started and engine._proc is not None:
-        record["dockerd_pid"] = engine._proc.pid
+        record["dockerd"] = procs.identity(engine._proc.pid)
     env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
     if with_redis:
         redis = start_redis()
@@ -49,32 +48,15 @@ def up(with_redis: bool) -> dict[str, str]:
     return env
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def down() -> None:
     path = record_path()
     if not path.exists():
         return
     record = json.loads(path.read_text())
     if "redis_dir" in record:
-        RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop()
-    pid = record.get("dockerd_pid")
-    if pid:
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-            if not _wait_gone(int(pid), 30):
-                os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # already gone
+        RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop(remove=True)
+    if "dockerd" in record:
+        procs.stop(record["dockerd"], timeout=30)
     path.unlink(missing_ok=True)
 
 

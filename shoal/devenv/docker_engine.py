@@ -109,12 +109,23 @@ def ensure_engine() -> DockerEngine:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     log.close()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EngineError(f"dockerd exited with {proc.returncode}; see {root / 'dockerd.log'}")
-        if _answers(private):
-            return DockerEngine(url=private, started=True, _proc=proc)
-        time.sleep(0.2)
-    proc.kill()
-    raise EngineError(f"dockerd did not answer within 60 s; see {root / 'dockerd.log'}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise EngineError(f"dockerd exited with {proc.returncode}; see {root / 'dockerd.log'}")
+            if _answers(private):
+                return DockerEngine(url=private, started=True, _proc=proc)
+            time.sleep(0.2)
+        raise EngineError(f"dockerd did not answer within 60 s; see {root / 'dockerd.log'}")
+    except BaseException:
+        # Ctrl-C included: a dockerd left running here would be found answering next time and taken for one
+        # somebody else started, so nothing would ever stop it.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,16 +64,30 @@ class RedisServer:
             time.sleep(0.05)
         raise RedisStartError(f"redis-server did not answer on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, remove: bool = False) -> None:
+        """Stop the server; ``remove`` also deletes its directory (its data: only when it will not start again)."""
         pidfile = self.directory / "redis.pid"
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
-            return
-        subprocess.run(["kill", str(pid)], check=False)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+            pid = 0
+        if pid and _is_redis(pid, self.port):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+        if remove:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _is_redis(pid: int, port: int) -> bool:
+    """Whether ``pid`` is still the redis-server we started on ``port`` (a pid file outlives its process, and
+    after a reboot its number may belong to anything)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and b"redis-server" in cmdline[0] and f":{port}".encode() in b" ".join(cmdline)
 
 
 def start_redis(name: str = "redis", appendonly: bool = True) -> RedisServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,9 @@ DICE = Path(__file__).resolve().parents[2] / "examples" / "runtimes" / "python" 
 def shoal(url: str, *args: str, env: dict[str, str] | None = None, check: bool = True) -> Any:
     proc = subprocess.run([sys.executable, "-m", "shoal.cli", "--url", url, "--json", *args], capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, **(env or {})))
-    if check:
-        assert proc.returncode == 0, proc.stderr
+    if not check:
+        return proc
+    assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout) if proc.stdout.strip() else proc
 
 
@@ -61,6 +63,12 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     assert bad.returncode == 2 and "HTTP 404" in bad.stderr
     bad = shoal(url, "invoke", "echo", "--params", "{not json", check=False)
     assert bad.returncode == 2 and "--params must be JSON" in bad.stderr
+    # A call that fails: `calls wait` exits 1 as `invoke` does, with the call on stdout.
+    (echo_dir / "handler.py").write_text("def handler(params):\n    raise ValueError('no')\n")
+    shoal(url, "function", "upload", "boom", str(echo_dir), "--runtime", "pythonruntime",
+          "--entrypoint", "handler:handler")
+    failed = shoal(url, "calls", "wait", shoal(url, "invoke", "boom", "--async")["id"], check=False)
+    assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "FAILED"
 
 
 @pytest.mark.xdist_group("shoal-up")
@@ -75,6 +83,63 @@ def test_shoal_up_status_down(tmp_path: Path, docker_client: Any) -> None:
         assert len([n for n in status["nodes"] if n["state"] == "ready"]) == 2
     finally:
         shoal(url, "down", env=env)
-    for pid in [up["controller"], *up["agents"].values()]:
+    for pid in [up["controller"]["pid"], *(a["pid"] for a in up["agents"].values())]:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert shoal(url, "status", env=env, check=False).returncode == 2
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    archive = tmp_path / "f.tar.gz"
+    archive.write_bytes(b"x")
+    for args, needle in [(("function", "upload", "f", str(archive), "--runtime", "r"), "cannot upload"),
+                         (("runtime", "get", "a b/c"), "cannot reach"),
+                         (("calls", "get", "../x"), "cannot reach")]:
+        done = shoal(closed, *args, check=False)
+        assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+    lines = tmp_path / "latin1.jsonl"
+    lines.write_bytes(b'{"a": "\xe9"}\n')
+    done = shoal(closed, "invoke", "f", "--batch", str(lines), check=False)
+    assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_shoal_down_signals_only_the_processes_shoal_up_started(tmp_path: Path) -> None:
+    """A record outlives its processes (a crash, a reboot) and their numbers are reused: `down` must not kill
+    what now holds them, and `up` must not refuse to start because of them."""
+    from shoal.devenv import procs
+
+    state = tmp_path / "state"
+    state.mkdir()
+    redis_dir = state / "redis" / "1"
+    redis_dir.mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        alive = procs.identity(bystander.pid)
+        record = {"url": "http://127.0.0.1:1", "controller": dict(alive, start=alive["start"] - 1),
+                  "agents": {"n1": {"pid": bystander.pid, "start": 1}}, "redis_port": free_port(),
+                  "redis_dir": str(redis_dir), "base": str(state / "cluster")}
+        (state / "cluster.json").write_text(json.dumps(record))
+        done = shoal("http://127.0.0.1:1", "down", env={"SHOAL_STATE_DIR": str(state)})
+        assert done == {"down": "http://127.0.0.1:1"} and bystander.poll() is None
+        assert not (state / "cluster.json").exists() and not redis_dir.exists()
+        # A record whose process does run is a cluster that is up: `up` refuses before starting anything.
+        (state / "cluster.json").write_text(json.dumps(dict(record, controller=alive)))
+        up = shoal("http://127.0.0.1:1", "up", env={"SHOAL_STATE_DIR": str(state)}, check=False)
+        assert up.returncode == 2 and "already up" in up.stderr and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@pytest.mark.xdist_group("shoal-up")
+def test_shoal_up_on_a_port_in_use_says_so_and_leaves_nothing_running(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = shoal(f"http://127.0.0.1:{port}", "up", "--port", str(port), env={"SHOAL_STATE_DIR": str(state)},
+                     check=False)
+    assert done.returncode == 2 and f"port {port} is in use" in done.stderr and "Traceback" not in done.stderr
+    assert not (state / "cluster.json").exists()
+    assert not list((state / "redis").glob("*/*"))  # its Redis was stopped and its data removed
