@@ -49,6 +49,12 @@ from shoal.models import REJECTED, FunctionSpec, Runtime
 from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
 
 TICK = 0.05
+#: A function version whose preparation failed in a way that may pass (its archive's transfer, the package
+#: index, the disk) is prepared again after this many seconds, doubling up to PREPARE_RETRY_MAX, at most
+#: PREPARE_RETRIES times; a hostile or corrupt archive is not tried again.
+PREPARE_RETRY_FIRST = 15.0
+PREPARE_RETRY_MAX = 600.0
+PREPARE_RETRIES = 8
 ENGINE_ERRORS = (DockerException, requests.RequestException)
 
 
@@ -162,6 +168,7 @@ class Agent:
                     next_tick = now + TICK
                     self.broker.tick(now)
                     self.fetcher.tick(now, self.link.welcomed)
+                    self.retry_failed(now)
                     self.link.tick(now)
                     self.pool.reconcile()
                     self.update_gauges()
@@ -298,7 +305,7 @@ class Agent:
             if fn.state != FnState.FETCHING:
                 continue
             if error is not None:
-                self.function_failed(fn, error)
+                self.function_failed(fn, error, transient=True)
             else:
                 fn.state = FnState.PREPARING
                 self.run_in_pool(partial(self.prepare, fn), partial(self.prepared, fn))
@@ -316,7 +323,7 @@ class Agent:
                                exc_info=(type(exc), exc, exc.__traceback__))
                 self.function_failed(fn, f"{type(exc).__name__}: {exc}")
                 return
-            self.function_failed(fn, str(exc))
+            self.function_failed(fn, str(exc), transient=not isinstance(exc, ValidationError))
             return
         fn.code_dir, fn.wheels_dir = result
         fn.state = FnState.READY
@@ -325,11 +332,25 @@ class Agent:
         self.broker.pump()
         self.pool.reconcile()
 
-    def function_failed(self, fn: NodeFunction, error: str) -> None:
+    def function_failed(self, fn: NodeFunction, error: str, transient: bool = False) -> None:
         fn.state, fn.error = FnState.FAILED, error
-        self.log.warning("function_failed", function=fn.key, error=error)
+        if transient and fn.retries < PREPARE_RETRIES:
+            delay = min(PREPARE_RETRY_FIRST * 2 ** fn.retries, PREPARE_RETRY_MAX)
+            fn.retries += 1
+            fn.retry_at = time.monotonic() + delay
+            fn.error = f"{error} (preparing it again in {delay:g} s)"
+        self.log.warning("function_failed", function=fn.key, error=fn.error)
         self.report_function(fn)
         self.broker.fail_queued(fn.key, {"type": "FunctionUnavailable", "message": error})
+
+    def retry_failed(self, now: float) -> None:
+        """Prepare again the function versions whose failure may have passed (see PREPARE_RETRY_FIRST)."""
+        for fn in list(self.registry.functions.values()):
+            if fn.state == FnState.FAILED and fn.retry_at and now >= fn.retry_at:
+                fn.retry_at = 0.0
+                fn.state, fn.error = FnState.FETCHING, ""
+                self.log.info("function_prepare_retry", function=fn.key, attempt=fn.retries)
+                self.fetcher.want(fn.spec.sha256, fn.spec.size)
 
     def report_function(self, fn: NodeFunction) -> None:
         self.link.send(Msg.FUNCTION_STATE, {"name": fn.spec.name, "version": fn.spec.version,

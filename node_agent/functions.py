@@ -25,6 +25,8 @@ class NodeFunction:
     wheels_dir: Path | None = None
     calls_served: int = 0
     start_failures: int = 0  # consecutive miniworker start failures
+    retries: int = 0  # preparations tried again after a failure that may pass
+    retry_at: float = 0.0  # monotonic time of the next one (0: none planned)
 
     @property
     def key(self) -> str:

@@ -1,0 +1,107 @@
+"""A function version whose preparation failed is prepared again when the failure may pass (its archive's
+transfer, the package index, the disk), and not when the archive is hostile. The agent is real, with stand-ins
+for the package resolver and its work pool (run inline); nothing is started."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node_agent.agent import PREPARE_RETRIES, PREPARE_RETRY_FIRST, Agent
+from node_agent.config import AgentConfig
+from node_agent.errors import DependencyError
+from node_agent.functions import FnState
+from shoal.archive import build_tar_gz
+from shoal.models import FunctionSpec
+from shoal.protocol import Message, Msg
+from tests.shoal.test_archive import zip_loop
+
+
+class FlakyResolver:
+    """The package index is unreachable for the first ``failures`` resolutions."""
+
+    def __init__(self, wheels: Path, failures: int) -> None:
+        self.wheels = wheels
+        self.failures = failures
+        self.calls = 0
+
+    def resolve(self, code_dir: Path) -> Path:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise DependencyError("pip download failed: the package index is unreachable")
+        return self.wheels
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="n1", state_dir=tmp_path / "state", status_port=0)
+    agent = Agent(config)
+    agent.sent = []  # type: ignore[attr-defined]
+    agent.link.send = lambda mtype, header, *payload: agent.sent.append((mtype, header))  # type: ignore[attr-defined,method-assign]
+
+    def inline(work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        try:
+            result = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to `done`, as the pool does
+            done(None, exc)
+            return
+        done(result, None)
+
+    agent.run_in_pool = inline  # type: ignore[method-assign]
+    agent.pool.reconcile = lambda: None  # type: ignore[method-assign] # no miniworker is started here
+    try:
+        yield agent
+    finally:
+        agent.broker.close()
+        agent.link.close()
+        agent.executor.shutdown()
+        agent.docker.close()
+        agent.ctx.term()
+
+
+def deploy(agent: Agent, name: str, archive: bytes) -> str:
+    sha = hashlib.sha256(archive).hexdigest()
+    blob = agent.cache.blob_path(sha)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(archive)  # already fetched: the preparation starts at once
+    spec = FunctionSpec(name=name, version=1, runtime="rt", sha256=sha, size=len(archive),
+                        entrypoint="handler:handler")
+    agent.on_function(Message(Msg.FUNCTION, spec.to_dict(), []))
+    return spec.key
+
+
+def states(agent: Agent, key: str) -> list[str]:
+    return [h["state"] for m, h in agent.sent if m == Msg.FUNCTION_STATE and f"{h['name']}@{h['version']}" == key]  # type: ignore[attr-defined]
+
+
+def test_a_preparation_that_failed_for_a_passing_reason_is_tried_again(agent: Agent, tmp_path: Path) -> None:
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=2)  # type: ignore[assignment]
+    key = deploy(agent, "f", build_tar_gz({"handler.py": "def handler(p):\n    return p\n", "requirements.txt": "x\n"}))
+    fn = agent.registry.functions[key]
+    assert fn.state == FnState.FAILED and f"again in {PREPARE_RETRY_FIRST:g} s" in fn.error
+    agent.retry_failed(time.monotonic())  # not yet
+    assert fn.state == FnState.FAILED and agent.resolver.calls == 1  # type: ignore[attr-defined]
+    agent.retry_failed(fn.retry_at)
+    assert fn.state == FnState.FAILED and f"again in {2 * PREPARE_RETRY_FIRST:g} s" in fn.error  # backing off
+    agent.retry_failed(fn.retry_at)
+    assert fn.state == FnState.READY and fn.error == "" and fn.wheels_dir == tmp_path / "wheels"
+    assert states(agent, key) == ["failed", "failed", "ready"]  # the controller learns it can place calls again
+
+
+def test_retries_are_bounded_and_a_hostile_archive_is_not_tried_again(agent: Agent, tmp_path: Path) -> None:
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=1000)  # type: ignore[assignment]
+    key = deploy(agent, "f", build_tar_gz({"handler.py": "def handler(p):\n    return p\n", "requirements.txt": "x\n"}))
+    fn = agent.registry.functions[key]
+    while fn.retry_at:
+        agent.retry_failed(fn.retry_at)
+    assert fn.state == FnState.FAILED and agent.resolver.calls == PREPARE_RETRIES + 1  # type: ignore[attr-defined]
+    assert "again" not in fn.error
+
+    hostile = deploy(agent, "evil", zip_loop())
+    assert agent.registry.functions[hostile].state == FnState.FAILED
+    assert "loop" in agent.registry.functions[hostile].error and not agent.registry.functions[hostile].retry_at
