@@ -323,7 +323,7 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
     except (EngineError, ImageBuildError) as exc:
         raise CliError(f"cannot start the Docker engine or its runtime image: {exc}") from None
     base.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port,
+    cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port, name=args.name,
                            base=base, log_level="warning", detach=True)
     try:
         cluster.start()
@@ -402,8 +402,14 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
     if not Path(args.inventory).exists():
         raise CliError(f"no inventory at {args.inventory}")
     env = dict(os.environ, ANSIBLE_CONFIG=str(book / "ansible.cfg"))
-    extra = args.ansible_args[1:] if args.ansible_args[:1] == ["--"] else args.ansible_args
-    cmd = [exe, "-i", args.inventory, str(book / PLAYBOOKS[args.action]), *extra]
+    rest = list(args.rest)  # [ACTION] [-- ANSIBLE ARGS...]; argparse would take an option after -- for the action
+    action = rest.pop(0) if rest[:1] and rest[0] in PLAYBOOKS else "site"
+    if rest[:1] == ["--"]:
+        rest.pop(0)
+    elif rest:
+        raise CliError(f"deploy: expected {' | '.join(sorted(PLAYBOOKS))}, then -- and ansible-playbook's "
+                       f"arguments; got {rest[0]!r}")
+    cmd = [exe, "-i", args.inventory, str(book / PLAYBOOKS[action]), *rest]
     sys.stdout.flush()
     code = subprocess.call(cmd, env=env)
     if code != 0:
@@ -470,14 +476,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--agents", type=int, default=2)
     up.add_argument("--port", type=int, default=3000)
     up.add_argument("--policy", choices=["none", "runtime", "function"], default="function")
+    up.add_argument("--name", default="node", help="node ids are NAME-1..N (an agent removes its node's containers at "
+                    "start: two clusters on one Docker engine need different names)")
     sub.add_parser("down", help="stop the local cluster")
     deploy = sub.add_parser("deploy", help="roll a cluster out with Ansible (wraps ansible-playbook)")
     deploy.add_argument("-i", "--inventory", required=True, help="an Ansible inventory (see inventory/)")
-    deploy.add_argument("action", nargs="?", choices=sorted(PLAYBOOKS), default="site",
-                        help="site (roll out, idempotent), upgrade (rolling, one node at a time), teardown")
-    deploy.add_argument("ansible_args", nargs=argparse.REMAINDER, help="passed to ansible-playbook after --")
+    deploy.add_argument("rest", nargs=argparse.REMAINDER, metavar="[ACTION] [-- ANSIBLE_ARGS]",
+                        help="site (default: roll out, idempotent), upgrade (rolling, one node at a time) or "
+                        "teardown; anything after -- goes to ansible-playbook")
     sub.add_parser("status", help="the local cluster's state")
+    for leaf in _leaves(parser):  # `shoal nodes list --json` as well as `shoal --json nodes list`
+        if leaf is not parser:
+            leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that end a command line (those with no subcommands of their own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaves(child)]
 
 
 COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invoke, "calls": cmd_calls,

@@ -48,7 +48,7 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     accepted = shoal(url, "invoke", "echo", "--params", "[1, 2]", "--async")
     waited = shoal(url, "calls", "wait", accepted["id"])
     assert waited["result"] == {"echo": [1, 2]}
-    listed = shoal(url, "calls", "list", "--function", "echo")
+    listed = shoal(url, "calls", "list", "--function", "echo", "--json")  # --json after the command too
     assert [c["id"] for c in listed["calls"]] == [accepted["id"]]
     assert shoal(url, "nodes", "list")[0]["node_id"] == cluster.node_ids[0]
     lines = tmp_path / "params.jsonl"
@@ -76,7 +76,7 @@ def test_shoal_up_status_down(tmp_path: Path, docker_client: Any) -> None:
     env = {"SHOAL_STATE_DIR": str(tmp_path / "state")}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    up = shoal(url, "up", "--agents", "2", "--port", str(port), env=env)
+    up = shoal(url, "up", "--agents", "2", "--port", str(port), "--name", f"up{port}", env=env)
     try:
         assert up["url"] == url and len(up["agents"]) == 2
         status = shoal(url, "status", env=env)

@@ -22,6 +22,10 @@ def test_deploy_lists_the_local_inventorys_hosts_for_each_playbook() -> None:
         assert "shoal-node-a" in proc.stdout and "shoal-node-c" in proc.stdout
     proc = shoal("deploy", "-i", "inventory/example", "site", "--", "--syntax-check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = shoal("deploy", "-i", "inventory/local", "--", "--list-hosts")  # the action is optional: site
+    assert proc.returncode == 0 and "shoal-node-a" in proc.stdout, proc.stdout + proc.stderr
+    proc = shoal("deploy", "-i", "inventory/local", "sideways")
+    assert proc.returncode == 2 and "expected site | teardown | upgrade" in proc.stderr, proc.stderr
 
 
 def test_deploy_refuses_a_missing_inventory() -> None:
