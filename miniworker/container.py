@@ -96,6 +96,9 @@ class Container:
                 read_only=True,
                 tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_size},mode=1777"},
                 init=True,
+                # What a function writes to the process's own stdout (not its call's, which the runner keeps)
+                # lands in the container's log: bounded, or it grows on the host's disk for as long as it runs.
+                log_config={"type": "local", "config": {"max-size": "1m", "max-file": "1", "compress": "false"}},
             )
             created = self.api.create_container(
                 image,

@@ -7,7 +7,14 @@ It connects to its miniworker's unix socket (a bind-mounted directory), says hel
 * ``R_CALL``: handler style calls ``handler(params)`` in this process (no process is started) and returns
   its value, JSON-encoded; command style runs the runtime's ``run`` command in the function's path with
   the params as JSON on stdin and in ``$SHOAL_PARAMS`` (a plain string is also ``argv[1]``), and its
-  stdout is the result.
+  stdout is the result. Linux bounds one argument or environment string at 128 KiB: larger params are in
+  the file ``$SHOAL_PARAMS_FILE`` instead of ``$SHOAL_PARAMS``, and a larger string is not in ``argv``.
+  The command runs in a session of its own: children it leaves behind are killed when it exits.
+  Its output is read as it comes, keeping what a result and the logs may hold (the rest is counted and
+  dropped), so a command printing gigabytes costs no memory.
+
+A call's output the runner cannot turn into an answer (a result JSON cannot carry, such as NaN; an exception
+whose text cannot be printed) fails that call, never the runner: every message gets its answer.
 
 Standard library only (plus :mod:`shoal.protocol`, mounted beside it). The miniworker enforces timeouts
 by replacing the whole container, so nothing here needs to.
@@ -15,10 +22,12 @@ by replacing the whole container, so nothing here needs to.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
 import os
+import selectors
 import shlex
 import signal
 import socket
@@ -42,6 +51,10 @@ from shoal.protocol import (
 
 #: Bytes of stdout/stderr kept per call (and per dependency install).
 LOG_LIMIT = 64 * 1024
+#: The largest params passed in the environment or argv (Linux: 128 KiB per string, MAX_ARG_STRLEN).
+ARG_LIMIT = 100 * 1024
+#: Seconds a command's output pipes may stay open after it exited (held by a child it left running).
+PIPE_GRACE = 0.1
 _SHELL_CHARS = set("|&;<>()$`\\\"'*?[]#~=%{}\n")
 
 
@@ -58,6 +71,8 @@ class BoundedText(io.TextIOBase):
         return True
 
     def write(self, s: str) -> int:
+        if not isinstance(s, str):  # as sys.stdout does: a bytes write must fail there, not when the call ends
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         room = self.limit - self.size
         if room > 0:
             kept = s[:room]
@@ -77,11 +92,100 @@ def clip(data: bytes) -> str:
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc))[-LOG_LIMIT:],
-    }
+    """An exception as the call's error. Its text comes from user code, which may raise in turn."""
+    try:
+        message = str(exc)
+    except BaseException as inner:  # noqa: BLE001 - a user's __str__ may raise anything
+        message = f"<unprintable {type(exc).__name__}: str() raised {type(inner).__name__}>"
+    try:
+        tb = "".join(traceback.format_exception(exc))[-LOG_LIMIT:]
+    except BaseException:  # noqa: BLE001 - as above (it prints the exception too)
+        tb = "".join(traceback.format_tb(exc.__traceback__))[-LOG_LIMIT:]
+    return {"type": type(exc).__name__, "message": message, "traceback": tb}
+
+
+class Output:
+    """A pipe read as it comes: the first ``limit`` bytes kept, the rest counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.size
+        if room > 0:
+            self.parts.append(data[:room])
+            self.size += min(room, len(data))
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+    def text(self) -> str:
+        text = self.data().decode("utf-8", "replace")
+        return text + (f"\n[... {self.dropped} more bytes dropped]" if self.dropped else "")
+
+
+def run_command(args: Any, cwd: str, env: dict[str, str], stdin: bytes,
+                limits: tuple[int, int]) -> tuple[int, Output, Output]:
+    """Run a call's command: ``stdin`` written and both output pipes read as they come (bounded by
+    ``limits``), in a session of its own whose leftover processes are killed once it exits."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out, err = Output(limits[0]), Output(limits[1])
+    sinks = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    pending = memoryview(stdin)
+    sel = selectors.DefaultSelector()
+    for fd in sinks:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    writer = proc.stdin.fileno()
+    os.set_blocking(writer, False)
+    if pending:
+        sel.register(writer, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    exited_at: float | None = None
+    try:
+        while sinks:
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            if exited_at is not None and time.monotonic() - exited_at > PIPE_GRACE:
+                break  # a child it left holds the pipes: it is killed below
+            for key, _ in sel.select(timeout=0.05):
+                if key.fd == writer:
+                    try:
+                        pending = pending[os.write(writer, pending[:1 << 16]):]
+                    except (BrokenPipeError, BlockingIOError) as exc:
+                        if isinstance(exc, BlockingIOError):
+                            continue
+                        pending = pending[:0]  # it does not read its stdin: fine
+                    if not pending:
+                        sel.unregister(writer)
+                        proc.stdin.close()
+                    continue
+                try:
+                    data = os.read(key.fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if data:
+                    sinks[key.fd].add(data)
+                else:
+                    sel.unregister(key.fd)
+                    del sinks[key.fd]
+    finally:
+        sel.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what it left running (the session has its pid as group id)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left
+        code = proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+    return code, out, err
 
 
 class Runner:
@@ -170,36 +274,50 @@ class Runner:
 
     def _call_command(self, call_id: str, params: Any) -> dict[str, Any]:
         payload = json.dumps(params)
-        env = dict(os.environ, SHOAL_PARAMS=payload, SHOAL_CALL_ID=call_id)
-        extra = [params] if isinstance(params, str) else []
+        env = dict(os.environ, SHOAL_CALL_ID=call_id)
+        params_file = None
+        if len(payload) <= ARG_LIMIT:
+            env["SHOAL_PARAMS"] = payload
+        else:
+            params_file = f"/tmp/shoal-params-{os.getpid()}-{call_id[:32]}.json"
+            env["SHOAL_PARAMS_FILE"] = params_file
+        extra = [params] if isinstance(params, str) and len(params.encode()) <= ARG_LIMIT else []
         if self.shell_cmd is not None:
             args: Any = ["/bin/sh", "-c", self.shell_cmd + ' "$@"', "sh", *extra]
         else:
             assert self.argv is not None
             args = [*self.argv, *extra]
         try:
-            proc = subprocess.run(
-                args, cwd=self.path, input=payload.encode(), capture_output=True, env=env, check=False
-            )
-        except OSError as exc:
+            if params_file is not None:
+                with open(params_file, "w") as f:
+                    f.write(payload)
+            code, out, err = run_command(args, self.path, env, payload.encode(), (MAX_RESULT_MESSAGE, LOG_LIMIT))
+        except (OSError, ValueError) as exc:  # not runnable; a NUL in a string param (argv cannot carry it)
             return {"call_id": call_id, "ok": False, "error": error_info(exc), "stdout": "", "stderr": ""}
-        stdout = proc.stdout.decode("utf-8", "replace")
-        reply: dict[str, Any] = {
-            "call_id": call_id,
-            "ok": proc.returncode == 0,
-            "stdout": clip(proc.stdout),
-            "stderr": clip(proc.stderr),
-        }
-        if proc.returncode == 0:
-            reply["result"] = stdout[:-1] if stdout.endswith("\n") else stdout
+        finally:
+            if params_file is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(params_file)
+        reply: dict[str, Any] = {"call_id": call_id, "ok": code == 0, "stdout": _clipped(out), "stderr": err.text()}
+        what = f"{self.shell_cmd or ' '.join(self.argv or [])!r}"
+        if code != 0:
+            reply["error"] = {"type": "NonZeroExit", "message": f"{what} exited with status {code}",
+                              "traceback": err.text()}
+        elif out.dropped:
+            reply["ok"] = False
+            reply["error"] = {"type": "ResultTooLarge", "traceback": "",
+                              "message": f"{what} wrote {out.size + out.dropped} bytes; a result holds at most "
+                                         f"{MAX_RESULT_MESSAGE}"}
         else:
-            reply["error"] = {
-                "type": "NonZeroExit",
-                "message": f"{self.shell_cmd or ' '.join(self.argv or [])!r} exited with status "
-                f"{proc.returncode}",
-                "traceback": clip(proc.stderr),
-            }
+            stdout = out.data().decode("utf-8", "replace")
+            reply["result"] = stdout[:-1] if stdout.endswith("\n") else stdout
         return reply
+
+
+def _clipped(out: Output) -> str:
+    """A command's stdout as its call's log (its result is the whole of it)."""
+    data = out.data()
+    return clip(data) if not out.dropped else clip(data) + f" [{out.dropped} more bytes dropped]"
 
 
 def serve(sock_path: str) -> int:
@@ -222,10 +340,19 @@ def serve(sock_path: str) -> int:
 
 
 def handle(runner: Runner, msg: Message) -> bytes:
-    if msg.type == Msg.R_CALL:
-        return pack_result(runner.call(msg.header["call_id"], msg.header["params"]))
-    if msg.type == Msg.R_LOAD:
-        return pack_runner(Msg.R_LOADED, runner.load(msg.header))
+    """The answer to one message. Whatever goes wrong while making it, the message is answered: a runner
+    that died here would take the call's real error and logs with it, and the warm container."""
+    try:
+        if msg.type == Msg.R_CALL:
+            return pack_result(runner.call(msg.header["call_id"], msg.header["params"]))
+        if msg.type == Msg.R_LOAD:
+            return pack_runner(Msg.R_LOADED, runner.load(msg.header))
+    except Exception as exc:  # noqa: BLE001 - answered with the error (see above)
+        print(f"runner: {msg.name} failed: {exc!r}", file=sys.stderr)
+        error = {"ok": False, "error": error_info(exc)}
+        if msg.type == Msg.R_CALL:
+            return pack_runner(Msg.R_RESULT, {"call_id": msg.header["call_id"], "stdout": "", "stderr": "", **error})
+        return pack_runner(Msg.R_LOADED, {**error, "logs": ""})
     print(f"runner: ignoring unexpected message {msg.name}", file=sys.stderr)
     return b""
 
@@ -237,7 +364,7 @@ def pack_result(reply: dict[str, Any]) -> bytes:
     too_deep = {"type": "ResultTooDeep", "message": f"the result is nested deeper than {MAX_JSON_DEPTH - 1} levels",
                 "traceback": ""}
     try:
-        packed = pack_runner(Msg.R_RESULT, reply)
+        packed = pack_runner(Msg.R_RESULT, reply, strict=True)
         if len(packed) > MAX_RESULT_MESSAGE:
             error = {"type": "ResultTooLarge", "traceback": "",
                      "message": f"the result takes {len(packed)} bytes as JSON; at most {MAX_RESULT_MESSAGE}"}
@@ -247,7 +374,7 @@ def pack_result(reply: dict[str, Any]) -> bytes:
             error = too_deep
     except RecursionError:
         error = too_deep
-    except (TypeError, ValueError) as exc:  # the function returned something JSON cannot carry
+    except Exception as exc:  # noqa: BLE001 - JSON cannot carry the result (NaN, an object; a user type raising)
         error = error_info(exc)
     reply.pop("result", None)
     reply.update(ok=False, error=error)

@@ -128,10 +128,13 @@ class Miniworker:
         else:
             image, self.path = self.spec.image, self.spec.runtime_path
         self.container.create_and_start(image, self.path)
-        deadline = started + self.spec.start_timeout
+        # One deadline for the whole start (container, runner, dependencies, import), a little inside the
+        # broker's (it kills a miniworker still starting after start_timeout): the runner's own report of a
+        # slow install or import then reaches the broker, instead of a bare "did not start".
+        deadline = started + self.spec.start_timeout - min(5.0, self.spec.start_timeout / 10)
         while self.conn is None:
             if time.monotonic() > deadline:
-                raise RunnerError(f"the runner did not connect within {self.spec.start_timeout} s")
+                raise RunnerError(f"the runner did not connect within {deadline - started:g} s")
             listener.settimeout(0.25)
             try:
                 self.conn, _ = listener.accept()
@@ -143,17 +146,17 @@ class Miniworker:
         if hello.type != Msg.R_HELLO:
             raise RunnerError(f"expected the runner's hello, got {hello.name}")
         if load is not None:
-            self.load(load, put=False)
+            self.load(load, put=False, deadline=deadline)
         return time.monotonic() - started
 
-    def load(self, load: LoadSpec, put: bool = True) -> str:
+    def load(self, load: LoadSpec, put: bool = True, deadline: float | None = None) -> str:
         if put:
             self.container.put_function(load.code_dir, load.wheels_dir)
         self.runner_send(Msg.R_LOAD, {
             "path": load.path, "style": load.style, "entrypoint": load.entrypoint,
             "dependencies": load.dependencies, "run": load.run,
         })
-        answer = self.runner_recv(time.monotonic() + self.spec.start_timeout)
+        answer = self.runner_recv(deadline if deadline is not None else time.monotonic() + self.spec.start_timeout)
         if answer.type != Msg.R_LOADED:
             raise RunnerError(f"expected the load's outcome, got {answer.name}")
         if not answer.header["ok"]:

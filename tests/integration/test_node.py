@@ -406,6 +406,41 @@ def test_a_function_writing_on_its_runners_socket_fails_its_call_and_the_pool_he
     assert node.proc is not None and node.proc.poll() is None
 
 
+PROBE = {"handler.py": (
+    "import os, socket\n"
+    "def handler(params):\n"
+    "    out = {'uid': os.getuid()}\n"
+    "    for path in ('/etc/probe', '/usr/probe'):\n"
+    "        try:\n"
+    "            open(path, 'w')\n"
+    "            out[path] = 'written'\n"
+    "        except OSError as exc:\n"
+    "            out[path] = exc.strerror\n"
+    "    try:\n"
+    "        socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
+    "        out['net'] = 'reached'\n"
+    "    except OSError as exc:\n"
+    "        out['net'] = exc.strerror or str(exc)\n"
+    "    os.write(1, b'x' * (3 << 20))  # past the call's logs: to the container's own log, which is bounded\n"
+    "    return out\n")}
+
+
+def test_a_functions_container_is_isolated_by_default(make_node, docker_client) -> None:
+    """The defaults the node issue asks for, read back from the engine and seen from inside."""
+    node = make_node("function")
+    node.deploy("probe", PROBE, entrypoint="handler:handler")
+    r = node.call("probe", {})
+    assert r["status"] == "DONE", r
+    seen = r["result"]
+    assert seen["uid"] != 0 and seen["/etc/probe"] != "written" and seen["/usr/probe"] != "written", seen
+    assert seen["net"] != "reached", seen
+    host = docker_client.api.inspect_container(r["container_id"])["HostConfig"]
+    assert host["NetworkMode"] == "none" and host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] is True
+    assert "no-new-privileges" in host["SecurityOpt"] and host["PidsLimit"] > 0 and host["Memory"] > 0
+    assert host["MemorySwap"] == host["Memory"] and host["NanoCpus"] > 0 and host["Init"] is True
+    assert host["LogConfig"] == {"Type": "local", "Config": {"max-size": "1m", "max-file": "1", "compress": "false"}}
+
+
 def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> None:
     node = make_node("function")
     assert node.http("/healthz") == (200, {"ok": True})

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
-from miniworker.runner import Runner, handle
+from miniworker.runner import LOG_LIMIT, Runner, handle
 from shoal.protocol import MAX_JSON_DEPTH, MAX_RESULT_MESSAGE, Message, Msg, RunnerStream
 
 
@@ -49,3 +53,76 @@ def test_what_the_handler_prints_is_kept_as_its_logs() -> None:
 
     ok = call(handler, {"a": [1]})
     assert ok["result"] == {"a": [1]} and ok["stdout"] == "out {'a': [1]}\n" and ok["stderr"] == ""
+
+
+def command(run: str, params: Any, tmp_path: Path) -> dict[str, Any]:
+    runner = Runner()
+    loaded = runner.load({"path": str(tmp_path), "style": "command", "run": run})
+    assert loaded["ok"], loaded
+    [answer] = RunnerStream().feed(handle(runner, Message(Msg.R_CALL, {"call_id": "c1", "params": params})))
+    assert answer.type == Msg.R_RESULT and answer.header["call_id"] == "c1"
+    return answer.header
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+class Exploding(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise RuntimeError("cannot be listed")
+
+
+def test_what_user_code_does_to_its_answer_fails_the_call_not_the_runner() -> None:
+    """Each of these used to escape the runner: its container exited, and the call's real error and logs were
+    lost (FAILED ContainerExited), the warm container with them."""
+    failed = call(lambda p: (_ for _ in ()).throw(Unprintable()))
+    assert failed["ok"] is False and failed["error"]["type"] == "Unprintable"
+    assert "unprintable" in failed["error"]["message"]
+
+    def writes_bytes(p: Any) -> Any:
+        sys.stdout.write(b"abc")  # type: ignore[arg-type]
+        return 1
+
+    failed = call(writes_bytes)
+    assert failed["ok"] is False and failed["error"]["type"] == "TypeError" and "str" in failed["error"]["message"]
+    assert call(lambda p: Exploding(a=1))["ok"] is False
+    for value in (math.nan, math.inf, [1.0, -math.inf]):  # not JSON: they used to go on as null or as NaN
+        failed = call(lambda p, v=value: v)
+        assert failed["ok"] is False and "result" not in failed and "JSON" in failed["error"]["message"], failed
+
+
+def test_command_style_params_argv_and_output_bounds(tmp_path: Path) -> None:
+    (tmp_path / "show.py").write_text(
+        "import os, sys\n"
+        "env = os.environ.get('SHOAL_PARAMS')\n"
+        "path = os.environ.get('SHOAL_PARAMS_FILE')\n"
+        "stdin = sys.stdin.read()\n"
+        "from_file = open(path).read() if path else None\n"
+        "print(len(stdin), env == stdin if env else None, from_file == stdin if path else None, len(sys.argv))\n")
+    run = f"{sys.executable} show.py"
+    assert command(run, "small", tmp_path)["result"] == "7 True None 2"  # "small" is argv[1] as well
+    big = "x" * 200_000  # past Linux's 128 KiB for one argument: E2BIG used to fail every such call
+    assert command(run, big, tmp_path)["result"] == f"{len(big) + 2} None True 1"
+    assert not list(Path("/tmp").glob("shoal-params-*"))  # the params file is removed after the call
+    failed = command(run, "a\u0000b", tmp_path)  # argv cannot carry a NUL: the call fails, the runner lives
+    assert failed["ok"] is False and failed["error"]["type"] == "ValueError"
+
+    # Output is read as it comes and kept within bounds: a command printing 200 MB costs no memory here.
+    loud = command(f"{sys.executable} -c \"import os; [os.write(2, b'e' * 2**20) for _ in range(200)]\"", None,
+                   tmp_path)
+    assert loud["ok"] is True and len(loud["stderr"]) < LOG_LIMIT + 100 and "bytes dropped" in loud["stderr"]
+    huge = command(f"{sys.executable} -c \"import os; [os.write(1, b'o' * 2**20) for _ in range(20)]\"", None,
+                   tmp_path)
+    assert huge["ok"] is False and huge["error"]["type"] == "ResultTooLarge" and "result" not in huge
+
+    # A child left running does not hold the call (it used to wait for the child to close the pipes), and does
+    # not outlive it.
+    done = command("sh -c 'sleep 600 & echo $! > child.pid; echo hi'", None, tmp_path)
+    assert done["ok"] is True and done["result"] == "hi"
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text().lower():
+        assert time.monotonic() < deadline, "the call's leftover child is still running"
+        time.sleep(0.05)
