@@ -69,7 +69,7 @@ class Unprintable(Exception):
         raise RuntimeError("no text for you")
 
 
-class Exploding(dict):  # type: ignore[type-arg]
+class Exploding(dict):
     def items(self) -> Any:
         raise RuntimeError("cannot be listed")
 
