@@ -41,6 +41,20 @@ from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runne
 RUNNER_SEND_TIMEOUT = 30.0
 
 
+def bind_unix(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket at ``path``, however deep: a path longer than a unix socket takes (107 bytes; a node's
+    state directory can be deep) is reached through the directory's descriptor (``/proc/self/fd/N/name``)."""
+    if len(path.encode()) <= 107:
+        sock.bind(path)
+        return
+    directory, name = os.path.split(path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.bind(f"/proc/self/fd/{fd}/{name}")
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class ActiveCall:
     call_id: str
@@ -119,7 +133,7 @@ class Miniworker:
             self.container.put_function(load.code_dir, load.wheels_dir)
         path = str(self.container.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
+        bind_unix(listener, path)
         os.chmod(path, 0o777)  # the runner runs as an unprivileged user
         listener.listen(1)
         self.listener = listener

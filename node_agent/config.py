@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,9 @@ from miniworker.spec import ContainerLimits
 from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
 from shoal.models import NAME_RE, Policy
+
+#: The longest path a unix socket takes (sizeof(sun_path) less the terminating NUL).
+UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,12 @@ class AgentConfig:
 
     @property
     def broker_url(self) -> str:
-        return f"ipc://{self.node_dir / 'broker.ipc'}"
+        """The broker's ipc endpoint: in the node's directory, unless that path is too long for a unix socket
+        (107 bytes): then a short one named after it under /tmp."""
+        path = str(self.node_dir.resolve() / "broker.ipc")
+        if len(path.encode()) > UNIX_PATH_MAX:
+            path = f"/tmp/shoal-broker-{hashlib.sha256(path.encode()).hexdigest()[:16]}.ipc"
+        return f"ipc://{path}"
 
     @classmethod
     def from_env(cls, **overrides: object) -> AgentConfig:

@@ -81,6 +81,14 @@ def test_shoal_up_status_down(tmp_path: Path, docker_client: Any) -> None:
         assert up["url"] == url and len(up["agents"]) == 2
         status = shoal(url, "status", env=env)
         assert len([n for n in status["nodes"] if n["state"] == "ready"]) == 2
+        # A call through it (its state directory is deep here: its unix sockets must still bind).
+        shoal(url, "runtime", "create", "--image", "pythonruntime", env=env)
+        echo_dir = tmp_path / "echo"
+        echo_dir.mkdir()
+        (echo_dir / "handler.py").write_text(ECHO["handler.py"])
+        shoal(url, "function", "upload", "echo", str(echo_dir), "--runtime", "pythonruntime",
+              "--entrypoint", "handler:handler", env=env)
+        assert shoal(url, "invoke", "echo", "--params", "7", env=env)["result"] == {"echo": 7}
     finally:
         shoal(url, "down", env=env)
     for pid in [up["controller"]["pid"], *(a["pid"] for a in up["agents"].values())]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from node_agent.config import AgentConfig
@@ -33,3 +35,13 @@ def test_bad_arguments_fail_loudly() -> None:
         AgentConfig.from_args(["--controller", "tcp://127.0.0.1:1", "--node-id", "bad id"])
     with pytest.raises(ConfigError):
         AgentConfig.from_args(["--controller", "tcp://127.0.0.1:1", "--status", "nohostport"])
+
+
+def test_a_broker_endpoint_too_long_for_a_unix_socket_moves_to_a_short_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    cfg = AgentConfig(controller="tcp://127.0.0.1:1", node_id="n1", state_dir=deep)
+    assert cfg.broker_url.startswith("ipc:///tmp/shoal-broker-") and len(cfg.broker_url) < 60
+    other = AgentConfig(controller="tcp://127.0.0.1:1", node_id="n2", state_dir=deep)
+    assert other.broker_url != cfg.broker_url  # one per node directory
+    assert AgentConfig(controller="tcp://127.0.0.1:1", node_id="n1", state_dir=tmp_path).broker_url == \
+        f"ipc://{tmp_path.resolve()}/n1/broker.ipc"
