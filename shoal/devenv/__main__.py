@@ -33,10 +33,17 @@ def record_path() -> Path:
 
 
 def up(with_redis: bool) -> dict[str, str]:
+    """Start what is missing and record what was started. A second ``up`` before ``down`` finds the engine
+    the first one started answering: it keeps it on the record, or ``down`` would leave it running."""
+    previous = json.loads(record_path().read_text()) if record_path().exists() else {}
     engine = engine_with_image()
     record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
     if engine.started and engine._proc is not None:
         record["dockerd"] = procs.identity(engine._proc.pid)
+    elif previous.get("docker_url") == engine.url and "dockerd" in previous and procs.alive(previous["dockerd"]):
+        record["dockerd"] = previous["dockerd"]
+    if "redis_dir" in previous:  # one Redis per record: the previous one is not used any more
+        RedisServer(port=int(previous["redis_port"]), directory=Path(previous["redis_dir"])).stop(remove=True)
     env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
     if with_redis:
         redis = start_redis()

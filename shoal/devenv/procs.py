@@ -13,13 +13,16 @@ from pathlib import Path
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None if gone."""
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None if gone (or a
+    zombie)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: count fields after its end.
     fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None  # exited, not yet reaped by its parent: gone all the same
     return int(fields[19])
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 
 def test_up_prints_nothing_but_export_lines_on_stdout() -> None:
@@ -26,3 +31,28 @@ def test_up_prints_nothing_but_export_lines_on_stdout() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "export DOCKER_HOST=unix:///x.sock\nexport SHOAL_IMAGE=img:1\n"
     assert "(progress)" in done.stderr and "a child's output" in done.stderr
+
+
+def test_a_second_up_keeps_the_engine_the_first_one_started_on_the_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`down` stops what the record says `up` started: a second `up` found the engine answering and wrote a
+    record without it, and `down` then left that dockerd running for ever."""
+    import shoal.devenv.__main__ as devenv
+    from shoal.devenv import procs
+
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    dockerd = subprocess.Popen(["sleep", "60"])  # stands in for the engine the first `up` started
+    try:
+        url = "unix:///x/docker.sock"
+        first = SimpleNamespace(url=url, started=True, _proc=dockerd)
+        again = SimpleNamespace(url=url, started=False, _proc=None)
+        for engine in (first, again):
+            monkeypatch.setattr(devenv, "engine_with_image", lambda e=engine: e)
+            devenv.up(with_redis=False)
+        assert json.loads(devenv.record_path().read_text())["dockerd"] == procs.identity(dockerd.pid)
+        devenv.down()
+        assert dockerd.wait(timeout=30) == -15 and not devenv.record_path().exists()
+    finally:
+        if dockerd.poll() is None:
+            dockerd.kill()
+            dockerd.wait()
