@@ -18,7 +18,7 @@ from shoal.devenv.redis_server import RedisServer, start_redis
 def server() -> Iterator[RedisServer]:
     srv = start_redis("resp-test", appendonly=False)
     yield srv
-    srv.stop()
+    srv.stop(remove=True)
 
 
 def test_pack_writes_resp_arrays_of_bulk_strings() -> None:

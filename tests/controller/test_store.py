@@ -19,7 +19,7 @@ from shoal.devenv.redis_server import RedisServer, start_redis
 def server() -> Iterator[RedisServer]:
     srv = start_redis("store-test", appendonly=False)
     yield srv
-    srv.stop()
+    srv.stop(remove=True)
 
 
 def call(n: int, function: str, num: int) -> dict[str, object]:
