@@ -144,8 +144,8 @@ class Hub:
         if h["v"] != protocol.PROTOCOL_VERSION:
             self.log.error("protocol_version_mismatch", node_id=node_id, theirs=h["v"])
             return
-        running = call_ids(h.get("running"), "HELLO running")
-        functions = call_ids(h.get("functions"), "HELLO functions")
+        running = string_set(h.get("running"), "HELLO running")
+        functions = string_set(h.get("functions"), "HELLO functions")
         node = self.nodes.get(node_id)
         if node is None:
             node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))
@@ -211,7 +211,7 @@ class Hub:
             if not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
                 raise ProtocolError(f"STATUS seq must be a non-negative integer, not {seen!r:.40}")
             if self.dispatcher is not None:
-                self.dispatcher.on_node_status(node, seen, call_ids(held, "STATUS calls", required=True))
+                self.dispatcher.on_node_status(node, seen, string_set(held, "STATUS calls", required=True))
         node.draining = bool(h.get("draining", False))
         warm = h.get("warm")
         if isinstance(warm, dict):
@@ -259,12 +259,12 @@ class Hub:
         return lost
 
 
-def call_ids(value: Any, what: str, required: bool = False) -> set[str]:
-    """A node's list of call ids (HELLO running, STATUS calls), or a ProtocolError."""
+def string_set(value: Any, what: str, required: bool = False) -> set[str]:
+    """A node's list of names (HELLO running and functions, STATUS calls), or a ProtocolError."""
     if value is None and not required:
         return set()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ProtocolError(f"{what} must be a list of call ids")
+        raise ProtocolError(f"{what} must be a list of strings")
     return set(value)
 
 

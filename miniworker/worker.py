@@ -35,7 +35,7 @@ from miniworker.errors import ContainerError, LoadError, MiniworkerError, Runner
 from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
 from shoal.logs import configure, get_logger
-from shoal.protocol import Message, Msg, ProtocolError, RunnerStream, pack_runner, zmq_readable
+from shoal.protocol import UNIX_PATH_MAX, Message, Msg, ProtocolError, RunnerStream, pack_runner, zmq_readable
 
 #: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
 RUNNER_SEND_TIMEOUT = 30.0
@@ -44,7 +44,7 @@ RUNNER_SEND_TIMEOUT = 30.0
 def bind_unix(sock: socket.socket, path: str) -> None:
     """Bind a unix socket at ``path``, however deep: a path longer than a unix socket takes (107 bytes; a node's
     state directory can be deep) is reached through the directory's descriptor (``/proc/self/fd/N/name``)."""
-    if len(path.encode()) <= 107:
+    if len(path.encode()) <= UNIX_PATH_MAX:
         sock.bind(path)
         return
     directory, name = os.path.split(path)

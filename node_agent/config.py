@@ -12,9 +12,7 @@ from miniworker.spec import ContainerLimits
 from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
 from shoal.models import NAME_RE, Policy
-
-#: The longest path a unix socket takes (sizeof(sun_path) less the terminating NUL).
-UNIX_PATH_MAX = 107
+from shoal.protocol import UNIX_PATH_MAX
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Largest runner message (a call's params or result travel in the header there).
 MAX_RUNNER_MESSAGE = 64 * 1024 * 1024
+#: The longest path a unix socket (an ipc:// endpoint, a runner's socket) takes: sizeof(sun_path) less its NUL.
+UNIX_PATH_MAX = 107
 #: Largest result message a runner sends: its result goes on to the broker and the controller in ZMQ headers,
 #: with a few fields added (node, timings), so it must leave room under MAX_HEADER_BYTES.
 MAX_RESULT_MESSAGE = MAX_HEADER_BYTES - 64 * 1024
