@@ -154,7 +154,8 @@ class Hub:
         node.last_seen = time.monotonic()
         node.ready = functions
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
-        self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq})
+        self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq,
+                                         "max_archive_bytes": self.config.max_archive_bytes})
         asyncio.get_running_loop().create_task(self.sync_node(node_id))
         if self.dispatcher is not None:
             self.dispatcher.on_node_hello(node, running)

@@ -8,6 +8,7 @@ thread (which asks the loop for snapshots).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -142,9 +143,11 @@ class Agent:
 
     def run(self) -> int:
         orphans = self.remove_orphans()
+        swept = self.cache.sweep()
         port = self.status.start()
         self.log.info("agent_started", controller=self.config.controller, policy=self.config.policy.value,
-                      status=f"http://{self.config.status_host}:{port}", orphans_removed=orphans)
+                      status=f"http://{self.config.status_host}:{port}", orphans_removed=orphans,
+                      leftovers_removed=swept)
         self.link.say_hello()
         poller = zmq.Poller()
         poller.register(self.link.sock, zmq.POLLIN)
@@ -266,6 +269,11 @@ class Agent:
         if msg.header.get("hello"):  # a restarted controller does not know us yet
             self.link.say_hello()
             return
+        limit = msg.header.get("max_archive_bytes")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            # The controller's bound on uploads: an archive it took must not be refused here (a node left at the
+            # default refused every archive between that and a raised controller limit).
+            self.cache.limits = dataclasses.replace(self.cache.limits, max_archive_bytes=limit)
         self.fetcher.resume_all()
         self.send_status()
 

@@ -26,6 +26,15 @@ class NodeCache:
         for sub in ("blobs", "code", "wheels", "mw", "runtimes"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
+    def sweep(self) -> int:
+        """Remove what an agent killed mid-work left half done: extractions and dependency resolutions (they
+        are redone when needed). Only at start: nothing is preparing then. Returns how many were removed."""
+        removed = 0
+        for leftover in [*(self.root / "code").glob(".extract-*"), *(self.root / "wheels").glob(".resolve-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
+        return removed
+
     # ---- archives -----------------------------------------------------------------------------
     def blob_path(self, sha: str) -> Path:
         if not SHA256_RE.fullmatch(sha):

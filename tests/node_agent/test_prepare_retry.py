@@ -105,3 +105,24 @@ def test_retries_are_bounded_and_a_hostile_archive_is_not_tried_again(agent: Age
     hostile = deploy(agent, "evil", zip_loop())
     assert agent.registry.functions[hostile].state == FnState.FAILED
     assert "loop" in agent.registry.functions[hostile].error and not agent.registry.functions[hostile].retry_at
+
+
+def test_the_node_takes_the_controllers_archive_limit_from_its_welcome(agent: Agent, tmp_path: Path) -> None:
+    """A controller with a raised upload limit used to see its larger archives refused by every node (left at
+    the default): the node now extracts within the limit its controller announces."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+    archive = build_tar_gz({"handler.py": "def handler(p):\n    return p\n" + "# padding\n" * 400})
+    agent.on_welcome(Message(Msg.WELCOME, {"v": 1, "seq": 0, "max_archive_bytes": len(archive) - 1}, []))
+    small = agent.registry.functions[deploy(agent, "f", archive)]
+    assert small.state == FnState.FAILED and f"limit of {len(archive) - 1}" in small.error
+    agent.on_welcome(Message(Msg.WELCOME, {"v": 1, "seq": 0, "max_archive_bytes": 1 << 40}, []))
+    assert agent.cache.limits.max_archive_bytes == 1 << 40
+
+
+def test_an_agent_starting_removes_what_a_killed_one_left_half_done(agent: Agent) -> None:
+    half = [agent.cache.root / "code" / ".extract-abc", agent.cache.root / "wheels" / ".resolve-def"]
+    kept = agent.cache.root / "code" / ("0" * 64)
+    for directory in (*half, kept):
+        (directory / "sub").mkdir(parents=True)
+    assert agent.cache.sweep() == 2
+    assert not any(d.exists() for d in half) and kept.is_dir()
