@@ -65,6 +65,12 @@ def ready(hub: FakeHub, key: str = "f@1") -> None:
         node.ready.add(key)
 
 
+def stored_call(call_id: str, **fields: Any) -> dict[str, Any]:
+    """A call of function f@1 as a previous controller left it in the store: dispatched once, not finished."""
+    return {"id": call_id, "function": "f", "version": 1, "params": None, "timeout": 5.0, "attempts": 1,
+            "created": 1.0, "t_QUEUED": 1.0, "status": "DISPATCHED", **fields}
+
+
 def status_of(store: FakeStore, call_id: str) -> Any:
     return [s for c, s in store.writes if c == call_id][-1]
 
@@ -214,8 +220,7 @@ def test_after_a_restart_a_node_keeps_the_recovered_calls_it_holds() -> None:
 
     async def scenario() -> None:
         d, hub, store, _ = make_dispatcher(("n1", "n2"))
-        store.active = [{"id": f"c{n}", "function": "f", "version": 1, "params": n, "timeout": 5.0, "attempts": 1,
-                         "created": 1.0, "t_QUEUED": 1.0, "status": "DISPATCHED", "node": "n1"} for n in range(3)]
+        store.active = [stored_call(f"c{n}", params=n, node="n1") for n in range(3)]
         hub.nodes["n1"].lost = hub.nodes["n2"].lost = True  # no node has said HELLO to this controller yet
         assert await d.recover() == 3 and d.calls["c0"].record["id"] == "c0"
         ready(hub)
@@ -308,8 +313,7 @@ def test_a_status_keeps_the_recovered_calls_its_node_holds() -> None:
 
     async def scenario() -> None:
         d, hub, store, _ = make_dispatcher()
-        store.active = [{"id": c, "function": "f", "version": 1, "params": None, "timeout": 5.0, "attempts": 1,
-                         "created": 1.0, "t_QUEUED": 1.0, "status": "DISPATCHED"} for c in ("kept", "gone")]
+        store.active = [stored_call(c) for c in ("kept", "gone")]
         node = hub.nodes["n1"]
         node.lost = True
         await d.recover()
