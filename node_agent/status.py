@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from shoal.httpserver import JsonErrorAppRunner
+
 Ask = Callable[[str], "Future[Any]"]
 ASK_KEY: web.AppKey[Ask] = web.AppKey("ask")
 
@@ -53,7 +55,7 @@ class StatusServer:
         self.port = port
         self.ask = ask
         self.loop = asyncio.new_event_loop()
-        self.runner: web.AppRunner | None = None
+        self.runner: JsonErrorAppRunner | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="status-http", daemon=True)
 
     def start(self) -> int:
@@ -61,7 +63,7 @@ class StatusServer:
         return asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
 
     async def _start(self) -> int:
-        self.runner = web.AppRunner(create_app(self.ask), access_log=None)
+        self.runner = JsonErrorAppRunner(create_app(self.ask), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()

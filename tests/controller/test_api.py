@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import time
+import urllib.parse
 import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from controller.api.openapi import DOCUMENT
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, SLOW, build_tar_gz, metrics, seed_runtime, upload, wait_call, wait_ready
 from tests.shoal.test_archive import zip_loop
+from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http
 
 pytestmark = pytest.mark.docker
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -306,6 +308,13 @@ def test_bad_input_gets_a_clear_4xx_with_a_json_body(cluster: LocalCluster, meth
     assert isinstance(body, dict) and body["error"]["message"]
     assert cluster.request("GET", "/ping")[1] == "pong"  # and the controller lives on
     assert metrics(cluster)[f'shoal_controller_http_errors_total{{code="{body["error"]["code"]}",status="{got}"}}'] == 1
+
+
+def test_malformed_http_gets_a_json_400_and_the_controller_lives_on(cluster: LocalCluster) -> None:
+    url = urllib.parse.urlsplit(cluster.url)
+    for request in MALFORMED.values():
+        assert_json_error(raw_http(str(url.hostname), int(url.port or 80), request))
+        assert cluster.request("GET", "/ping")[1] == "pong"
 
 
 def test_a_full_queue_answers_429_with_retry_after(make_cluster: Any) -> None:

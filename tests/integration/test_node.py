@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from shoal.protocol import MAX_JSON_DEPTH, Msg, pack_runner
 from tests.conftest import node_containers
 from tests.integration.functions import CHAOS, DICE, ECHO, RUDE, SLOW, UPPER
 from tests.shoal.test_archive import zip_loop
+from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http
 
 pytestmark = pytest.mark.docker
 
@@ -466,6 +468,10 @@ def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> N
     assert 'shoal_call_duration_seconds_count{function="echo@1"} 5' in text
     assert 'shoal_warm_pool_size{pool="echo@1",state="idle"} 1' in text
     assert 'shoal_cold_starts_total{function="echo@1"} 1' in text
+    # HTTP the status server cannot parse is answered in JSON as every other error, and it serves on.
+    url = urllib.parse.urlsplit(node.status_url)
+    assert_json_error(raw_http(str(url.hostname), int(url.port or 80), MALFORMED["bad-method"]))
+    assert node.http("/healthz") == (200, {"ok": True})
     # Told to drain, the node is no longer ready, then exits cleanly once idle.
     node.link.send(node.node_id, b"DRAIN", {})
     _, ready = wait_until(node, lambda: (r := node.http("/readyz"))[0] == 503 and r, what="readyz to say 503")
