@@ -39,6 +39,7 @@ from shoal.protocol import UNIX_PATH_MAX, Message, Msg, ProtocolError, RunnerStr
 
 #: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
 RUNNER_SEND_TIMEOUT = 30.0
+EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
 
 
 def bind_unix(sock: socket.socket, path: str) -> None:
@@ -179,7 +180,8 @@ class Miniworker:
         self.conn.setblocking(False)  # type: ignore[union-attr]
         return str(answer.header.get("logs", ""))
 
-    def teardown(self) -> None:
+    def teardown(self) -> bool:
+        """Close the runner's socket and remove the container; False if the container may be left behind."""
         for s in (self.conn, self.listener):
             if s is not None:
                 s.close()
@@ -188,6 +190,8 @@ class Miniworker:
             self.container.remove()
         except ContainerError as exc:
             self.log.error("container_remove_failed", error=str(exc))
+            return False
+        return True
 
     # ---- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -211,11 +215,15 @@ class Miniworker:
             "function": self.loaded, "mode": self.spec.mode, "pid": os.getpid(),
         })
         self.log.debug("miniworker_ready", container=(self.container.id or "")[:12], function=self.loaded)
+        code = EXIT_CONTAINER_LEFT  # (if serve raises, the exception is what the process ends with)
         try:
-            return self.serve()
+            code = self.serve()
         finally:
-            self.teardown()
+            # An exit code says to the agent that the container may be left: it removes it by label.
+            if not self.teardown():
+                code = EXIT_CONTAINER_LEFT
             self.sock.close()
+        return code
 
     def serve(self) -> int:
         poller = zmq.Poller()

@@ -141,6 +141,46 @@ class Agent:
                 continue  # its miniworker removed it meanwhile
         return removed
 
+    def sweep_orphans(self) -> None:
+        """Remove this node's containers that no live miniworker owns: one whose miniworker could not remove
+        it (the engine refused, or the process was killed) and whose later cleanup failed too. The listing
+        runs in the pool; the owners are checked on the loop afterwards, where a miniworker's handle lives
+        from its spawn (before its container exists) until its process has exited."""
+        node_id = self.config.node_id
+
+        def listing() -> list[tuple[str, str]]:
+            found = self.docker.api.containers(all=True, filters={"label": f"{LABEL_NODE}={node_id}"})
+            return [(c["Id"], (c.get("Labels") or {}).get(LABEL_MW, "")) for c in found]
+
+        def listed(found: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                self.log.warning("orphan_sweep_failed", error=str(exc))
+                return
+            orphans = [(cid, mw_id) for cid, mw_id in found if mw_id not in self.broker.mws]
+            if orphans:
+                self.run_in_pool(lambda: self.remove_orphan_containers(orphans), swept)
+
+        def swept(removed: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                self.log.warning("orphan_sweep_failed", error=str(exc))
+            elif removed:
+                self.log.warning("orphan_containers_removed", count=removed)
+                self.metrics.orphans_removed.inc(float(removed))
+
+        self.run_in_pool(listing, listed)
+
+    def remove_orphan_containers(self, orphans: list[tuple[str, str]]) -> int:
+        removed = 0
+        for cid, mw_id in orphans:
+            try:
+                self.docker.api.remove_container(cid, force=True)
+                removed += 1
+            except NotFound:
+                pass  # its miniworker or a lost miniworker's cleanup removed it meanwhile
+            if mw_id:
+                shutil.rmtree(self.cache.mw_dir(mw_id), ignore_errors=True)
+        return removed
+
     def run(self) -> int:
         orphans = self.remove_orphans()
         swept = self.cache.sweep()
@@ -156,6 +196,7 @@ class Agent:
         next_tick = 0.0
         next_engine_check = 0.0
         next_status = 0.0
+        next_orphan_sweep = time.monotonic() + self.config.orphan_sweep
         try:
             while not self.stopping:
                 events = dict(poller.poll(int(max(0.0, next_tick - time.monotonic()) * 1000) + 1))
@@ -180,6 +221,9 @@ class Agent:
                     if now >= next_status and self.link.welcomed:
                         next_status = now + self.config.heartbeat
                         self.send_status()
+                    if now >= next_orphan_sweep:
+                        next_orphan_sweep = now + self.config.orphan_sweep
+                        self.sweep_orphans()
                     if now >= next_engine_check:
                         next_engine_check = now + 5.0
                         self.run_in_pool(self.docker.ping, self.on_engine_check)

@@ -37,6 +37,7 @@ class AgentConfig:
     start_timeout: float = 120.0
     retries_on_loss: int = 1  # a call whose miniworker died is retried this many times, then failed
     drain_timeout: float = 60.0
+    orphan_sweep: float = 60.0  # seconds between sweeps for containers of this node no live miniworker owns
     limits: ContainerLimits = field(default_factory=ContainerLimits)
     log_level: str = "info"
 
@@ -88,6 +89,7 @@ class AgentConfig:
             "heartbeat": env_float(p + "HEARTBEAT", 1.0, 0.05, 60.0),
             "liveness": env_int(p + "LIVENESS", 3, 1, 100),
             "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, 0, 10),
+            "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, 0.1, 86400.0),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
             "limits": ContainerLimits(
                 memory=env_str(p + "CONTAINER_MEMORY", "512m"),

@@ -21,6 +21,8 @@ class AgentMetrics:
                                    "Miniworkers that died, went silent or failed to start, by reason."))
         self.pool = add(Gauge("shoal_warm_pool_size", "Miniworkers by pool and state."))
         self.queue = add(Gauge("shoal_queue_depth", "Calls waiting for a miniworker, by function."))
+        self.orphans_removed = add(Counter("shoal_orphan_containers_removed_total",
+                                           "Containers of this node no live miniworker owned, removed by the sweep."))
         self.protocol_errors = add(Counter("shoal_protocol_errors_total",
                                            "Messages dropped as malformed or from an unknown peer, by socket."))
 

@@ -14,7 +14,7 @@ import docker
 import pytest
 import zmq
 
-from miniworker.container import LABEL_NODE
+from miniworker.container import LABEL_MW, LABEL_NODE
 from shoal.localnode import LocalNode
 from shoal.protocol import MAX_JSON_DEPTH, Msg, pack_runner
 from tests.conftest import node_containers
@@ -479,6 +479,21 @@ def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> N
     assert node.proc is not None
     wait_until(node, lambda: node.proc.poll() is not None, what="the drained agent to exit")
     assert node.proc.returncode == 0
+
+
+def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:
+    # What a miniworker could not remove (the engine refused) and its agent's cleanup missed too.
+    node = make_node("function", env={"SHOAL_AGENT_ORPHAN_SWEEP": "0.5"})
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    assert node.call("echo", 1)["status"] == "DONE"
+    (warm,) = node_containers(docker_client, node.node_id)
+    orphan = docker_client.containers.run("pythonruntime", ["sleep", "300"], detach=True, init=True,
+                                          network_mode="none", labels={LABEL_NODE: node.node_id, LABEL_MW: "gone"})
+    wait_until(node, lambda: node_containers(docker_client, node.node_id) == [warm], what="the orphan to go")
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(orphan.id)
+    assert node.call("echo", 2)["status"] == "DONE"  # the live miniworker's container stayed
+    assert "shoal_orphan_containers_removed_total 1" in node.http("/metrics")[1]
 
 
 def test_an_agent_killed_leaves_no_container_and_removes_orphans_at_start(make_node, docker_client) -> None:
