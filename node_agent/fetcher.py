@@ -5,8 +5,9 @@ The agent sends ``FETCH {sha256, offset, credit}``: "I hold the first ``offset``
 own frame) and the agent acknowledges each with a new ``FETCH``, so neither side ever holds more than
 ``credit`` chunks and memory stays flat whatever the archive's size. Bytes go straight to a ``.part`` file
 whose size is the resume point; the sha256 is computed as they arrive and checked before the archive is
-usable. A transfer that stalls is asked again from where it stands; stalls are not counted while the link to
-the controller is down (a restarting controller is not a failing transfer).
+usable. A transfer that skips ahead (a chunk lost with a reset connection) or stalls is asked again from where
+it stands; stalls are not counted while the link to the controller is down (a restarting controller is not a
+failing transfer).
 
 A transfer that fails keeps its ``.part`` file (its bytes were checked against nothing yet but are what the
 controller sent, and the next request resumes from them) unless the bytes themselves are wrong: longer than
@@ -44,6 +45,7 @@ class Transfer:
     started: float = field(default_factory=time.monotonic)
     first_offset: int = 0
     file: BinaryIO | None = None  # the .part file, open for the transfer's lifetime
+    resynced_at: int = -1  # the offset a gap last made this transfer ask again from
 
 
 class ArchiveFetcher:
@@ -82,8 +84,16 @@ class ArchiveFetcher:
     def on_chunk(self, header: dict[str, Any], payload: list[Buffer]) -> None:
         sha = header["sha256"]
         t = self.transfers.get(sha)
-        if t is None or header["offset"] != t.offset:
-            return  # a duplicate or a chunk of an abandoned request: the ack below re-syncs
+        if t is None or header["offset"] < t.offset:
+            return  # a duplicate, or a chunk of a request that was asked again
+        if header["offset"] > t.offset:
+            # A gap: a chunk was lost on the way (a connection reset drops what was in flight, and ZMQ
+            # reconnects underneath). Ask again from here at once, rather than when the transfer stalls; once
+            # per gap, as the rest of the lost stream (up to ``credit`` chunks) comes in behind it.
+            if t.resynced_at != t.offset:
+                t.resynced_at = t.offset
+                self.send(Msg.FETCH, {"sha256": sha, "offset": t.offset, "credit": CREDIT, "restart": True})
+            return
         data = payload[0] if payload else b""
         if t.offset + len(data) > t.size:
             self._fail(t, f"archive {sha[:12]} is longer than announced ({t.size} bytes)", bad_bytes=True)

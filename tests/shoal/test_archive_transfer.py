@@ -37,17 +37,21 @@ class Wire:
         self.inbox: list[tuple[bytes, dict[str, Any]]] = []
         self.max_in_flight = 0
         self.payloads: list[Any] = []
+        self.fetches: list[dict[str, Any]] = []
         self.fetcher = self.new_fetcher()
 
     def new_fetcher(self) -> ArchiveFetcher:
         return ArchiveFetcher(self.cache, lambda mtype, h: self.inbox.append((mtype, h)),
                               lambda sha, err: self.done.append((sha, err)))
 
-    def run(self, fetcher: ArchiveFetcher, max_chunks: int | None = None) -> None:
+    def run(self, fetcher: ArchiveFetcher, max_chunks: int | None = None, lose: set[int] | None = None) -> None:
+        """Deliver until nothing is asked; ``lose``: offsets whose chunk is lost on the way, once each."""
         delivered = 0
+        lose = set(lose or ())
         while self.inbox:
             mtype, header = self.inbox.pop(0)
             assert mtype == Msg.FETCH
+            self.fetches.append(header)
             answers = self.server.on_fetch("node-1", header)
             for t in self.server.transfers.values():
                 self.max_in_flight = max(self.max_in_flight, t.sent - t.acked)
@@ -59,6 +63,9 @@ class Wire:
                 self.payloads.append(payload)
                 if max_chunks is not None and delivered >= max_chunks:
                     return  # the link breaks: the rest is lost
+                if ah["offset"] in lose:
+                    lose.discard(ah["offset"])
+                    continue
                 fetcher.on_chunk(ah, [payload])
                 delivered += 1
 
@@ -91,6 +98,18 @@ def test_a_broken_transfer_resumes_from_its_partial_file(tmp_path: Path) -> None
     assert wire.done == [(wire.sha, None)]
     assert wire.cache.blob_path(wire.sha).read_bytes() == data
     assert wire.server.bytes_sent - before == 19 * CHUNK  # only the rest was sent again
+
+
+def test_a_chunk_lost_on_the_way_is_asked_again_at_once_not_after_a_stall(tmp_path: Path) -> None:
+    data = os.urandom(30 * CHUNK + 7)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    wire.run(wire.fetcher, lose={5 * CHUNK, 17 * CHUNK})  # no tick: a stall would never be noticed here
+    assert wire.done == [(wire.sha, None)]
+    assert wire.cache.blob_path(wire.sha).read_bytes() == data
+    restarts = [h["offset"] for h in wire.fetches if h.get("restart")]
+    assert restarts == [0, 5 * CHUNK, 17 * CHUNK]  # the first request, then once per gap
+    assert wire.server.bytes_sent <= len(data) + 2 * CREDIT * CHUNK  # what was in flight behind each gap
 
 
 def test_acknowledged_bytes_are_dropped_from_the_senders_mapping(tmp_path: Path) -> None:
