@@ -63,6 +63,7 @@ class Pending:
     dispatch_unwritten: bool = False  # dispatched, but its DISPATCHED state is not written yet
     outcome: dict[str, Any] | None = None  # the whole call once its terminal state is stored
     seq: int = 0  # the sequence number of its CALL to the node it is on (see the module doc)
+    queued: bool = False  # waiting in the queue (set by CallQueue)
 
     @property
     def key(self) -> str:
@@ -127,7 +128,8 @@ class Dispatcher:
                 self._fail_lane(key, nodes)
                 continue
             while (pending := self.queue.head(key)) is not None:
-                if pending.cancelled or pending.node_id is not None:  # cancelled, or taken over by its node
+                if pending.cancelled or pending.node_id is not None:  # (discarded when that happened)
+                    self.log.error("stale_queue_entry", call_id=pending.call_id, node_id=pending.node_id)
                     self.queue.popleft(key)
                     continue
                 node = self.placement.choose(key, [n for n in nodes if key in n.ready and n.has_room(key, limit)])
@@ -147,8 +149,6 @@ class Dispatcher:
         its waiting calls fail with the nodes' reason instead of waiting for ever."""
         reason = nodes[0].failed.get(key, "")
         while (pending := self.queue.popleft(key)) is not None:
-            if pending.cancelled or pending.node_id is not None:
-                continue
             self.finish(pending, CallStatus.FAILED, {"error": {
                 "type": "FunctionUnavailable",
                 "message": f"{key} cannot run on any node ({len(nodes)} alive): {reason}"}})
@@ -221,6 +221,9 @@ class Dispatcher:
         pending = self.calls.get(call_id)
         if pending is None or pending.node_id != node.node_id:
             self.log.info("late_result_ignored", call_id=call_id, node_id=node.node_id)
+            if call_id in node.inflight:  # (never meant to happen) the node's slot is not kept for it
+                self.log.error("inflight_without_call", call_id=call_id, node_id=node.node_id)
+                node.inflight.discard(call_id)
             return
         self._release(pending)
         if self.queue:
@@ -245,6 +248,7 @@ class Dispatcher:
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self.calls.pop(pending.call_id, None)
+        self.queue.discard(pending)
         fields.update(self._dispatch_fields(pending))
         now = time.time()
         pending.stamps[status.value] = now
@@ -336,10 +340,11 @@ class Dispatcher:
         holds but it does not list are placed again; calls it holds that we queued again (we restarted and
         recovered them) stay with it instead of running twice.
 
-        Placing a call again here does not count toward ``max_attempts``: a HELLO may have been written before
+        A call placed again here is not failed, whatever its attempts: a HELLO may have been written before
         a CALL on its way arrived (after a controller restart, a node says HELLO to each WELCOME asking for
         one), so a call it does not list is not proof that the node lost it; the node ignores the CALL it
-        then gets twice."""
+        then gets twice. The attempt still counts, so a call that takes its node down each time it runs ends
+        FAILED when a node is lost with it past ``max_attempts``."""
         for call_id in list(node.inflight):
             if call_id not in running:
                 pending = self.calls.get(call_id)
@@ -349,7 +354,8 @@ class Dispatcher:
         for call_id in running:
             pending = self.calls.get(call_id)
             if pending is not None and pending.node_id is None and not pending.cancelled:
-                pending.node_id = pending.last_node = node.node_id  # its queue entry is skipped in _place
+                self.queue.discard(pending)  # it must not be placed a second time
+                pending.node_id = pending.last_node = node.node_id
                 node.inflight.add(call_id)
                 node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
         self.kick()
@@ -379,7 +385,8 @@ class Dispatcher:
         pending = self.calls.pop(call_id, None)
         if pending is None:
             return
-        pending.cancelled = True  # a queued call is skipped when its lane comes to it
+        pending.cancelled = True
+        self.queue.discard(pending)
         pending.dispatch_unwritten = False
         if pending.node_id is not None:
             self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})

@@ -237,6 +237,33 @@ def test_after_a_restart_a_node_keeps_the_recovered_calls_it_holds() -> None:
     asyncio.run(scenario())
 
 
+def test_a_recovered_call_a_node_took_over_is_never_placed_again_after_it_ends() -> None:
+    """The node's HELLO holds c1 and c2 while c0, ahead of them in the queue, waits for room. c1's queue entry
+    outlived its adoption: once c1 ended it was placed again (run twice, its DONE overwritten by DISPATCHED,
+    and the node's slot kept for it for ever)."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        store.active = [stored_call("c0"), stored_call("c1", created=2.0), stored_call("c2", created=3.0)]
+        hub.nodes["n1"].lost = True
+        await d.recover()
+        ready(hub)
+        n1 = hub.nodes["n1"]
+        n1.lost = False
+        d.on_node_hello(n1, {"c1", "c2"})  # it holds as many calls as it takes: c0 waits
+        await asyncio.sleep(0)
+        assert hub.placed == {} and len(d.queue) == 1
+        for call_id in ("c1", "c0", "c2"):
+            d.on_result(n1, {"call_id": call_id, "status": "DONE", "result": call_id})
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # past the DISPATCHED write
+        assert list(hub.placed) == ["c0"] and len(hub.placed["c0"]) == 1
+        assert {c: status_of(store, c) for c in ("c0", "c1", "c2")} == dict.fromkeys(("c0", "c1", "c2"), "DONE")
+        assert n1.inflight == set() and n1.warm_busy == {} and d.calls == {} and len(d.queue) == 0
+
+    asyncio.run(scenario())
+
+
 def test_calls_of_a_function_every_node_failed_to_prepare_fail_instead_of_waiting() -> None:
     async def scenario() -> None:
         d, hub, store, _ = make_dispatcher(("n1", "n2"))
