@@ -191,20 +191,40 @@ class Service:
             raise
         return call, pending
 
+    async def _settle_claim(self) -> None:
+        """Wait until the request that claimed a replayed key has stored its calls or given up: the first wait
+        lets it queue its creation write (its claim's answer may be handled after ours), the second lets that
+        write land (or fail, and the calls be withdrawn). Only then is a replay answered, so it never names a
+        call that does not exist."""
+        await self.store.settled()
+        await self.store.settled()
+
     async def _replayed(self, call_id: str) -> tuple[dict[str, Any], Pending | None]:
         """The call a replayed Idempotency-Key names, as it stands now."""
+        await self._settle_claim()
         pending = self.dispatcher.calls.get(call_id)
         if pending is not None:
             return pending.record, pending
-        await self.store.settled()  # a call that just ended here: its writes have landed
         call = await self.store.get_call(call_id)
         if call is None:
             raise Conflict("this Idempotency-Key was given to a call that could not be stored; use a new key")
         return call, None
 
-    async def _release_key(self, key: str, call_id: str) -> None:
+    async def _replayed_batch(self, call_ids: list[str]) -> list[dict[str, Any]]:
+        """The calls of the batch a replayed Idempotency-Key names (``{id, status}``), as they stand now."""
+        await self._settle_claim()
+        statuses = await self.store.call_statuses(call_ids)
+        for entry in statuses:
+            if entry["status"] == "UNKNOWN" and (pending := self.dispatcher.calls.get(entry["id"])) is not None:
+                entry["status"] = pending.record["status"]
+        if any(entry["status"] == "UNKNOWN" for entry in statuses):
+            raise Conflict("this Idempotency-Key was given to a batch that could not be stored, or that is no "
+                           "longer kept; use a new key")
+        return statuses
+
+    async def _release_key(self, key: str, value: str, batch: bool = False) -> None:
         try:
-            await self.store.release_idempotency(key, call_id)
+            await self.store.release_idempotency(key, value, batch=batch)
         except RedisError as exc:  # the store is failing anyway: a replay of this key will say so (409)
             log.warning("idempotency_key_not_released", error=str(exc))
 
@@ -215,16 +235,22 @@ class Service:
         record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room(len(params))
         ids = [new_call_id() for _ in params]
+        nums = await self.store.next_call_nums(len(params))
         if idempotency_key is not None:
             self._check_key(idempotency_key)
             existing = await self.store.claim_idempotency(idempotency_key, ",".join(ids), batch=True)
             if existing is not None:
-                return await self.store.call_statuses(existing.split(","))
+                return await self._replayed_batch(existing.split(","))
+        # No await from the claim to the queueing (see _settle_claim).
         now = time.time()
-        nums = await self.store.next_call_nums(len(params))
         made = [self._new_call(record, p, timeout, call_id, num, now)
                 for p, call_id, num in zip(params, ids, nums, strict=True)]
-        await self._store_and_queue(made)
+        try:
+            await self._store_and_queue(made)
+        except StoreError:
+            if idempotency_key is not None:  # a retry with the key must store the batch, not name this one
+                await self._release_key(idempotency_key, ",".join(ids), batch=True)
+            raise
         return [call for call, _ in made]
 
     async def wait(self, pending: Pending | None, call_id: str, timeout: float) -> dict[str, Any] | None:

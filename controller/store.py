@@ -213,9 +213,10 @@ class Store:
         existing = await self.redis.set(name, value, nx=True, ex=self.retention, get=True)
         return existing or None
 
-    async def release_idempotency(self, key: str, value: str) -> None:
-        """Unbind ``key`` if it is still bound to ``value`` (its call could not be stored)."""
-        await self.redis.eval(_RELEASE, 1, keys.idempotency(key), value)
+    async def release_idempotency(self, key: str, value: str, batch: bool = False) -> None:
+        """Unbind ``key`` if it is still bound to ``value`` (its calls could not be stored)."""
+        name = keys.batch_idempotency(key) if batch else keys.idempotency(key)
+        await self.redis.eval(_RELEASE, 1, name, value)
 
     async def settled(self) -> None:
         """Return once every write queued before this call has landed (reads after it see them)."""

@@ -1,0 +1,117 @@
+"""Idempotency keys through the service: a real Redis store and dispatcher, a stand-in hub (no nodes needed),
+and the creation write failing on cue (the claim and the release go to the real server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from controller.config import ControllerConfig
+from controller.dispatcher import Dispatcher
+from controller.errors import Conflict, StoreError
+from controller.metrics import ControllerMetrics
+from controller.service import Service
+from controller.store import Store
+from shoal.blobs import BlobStore
+from shoal.devenv.redis_server import RedisServer, start_redis
+from tests.controller.test_dispatcher import FakeHub
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = start_redis("service-test", appendonly=False)
+    yield srv
+    srv.stop(remove=True)
+
+
+class Rig:
+    def __init__(self, server: RedisServer, tmp: Path) -> None:
+        self.redis = Redis.from_url(server.url, decode_responses=True)
+        self.store = Store(self.redis, 60, server.url)
+        self.hub = FakeHub()
+        self.dispatcher = Dispatcher(ControllerConfig(), self.store, self.hub, ControllerMetrics())  # type: ignore[arg-type]
+        self.service = Service(ControllerConfig(), self.store, BlobStore(tmp / "blobs"), self.hub,  # type: ignore[arg-type]
+                               self.dispatcher, ControllerMetrics())
+        self.failing = 0  # creation writes that fail next
+        real = self.store.create_calls
+
+        def create_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+            if self.failing:
+                self.failing -= 1
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut.set_exception(StoreError("redis refused the write"))
+                return fut
+            return real(calls)
+
+        self.store.create_calls = create_calls  # type: ignore[method-assign]
+
+    async def start(self, name: str) -> None:
+        self.store.start()
+        await self.store.add_version({"name": name, "runtime": "rt", "sha256": "0" * 64, "size": 1})
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.redis.aclose()
+
+
+def run(server: RedisServer, tmp: Path, scenario: Any) -> Any:
+    async def main() -> Any:
+        rig = Rig(server, tmp)
+        try:
+            return await scenario(rig)
+        finally:
+            await rig.close()
+    return asyncio.run(main())
+
+
+def test_a_batch_not_stored_leaves_its_key_free_for_the_retry(server: RedisServer, tmp_path: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        await rig.start("bf")
+        rig.failing = 1
+        with pytest.raises(StoreError):
+            await rig.service.invoke_batch("bf", [1, 2], idempotency_key="retry-me")
+        assert rig.dispatcher.calls == {}  # withdrawn
+        made = await rig.service.invoke_batch("bf", [1, 2], idempotency_key="retry-me")  # the client's retry
+        assert [c["status"] for c in made] == ["QUEUED", "QUEUED"]
+        again = await rig.service.invoke_batch("bf", [1, 2], idempotency_key="retry-me")
+        assert again == [{"id": c["id"], "status": "QUEUED"} for c in made]
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_replay_while_the_first_request_is_being_stored_names_only_stored_calls(server: RedisServer,
+                                                                                 tmp_path: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        await rig.start("rf")
+        # Stored: the replay, sent while the first is in flight, answers the same call, stored.
+        first, second = await asyncio.gather(rig.service.invoke("rf", 1, idempotency_key="k-ok"),
+                                             rig.service.invoke("rf", 1, idempotency_key="k-ok"))
+        assert first[0]["id"] == second[0]["id"] and await rig.store.get_call(first[0]["id"]) is not None
+        # Not stored: the replay must not hand out the id of a call that was withdrawn.
+        rig.failing = 1
+        outcomes = await asyncio.gather(rig.service.invoke("rf", 1, idempotency_key="k-bad"),
+                                        rig.service.invoke("rf", 1, idempotency_key="k-bad"),
+                                        return_exceptions=True)
+        ids = [o[0]["id"] for o in outcomes if isinstance(o, tuple)]
+        assert any(isinstance(o, StoreError) for o in outcomes), outcomes
+        for call_id in ids:  # a retry after the failure may make the call anew: then it is stored
+            assert await rig.store.get_call(call_id) is not None, outcomes
+        assert all(isinstance(o, tuple | StoreError | Conflict) for o in outcomes), outcomes
+        # Batches likewise.
+        rig.failing = 1
+        batches = await asyncio.gather(rig.service.invoke_batch("rf", [1], idempotency_key="b-bad"),
+                                       rig.service.invoke_batch("rf", [1], idempotency_key="b-bad"),
+                                       return_exceptions=True)
+        assert any(isinstance(o, StoreError) for o in batches), batches
+        for o in batches:
+            if isinstance(o, list):
+                assert all(await rig.store.get_call(c["id"]) is not None for c in o), batches
+            else:
+                assert isinstance(o, StoreError | Conflict), batches
+
+    run(server, tmp_path, scenario)
