@@ -110,7 +110,7 @@ def test_a_replay_while_the_first_request_is_being_stored_names_only_stored_call
         assert any(isinstance(o, StoreError) for o in batches), batches
         for o in batches:
             if isinstance(o, list):
-                assert all(await rig.store.get_call(c["id"]) is not None for c in o), batches
+                assert all([await rig.store.get_call(c["id"]) is not None for c in o]), batches
             else:
                 assert isinstance(o, StoreError | Conflict), batches
 
