@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import hiredis
@@ -265,25 +266,21 @@ class Store:
         value = await self.redis.get(keys.call_by_num(num))
         return value or None
 
-    async def list_calls(self, function: str | None, status: str | None, before: float | None,
-                         limit: int) -> tuple[list[dict[str, Any]], float | None]:
-        """Newest first; ``before`` (created, seconds) is the cursor of the next page."""
+    async def list_calls(self, function: str | None, status: str | None, after: tuple[int, str] | None,
+                         limit: int) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """Newest first: by creation (ms), then by id, descending. ``after`` is the position (ms, id) of the
+        last call of the previous page, and the position returned is the next page's (None: no more). Calls
+        created in the same millisecond (a whole batch is) are all listed, across pages."""
         index = keys.calls_of(function) if function else keys.CALLS
-        top = f"({int(before * 1000)}" if before else "+inf"
         out: list[dict[str, Any]] = []
-        cursor: float | None = None
-        scan = max(limit, 100)
-        while len(out) < limit:
-            ids = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=scan, withscores=True)
-            if not ids:
-                cursor = None
-                break
+        position: tuple[int, str] | None = None
+        async for chunk in self._walk(index, after, max(limit, 100)):
             pipe = self.redis.pipeline(transaction=False)
-            for call_id, _ in ids:
+            for call_id, _ in chunk:
                 pipe.hgetall(keys.call(call_id))
             rows = await pipe.execute()
-            for (_call_id, score), raw in zip(ids, rows, strict=True):
-                cursor = score / 1000
+            for (call_id, score), raw in zip(chunk, rows, strict=True):
+                position = (score, call_id)
                 if not raw:
                     continue
                 call = decode_call(raw)
@@ -291,12 +288,33 @@ class Store:
                     continue
                 out.append(call)
                 if len(out) >= limit:
-                    break
-            top = f"({int(ids[-1][1])}"
-            if len(ids) < scan and len(out) < limit:
-                cursor = None
-                break
-        return out, cursor
+                    return out, position
+        return out, None
+
+    async def _walk(self, index: str, after: tuple[int, str] | None,
+                    scan: int) -> AsyncIterator[list[tuple[str, int]]]:
+        """The index's (id, ms) after position ``after``, newest first, in chunks. The members sharing the
+        millisecond where a chunk ends are fetched whole (a range by score cannot start inside one)."""
+
+        async def same_ms(ms: int, below: str | None) -> list[tuple[str, int]]:
+            ids = await self.redis.zrevrangebyscore(index, ms, ms)  # descending ids
+            return [(call_id, ms) for call_id in ids if below is None or call_id < below]
+
+        if after is not None:
+            if chunk := await same_ms(after[0], after[1]):
+                yield chunk
+            top = f"({after[0]}"
+        else:
+            top = "+inf"
+        while True:
+            found = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=scan, withscores=True)
+            if not found:
+                return
+            last = int(found[-1][1])
+            chunk = [(call_id, int(score)) for call_id, score in found if int(score) != last]
+            chunk += await same_ms(last, None)
+            yield chunk
+            top = f"({last}"
 
     async def active_calls(self) -> list[dict[str, Any]]:
         ids = await self.redis.zrange(keys.ACTIVE, 0, -1)

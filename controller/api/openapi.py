@@ -138,11 +138,12 @@ DOCUMENT: dict[str, Any] = {
                         {"name": "limit", "in": "query", "required": False,
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                         {"name": "cursor", "in": "query", "required": False,
-                         "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True}},
+                         "description": "the next_cursor of the previous page",
+                         "schema": {"type": "string", "pattern": "^[0-9]{1,15}-[0-9A-Za-z_.-]{1,128}$"}},
                     ],
                     "responses": {"200": _resp("A page of calls", {"type": "object", "properties": {
                         "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
-                        "next_cursor": {"type": "number", "nullable": True}}}), **_errors(400)}},
+                        "next_cursor": {"type": "string", "nullable": True}}}), **_errors(400)}},
         },
         "/v1/calls/{id}": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -115,6 +116,7 @@ async def invoke_async(request: web.Request) -> web.Response:
 
 
 MAX_BATCH = 1000  # calls per batch request
+CURSOR_RE = re.compile(r"(\d{1,15})-([0-9A-Za-z_.-]{1,128})")  # a page's position: creation (ms), call id
 
 
 async def invoke_batch(request: web.Request) -> web.Response:
@@ -149,14 +151,17 @@ async def list_calls(request: web.Request) -> web.Response:
         check_name(function, "function")
     try:
         limit = int(q.get("limit", "50"))
-        cursor = float(q["cursor"]) if "cursor" in q else None
     except ValueError:
-        raise BadRequest("limit must be an integer and cursor a number") from None
+        raise BadRequest("limit must be an integer") from None
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be in [1, 1000]")
-    if cursor is not None and not 0 < cursor < 1e12:
-        raise BadRequest("cursor must be a positive number")
-    calls, next_cursor = await service(request).store.list_calls(function, status, cursor, limit)
+    after = None
+    if "cursor" in q:
+        if (m := CURSOR_RE.fullmatch(q["cursor"])) is None:
+            raise BadRequest("cursor must be a next_cursor this API gave")
+        after = (int(m[1]), m[2])
+    calls, position = await service(request).store.list_calls(function, status, after, limit)
+    next_cursor = f"{position[0]}-{position[1]}" if position else None
     return json_response({"calls": [render_call(c) for c in calls], "next_cursor": next_cursor})
 
 

@@ -90,3 +90,42 @@ def test_idempotency_keys_bind_once_per_kind_and_release_only_their_own_call(ser
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_paging_lists_every_call_once_when_many_share_a_millisecond(server: RedisServer) -> None:
+    """A batch's calls share their creation time: pages used to resume strictly before the last call's
+    millisecond, and skipped the rest of the batch (950 of a 1,000-call batch listed 50 at a time)."""
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        store.start()
+        now = time.time()
+        batch = [dict(call(n, "paged", 5000 + n), id=f"p{n:04d}", created=now) for n in range(250)]
+        older = [dict(call(n, "paged", 6000 + n), id=f"o{n:04d}", created=now - 1 - n / 1000) for n in range(30)]
+        for n, c in enumerate(batch):
+            c["status"] = "DONE" if n % 3 == 0 else "QUEUED"
+        await store.create_calls(older)
+        await store.create_calls(batch)
+        pages: list[str] = []
+        after = None
+        while True:
+            found, after = await store.list_calls("paged", None, after, 7)
+            pages += [c["id"] for c in found]
+            if after is None:
+                break
+        done: list[str] = []
+        after = None
+        while True:
+            found, after = await store.list_calls("paged", "DONE", after, 4)
+            done += [c["id"] for c in found]
+            if after is None:
+                break
+        expected = [c["id"] for c in sorted(batch, key=lambda c: c["id"], reverse=True)] + [c["id"] for c in older]
+        await store.close()
+        await r.aclose()
+        return pages, done, expected
+
+    pages, done, expected = asyncio.run(scenario())
+    assert pages == expected
+    assert done == [i for i in expected if i.startswith("p") and int(i[1:]) % 3 == 0]
