@@ -121,7 +121,7 @@ def test_paging_lists_every_call_once_when_many_share_a_millisecond(server: Redi
             done += [c["id"] for c in found]
             if after is None:
                 break
-        expected = [c["id"] for c in sorted(batch, key=lambda c: c["id"], reverse=True)] + [c["id"] for c in older]
+        expected = sorted((str(c["id"]) for c in batch), reverse=True) + [str(c["id"]) for c in older]
         await store.close()
         await r.aclose()
         return pages, done, expected
