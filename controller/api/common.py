@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from controller.errors import BadRequest, TooLarge, UnsupportedMedia
 from controller.metrics import ControllerMetrics
@@ -31,15 +34,31 @@ def service(request: web.Request) -> Service:
     return request.app[SERVICE]
 
 
+#: What reading a body the client controls can raise: a broken chunked or multipart framing, a
+#: Content-Encoding whose data is not what it says (aiohttp decompresses as it reads), a charset Python does
+#: not know, or the client closing the connection half-way.
+BODY_ERRORS = (ValueError, AssertionError, HttpProcessingError, RequestPayloadError, zlib.error, LookupError,
+               ConnectionResetError)
+
+
+@contextmanager
+def reading_body(what: str) -> Iterator[None]:
+    try:
+        yield
+    except BODY_ERRORS as exc:
+        raise BadRequest(f"malformed {what}: {exc or type(exc).__name__}") from None
+
+
 async def json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_JSON:
         raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
     # read(n) returns what has arrived so far, not n bytes: a body larger than a segment or two came in cut.
     buf = bytearray()
-    while chunk := await request.content.read(1 << 16):
-        buf += chunk
-        if len(buf) > MAX_JSON:
-            raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
+    with reading_body("request body"):
+        while chunk := await request.content.read(1 << 16):
+            buf += chunk
+            if len(buf) > MAX_JSON:
+                raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
     raw = bytes(buf)
     if not raw.strip():
         raise BadRequest("a JSON body is required")
@@ -59,16 +78,21 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def stream_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    while chunk := await request.content.read(1 << 20):
+    while True:
+        with reading_body("request body"):
+            chunk = await request.content.read(1 << 20)
+        if not chunk:
+            return
         yield chunk
 
 
 async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    try:
-        while chunk := await part.read_chunk(1 << 20):
-            yield chunk
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from None
+    while True:
+        with reading_body("multipart body"):
+            chunk = await part.read_chunk(1 << 20)
+        if not chunk:
+            return
+        yield chunk
 
 
 MAX_FORM_FIELDS = 16  # form fields before the file part (the function's options)
@@ -80,16 +104,12 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
     ``MAX_FORM_FIELDS`` of at most ``MAX_FORM_FIELD`` bytes each: they are held in memory)."""
     if not request.content_type.startswith("multipart/"):
         raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
-    try:
+    with reading_body("multipart body"):
         reader = await request.multipart()
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from None
     fields: dict[str, str] = {}
     while True:
-        try:
+        with reading_body("multipart body"):
             part = await reader.next()
-        except (ValueError, AssertionError, HttpProcessingError) as exc:
-            raise BadRequest(f"malformed multipart body: {exc}") from None
         if part is None:
             raise BadRequest(f"multipart body has no file field {field_names[0]!r}")
         if not isinstance(part, BodyPartReader):
@@ -105,14 +125,15 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
 async def _form_field(part: BodyPartReader) -> str:
     name = (part.name or "")[:40]
     data = b""
-    try:
-        while chunk := await part.read_chunk(MAX_FORM_FIELD):
-            data += chunk
-            if len(data) > MAX_FORM_FIELD:
-                break
-        decoded = part.decode(data)
-    except (ValueError, AssertionError, HttpProcessingError, LookupError, RuntimeError) as exc:
-        raise BadRequest(f"malformed multipart field {name!r}: {exc}") from None
+    with reading_body(f"multipart field {name!r}"):
+        try:
+            while chunk := await part.read_chunk(MAX_FORM_FIELD):
+                data += chunk
+                if len(data) > MAX_FORM_FIELD:
+                    break
+            decoded = part.decode(data)
+        except RuntimeError as exc:  # aiohttp: a Content-Encoding it does not know
+            raise BadRequest(f"malformed multipart field {name!r}: {exc}") from None
     if len(data) > MAX_FORM_FIELD:
         raise BadRequest(f"form field {name!r} is longer than {MAX_FORM_FIELD} bytes")
     return decoded.decode("utf-8", "replace")

@@ -298,6 +298,15 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("GET", "/call/abc", {}, 400),
         ("GET", "/call/999999", {}, 404),
         ("POST", "/register", {"body": {"endpoint_id": ["x"]}}, 400),
+        # A Content-Encoding whose data is not what it says (aiohttp decompresses as it reads): it was a 500.
+        ("POST", "/v1/functions/nope/invoke", {"data": b"not gzip at all", "headers": {
+            "Content-Type": "application/json", "Content-Encoding": "gzip"}}, 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", {"data": b"not deflate", "headers": {
+            "Content-Type": "application/octet-stream", "Content-Encoding": "deflate"}}, 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", {
+            "data": b'--x\r\nContent-Disposition: form-data; name="timeout"\r\nContent-Encoding: gzip\r\n\r\n'
+                    b"garbage\r\n--x--\r\n",
+            "headers": {"Content-Type": "multipart/mixed; boundary=x"}}, 400),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_with_a_json_body(cluster: LocalCluster, method: str, path: str,
