@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from urllib.parse import unquote, urlparse
 
 import hiredis
+from redis.asyncio.connection import SSLConnection, parse_url
 
 from controller.errors import StoreError
 
@@ -36,21 +36,25 @@ class RespConnection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def _connect(self) -> None:
-        parsed = urlparse(self.url)
-        if parsed.scheme == "unix":
-            reader, writer = await asyncio.open_unix_connection(parsed.path)
+        # The URL read as redis-py reads it (the rest of the store's connections): the same server, database
+        # and credentials, whether they are in the path, the user part or the query (unix:///s.sock?db=2).
+        try:
+            options = parse_url(self.url)
+        except ValueError as exc:
+            raise StoreError(f"bad redis url: {exc}") from None
+        if "path" in options:
+            reader, writer = await asyncio.open_unix_connection(options["path"])
         else:
-            context = ssl.create_default_context() if parsed.scheme == "rediss" else None
-            reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 6379,
-                                                           ssl=context)
+            tls = options.get("connection_class") is SSLConnection
+            reader, writer = await asyncio.open_connection(options.get("host", "localhost"), options.get("port", 6379),
+                                                           ssl=ssl.create_default_context() if tls else None)
         self._reader, self._writer = reader, writer
         setup: list[Command] = []
-        if parsed.password:
-            user = unquote(parsed.username) if parsed.username else None
-            setup.append(("AUTH", user, unquote(parsed.password)) if user else ("AUTH", unquote(parsed.password)))
-        db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
-        if db and db != "0":
-            setup.append(("SELECT", db))
+        if options.get("password"):
+            user = options.get("username")
+            setup.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
+        if int(options.get("db") or 0):
+            setup.append(("SELECT", int(options["db"])))
         if setup:
             for reply in await self._roundtrip(setup):
                 if isinstance(reply, hiredis.ReplyError):

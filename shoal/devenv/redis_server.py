@@ -43,6 +43,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def unix_url(self) -> str:
+        """The same server on its unix socket (in its directory)."""
+        return f"unix://{self.directory / 'redis.sock'}"
+
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
@@ -54,6 +59,7 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--daemonize", "yes", "--pidfile", str(self.directory / "redis.pid"),
                 "--logfile", str(self.directory / "redis.log"),
+                "--unixsocket", str(self.directory / "redis.sock"), "--unixsocketperm", "700",
             ],
             check=True, stdin=subprocess.DEVNULL,
         )

@@ -75,6 +75,13 @@ def test_password_and_database_from_the_url_and_a_wrong_password_is_a_store_erro
 
         asyncio.run(run(f"redis://:s3cret@127.0.0.1:{server.port}/3"))
         assert redis.Redis(port=server.port, password="s3cret", db=3).get("in-db-3") == b"yes"
+        # Read as redis-py reads the same URL (the store's other connections): the database and password in the
+        # query, and a unix socket's database. Both were ignored (writes went to db 0, or were refused).
+        for url, db in [(f"redis://127.0.0.1:{server.port}?db=5&password=s3cret", 5),
+                        (f"{server.unix_url}?db=6&password=s3cret", 6)]:
+            asyncio.run(run(url))
+            assert redis.Redis.from_url(url).get("in-db-3") == b"yes", url
+            assert redis.Redis(port=server.port, password="s3cret", db=db).get("in-db-3") == b"yes", url
         with pytest.raises(StoreError, match="refused"):
             asyncio.run(run(f"redis://:wrong@127.0.0.1:{server.port}/0"))
     finally:
