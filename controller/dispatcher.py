@@ -350,7 +350,7 @@ class Dispatcher:
                 pending = self.calls.get(call_id)
                 if pending is not None and pending.node_id == node.node_id:
                     self._release(pending)
-                    self._requeue(pending, "node_restarted")
+                    self._requeue(pending, "node_hello")  # (restarted, or it saw a gap in our messages)
         for call_id in running:
             pending = self.calls.get(call_id)
             if pending is not None and pending.node_id is None and not pending.cancelled:

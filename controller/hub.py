@@ -27,6 +27,8 @@ from shoal.nodelink import bind_router
 from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
+SYNC_RETRY_FIRST = 0.5  # seconds before a node's sync the store failed is tried again, doubling
+SYNC_RETRY_MAX = 10.0
 
 if TYPE_CHECKING:
     from controller.dispatcher import Dispatcher
@@ -48,6 +50,7 @@ class Hub:
         self.nodes: dict[str, NodeState] = {}
         self.dispatcher: Dispatcher | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.syncs: set[asyncio.Task[None]] = set()  # nodes being sent their runtimes and functions
         self.on_function_state: list[Callable[[str, str, dict[str, Any]], None]] = []
 
     def start(self, dispatcher: Dispatcher) -> None:
@@ -61,9 +64,9 @@ class Hub:
         loop.call_soon(self._drain)
 
     async def close(self) -> None:
-        for task in self.tasks:
+        for task in [*self.tasks, *self.syncs]:
             task.cancel()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.syncs]:
             try:
                 await task
             except asyncio.CancelledError:
@@ -95,10 +98,21 @@ class Hub:
             self._drain_scheduled = True
             self.loop.call_soon(self._drain)
 
+    def send_sequenced(self, node_id: str, mtype: bytes, header: dict[str, Any]) -> bool:
+        """Send a message the node must not miss (a runtime, a function): it carries the node's next sequence
+        number, as calls do. A node that finds a number skipped (a reset connection lost what was in flight)
+        says HELLO, and is sent everything again. A send the socket refuses uses its number all the same, so
+        the next heartbeat shows the node the gap."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return self.send(node_id, mtype, header)
+        node.call_seq += 1
+        return self.send(node_id, mtype, dict(header, seq=node.call_seq))
+
     def broadcast(self, mtype: bytes, header: dict[str, Any]) -> None:
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             if not node.lost:
-                self.send(node.node_id, mtype, header)
+                self.send_sequenced(node.node_id, mtype, header)
 
     # ---- receiving -----------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -153,27 +167,47 @@ class Hub:
             node.hello, node.capacity, node.lost, node.draining = h, max(1, int(h["capacity"])), False, False
         node.last_seen = time.monotonic()
         node.ready = functions
+        # Failures reported before are stale: the functions are sent again below, and the node reports each
+        # anew (a restarted agent prepares them again; a failed one is prepared again on being sent again).
+        node.failed = {}
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
         self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq,
                                          "max_archive_bytes": self.config.max_archive_bytes})
-        asyncio.get_running_loop().create_task(self.sync_node(node_id))
+        task = asyncio.get_running_loop().create_task(self.sync_node(node_id))
+        self.syncs.add(task)  # (a task only the loop refers to may be collected before it ends)
+        task.add_done_callback(self.syncs.discard)
         if self.dispatcher is not None:
             self.dispatcher.on_node_hello(node, running)
 
     async def sync_node(self, node_id: str) -> None:
         """Send a node every runtime, the latest version of every function, and any older version that calls
         held here still wait for (a node that restarted knows none of them; without it they would wait for
-        ever)."""
+        ever). The store failing meanwhile does not leave the node without them: it is tried again, for as
+        long as the node is there."""
+        delay = SYNC_RETRY_FIRST
+        while True:
+            try:
+                await self._sync_node(node_id)
+                return
+            except RedisError as exc:
+                node = self.nodes.get(node_id)
+                if node is None or node.lost:
+                    return  # a node back from being lost says HELLO, and is synced then
+                self.log.error("node_sync_failed", node_id=node_id, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SYNC_RETRY_MAX)
+
+    async def _sync_node(self, node_id: str) -> None:
         for runtime in await self.store.list_runtimes():
-            self.send(node_id, Msg.RUNTIME, runtime.to_dict())
+            self.send_sequenced(node_id, Msg.RUNTIME, runtime.to_dict())
         latest: dict[str, int] = {}
         for fn in await self.store.list_functions():
             latest[fn["name"]] = int(fn["version"])
-            self.send(node_id, Msg.FUNCTION, function_message(fn))
+            self.send_sequenced(node_id, Msg.FUNCTION, function_message(fn))
         held = {(p.function, p.version) for p in self.dispatcher.calls.values()} if self.dispatcher else set()
         for name, version in sorted(held):
             if latest.get(name) != version and (record := await self.store.get_version(name, version)) is not None:
-                self.send(node_id, Msg.FUNCTION, function_message(record))
+                self.send_sequenced(node_id, Msg.FUNCTION, function_message(record))
         await self.store.save_node(node_id, self.nodes[node_id].to_dict())
 
     def on_heartbeat(self, node: NodeState, msg: Message) -> None:

@@ -13,7 +13,7 @@ from controller.nodestate import NodeState
 from shoal.metrics import Counter, Gauge, Histogram, Registry
 
 #: Why a call was placed again (the ``reason`` label of ``shoal_controller_calls_requeued_total``).
-REQUEUE_REASONS = ("node_lost", "rejected", "node_restarted", "controller_restarted")
+REQUEUE_REASONS = ("node_lost", "node_dropped", "node_hello", "rejected", "controller_restarted")
 
 
 class ControllerMetrics:

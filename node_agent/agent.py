@@ -303,11 +303,25 @@ class Agent:
             self.link.on_message(msg)
             seq = msg.header.get("seq")
             if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                self.check_sequence(msg.type, seq)
                 self.last_seq = seq  # see send_status (a WELCOME's handler sends one)
             handler(self, msg)
         except (ProtocolError, ValidationError) as exc:
             self.log.error("protocol_error", source="controller", error=str(exc))
             self.metrics.protocol_errors.inc(socket="controller")
+
+    def check_sequence(self, mtype: bytes, seq: int) -> None:
+        """Say HELLO again if a numbered message from the controller (a call, a runtime, a function) never came:
+        one carries the number after the last one received, a heartbeat the last one sent. A reset connection
+        loses what was on its way, and ZMQ reconnects underneath without a word; the HELLO makes the controller
+        send every runtime and function again and place again the calls this node does not hold."""
+        if self.last_seq is None or mtype == Msg.WELCOME or seq <= self.last_seq:
+            return  # (a lower number: a restarted controller, which asks for a HELLO itself)
+        expected = self.last_seq if mtype == Msg.HEARTBEAT else self.last_seq + 1
+        if seq > expected:
+            self.log.warning("controller_messages_lost", last=self.last_seq, got=seq, message=mtype.decode())
+            self.metrics.messages_lost.inc()
+            self.link.say_hello()
 
     def on_welcome(self, msg: Message) -> None:
         if msg.header.get("hello"):  # a restarted controller does not know us yet

@@ -23,6 +23,8 @@ class AgentMetrics:
         self.queue = add(Gauge("shoal_queue_depth", "Calls waiting for a miniworker, by function."))
         self.orphans_removed = add(Counter("shoal_orphan_containers_removed_total",
                                            "Containers of this node no live miniworker owned, removed by the sweep."))
+        self.messages_lost = add(Counter("shoal_controller_messages_lost_total",
+                                         "Gaps in the controller's numbered messages (each answered by a HELLO)."))
         self.protocol_errors = add(Counter("shoal_protocol_errors_total",
                                            "Messages dropped as malformed or from an unknown peer, by socket."))
 

@@ -34,6 +34,7 @@ class NodeInfo:
     hello: dict[str, Any]
     last_seen: float = field(default_factory=time.monotonic)
     functions: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> FSTATE header
+    hellos: int = 1  # HELLOs received from it
 
 
 def bind_router(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
@@ -106,6 +107,7 @@ class NodeLink:
                 self.nodes[node_id] = NodeInfo(node_id, msg.header)
             else:
                 node.hello = msg.header
+                node.hellos += 1
             self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION})
         elif msg.type == Msg.RESULT:
             self.results.setdefault(msg.header["call_id"], msg.header)

@@ -163,3 +163,69 @@ def test_a_nodes_status_and_hello_are_checked_before_they_change_anything(tmp_pa
         assert dispatcher.hellos == [{"c"}] and hub.nodes["n2"].ready == {"f@1"}
 
     asyncio.run(scenario())
+
+
+def test_a_runtime_or_function_a_node_missed_leaves_a_gap_its_next_heartbeat_shows(tmp_path: Path) -> None:
+    """A broadcast the node's socket refused (not connected just then) still uses its number: the heartbeat
+    that follows carries it, the node sees the gap and says HELLO, and is sent everything again."""
+
+    async def scenario() -> None:
+        config = ControllerConfig(zmq_bind="tcp://127.0.0.1:0")
+        hub = Hub(config, UnreachableStore(), BlobStore(tmp_path), ControllerMetrics())  # type: ignore[arg-type]
+        sent: list[tuple[bytes, dict[str, Any]]] = []
+        real = hub.send
+
+        def send(node_id: str, mtype: bytes, header: dict[str, Any], *payload: Any) -> bool:
+            sent.append((mtype, header))
+            return real(node_id, mtype, header, *payload)  # refused: no node is connected
+
+        hub.send = send  # type: ignore[method-assign]
+        node = hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1)
+        node.call_seq = 4
+        fn = {"name": "f", "version": 1, "runtime": "rt", "sha256": "0" * 64, "size": 1}
+        hub.broadcast(Msg.FUNCTION, fn)
+        hub.check_liveness(time.monotonic())
+        await hub.close()
+        assert sent == [(Msg.FUNCTION, dict(fn, seq=5)), (Msg.HEARTBEAT, {"seq": 5})]
+
+    asyncio.run(scenario())
+
+
+def test_a_node_whose_sync_the_store_failed_is_synced_once_it_answers(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sync of a joining node used to end at the first Redis error: the node never got its functions, and
+    their calls waited for ever."""
+    monkeypatch.setattr("controller.hub.SYNC_RETRY_FIRST", 0.01)
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.failures = 2
+
+        async def list_runtimes(self) -> list[Any]:
+            if self.failures:
+                self.failures -= 1
+                raise RedisConnectionError("redis is restarting")
+            return []
+
+        async def list_functions(self) -> list[dict[str, Any]]:
+            return [{"name": "f", "version": 1, "runtime": "rt", "sha256": "0" * 64, "size": 1}]
+
+        async def save_node(self, node_id: str, info: dict[str, Any]) -> None:
+            pass
+
+    async def scenario() -> list[bytes]:
+        hub = Hub(ControllerConfig(zmq_bind="tcp://127.0.0.1:0"), Flaky(), BlobStore(tmp_path),  # type: ignore[arg-type]
+                  ControllerMetrics())
+        hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1)
+        sent: list[bytes] = []
+
+        def send(node_id: str, mtype: bytes, header: dict[str, Any], *payload: Any) -> bool:
+            sent.append(mtype)
+            return True
+
+        hub.send = send  # type: ignore[method-assign]
+        await asyncio.wait_for(hub.sync_node("n1"), 5)
+        await hub.close()
+        return sent
+
+    assert asyncio.run(scenario()) == [Msg.FUNCTION]

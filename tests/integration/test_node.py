@@ -15,8 +15,9 @@ import pytest
 import zmq
 
 from miniworker.container import LABEL_MW, LABEL_NODE
-from shoal.localnode import LocalNode
-from shoal.protocol import MAX_JSON_DEPTH, Msg, pack_runner
+from shoal.localnode import SEED_RUNTIME, LocalNode
+from shoal.models import Runtime
+from shoal.protocol import MAX_JSON_DEPTH, PROTOCOL_VERSION, Msg, pack_runner
 from tests.conftest import node_containers
 from tests.integration.functions import CHAOS, DICE, ECHO, RUDE, SLOW, UPPER
 from tests.shoal.test_archive import zip_loop
@@ -479,6 +480,22 @@ def test_status_readyz_and_metrics_tell_the_truth(make_node, docker_client) -> N
     assert node.proc is not None
     wait_until(node, lambda: node.proc.poll() is not None, what="the drained agent to exit")
     assert node.proc.returncode == 0
+
+
+def test_a_gap_in_the_controllers_numbered_messages_makes_the_agent_say_hello_again(make_node) -> None:
+    # A reset connection loses what was on its way without a word from ZMQ: the numbers show it.
+    node = make_node("function")
+    info = node.link.nodes[node.node_id]
+    before = info.hellos
+    node.link.send(node.node_id, Msg.WELCOME, {"v": PROTOCOL_VERSION, "seq": 10})
+    node.link.send(node.node_id, Msg.HEARTBEAT, {"seq": 10})
+    runtime = Runtime.from_dict(dict(SEED_RUNTIME, name="pythonruntime"))
+    node.link.send(node.node_id, Msg.RUNTIME, dict(runtime.to_dict(), seq=11))  # the next number: no gap
+    node.link.send(node.node_id, Msg.HEARTBEAT, {"seq": 11})
+    node.link.send(node.node_id, Msg.HEARTBEAT, {"seq": 13})  # 12 never came
+    wait_until(node, lambda: info.hellos == before + 1, what="a HELLO after the gap")
+    assert 'shoal_controller_messages_lost_total 1' in node.http("/metrics")[1]  # one gap, one HELLO
+    assert info.hellos == before + 1
 
 
 def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:
