@@ -83,6 +83,7 @@ class Dispatcher:
         self._kick_scheduled = False
         self._unwritten: list[Pending] = []  # dispatched calls whose DISPATCHED write waits
         self._flush_scheduled = False
+        self.gone: dict[str, int] = {}  # deleted function -> last version, while calls of it are still on nodes
 
     # ---- submitting ----------------------------------------------------------------------------
     def queued(self) -> int:
@@ -249,6 +250,8 @@ class Dispatcher:
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self.calls.pop(pending.call_id, None)
         self.queue.discard(pending)
+        if pending.function in self.gone:
+            self._announce_gone(pending.function)
         fields.update(self._dispatch_fields(pending))
         now = time.time()
         pending.stamps[status.value] = now
@@ -364,6 +367,39 @@ class Dispatcher:
         if state in ("ready", "failed"):
             self.kick()  # ready: its calls can go there; failed everywhere: its calls fail
 
+    # ---- deleted functions ---------------------------------------------------------------------
+    def function_deleted(self, name: str, up_to: int) -> int:
+        """A function was deleted: its calls still waiting here end CANCELLED (``FunctionDeleted``); those on
+        nodes run to their end. Once none is left, the nodes are told to forget the function (its warm
+        containers, code and dependencies). Returns how many calls were cancelled."""
+        waiting = [p for p in self.calls.values()
+                   if p.function == name and p.version <= up_to and p.node_id is None and not p.cancel_requested]
+        for pending in waiting:
+            pending.cancelled = True
+            self.finish(pending, CallStatus.CANCELLED, {"error": {
+                "type": "FunctionDeleted", "message": f"function {name!r} was deleted before the call ran"}})
+        self.forget_when_idle(name, up_to)
+        return len(waiting)
+
+    def forget_when_idle(self, name: str, up_to: int) -> None:
+        self.gone[name] = max(up_to, self.gone.get(name, 0))
+        self._announce_gone(name)
+
+    def has_calls(self, name: str, up_to: int) -> bool:
+        return any(p.function == name and p.version <= up_to for p in self.calls.values())
+
+    def _announce_gone(self, name: str) -> None:
+        up_to = self.gone.get(name)
+        if up_to is None or self.has_calls(name, up_to):
+            return
+        del self.gone[name]
+        self.log.info("function_forgotten_by_nodes", function=name, up_to=up_to)
+        for node in self.hub.nodes.values():
+            for key in [k for k in (*node.ready, *node.failed) if k.rpartition("@")[0] == name]:
+                node.ready.discard(key)
+                node.failed.pop(key, None)
+        self.hub.broadcast(Msg.FUNCTION_GONE, {"name": name, "up_to": up_to})
+
     # ---- cancelling ----------------------------------------------------------------------------
     def cancel(self, call_id: str) -> bool:
         pending = self.calls.get(call_id)
@@ -396,6 +432,7 @@ class Dispatcher:
     async def recover(self) -> int:
         """Queue again every call the store holds as not finished (after a controller restart)."""
         count = 0
+        exists: dict[tuple[str, int], bool] = {}  # function versions (deleted while the calls waited: cancelled)
         for call in sorted(await self.store.active_calls(), key=lambda c: c.get("created") or 0):
             if call["id"] in self.calls:
                 continue
@@ -404,7 +441,14 @@ class Dispatcher:
                               attempts=int(call.get("attempts") or 0),
                               stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()},
                               record=call)
+            version = (pending.function, pending.version)
+            if version not in exists:
+                exists[version] = await self.store.get_version(*version) is not None
             self.calls[pending.call_id] = pending
+            if not exists[version]:
+                self.finish(pending, CallStatus.CANCELLED, {"error": {
+                    "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
+                continue
             self.queue.append(pending)
             count += 1
         if count:

@@ -160,6 +160,7 @@ class Hub:
             return
         running = string_set(h.get("running"), "HELLO running")
         functions = string_set(h.get("functions"), "HELLO functions")
+        runtimes = string_set(h.get("runtimes"), "HELLO runtimes")
         node = self.nodes.get(node_id)
         if node is None:
             node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))
@@ -173,21 +174,24 @@ class Hub:
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
         self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq,
                                          "max_archive_bytes": self.config.max_archive_bytes})
-        task = asyncio.get_running_loop().create_task(self.sync_node(node_id))
+        task = asyncio.get_running_loop().create_task(self.sync_node(node_id, frozenset(runtimes),
+                                                                     frozenset(functions)))
         self.syncs.add(task)  # (a task only the loop refers to may be collected before it ends)
         task.add_done_callback(self.syncs.discard)
         if self.dispatcher is not None:
             self.dispatcher.on_node_hello(node, running)
 
-    async def sync_node(self, node_id: str) -> None:
+    async def sync_node(self, node_id: str, runtimes: frozenset[str] = frozenset(),
+                        functions: frozenset[str] = frozenset()) -> None:
         """Send a node every runtime, the latest version of every function, and any older version that calls
         held here still wait for (a node that restarted knows none of them; without it they would wait for
-        ever). The store failing meanwhile does not leave the node without them: it is tried again, for as
+        ever). What the node said it has (``runtimes``, ``functions``) that was deleted meanwhile, it is told to
+        forget. The store failing meanwhile does not leave the node without them: it is tried again, for as
         long as the node is there."""
         delay = SYNC_RETRY_FIRST
         while True:
             try:
-                await self._sync_node(node_id)
+                await self._sync_node(node_id, runtimes, functions)
                 return
             except RedisError as exc:
                 node = self.nodes.get(node_id)
@@ -197,13 +201,26 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SYNC_RETRY_MAX)
 
-    async def _sync_node(self, node_id: str) -> None:
-        for runtime in await self.store.list_runtimes():
+    async def _sync_node(self, node_id: str, runtimes: frozenset[str], functions: frozenset[str]) -> None:
+        stored = await self.store.list_runtimes()
+        for runtime in stored:
             self.send_sequenced(node_id, Msg.RUNTIME, runtime.to_dict())
+        for name in sorted(runtimes - {r.name for r in stored}):
+            self.send_sequenced(node_id, Msg.RUNTIME_GONE, {"name": name})
         latest: dict[str, int] = {}
         for fn in await self.store.list_functions():
             latest[fn["name"]] = int(fn["version"])
             self.send_sequenced(node_id, Msg.FUNCTION, function_message(fn))
+        deleted: dict[str, int] = {}
+        for key in functions:
+            name, _, number = key.rpartition("@")
+            if name and name not in latest and number.isdigit():
+                deleted[name] = max(deleted.get(name, 0), int(number))
+        for name, up_to in sorted(deleted.items()):
+            if self.dispatcher is None or not self.dispatcher.has_calls(name, up_to):
+                self.send_sequenced(node_id, Msg.FUNCTION_GONE, {"name": name, "up_to": up_to})
+            else:
+                self.dispatcher.forget_when_idle(name, up_to)  # its calls still held here end first
         held = {(p.function, p.version) for p in self.dispatcher.calls.values()} if self.dispatcher else set()
         for name, version in sorted(held):
             if latest.get(name) != version and (record := await self.store.get_version(name, version)) is not None:

@@ -60,6 +60,7 @@ class Service:
         if users:
             raise Conflict(f"runtime {name!r} is used by functions: {', '.join(sorted(users))}")
         await self.store.delete_runtime(name)
+        self.hub.broadcast(Msg.RUNTIME_GONE, {"name": name})  # nodes stop the containers started ahead for it
 
     # ---- functions -----------------------------------------------------------------------------
     async def upload_function(self, name: str, runtime: str, chunks: AsyncIterator[bytes],
@@ -116,9 +117,14 @@ class Service:
                  for n in self.hub.nodes.values() if not n.lost}
         return dict(record, versions=[v["version"] for v in await self.store.list_versions(name)], nodes=nodes)
 
-    async def delete_function(self, name: str) -> None:
-        if not await self.store.delete_function(name):
+    async def delete_function(self, name: str) -> int:
+        """Delete a function (every version). Its calls still waiting end CANCELLED; those running on nodes end
+        as they do; then the nodes forget it (warm containers, code, dependencies). Returns how many calls were
+        cancelled."""
+        record = await self.store.get_function(name)
+        if record is None or not await self.store.delete_function(name):
             raise Missing(f"no function named {name!r}")
+        return self.dispatcher.function_deleted(name, int(record["version"]))
 
     # ---- calls ---------------------------------------------------------------------------------
     async def _callable(self, name: str, version: int | None,

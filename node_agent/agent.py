@@ -31,7 +31,7 @@ from docker.errors import DockerException, NotFound
 from miniworker.container import LABEL_MW, LABEL_NODE
 from miniworker.spec import LoadSpec
 from node_agent.broker import Broker
-from node_agent.cache import NodeCache
+from node_agent.cache import NodeCache, remove_path
 from node_agent.config import AgentConfig
 from node_agent.deps import REQUIREMENTS, WheelhouseResolver
 from node_agent.errors import AgentError
@@ -85,6 +85,8 @@ class Agent:
         self.engine_ok = True
         self.draining = False
         self.last_seq: int | None = None  # the sequence number in the last controller message (see send_status)
+        self.collect_due = False  # a function was forgotten: the cache has files to collect
+        self.gone_waiting = False  # deleted functions wait to be forgotten (calls of them are still here)
         self.drain_deadline = 0.0
         self.stopping = False
         self.process = psutil.Process()
@@ -213,6 +215,9 @@ class Agent:
                     self.broker.tick(now)
                     self.fetcher.tick(now, self.link.welcomed)
                     self.retry_failed(now)
+                    self.forget_gone()
+                    if self.collect_due:
+                        self.collect()
                     self.link.tick(now)
                     self.pool.reconcile()
                     self.update_gauges()
@@ -462,6 +467,73 @@ class Agent:
     def on_fetch_error(self, msg: Message) -> None:
         self.fetcher.on_error(msg.header)
 
+    def on_function_gone(self, msg: Message) -> None:
+        """The function was deleted on the controller (which has no call of it left): forget its versions up to
+        ``up_to`` (a later upload of the name has a higher version), each once no call of it is here."""
+        name, up_to = msg.header["name"], msg.header["up_to"]
+        for fn in [f for f in self.registry.functions.values() if f.spec.name == name and f.spec.version <= up_to]:
+            fn.gone = True
+            self.gone_waiting = True
+        self.forget_gone()
+
+    def forget_gone(self) -> None:
+        """Forget the deleted function versions no call here needs any more: their miniworkers are stopped, and
+        their archive, code and dependencies collected."""
+        if not self.gone_waiting:
+            return
+        busy = {t.key for t in self.broker.running.values()} | {k for k, q in self.broker.queues.items() if q}
+        gone = [f for f in self.registry.functions.values() if f.gone]
+        self.gone_waiting = any(f.key in busy for f in gone)
+        for fn in [f for f in gone if f.key not in busy]:
+            self.registry.forget(fn)
+            if not self.registry.by_sha(fn.spec.sha256):
+                self.fetcher.cancel(fn.spec.sha256)
+            self.log.info("function_forgotten", function=fn.key)
+            self.collect_due = True
+        if self.collect_due:
+            self.pool.reconcile()  # stops the idle miniworkers of what is no longer known
+
+    def on_runtime_gone(self, msg: Message) -> None:
+        name = msg.header["name"]
+        if self.registry.runtimes.pop(name, None) is None:
+            return
+        try:
+            self.cache.forget_runtime(name)
+        except OSError as exc:
+            self.log.error("runtime_not_uncached", runtime=name, error=str(exc))
+        self.log.info("runtime_forgotten", runtime=name)
+        self.pool.reconcile()
+
+    def collect(self) -> None:
+        """Move aside the archives, code and wheelhouses nothing refers to any more (then remove them in the
+        pool). Not while a function is being prepared (what it makes is not referred to until it is ready), nor
+        while a miniworker still runs a forgotten function's code."""
+        functions = self.registry.functions.values()
+        if any(fn.state == FnState.PREPARING for fn in functions):
+            return
+        if any(h.function is not None and h.function not in self.registry.functions for h in self.broker.mws.values()):
+            return
+        self.collect_due = False
+        shas = {fn.spec.sha256 for fn in functions} | set(self.fetcher.transfers)
+        wheels = {fn.wheels_dir.name for fn in functions if fn.wheels_dir is not None}
+        try:
+            moved = self.cache.collect(shas, wheels)
+        except OSError as exc:
+            self.log.error("cache_collect_failed", error=str(exc))
+            return
+        if moved:
+            self.log.info("cache_collected", entries=len(moved))
+
+            def remove() -> None:
+                for path in moved:
+                    remove_path(path)
+
+            def removed(_: Any, exc: BaseException | None) -> None:
+                if exc is not None:
+                    self.log.error("cache_remove_failed", error=str(exc))
+
+            self.run_in_pool(remove, removed)
+
     def on_drain(self, msg: Message) -> None:
         self.start_drain()
 
@@ -478,6 +550,8 @@ class Agent:
         Msg.CHUNK: on_chunk,
         Msg.FETCH_ERROR: on_fetch_error,
         Msg.DRAIN: on_drain,
+        Msg.FUNCTION_GONE: on_function_gone,
+        Msg.RUNTIME_GONE: on_runtime_gone,
     }
 
     # ---- broker callbacks ----------------------------------------------------------------------

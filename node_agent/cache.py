@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,15 +24,16 @@ class NodeCache:
     def __init__(self, root: Path, limits: ArchiveLimits | None = None) -> None:
         self.root = root
         self.limits = limits or ArchiveLimits()
-        for sub in ("blobs", "code", "wheels", "mw", "runtimes"):
+        for sub in ("blobs", "code", "wheels", "mw", "runtimes", "trash"):
             (root / sub).mkdir(parents=True, exist_ok=True)
 
     def sweep(self) -> int:
         """Remove what an agent killed mid-work left half done: extractions and dependency resolutions (they
         are redone when needed). Only at start: nothing is preparing then. Returns how many were removed."""
         removed = 0
-        for leftover in [*(self.root / "code").glob(".extract-*"), *(self.root / "wheels").glob(".resolve-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in [*(self.root / "code").glob(".extract-*"), *(self.root / "wheels").glob(".resolve-*"),
+                         *(self.root / "trash").glob("*")]:
+            remove_path(leftover)
             removed += 1
         return removed
 
@@ -84,12 +86,35 @@ class NodeCache:
             extract_archive(self.blob_path(sha), dest, self.limits)
         return dest
 
+    def collect(self, shas: set[str], wheels: set[str]) -> list[Path]:
+        """Move aside what no function refers to: archives and extracted code not in ``shas``, dependency
+        wheelhouses not in ``wheels`` (names), partial downloads of archives not in ``shas``. A rename each (the
+        caller's loop is not held up); the returned paths are removed afterwards, off the loop. What is half
+        made (names starting with a dot) is not touched."""
+        trash = self.root / "trash"
+        moved: list[Path] = []
+        for sub, keep in (("blobs", shas), ("code", shas), ("wheels", wheels)):
+            for entry in (self.root / sub).iterdir():
+                name = entry.name.removesuffix(".part") if sub == "blobs" else entry.name
+                if name.startswith(".") or name in keep:
+                    continue
+                target = trash / f"{sub}-{entry.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    entry.rename(target)
+                except FileNotFoundError:
+                    continue
+                moved.append(target)
+        return moved
+
     # ---- runtimes -----------------------------------------------------------------------------
     def save_runtime(self, runtime: Runtime) -> None:
         path = self.root / "runtimes" / f"{runtime.name}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(runtime.to_dict()))
         os.replace(tmp, path)
+
+    def forget_runtime(self, name: str) -> None:
+        (self.root / "runtimes" / f"{name}.json").unlink(missing_ok=True)
 
     def load_runtimes(self) -> dict[str, Runtime]:
         out: dict[str, Runtime] = {}
@@ -110,3 +135,11 @@ class NodeCache:
     def clear_mw_dirs(self) -> None:
         shutil.rmtree(self.root / "mw", ignore_errors=True)
         (self.root / "mw").mkdir(parents=True, exist_ok=True)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a whole tree; what is already gone is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

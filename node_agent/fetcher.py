@@ -25,7 +25,10 @@ from typing import Any, BinaryIO
 
 from node_agent.cache import NodeCache
 from node_agent.errors import FetchError
+from shoal.logs import get_logger
 from shoal.protocol import Buffer, Msg
+
+log = get_logger("fetcher")
 
 CREDIT = 8  # chunks (MiB) in flight per transfer: the sender holds at most this much per node
 STALL_SECONDS = 10.0
@@ -128,6 +131,19 @@ class ArchiveFetcher:
             self.on_done(sha, None)
         else:
             self.send(Msg.FETCH, {"sha256": sha, "offset": t.offset, "credit": CREDIT})
+
+    def cancel(self, sha: str) -> None:
+        """Stop a transfer nothing wants any more (its ``.part`` is left for the cache to collect)."""
+        t = self.transfers.pop(sha, None)
+        if t is not None and t.file is not None and not t.file.closed:
+            try:
+                t.file.close()
+            except OSError as exc:
+                self.log_close_failure(sha, exc)
+
+    @staticmethod
+    def log_close_failure(sha: str, exc: OSError) -> None:
+        log.warning("partial_archive_close_failed", sha256=sha[:12], error=str(exc))
 
     def on_error(self, header: dict[str, Any]) -> None:
         t = self.transfers.get(header["sha256"])

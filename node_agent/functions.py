@@ -27,6 +27,7 @@ class NodeFunction:
     start_failures: int = 0  # consecutive miniworker start failures
     retries: int = 0  # preparations tried again after a failure that may pass
     retry_at: float = 0.0  # monotonic time of the next one (0: none planned)
+    gone: bool = False  # deleted on the controller: forgotten once no call of it is on this node
 
     @property
     def key(self) -> str:
@@ -63,3 +64,14 @@ class Registry:
 
     def by_sha(self, sha: str) -> list[NodeFunction]:
         return [fn for fn in self.functions.values() if fn.spec.sha256 == sha]
+
+    def forget(self, fn: NodeFunction) -> None:
+        """Drop a function version (its files are the cache's to collect once nothing refers to them)."""
+        if self.functions.get(fn.key) is fn:
+            del self.functions[fn.key]
+        name = fn.spec.name
+        versions = [f.spec.version for f in self.functions.values() if f.spec.name == name]
+        if versions:
+            self.latest[name] = max(versions)
+        else:
+            self.latest.pop(name, None)

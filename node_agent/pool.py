@@ -12,7 +12,7 @@ Run after every event and on a timer, it compares what is live with what is want
 2. then the baseline: ``min_warm`` per ready function (``function``), ``runtime_warm`` per runtime
    (``runtime``), ``oneshot_spares`` (``none``);
 3. then keep-alive: idle miniworkers above the baseline for longer than their keep-alive are stopped, as
-   are idle ones of superseded function versions.
+   are idle ones of superseded function versions, and of functions and runtimes no longer known (deleted).
 
 A pool whose miniworkers fail to start is retried with exponential backoff (see the broker).
 """
@@ -152,7 +152,11 @@ class PoolManager:
         # 3. keep-alive and superseded versions
         now = time.monotonic()
         for h in live:
-            if h.state != MwState.IDLE or h.function is None:
+            if h.state != MwState.IDLE:
+                continue
+            if h.function is None:
+                if h.mode == "runtime" and h.runtime not in self.registry.runtimes:
+                    self.broker.stop(h)  # its runtime was deleted
                 continue
             fn = self.registry.functions.get(h.function)
             if fn is None:

@@ -72,6 +72,8 @@ class Msg:
     RUNTIME = b"RUNTIME"  # controller -> agent: a runtime definition
     FUNCTION = b"FUNC"  # controller -> agent: a function version (archive by sha256)
     FUNCTION_STATE = b"FSTATE"  # agent -> controller: function ready / failed on this node
+    FUNCTION_GONE = b"FGONE"  # controller -> agent: a function was deleted: forget its versions up to this one
+    RUNTIME_GONE = b"RGONE"  # controller -> agent: a runtime was deleted
     FETCH = b"FETCH"  # agent -> controller: send me chunks of an archive (credit-based)
     CHUNK = b"CHUNK"  # controller -> agent: one chunk (payload frame = bytes)
     FETCH_ERROR = b"FETCHERR"  # controller -> agent: cannot serve that archive
@@ -109,7 +111,7 @@ _OPT_DICT = (dict, type(None))
 _ANY: tuple[type, ...] = ()
 
 #: Fields that count or locate bytes (a negative one is malformed, not merely unknown).
-COUNT_FIELDS = frozenset({"offset", "credit", "size", "capacity", "version"})
+COUNT_FIELDS = frozenset({"offset", "credit", "size", "capacity", "version", "up_to"})
 
 #: Required header fields per message type (name -> accepted types; empty tuple = any JSON value).
 #: Extra fields are allowed (forward compatibility); missing or mistyped required fields are not.
@@ -120,6 +122,8 @@ SCHEMAS: dict[bytes, dict[str, tuple[type, ...]]] = {
     Msg.RUNTIME: {"name": _STR, "image": _STR, "path": _STR, "dependencies": _STR, "run": _STR},
     Msg.FUNCTION: {"name": _STR, "version": _INT, "runtime": _STR, "sha256": _STR, "size": _INT},
     Msg.FUNCTION_STATE: {"name": _STR, "version": _INT, "state": _STR},
+    Msg.FUNCTION_GONE: {"name": _STR, "up_to": _INT},
+    Msg.RUNTIME_GONE: {"name": _STR},
     Msg.FETCH: {"sha256": _STR, "offset": _INT, "credit": _INT},
     Msg.CHUNK: {"sha256": _STR, "offset": _INT, "last": _BOOL},
     Msg.FETCH_ERROR: {"sha256": _STR, "error": _STR},

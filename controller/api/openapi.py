@@ -100,7 +100,11 @@ DOCUMENT: dict[str, Any] = {
             },
             "get": {"summary": "Get a function", "responses": {"200": _resp("Function", {"type": "object"}),
                                                                **_errors(404)}},
-            "delete": {"summary": "Delete a function", "responses": {"204": _resp("Deleted"), **_errors(404)}},
+            "delete": {"summary": "Delete a function (every version)",
+                       "description": "Its calls still waiting end CANCELLED (error type FunctionDeleted); those "
+                                      "running on nodes end as they do. Then every node forgets the function: its "
+                                      "warm containers are stopped and its archive, code and dependencies removed.",
+                       "responses": {"204": _resp("Deleted"), **_errors(404)}},
         },
         "/v1/functions/{name}/invoke": {
             "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,

@@ -21,6 +21,7 @@ import zmq
 from shoal import protocol
 from shoal.localcluster import LocalCluster
 from shoal.protocol import Msg
+from tests.conftest import node_containers
 from tests.controller.conftest import ECHO, SLOW, metrics, seed_runtime, upload, wait_call, wait_ready
 
 pytestmark = pytest.mark.docker
@@ -262,3 +263,29 @@ def test_calls_waiting_for_room_on_a_node_are_placed_as_its_calls_end(make_clust
     [node] = cluster.get("/v1/nodes")
     # Nothing was sent twice but what the node lost (a re-HELLO under load re-sends what it does not run).
     assert node["dispatched"] == sum(c["attempts"] for c in calls) and node["inflight_by_function"] == {}
+
+
+def test_deleting_a_function_cancels_its_waiting_calls_and_its_nodes_forget_it(make_cluster: Any,
+                                                                               docker_client: Any) -> None:
+    # The node takes one call of it at a time: the others wait in the controller.
+    cluster: LocalCluster = make_cluster(agents=1, agent_env={"SHOAL_AGENT_QUEUE_LIMIT": "1"})
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    wait_ready(cluster, "slow", 1)
+    [node_id] = cluster.node_ids
+    ids = [submit(cluster, "slow", {"s": 3})] + [submit(cluster, "slow", {"s": 0}) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while cluster.get(f"/v1/calls/{ids[0]}")["status"] != "RUNNING":  # in its container
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert node_containers(docker_client, node_id)
+    assert cluster.request("DELETE", "/v1/functions/slow")[0] == 204
+    calls = [wait_call(cluster, i, timeout=60) for i in ids]
+    assert [c["status"] for c in calls] == ["DONE", "CANCELLED", "CANCELLED", "CANCELLED"]
+    assert {c["error"]["type"] for c in calls[1:]} == {"FunctionDeleted"}
+    # Once its last call ended, the node forgot it: its warm container is gone, and it is not started again.
+    deadline = time.monotonic() + 30
+    while node_containers(docker_client, node_id):
+        assert time.monotonic() < deadline, "the deleted function's container stayed"
+        time.sleep(0.1)
+    assert cluster.get(f"/v1/nodes/{node_id}")["functions_ready"] == []

@@ -20,6 +20,7 @@ class FakeHub:
         self.placed: dict[str, list[str]] = {}  # call id -> the nodes it was sent to
         self.up = True
         self.refusing: set[str] = set()  # nodes whose socket refuses a send (they went away)
+        self.broadcasts: list[tuple[bytes, dict[str, Any]]] = []
 
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any]) -> bool:
         if not self.up or node_id in self.refusing:
@@ -28,6 +29,9 @@ class FakeHub:
         if mtype == Msg.CALL:
             self.placed.setdefault(header["call_id"], []).append(node_id)
         return True
+
+    def broadcast(self, mtype: bytes, header: dict[str, Any]) -> None:
+        self.broadcasts.append((mtype, header))
 
     def calls_sent(self) -> list[str]:
         return [call_id for mtype, call_id in self.sent if mtype == Msg.CALL]
@@ -39,6 +43,7 @@ class FakeStore:
         self.fields: dict[str, dict[str, Any]] = {}
         self.failing = 0  # this many writes fail next
         self.active: list[dict[str, Any]] = []  # what active_calls() returns (calls of a previous lifetime)
+        self.deleted: set[tuple[str, int]] = set()  # function versions get_version does not find
 
     def update_call(self, call_id: str, status: Any, fields: dict[str, Any]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -53,6 +58,9 @@ class FakeStore:
 
     async def active_calls(self) -> list[dict[str, Any]]:
         return self.active
+
+    async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
+        return None if (name, version) in self.deleted else {"name": name, "version": version}
 
 
 def make_dispatcher(nodes: tuple[str, ...] = ("n1",)) -> tuple[Dispatcher, FakeHub, FakeStore, ControllerMetrics]:
@@ -352,5 +360,39 @@ def test_a_status_keeps_the_recovered_calls_its_node_holds() -> None:
         d.on_node_status(node, 0, {"kept"})
         await asyncio.sleep(0)
         assert hub.placed == {"gone": ["n1"]} and d.calls["kept"].node_id == "n1"
+
+    asyncio.run(scenario())
+
+
+def test_deleting_a_function_cancels_its_waiting_calls_and_nodes_forget_it_once_none_is_left() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        ready(hub)
+        calls = [Pending(f"c{n}", "f", 1, n, 5.0) for n in range(4)]
+        for pending in calls:
+            d.enqueue(pending)
+        await asyncio.sleep(0)
+        assert sorted(hub.placed) == ["c0", "c1"]  # the node takes two; c2 and c3 wait here
+        assert d.function_deleted("f", 1) == 2
+        assert [status_of(store, c) for c in ("c2", "c3")] == ["CANCELLED", "CANCELLED"]
+        assert store.fields["c2"]["error"]["type"] == "FunctionDeleted" and len(d.queue) == 0
+        assert hub.broadcasts == []  # c0 and c1 still run on the node
+        d.on_result(hub.nodes["n1"], {"call_id": "c0", "status": "DONE", "result": 0})
+        assert hub.broadcasts == []
+        d.on_result(hub.nodes["n1"], {"call_id": "c1", "status": "DONE", "result": 1})
+        assert hub.broadcasts == [(Msg.FUNCTION_GONE, {"name": "f", "up_to": 1})]
+        await asyncio.sleep(0.05)
+        assert sorted(hub.placed) == ["c0", "c1"]
+
+    asyncio.run(scenario())
+
+
+def test_recovered_calls_of_a_deleted_function_end_cancelled() -> None:
+    async def scenario() -> None:
+        d, _, store, _ = make_dispatcher(("n1",))
+        store.active = [stored_call("c0"), stored_call("c1", version=2)]
+        store.deleted = {("f", 2)}
+        assert await d.recover() == 1
+        assert status_of(store, "c1") == "CANCELLED" and list(d.calls) == ["c0"] and len(d.queue) == 1
 
     asyncio.run(scenario())

@@ -17,6 +17,7 @@ from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from shoal import protocol
 from shoal.blobs import BlobStore
+from shoal.models import Runtime
 from shoal.protocol import Msg, ProtocolError
 
 
@@ -127,7 +128,7 @@ def test_a_nodes_status_and_hello_are_checked_before_they_change_anything(tmp_pa
                   ControllerMetrics())
         hub.dispatcher = dispatcher = Statuses()  # type: ignore[assignment]
         hub.send = lambda *args, **kwargs: True  # type: ignore[method-assign]
-        hub.sync_node = lambda node_id: asyncio.sleep(0)  # type: ignore[method-assign]
+        hub.sync_node = lambda node_id, *known: asyncio.sleep(0)  # type: ignore[method-assign]
         try:
             check(hub, dispatcher)
         finally:
@@ -155,7 +156,8 @@ def test_a_nodes_status_and_hello_are_checked_before_they_change_anything(tmp_pa
                                                             "capacity": 1, **fields}, []))
 
         bad_hello: dict[str, Any]
-        for bad_hello in ({"running": [{"a": 1}]}, {"running": "abc"}, {"functions": [["f@1"]]}, {"functions": {}}):
+        for bad_hello in ({"running": [{"a": 1}]}, {"running": "abc"}, {"functions": [["f@1"]]}, {"functions": {}},
+                          {"runtimes": [1]}):
             with pytest.raises(ProtocolError):
                 hello(**bad_hello)
         assert "n2" not in hub.nodes and not dispatcher.hellos
@@ -229,3 +231,47 @@ def test_a_node_whose_sync_the_store_failed_is_synced_once_it_answers(tmp_path: 
         return sent
 
     assert asyncio.run(scenario()) == [Msg.FUNCTION]
+
+
+def test_a_joining_node_is_told_to_forget_what_was_deleted_while_it_was_away(tmp_path: Path) -> None:
+    class Store:
+        async def list_runtimes(self) -> list[Any]:
+            return [Runtime(name="rt", image="img", path="/ws", dependencies="", run="")]
+
+        async def list_functions(self) -> list[dict[str, Any]]:
+            return [{"name": "f", "version": 3, "runtime": "rt", "sha256": "3" * 64, "size": 1}]
+
+        async def save_node(self, node_id: str, info: dict[str, Any]) -> None:
+            pass
+
+    class Calls:
+        calls: dict[str, Any] = {}
+        later: list[tuple[str, int]] = []
+
+        def has_calls(self, name: str, up_to: int) -> bool:
+            return name == "h"
+
+        def forget_when_idle(self, name: str, up_to: int) -> None:
+            self.later.append((name, up_to))
+
+    async def scenario() -> list[tuple[bytes, dict[str, Any]]]:
+        hub = Hub(ControllerConfig(zmq_bind="tcp://127.0.0.1:0"), Store(), BlobStore(tmp_path),  # type: ignore[arg-type]
+                  ControllerMetrics())
+        hub.dispatcher = calls  # type: ignore[assignment]
+        hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1)
+        sent: list[tuple[bytes, dict[str, Any]]] = []
+
+        def send(node_id: str, mtype: bytes, header: dict[str, Any], *payload: Any) -> bool:
+            sent.append((mtype, {k: v for k, v in header.items() if k in ("name", "up_to")}))
+            return True
+
+        hub.send = send  # type: ignore[method-assign]
+        await hub.sync_node("n1", frozenset({"rt", "old-rt"}), frozenset({"f@3", "g@1", "g@2", "h@1"}))
+        await hub.close()
+        return sent
+
+    calls = Calls()
+    assert asyncio.run(scenario()) == [
+        (Msg.RUNTIME, {"name": "rt"}), (Msg.RUNTIME_GONE, {"name": "old-rt"}),
+        (Msg.FUNCTION, {"name": "f"}), (Msg.FUNCTION_GONE, {"name": "g", "up_to": 2})]
+    assert calls.later == [("h", 1)]  # its calls end first

@@ -498,6 +498,33 @@ def test_a_gap_in_the_controllers_numbered_messages_makes_the_agent_say_hello_ag
     assert info.hellos == before + 1
 
 
+def test_a_deleted_function_and_runtime_are_forgotten_with_their_containers_and_files(make_node,
+                                                                                      docker_client) -> None:
+    node = make_node("function")
+    node.deploy("dice", DICE)  # with a requirements.txt: a wheelhouse too
+    node.deploy("echo", ECHO, entrypoint="handler:handler")
+    assert node.call("dice", "4d6")["status"] == "DONE" and node.call("echo", 1)["status"] == "DONE"
+    cache = node.state_dir / node.node_id
+    def entries() -> dict[str, int]:
+        return {sub: len(list((cache / sub).iterdir())) for sub in ("blobs", "code", "wheels", "trash")}
+
+    assert entries() == {"blobs": 2, "code": 2, "wheels": 2, "trash": 0}  # dice's wheelhouse, echo's empty one
+    assert len(node_containers(docker_client, node.node_id)) == 2
+    node.link.send(node.node_id, Msg.FUNCTION_GONE, {"name": "dice", "up_to": 1})
+    wait_until(node, lambda: len(node_containers(docker_client, node.node_id)) == 1, what="dice's container to go")
+    wait_until(node, lambda: entries() == {"blobs": 1, "code": 1, "wheels": 1, "trash": 0}, what="dice's files to go")
+    assert [f["key"] for f in node.status()["functions"]] == ["echo@1"]
+    result = node.call("dice", "4d6")
+    assert result["status"] == "FAILED" and result["error"]["type"] == "UnknownFunction"
+    assert node.call("echo", 2)["status"] == "DONE"  # the other function is untouched
+    # A deleted runtime: its containers started ahead are stopped (a runtime-policy node).
+    generic = make_node("runtime")
+    wait_until(generic, lambda: len(node_containers(docker_client, generic.node_id)) == 2, what="runtime warm pool")
+    generic.link.send(generic.node_id, Msg.RUNTIME_GONE, {"name": "pythonruntime"})
+    wait_until(generic, lambda: node_containers(docker_client, generic.node_id) == [], what="the runtime's pool to go")
+    assert generic.status()["runtimes"] == {}
+
+
 def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:
     # What a miniworker could not remove (the engine refused) and its agent's cleanup missed too.
     node = make_node("function", env={"SHOAL_AGENT_ORPHAN_SWEEP": "0.5"})
