@@ -277,10 +277,16 @@ class Service:
 
     async def cancel(self, call_id: str) -> dict[str, Any]:
         call = await self.get_call(call_id)
-        if call["status"] in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
+        if call["status"] not in TERMINAL_STATES and not self.dispatcher.cancel(call_id):
+            # Not held here: it ended, and its outcome is on its way to the store.
+            await self.store.settled()
+            call = await self.get_call(call_id)
+        if call["status"] in TERMINAL_STATES:
             raise Conflict(f"call {call_id} already ended ({call['status']})")
-        self.dispatcher.cancel(call_id)
         return call
+
+
+TERMINAL_STATES = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
 
 
 def _write_and_hash(out: BinaryIO, digest: Any, chunk: bytes) -> None:

@@ -21,7 +21,8 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body or archive too large",
-            415: "Unsupported media type", 429: "Queue full (see Retry-After)"}
+            415: "Unsupported media type", 429: "Queue full (see Retry-After)",
+            503: "The store (Redis) is unavailable: nothing was accepted"}
     return {str(c): _resp(text[c], ERROR) for c in codes}
 
 
@@ -87,7 +88,8 @@ DOCUMENT: dict[str, Any] = {
             "post": {
                 "summary": "Upload a function archive (zip or tar.gz): a new version",
                 "parameters": [
-                    {"name": "runtime", "in": "query", "required": False, "schema": NAME},
+                    {"name": "runtime", "in": "query", "required": False, "schema": NAME,
+                     "description": "required: here, or as a form field before the archive (multipart)"},
                     {"name": "entrypoint", "in": "query", "required": False, "schema": {"type": "string"}},
                     {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number"}},
                 ],
@@ -96,7 +98,7 @@ DOCUMENT: dict[str, Any] = {
                     "multipart/form-data": {"schema": {"type": "object", "properties": {
                         "archive": {"type": "string", "format": "binary"}, "runtime": NAME}}},
                 }},
-                "responses": {"201": _resp("Stored", {"type": "object"}), **_errors(400, 404, 413, 415)},
+                "responses": {"201": _resp("Stored", {"type": "object"}), **_errors(400, 404, 413, 415, 503)},
             },
             "get": {"summary": "Get a function", "responses": {"200": _resp("Function", {"type": "object"}),
                                                                **_errors(404)}},
@@ -112,14 +114,14 @@ DOCUMENT: dict[str, Any] = {
             "post": {"summary": "Invoke and wait for the outcome", "requestBody": INVOKE_BODY,
                      "responses": {"200": _resp("The call, ended", {"$ref": "#/components/schemas/Call"}),
                                    "202": _resp("Still running", {"$ref": "#/components/schemas/Accepted"}),
-                                   **_errors(400, 404, 413, 429)}},
+                                   **_errors(400, 404, 409, 413, 429, 503)}},
         },
         "/v1/functions/{name}/invoke-async": {
             "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
                                                  "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
             "post": {"summary": "Invoke without waiting", "requestBody": INVOKE_BODY,
                      "responses": {"202": _resp("Accepted", {"$ref": "#/components/schemas/Accepted"}),
-                                   **_errors(400, 404, 413, 429)}},
+                                   **_errors(400, 404, 409, 413, 429, 503)}},
         },
         "/v1/functions/{name}/invoke-batch": {
             "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -130,7 +132,7 @@ DOCUMENT: dict[str, Any] = {
                          "type": "object", "required": ["count", "calls"], "properties": {
                              "count": {"type": "integer"},
                              "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Accepted"}}}}),
-                                   **_errors(400, 404, 413, 429)}},
+                                   **_errors(400, 404, 409, 413, 429, 503)}},
         },
         "/v1/calls": {
             "get": {"summary": "List calls, newest first",
