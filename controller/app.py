@@ -43,9 +43,12 @@ def create_app(config: ControllerConfig) -> web.Application:
     metrics = app[METRICS] = ControllerMetrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        redis = Redis.from_url(config.redis_url, decode_responses=True)
+        # Every command is bounded: a Redis that stops answering (paused, a network that drops packets) is an
+        # unavailable store (503, retried writes), not requests and the liveness check waiting for ever.
+        redis = Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=config.redis_timeout,
+                               socket_connect_timeout=config.redis_timeout)
         await redis.ping()
-        store = Store(redis, config.retention, config.redis_url, metrics)
+        store = Store(redis, config.retention, config.redis_url, metrics, timeout=config.redis_timeout)
         store.start()
         blobs = BlobStore(config.blob_dir)
         hub = Hub(config, store, blobs, metrics)

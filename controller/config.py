@@ -19,6 +19,7 @@ class ControllerConfig:
     zmq_bind: str = "tcp://127.0.0.1:5555"
     zmq_advertise: str = ""  # the URL nodes connect to, if not zmq_bind (e.g. behind NAT)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = 10.0  # seconds a Redis command may take before the store counts as unavailable
     blob_dir: Path = Path("/var/tmp/shoal/controller/blobs")
     heartbeat: float = 1.0
     liveness: int = 3
@@ -48,6 +49,7 @@ class ControllerConfig:
             "zmq_bind": env_str(p + "ZMQ_BIND", "tcp://127.0.0.1:5555"),
             "zmq_advertise": env_str(p + "ZMQ_ADVERTISE", ""),
             "redis_url": env_str(p + "REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "redis_timeout": env_float(p + "REDIS_TIMEOUT", 10.0, 0.1, 600.0),
             "blob_dir": Path(env_str(p + "BLOB_DIR", "/var/tmp/shoal/controller/blobs")),
             "heartbeat": env_float(p + "HEARTBEAT", 1.0, 0.05, 60.0),
             "liveness": env_int(p + "LIVENESS", 3, 1, 100),

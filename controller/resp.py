@@ -30,8 +30,9 @@ def pack(commands: list[Command]) -> bytes:
 class RespConnection:
     """One connection; ``execute`` is not reentrant (the store's single writer task is its only user)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url
+        self.timeout = timeout  # seconds a batch (with the connection's setup) may take
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -80,10 +81,14 @@ class RespConnection:
 
         A broken connection raises ConnectionError/OSError and is dropped; the next call reconnects.
         """
-        if self._writer is None or self._writer.is_closing():
-            await self._connect()
         try:
-            return await self._roundtrip(commands)
+            async with asyncio.timeout(self.timeout):
+                if self._writer is None or self._writer.is_closing():
+                    await self._connect()
+                return await self._roundtrip(commands)
+        except TimeoutError:
+            await self.close()  # its replies may still come: the connection cannot be used again
+            raise ConnectionError(f"redis did not answer within {self.timeout:g} s") from None
         except (ConnectionError, OSError, hiredis.ProtocolError):
             await self.close()
             raise

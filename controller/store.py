@@ -72,10 +72,11 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, redis: Redis, retention: float, url: str, metrics: ControllerMetrics | None = None) -> None:
+    def __init__(self, redis: Redis, retention: float, url: str, metrics: ControllerMetrics | None = None,
+                 timeout: float = 10.0) -> None:
         self.redis: Any = redis  # redis-py's stubs type replies as bytes | str; we decode responses
         self.retention = int(retention)
-        self._conn = RespConnection(url)
+        self._conn = RespConnection(url, timeout)
         self.metrics = metrics if metrics is not None else ControllerMetrics()
         self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None

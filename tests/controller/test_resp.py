@@ -87,3 +87,29 @@ def test_password_and_database_from_the_url_and_a_wrong_password_is_a_store_erro
     finally:
         redis.Redis(port=server.port, password="s3cret").config_set("requirepass", "")
         admin.close()
+
+
+def test_a_redis_that_stops_answering_is_a_connection_error_and_the_next_batch_reconnects(server: RedisServer) -> None:
+    """A paused server (or a network that drops packets) used to hold the store's writer for ever: every
+    invoke waited instead of being told the store is unavailable."""
+    admin = redis.Redis(port=server.port)
+    try:
+        async def run() -> tuple[str, list[object]]:
+            conn = RespConnection(server.url, timeout=0.3)
+            await conn.execute([("PING",)])
+            admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # every client's commands wait 1 s
+            try:
+                await conn.execute([("SET", "paused", "1")])
+                error = ""
+            except ConnectionError as exc:
+                error = str(exc)
+            await asyncio.sleep(1)
+            replies = await conn.execute([("GET", "paused"), ("PING",)])
+            await conn.close()
+            return error, replies
+
+        error, replies = asyncio.run(run())
+        assert "did not answer within 0.3 s" in error
+        assert replies[1] == b"PONG"  # a new connection; the timed-out write may or may not have landed
+    finally:
+        admin.close()
