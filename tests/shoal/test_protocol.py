@@ -1,11 +1,24 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shoal import protocol
-from shoal.protocol import MAX_JSON_DEPTH, DepthError, Msg, ProtocolError, RunnerStream, loads_bounded, pack_runner
+from shoal.protocol import (
+    MAX_JSON_DEPTH,
+    DepthError,
+    Msg,
+    ProtocolError,
+    RunnerStream,
+    loads_bounded,
+    nested_deeper_than,
+    pack_runner,
+    text_nested_deeper_than,
+)
 
 
 def test_round_trip_keeps_header_and_payload() -> None:
@@ -94,3 +107,26 @@ def test_runner_stream_refuses_oversized_and_malformed() -> None:
     deep = Msg.R_RESULT + b'\0{"call_id": "1", "ok": true, "result": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     with pytest.raises(ProtocolError, match="deeper than"):
         RunnerStream().feed(len(deep).to_bytes(4, "big") + deep)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\u00e9\n', max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.text(alphabet='[]{}"\\k', max_size=4), children, max_size=4),
+    max_leaves=40,
+)
+
+
+@given(value=st.lists(json_values, max_size=3) | st.dictionaries(st.text(max_size=3), json_values, max_size=3),
+       limit=st.integers(min_value=1, max_value=6))
+def test_the_depth_read_from_the_text_is_the_depth_of_the_value(value: Any, limit: int) -> None:
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    assert text_nested_deeper_than(raw, limit) == nested_deeper_than(value, limit)
+
+
+def test_the_depth_of_a_deep_or_wide_document_is_read_from_its_text() -> None:
+    assert text_nested_deeper_than(b"[" * 201 + b"]" * 201, 200)
+    assert not text_nested_deeper_than(b"[" * 200 + b"]" * 200, 200)
+    assert not text_nested_deeper_than(b'["' + b"[" * 500 + b'\\"[["]', 200)  # brackets in a string do not nest
+    wide = b"[" + b",".join([b"[" * 199 + b"]" * 199] * 4000) + b"]"  # 1.6 MB: walking its value took ~0.7 s
+    assert not text_nested_deeper_than(wide, 200) and text_nested_deeper_than(wide, 199)
