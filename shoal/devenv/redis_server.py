@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.devenv.paths import state_dir
+from shoal.protocol import UNIX_PATH_MAX
 
 
 class RedisStartError(RuntimeError):
@@ -38,6 +39,7 @@ class RedisServer:
     port: int
     directory: Path
     appendonly: bool = True
+    unix_socket: bool = False  # also listen on redis.sock in its directory (a short enough path)
 
     @property
     def url(self) -> str:
@@ -45,7 +47,9 @@ class RedisServer:
 
     @property
     def unix_url(self) -> str:
-        """The same server on its unix socket (in its directory)."""
+        """The same server on its unix socket (started with ``unix_socket``)."""
+        if not self.unix_socket:
+            raise RedisStartError("this redis-server listens on no unix socket")
         return f"unix://{self.directory / 'redis.sock'}"
 
     def start(self) -> RedisServer:
@@ -53,13 +57,18 @@ class RedisServer:
         if exe is None:
             raise RedisStartError("redis-server is not installed: run scripts/bootstrap.sh")
         self.directory.mkdir(parents=True, exist_ok=True)
+        socket_args: list[str] = []
+        if self.unix_socket:
+            path = str(self.directory / "redis.sock")
+            if len(path.encode()) > UNIX_PATH_MAX:
+                raise RedisStartError(f"the unix socket path {path} is longer than {UNIX_PATH_MAX} bytes")
+            socket_args = ["--unixsocket", path, "--unixsocketperm", "700"]
         subprocess.run(
             [
                 exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--daemonize", "yes", "--pidfile", str(self.directory / "redis.pid"),
-                "--logfile", str(self.directory / "redis.log"),
-                "--unixsocket", str(self.directory / "redis.sock"), "--unixsocketperm", "700",
+                "--logfile", str(self.directory / "redis.log"), *socket_args,
             ],
             check=True, stdin=subprocess.DEVNULL,
         )
@@ -96,6 +105,6 @@ def _is_redis(pid: int, port: int) -> bool:
     return bool(cmdline) and b"redis-server" in cmdline[0] and f":{port}".encode() in b" ".join(cmdline)
 
 
-def start_redis(name: str = "redis", appendonly: bool = True) -> RedisServer:
+def start_redis(name: str = "redis", appendonly: bool = True, unix_socket: bool = False) -> RedisServer:
     return RedisServer(port=free_port(), directory=state_dir() / name / str(time.time_ns()),
-                       appendonly=appendonly).start()
+                       appendonly=appendonly, unix_socket=unix_socket).start()

@@ -16,7 +16,7 @@ from shoal.devenv.redis_server import RedisServer, start_redis
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    srv = start_redis("resp-test", appendonly=False)
+    srv = start_redis("resp-test", appendonly=False, unix_socket=True)
     yield srv
     srv.stop(remove=True)
 
