@@ -285,7 +285,7 @@ class Dispatcher:
                 if not fut.done():
                     fut.set_result(outcome)
 
-        self.store.update_call(pending.call_id, status, fields).add_done_callback(landed)
+        self.store.update_call(pending.call_id, status, fields, pending.record).add_done_callback(landed)
 
     def _requeue(self, pending: Pending, reason: str) -> None:
         """Place a call again that its node no longer holds, unless a cancel was asked meanwhile."""

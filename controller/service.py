@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from redis.exceptions import RedisError
 
+from controller import keys
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
 from controller.errors import BadRequest, Conflict, Missing, StoreError, TooLarge
@@ -150,9 +151,10 @@ class Service:
 
     @staticmethod
     def _new_call(record: dict[str, Any], params: Any, timeout: float, call_id: str, num: int,
-                  now: float) -> tuple[dict[str, Any], Pending]:
+                  now: float, idem: str = "") -> tuple[dict[str, Any], Pending]:
+        """A new call; ``idem``: the Redis key of its idempotency key (kept as long as the call, from its end)."""
         name, version = record["name"], int(record["version"])
-        call = {"id": call_id, "num": num, "function": name, "version": version,
+        call = {"id": call_id, "num": num, "function": name, "version": version, "idem": idem,
                 "params": params, "status": "QUEUED", "created": now, "t_QUEUED": now, "timeout": timeout,
                 "attempts": 0, "node": ""}
         return call, Pending(call_id, name, version, params, timeout, record=call, stamps={"QUEUED": now})
@@ -188,7 +190,8 @@ class Service:
             if existing is not None:
                 return await self._replayed(existing)
         # No await from the claim to the queueing: a replay that finds the key finds the call in the dispatcher.
-        call, pending = self._new_call(record, params, timeout, call_id, num, time.time())
+        idem = keys.idempotency(idempotency_key) if idempotency_key is not None else ""
+        call, pending = self._new_call(record, params, timeout, call_id, num, time.time(), idem)
         try:
             await self._store_and_queue([(call, pending)])
         except StoreError:
@@ -249,7 +252,8 @@ class Service:
                 return await self._replayed_batch(existing.split(","))
         # No await from the claim to the queueing (see _settle_claim).
         now = time.time()
-        made = [self._new_call(record, p, timeout, call_id, num, now)
+        idem = keys.batch_idempotency(idempotency_key) if idempotency_key is not None else ""
+        made = [self._new_call(record, p, timeout, call_id, num, now, idem)
                 for p, call_id, num in zip(params, ids, nums, strict=True)]
         try:
             await self._store_and_queue(made)

@@ -71,6 +71,9 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
     return call
 
 
+PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
+
+
 class Store:
     def __init__(self, redis: Redis, retention: float, url: str, metrics: ControllerMetrics | None = None,
                  timeout: float = 10.0) -> None:
@@ -249,7 +252,11 @@ class Store:
             statuses = await pipe.execute()
         return [{"id": i, "status": status or "UNKNOWN"} for i, status in zip(call_ids, statuses, strict=True)]
 
-    def update_call(self, call_id: str, status: CallStatus | None, fields: dict[str, Any]) -> asyncio.Future[None]:
+    def update_call(self, call_id: str, status: CallStatus | None, fields: dict[str, Any],
+                    record: dict[str, Any] | None = None) -> asyncio.Future[None]:
+        """Write a call's new state and fields. A terminal one starts its retention: the call's hash, and the
+        keys that lead to it (``record``: the call as created: its number, its idempotency key), are kept that
+        long from its end, not from its creation (a call can wait or run long)."""
         mapping = encode_call(fields)
         if status is not None:
             mapping["status"] = status.value
@@ -257,6 +264,11 @@ class Store:
         write: Write = [("HSET", keys.call(call_id), *_flat(mapping))]
         if status in TERMINAL:
             write += [("ZREM", keys.ACTIVE, call_id), ("EXPIRE", keys.call(call_id), self.retention)]
+            if record is not None:
+                if isinstance(record.get("num"), int):
+                    write.append(("EXPIRE", keys.call_by_num(record["num"]), self.retention))
+                if record.get("idem"):
+                    write.append(("EXPIRE", str(record["idem"]), self.retention))
         return self.write(write)
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
@@ -326,12 +338,26 @@ class Store:
         return [decode_call(raw) for raw in rows if raw]
 
     async def prune(self) -> int:
-        """Drop finished calls older than the retention from the indexes (their hashes expire)."""
+        """Drop from the indexes the calls created longer than the retention ago that have ended (their hashes
+        expire a retention after their end; a call still waiting or running stays listed), in every function's
+        index, deleted functions' too. Returns how many left the index of all calls."""
         cutoff = now_ms() - self.retention * 1000
-        removed = int(await self.redis.zremrangebyscore(keys.CALLS, "-inf", cutoff))
-        for name in [f["name"] for f in await self.list_functions()]:
-            await self.redis.zremrangebyscore(keys.calls_of(name), "-inf", cutoff)
+        removed = await self._prune_index(keys.CALLS, cutoff)
+        async for index in self.redis.scan_iter(match=keys.calls_of("*"), count=500):
+            await self._prune_index(index, cutoff)
         return removed
+
+    async def _prune_index(self, index: str, cutoff: int) -> int:
+        removed = offset = 0
+        while True:
+            old = await self.redis.zrangebyscore(index, "-inf", cutoff, start=offset, num=PRUNE_CHUNK)
+            if not old:
+                return removed
+            live = await self.redis.zmscore(keys.ACTIVE, old)
+            ended = [call_id for call_id, score in zip(old, live, strict=True) if score is None]
+            if ended:
+                removed += int(await self.redis.zrem(index, *ended))
+            offset += len(old) - len(ended)  # the live ones stay ahead of the next chunk
 
     # ---- nodes ---------------------------------------------------------------------------------
     async def save_node(self, node_id: str, info: dict[str, Any]) -> None:

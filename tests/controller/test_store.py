@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from controller import keys
 from controller.store import Store
 from shoal.devenv.redis_server import RedisServer, start_redis
+from shoal.models import CallStatus
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,31 @@ def test_paging_lists_every_call_once_when_many_share_a_millisecond(server: Redi
     pages, done, expected = asyncio.run(scenario())
     assert pages == expected
     assert done == [i for i in expected if i.startswith("p") and int(i[1:]) % 3 == 0]
+
+
+def test_retention_counts_from_a_calls_end_and_pruning_keeps_calls_still_waiting(server: RedisServer) -> None:
+    """Index entries used to be pruned, and a call's number and idempotency key to expire, a retention after
+    its creation, even while it still waited or ran; and the indexes of deleted functions were never pruned."""
+
+    async def scenario() -> None:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 30, server.url)
+        store.start()
+        old = time.time() - 3600  # created an hour ago, past the 30 s retention
+        calls = [dict(call(n, "gone-fn", 7000 + n), id=f"r{n}", created=old, idem=f"shoal:idem:k{n}")
+                 for n in range(4)]
+        await store.create_calls(calls)
+        for c in calls:
+            await r.set(str(c["idem"]), str(c["id"]), ex=5)
+        await store.update_call("r0", CallStatus.DONE, {"result": 1}, calls[0])
+        await store.update_call("r1", CallStatus.FAILED, {}, calls[1])  # r2, r3 are still waiting
+        assert await r.ttl(keys.call_by_num(7000)) > 5 and await r.ttl("shoal:idem:k0") > 5  # from their end
+        assert 0 < await r.ttl("shoal:idem:k2") <= 5
+        await store.prune()
+        left = set(await r.zrange(keys.CALLS, 0, -1)) & {"r0", "r1", "r2", "r3"}
+        assert left == {"r2", "r3"}
+        assert set(await r.zrange(keys.calls_of("gone-fn"), 0, -1)) == {"r2", "r3"}  # no function of that name
+        await store.close()
+        await r.aclose()
+
+    asyncio.run(scenario())
