@@ -72,6 +72,7 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
 
 
 PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
+LIST_SCAN_MAX = 10_000  # calls one listing request reads at most (a status filter reads past non-matching ones)
 
 
 class Store:
@@ -283,11 +284,17 @@ class Store:
                          limit: int) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
         """Newest first: by creation (ms), then by id, descending. ``after`` is the position (ms, id) of the
         last call of the previous page, and the position returned is the next page's (None: no more). Calls
-        created in the same millisecond (a whole batch is) are all listed, across pages."""
+        created in the same millisecond (a whole batch is) are all listed, across pages. A request reads at most
+        about LIST_SCAN_MAX calls: with a status filter that matches few, a page may be short (even empty) with
+        a position to go on from."""
         index = keys.calls_of(function) if function else keys.CALLS
         out: list[dict[str, Any]] = []
         position: tuple[int, str] | None = None
+        examined = 0
         async for chunk in self._walk(index, after, max(limit, 100)):
+            if examined >= LIST_SCAN_MAX and position is not None:
+                return out, position  # a filter that matches few: a short page, and where to go on from
+            examined += len(chunk)
             pipe = self.redis.pipeline(transaction=False)
             for call_id, _ in chunk:
                 pipe.hgetall(keys.call(call_id))

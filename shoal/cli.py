@@ -279,8 +279,17 @@ def cmd_calls(args: argparse.Namespace, c: Client) -> None:
     if args.action == "list":
         query = {k: v for k, v in {"function": args.function, "status": args.status,
                                    "limit": args.limit}.items() if v is not None}
-        page = c.request("GET", f"/v1/calls?{urllib.parse.urlencode(query)}")
-        show(args, page if args.json else page["calls"], CALL_COLS, "calls")
+        wanted = int(args.limit or 50)
+        calls: list[dict[str, Any]] = []
+        while True:  # a status filter that matches few gives short pages: follow them up to the limit
+            query["limit"] = wanted - len(calls)
+            page = c.request("GET", f"/v1/calls?{urllib.parse.urlencode(query)}")
+            calls += page["calls"]
+            if len(calls) >= wanted or page["next_cursor"] is None:
+                break
+            query["cursor"] = page["next_cursor"]
+        listing = {"calls": calls, "next_cursor": page["next_cursor"]}
+        show(args, listing if args.json else calls, CALL_COLS, "calls")
     elif args.action == "get":
         show(args, c.request("GET", f"/v1/calls/{q(args.id)}"))
     elif args.action == "wait":

@@ -144,7 +144,9 @@ DOCUMENT: dict[str, Any] = {
                         {"name": "limit", "in": "query", "required": False,
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                         {"name": "cursor", "in": "query", "required": False,
-                         "description": "the next_cursor of the previous page",
+                         "description": "the next_cursor of the previous page. With a status filter a page may "
+                                        "hold fewer calls than the limit (a request reads at most 10,000 calls): "
+                                        "follow next_cursor until it is null",
                          "schema": {"type": "string", "pattern": "^[0-9]{1,15}-[0-9A-Za-z_.-]{1,128}$"}},
                     ],
                     "responses": {"200": _resp("A page of calls", {"type": "object", "properties": {

@@ -56,6 +56,11 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     batch = shoal(url, "invoke", "echo", "--batch", str(lines))
     assert len(batch) == 1500 and len({b["id"] for b in batch}) == 1500
     assert shoal(url, "calls", "wait", batch[-1]["id"])["result"] == {"echo": {"i": 1499}}
+    # One batch shares a millisecond: a listing goes on across pages without skipping any.
+    listed = shoal(url, "calls", "list", "--function", "echo", "--limit", "700", "--json")
+    assert len(listed["calls"]) == 700 and listed["next_cursor"]
+    rest = shoal(url, "calls", "list", "--function", "echo", "--limit", "1000", "--json")
+    assert {c["id"] for c in rest["calls"]} >= {c["id"] for c in listed["calls"]}
     lines.write_text('{"i": 1}\n{oops\n')
     bad = shoal(url, "invoke", "echo", "--batch", str(lines), check=False)
     assert bad.returncode == 2 and f"error: {lines}:2: not JSON" in bad.stderr

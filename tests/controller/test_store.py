@@ -158,3 +158,32 @@ def test_retention_counts_from_a_calls_end_and_pruning_keeps_calls_still_waiting
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_status_filter_that_matches_few_gives_short_pages_and_a_way_on(server: RedisServer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.store.LIST_SCAN_MAX", 150)
+
+    async def scenario() -> list[int]:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        store.start()
+        now = time.time()
+        calls = [dict(call(n, "sparse", 9000 + n), id=f"s{n:04d}", created=now - n / 100) for n in range(500)]
+        for n, c in enumerate(calls):
+            c["status"] = "FAILED" if n in (10, 420) else "DONE"
+        await store.create_calls(calls)
+        sizes, found, after = [], [], None
+        while True:
+            page, after = await store.list_calls("sparse", "FAILED", after, 10)
+            sizes.append(len(page))
+            found += [c["id"] for c in page]
+            if after is None:
+                break
+        assert found == ["s0010", "s0420"]
+        await store.close()
+        await r.aclose()
+        return sizes
+
+    sizes = asyncio.run(scenario())
+    assert len(sizes) > 2 and sum(sizes) == 2  # short pages, each bounded, until the end
