@@ -45,7 +45,8 @@ class FakeStore:
         self.active: list[dict[str, Any]] = []  # what active_calls() returns (calls of a previous lifetime)
         self.deleted: set[tuple[str, int]] = set()  # function versions get_version does not find
 
-    def update_call(self, call_id: str, status: Any, fields: dict[str, Any]) -> asyncio.Future[None]:
+    def update_call(self, call_id: str, status: Any, fields: dict[str, Any],
+                    record: dict[str, Any] | None = None) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.failing:
             self.failing -= 1
