@@ -13,6 +13,9 @@ It connects to its miniworker's unix socket (a bind-mounted directory), says hel
   Its output is read as it comes, keeping what a result and the logs may hold (the rest is counted and
   dropped), so a command printing gigabytes costs no memory.
 
+In handler style, the process's fd 1 and 2 are pipes the runner drains: what a call writes at any level
+(``print``, ``os.write``, a C library, a child process) is its logs, in the order written, bounded.
+
 A call's output the runner cannot turn into an answer (a result JSON cannot carry, such as NaN; an exception
 whose text cannot be printed) fails that call, never the runner: every message gets its answer.
 
@@ -23,16 +26,21 @@ by replacing the whole container, so nothing here needs to.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import io
 import json
 import os
+import select
 import selectors
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -55,6 +63,9 @@ LOG_LIMIT = 64 * 1024
 ARG_LIMIT = 100 * 1024
 #: Seconds a command's output pipes may stay open after it exited (held by a child it left running).
 PIPE_GRACE = 0.1
+#: Seconds a handler's captured output may take to be read in after the call returns (what comes later, from
+#: a thread or a child it left running, goes with the next call's).
+SINK_WAIT = 0.1
 _SHELL_CHARS = set("|&;<>()$`\\\"'*?[]#~=%{}\n")
 
 
@@ -188,8 +199,99 @@ def run_command(args: Any, cwd: str, env: dict[str, str], stdin: bytes,
     return code, out, err
 
 
-class Runner:
+class PipeSink:
+    """One of the runner's standard fds made a pipe that a thread drains: what a call writes there, at any
+    level (``print``, ``os.write``, a C library, a child process), is kept up to ``LOG_LIMIT`` bytes and the
+    rest counted, however much it writes. The fd's previous target (the container's log) stays the runner's
+    own ``sys.stdout``/``sys.stderr`` between calls."""
+
+    def __init__(self, fd: int) -> None:
+        self.original = os.dup(fd)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, fd)
+        os.close(write_fd)
+        self.read_fd = read_fd
+        self.lock = threading.Lock()
+        self.output = Output(LOG_LIMIT)
+        self.reading = False  # a chunk is out of the pipe and not yet in ``output``
+        self.writer = open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        threading.Thread(target=self._drain, name=f"fd{fd}-sink", daemon=True).start()
+
+    def _drain(self) -> None:
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        while True:
+            poller.poll()
+            with self.lock:
+                self.reading = True
+            data = os.read(self.read_fd, 1 << 16)
+            with self.lock:
+                self.output.add(data)
+                self.reading = False
+            if not data:
+                return
+
+    def take(self) -> str:
+        """What was written since the last take (all of it once the pipe is empty and no chunk is on its way:
+        waited for a moment at most)."""
+        self.writer.flush()
+        deadline = time.monotonic() + SINK_WAIT
+        while True:
+            with self.lock:
+                if (not self.reading and _unread(self.read_fd) == 0) or time.monotonic() > deadline:
+                    out, self.output = self.output, Output(LOG_LIMIT)
+                    return out.text() if out.size or out.dropped else ""
+            time.sleep(0.0002)
+
+
+def _libc_fflush() -> Callable[[Any], int] | None:
+    try:
+        import ctypes  # optional: a Python built without it still captures what is flushed
+
+        return ctypes.CDLL(None).fflush
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+_fflush = _libc_fflush()
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+class FdCapture:
+    """fd 1 and 2 of the runner's process captured for the calls (see PipeSink); the runner's own messages
+    still go to the container's log."""
+
     def __init__(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.out, self.err = PipeSink(1), PipeSink(2)
+        sys.stdout = open(self.out.original, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        sys.stderr = open(self.err.original, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+    @contextlib.contextmanager
+    def capturing(self) -> Any:
+        """Python's ``sys.stdout``/``sys.stderr`` write to the captured fds meanwhile: every level of output
+        lands in one stream, in the order it was written."""
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.out.writer, self.err.writer
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+    def take(self) -> tuple[str, str]:
+        if _fflush is not None:
+            _fflush(None)  # what C code left in the C library's buffers goes with this call
+        return self.out.take(), self.err.take()
+
+
+class Runner:
+    def __init__(self, capture: FdCapture | None = None) -> None:
+        self.capture = capture  # the process's fds captured (the real runner); None: sys.stdout only (tests)
         self.path = "/"
         self.style = "command"
         self.handler: Callable[[Any], Any] | None = None
@@ -226,10 +328,12 @@ class Runner:
             if self.path not in sys.path:
                 sys.path.insert(0, self.path)
             try:
-                module = importlib.import_module(module_name)
-                func = getattr(module, func_name)
+                with self.capture.capturing() if self.capture is not None else contextlib.nullcontext():
+                    module = importlib.import_module(module_name)
+                    func = getattr(module, func_name)
             except BaseException as exc:  # noqa: BLE001 - user code may raise anything; it is reported
-                return {"ok": False, "error": error_info(exc), "logs": logs}
+                return {"ok": False, "error": error_info(exc), "logs": logs + self._import_output()}
+            logs += self._import_output()
             if not callable(func):
                 return {
                     "ok": False,
@@ -251,6 +355,13 @@ class Runner:
                 self.argv = shlex.split(run)
         return {"ok": True, "logs": logs}
 
+    def _import_output(self) -> str:
+        """What importing the function's module printed (kept with the load's logs)."""
+        if self.capture is None:
+            return ""
+        stdout, stderr = self.capture.take()
+        return "".join(f"\n[import {name}]\n{text}" for name, text in (("stdout", stdout), ("stderr", stderr)) if text)
+
     # ---- call -------------------------------------------------------------------------------
     def call(self, call_id: str, params: Any) -> dict[str, Any]:
         if self.style == "handler":
@@ -258,6 +369,8 @@ class Runner:
         return self._call_command(call_id, params)
 
     def _call_handler(self, call_id: str, params: Any) -> dict[str, Any]:
+        if self.capture is not None:
+            return self._call_handler_captured(call_id, params, self.capture)
         out, err = BoundedText(), BoundedText()
         assert self.handler is not None
         saved = sys.stdout, sys.stderr
@@ -271,6 +384,20 @@ class Runner:
             sys.stdout, sys.stderr = saved
         return {"call_id": call_id, "ok": True, "result": value,
                 "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+    def _call_handler_captured(self, call_id: str, params: Any, capture: FdCapture) -> dict[str, Any]:
+        assert self.handler is not None
+        saved = sys.stdout, sys.stderr  # (as capture.capturing() does: a generator less on the warm path)
+        sys.stdout, sys.stderr = capture.out.writer, capture.err.writer
+        try:
+            value = self.handler(params)
+        except BaseException as exc:  # noqa: BLE001 - the function's failure is the call's result
+            sys.stdout, sys.stderr = saved
+            stdout, stderr = capture.take()
+            return {"call_id": call_id, "ok": False, "error": error_info(exc), "stdout": stdout, "stderr": stderr}
+        sys.stdout, sys.stderr = saved
+        stdout, stderr = capture.take()
+        return {"call_id": call_id, "ok": True, "result": value, "stdout": stdout, "stderr": stderr}
 
     def _call_command(self, call_id: str, params: Any) -> dict[str, Any]:
         payload = json.dumps(params)
@@ -324,7 +451,7 @@ def serve(sock_path: str) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(sock_path)
     conn.sendall(pack_runner(Msg.R_HELLO, {"pid": os.getpid()}))
-    runner = Runner()
+    runner = Runner(FdCapture())
     stream = RunnerStream()
     while True:
         data = conn.recv(1 << 20)

@@ -39,6 +39,9 @@ CHAOS = {
         "        for _ in range(params['n'] - 1):\n"
         "            nested = [nested]\n"
         "        return nested\n"
+        "    if what == 'fds':\n"
+        "        print('py'); os.write(1, b'fd\\n'); os.system('echo child; echo child-err >&2')\n"
+        "        return 'fds'\n"
         "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
         "    return {'ok': True, 'pid': os.getpid()}\n"
     )

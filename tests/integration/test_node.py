@@ -127,6 +127,9 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     node.deploy("chaos", CHAOS, entrypoint="handler:handler")
     ok = node.call("chaos", {})
     assert ok["status"] == "DONE" and ok["logs"]["stdout"] == "to stdout\n" and ok["logs"]["stderr"] == "to stderr\n"
+    # Output past sys.stdout (os.write, a child process) is the call's too, in order (it went to the container log).
+    fds = node.call("chaos", {"do": "fds"})
+    assert fds["logs"] == {"stdout": "py\nfd\nchild\n", "stderr": "child-err\n"}, fds["logs"]
 
     raised = node.call("chaos", {"do": "raise", "why": 7})
     assert raised["status"] == "FAILED"
@@ -173,7 +176,7 @@ def test_failures_reach_a_terminal_state_with_a_reason_and_the_pool_heals(make_n
     wait_until(node, lambda: victim["container_id"] not in set(node_containers(docker_client, node.node_id)),
                what="the lost miniworker's container to be removed")
     wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
-    assert metric(node, "shoal_calls_total") == 16
+    assert metric(node, "shoal_calls_total") == 17
 
 
 def holding(node: LocalNode, call_id: str) -> dict[str, Any]:

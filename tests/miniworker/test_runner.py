@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,3 +128,47 @@ def test_command_style_params_argv_and_output_bounds(tmp_path: Path) -> None:
     while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text().lower():
         assert time.monotonic() < deadline, "the call's leftover child is still running"
         time.sleep(0.05)
+
+
+CAPTURED = '''
+import json, os, sys
+from miniworker.runner import FdCapture, Runner
+runner = Runner(FdCapture())
+loaded = runner.load({"path": sys.argv[1], "style": "handler", "entrypoint": "fn:handler"})
+answers = [runner.call("c%d" % n, n) for n in range(3)]
+print(json.dumps({"loaded": loaded, "answers": answers}))  # the runner's own stdout: the original fd
+'''
+FN = '''
+import ctypes, os, sys
+print("imported")
+def handler(n):
+    if n == 0:
+        print("py-out", flush=False)
+        os.write(1, b"fd-out\\n")
+        print("py-err", file=sys.stderr)
+        os.system("echo child-out; echo child-err >&2")
+        ctypes.CDLL(None).puts(b"libc-out")
+        return "zero"
+    if n == 1:
+        os.write(1, b"x" * 300_000)  # more than the pipe holds, and than a call keeps
+        raise ValueError("one")
+    return "quiet"
+'''
+
+
+def test_a_handlers_output_at_every_level_is_its_calls_logs_in_order(tmp_path: Path) -> None:
+    """Output a handler writes past sys.stdout (os.write, a child process, a C library) went to the container's
+    log, lost to the call. The capture replaces the process's fd 1 and 2, so it runs in a process of its own."""
+    (tmp_path / "fn.py").write_text(FN)
+    proc = subprocess.run([sys.executable, "-c", CAPTURED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["loaded"]["ok"] and "[import stdout]\nimported" in out["loaded"]["logs"]
+    zero, one, two = out["answers"]
+    assert zero["result"] == "zero"
+    assert zero["stdout"].split() == ["py-out", "fd-out", "child-out", "libc-out"]
+    assert zero["stderr"].split() == ["py-err", "child-err"]
+    assert one["ok"] is False and one["error"]["message"] == "one"
+    assert len(one["stdout"].split("\n")[0]) == LOG_LIMIT and "more bytes dropped" in one["stdout"]
+    assert two == {"call_id": "c2", "ok": True, "result": "quiet", "stdout": "", "stderr": ""}
