@@ -72,6 +72,7 @@ class Agent:
         self.link = ControllerLink(config, self.ctx, self.hello)
         self.broker = Broker(config, self.registry, self.metrics, self.ctx, self.on_outcome,
                              self.load_for, self.on_lost, self.on_dispatch)
+        self.broker.on_load_failures = self.on_load_failures
         self.spawner = Spawner(config, self.cache)
         self.pool = PoolManager(config, self.registry, self.broker, self.spawner, self.load_for)
         self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive)
@@ -87,6 +88,7 @@ class Agent:
         self.last_seq: int | None = None  # the sequence number in the last controller message (see send_status)
         self.collect_due = False  # a function was forgotten: the cache has files to collect
         self.gone_waiting = False  # deleted functions wait to be forgotten (calls of them are still here)
+        self.preparing = 0  # preparations (extraction, dependencies) running in the pool
         self.drain_deadline = 0.0
         self.stopping = False
         self.process = psutil.Process()
@@ -266,6 +268,7 @@ class Agent:
                       queued=sum(len(q) for q in self.broker.queues.values()))
         self.draining = True
         self.pool.draining = True
+        self.broker.draining = True
         # Calls not started here yet go back to the controller, which places them on other nodes now.
         for key in list(self.broker.queues):
             self.broker.fail_queued(key, {"type": "Draining", "message": f"node {self.config.node_id} is draining"},
@@ -379,6 +382,7 @@ class Agent:
                 self.function_failed(fn, error, transient=True)
             else:
                 fn.state = FnState.PREPARING
+                self.preparing += 1
                 self.run_in_pool(partial(self.prepare, fn), partial(self.prepared, fn))
 
     def prepare(self, fn: NodeFunction) -> tuple[Any, Any]:
@@ -386,6 +390,10 @@ class Agent:
         return code, self.resolver.resolve(code)
 
     def prepared(self, fn: NodeFunction, result: Any, exc: BaseException | None) -> None:
+        self.preparing -= 1
+        if self.registry.functions.get(fn.key) is not fn:
+            self.collect_due = True  # forgotten meanwhile (deleted): what was made for it is collected
+            return
         if exc is not None:
             if not isinstance(exc, ShoalError | OSError):
                 # Unexpected (a defect here or in a library on a strange archive): the function fails with it,
@@ -432,12 +440,12 @@ class Agent:
         call_id = h["call_id"]
         version = h.get("version")
         ticket = Ticket(call_id=call_id, key="", params=h["params"], timeout=0.0)
+        if call_id in self.broker.running or any(t.call_id == call_id for t in self.broker.queues.get(
+                f"{h['function']}@{version or self.registry.latest.get(h['function'], 0)}", ())):
+            return  # a duplicate delivery: the call is already here (answering it REJECTED would run it twice)
         if self.draining:
             self.reply(ticket, REJECTED, {"type": "Draining", "message": "node is draining"})
             return
-        if call_id in self.broker.running or any(t.call_id == call_id for t in self.broker.queues.get(
-                f"{h['function']}@{version or self.registry.latest.get(h['function'], 0)}", ())):
-            return  # a duplicate delivery: the call is already here
         fn = self.registry.resolve(h["function"], version if isinstance(version, int) else None)
         if fn is None:
             self.reply(ticket, "FAILED", {"type": "UnknownFunction",
@@ -486,12 +494,20 @@ class Agent:
         self.gone_waiting = any(f.key in busy for f in gone)
         for fn in [f for f in gone if f.key not in busy]:
             self.registry.forget(fn)
+            self.broker.forget(fn.key)
             if not self.registry.by_sha(fn.spec.sha256):
                 self.fetcher.cancel(fn.spec.sha256)
             self.log.info("function_forgotten", function=fn.key)
             self.collect_due = True
         if self.collect_due:
             self.pool.reconcile()  # stops the idle miniworkers of what is no longer known
+
+    def on_load_failures(self, key: str, reason: str) -> None:
+        """A function that would not load in several miniworkers in a row: failed here (reported, no container
+        started for it again) until the controller sends it anew (at a HELLO, or a new version)."""
+        fn = self.registry.functions.get(key)
+        if fn is not None and fn.state == FnState.READY:
+            self.function_failed(fn, f"it does not load: {reason}")
 
     def on_runtime_gone(self, msg: Message) -> None:
         name = msg.header["name"]
@@ -502,6 +518,10 @@ class Agent:
         except OSError as exc:
             self.log.error("runtime_not_uncached", runtime=name, error=str(exc))
         self.log.info("runtime_forgotten", runtime=name)
+        for key in list(self.broker.queues):  # (calls of a deleted function using it may still wait here)
+            fn = self.registry.functions.get(key)
+            if fn is not None and fn.spec.runtime == name:
+                self.broker.fail_queued(key, {"type": "UnknownRuntime", "message": f"runtime {name!r} was deleted"})
         self.pool.reconcile()
 
     def collect(self) -> None:
@@ -509,8 +529,8 @@ class Agent:
         pool). Not while a function is being prepared (what it makes is not referred to until it is ready), nor
         while a miniworker still runs a forgotten function's code."""
         functions = self.registry.functions.values()
-        if any(fn.state == FnState.PREPARING for fn in functions):
-            return
+        if self.preparing:
+            return  # what a preparation makes is referred to only once it is done
         if any(h.function is not None and h.function not in self.registry.functions for h in self.broker.mws.values()):
             return
         self.collect_due = False

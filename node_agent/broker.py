@@ -42,6 +42,8 @@ Outcome = Callable[[Ticket, dict[str, Any]], None]
 OVERRUN_GRACE = 10.0
 #: Seconds after which a running call is reported RUNNING to the controller (see tick()).
 RUNNING_REPORT_AFTER = 0.05
+#: Miniworkers in a row whose function would not load (import or dependency error) before the function is failed.
+LOAD_FAILURES_MAX = 3
 CANCELLED_BEFORE_START = {"type": "Cancelled", "message": "cancelled before it started"}
 CANCELLED_RUNNING = {"type": "Cancelled", "message": "cancelled while running; its container was removed"}
 
@@ -78,6 +80,9 @@ class Broker:
         self.spawn_blocked_until: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self.run_s: dict[str, float] = {}  # moving average of each function's run time (seconds)
+        self.draining = False  # set by the agent: calls that would wait here go back to the controller
+        #: Told when a function fails to load in LOAD_FAILURES_MAX miniworkers in a row (key, reason).
+        self.on_load_failures: Callable[[str, str], None] | None = None
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
@@ -92,7 +97,9 @@ class Broker:
 
     # ---- calls ---------------------------------------------------------------------------------
     def candidates(self, key: str) -> tuple[str, ...]:
-        fn = self.registry.functions[key]
+        fn = self.registry.functions.get(key)
+        if fn is None:
+            return ()  # forgotten (deleted): no pool serves it
         policy = self.registry.policy_of(fn)
         if policy == Policy.NONE:
             return (ONESHOT,)
@@ -167,7 +174,13 @@ class Broker:
         if ticket.queued and h.calls_served == 0:
             ticket.cold_wait = True  # it waited for this miniworker's container to start
         if h.loading:
-            header["load"] = _as_dict(self.load_for(ticket.key))
+            try:
+                header["load"] = _as_dict(self.load_for(ticket.key))
+            except KeyError as exc:  # its function or runtime was deleted meanwhile
+                self.make_idle(h)
+                self.on_outcome(ticket, {"status": "FAILED", "error": {
+                    "type": "FunctionUnavailable", "message": f"{ticket.key} cannot be loaded here: {exc} is unknown"}})
+                return
             if h.mode == "runtime":
                 self.forget_idle(h)
                 h.function = ticket.key  # from now on it serves this function only
@@ -186,8 +199,13 @@ class Broker:
             self.on_dispatch(ticket)  # it waited or starts cold: say RUNNING now; warm calls see tick()
 
     def requeue(self, ticket: Ticket) -> None:
-        """Back to the head of its queue: it did not start, so this is not an attempt."""
+        """Back to the head of its queue: it did not start, so this is not an attempt. While the node drains
+        (nothing new starts) it goes back to the controller instead, which places it on another node."""
         self.running.pop(ticket.call_id, None)
+        if self.draining:
+            self.on_outcome(ticket, {"status": REJECTED, "error": {
+                "type": "Draining", "message": f"node {self.config.node_id} is draining"}})
+            return
         ticket.mw_id = None
         ticket.ahead = False
         ticket.queued = True
@@ -232,6 +250,13 @@ class Broker:
                 if h is None:
                     break
                 self.dispatch(h, queue.popleft())
+
+    def forget(self, key: str) -> None:
+        """A function version is no longer known here: what the broker kept about it goes too."""
+        self.fail_queued(key, {"type": "UnknownFunction", "message": f"{key} was deleted"})
+        self.run_s.pop(key, None)
+        self.failures.pop(key, None)
+        self.spawn_blocked_until.pop(key, None)
 
     def fail_queued(self, key: str, error: dict[str, Any], status: str = "FAILED") -> None:
         queue = self.queues.pop(key, None)
@@ -369,8 +394,15 @@ class Broker:
         failures = self.back_off(h.pool_key)
         error = msg.header.get("error") or {"type": "StartFailed", "message": reason}
         if "error" in msg.header and h.function:
-            # The function itself does not load (import or dependency error): its waiting calls fail now.
+            # The function itself does not load (import or dependency error): its waiting calls fail now, and
+            # after LOAD_FAILURES_MAX in a row the function is failed on this node (no container is started for
+            # it again until it is sent anew).
             self.fail_queued(h.function, dict(error, logs=msg.header.get("logs", "")))
+            fn = self.registry.functions.get(h.function)
+            if fn is not None:
+                fn.start_failures += 1
+                if fn.start_failures >= LOAD_FAILURES_MAX and self.on_load_failures is not None:
+                    self.on_load_failures(h.function, f"{error.get('type')}: {error.get('message')}")
         elif failures >= 3:
             for key in list(self.queues):
                 if h.pool_key in self.candidates(key):
@@ -409,6 +441,8 @@ class Broker:
                          call_id=h.ticket.call_id if h.ticket else None)
         self.metrics.mw_lost.inc(reason="lost")
         self.forget_idle(h)
+        if h.state == MwState.STARTING:
+            self.back_off(h.pool_key)  # a failed start (it died, or did not start in time): not at once again
         h.state = MwState.FAILED
         h.reason = reason
         if h.proc.poll() is None:
@@ -419,7 +453,10 @@ class Broker:
             h.ticket = None
             self.running.pop(ticket.call_id, None)
             ticket.attempts += 1
-            if ticket.attempts <= self.config.retries_on_loss:
+            if ticket.attempts <= self.config.retries_on_loss and self.draining:
+                self.on_outcome(ticket, {"status": REJECTED, "error": {
+                    "type": "Draining", "message": f"node {self.config.node_id} is draining"}})
+            elif ticket.attempts <= self.config.retries_on_loss:
                 self.log.info("call_retried", call_id=ticket.call_id, attempt=ticket.attempts + 1)
                 ticket.mw_id = None
                 self.queues.setdefault(ticket.key, deque()).appendleft(ticket)

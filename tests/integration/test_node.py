@@ -331,6 +331,17 @@ def test_unknown_function_and_unloadable_function_fail_clearly(make_node) -> Non
     node.deploy("broken", {"handler.py": "import does_not_exist\n"}, entrypoint="handler:handler")
     r = node.call("broken", {})
     assert r["status"] == "FAILED" and r["error"]["type"] == "ModuleNotFoundError", r
+    # It never loads: after a few containers it is failed here and reported so, and none is started for it
+    # again (a container was started, dependencies installed and the import tried every 30 s, for ever).
+    info = node.link.nodes[node.node_id]
+    wait_until(node, lambda: info.functions["broken@1"]["state"] == "failed", what="broken@1 to be failed")
+    assert "does not load" in info.functions["broken@1"]["error"]
+    started = metric(node, "shoal_miniworkers_started_total")
+    time.sleep(3)  # past the back-off after three failures (2 s): a fourth would have started by now
+    assert metric(node, "shoal_miniworkers_started_total") == started
+    assert not miniworkers(node, "broken@1")
+    r = node.call("broken", {})
+    assert r["status"] == "FAILED" and r["error"]["type"] == "FunctionUnavailable", r
 
 
 def zip_slip_archive() -> bytes:

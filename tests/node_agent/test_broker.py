@@ -1,0 +1,119 @@
+"""The broker's state machine where the node's registry changes under it or miniworkers fail (real ZMQ socket,
+messages captured; stand-in processes): no crash, no call left unanswered, no start storm."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+
+from node_agent.broker import LOAD_FAILURES_MAX, Broker
+from node_agent.config import AgentConfig
+from node_agent.functions import FnState, Registry
+from node_agent.metrics import AgentMetrics
+from node_agent.miniworkers import MwHandle, MwState
+from node_agent.tickets import Ticket
+from shoal import protocol
+from shoal.models import FunctionSpec, Policy
+from shoal.protocol import Msg
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, policy: Policy = Policy.FUNCTION) -> None:
+        config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="t2", state_dir=tmp_path)
+        config.node_dir.mkdir(parents=True)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.registry = Registry(policy)
+        fn = self.registry.add_function(FunctionSpec.from_dict(
+            {"name": "f", "version": 1, "runtime": "rt", "sha256": "0" * 64, "size": 1}))
+        fn.state = FnState.READY
+        self.outcomes: list[tuple[str, str, str]] = []
+        self.sent: list[tuple[bytes, dict[str, Any]]] = []
+        self.loads: dict[str, Any] = {}
+        self.broker = Broker(config, self.registry, AgentMetrics(), self.ctx, self.on_outcome,
+                             self.load_for, lambda h: None, lambda t: None)
+        self.broker.send = self.capture  # type: ignore[method-assign]
+        self.broken: list[tuple[str, str]] = []
+        self.broker.on_load_failures = lambda key, reason: self.broken.append((key, reason))
+
+    def load_for(self, key: str) -> Any:
+        return self.loads[key]  # KeyError: as the agent's when the function or its runtime is gone
+
+    def on_outcome(self, ticket: Ticket, header: dict[str, Any]) -> None:
+        self.outcomes.append((ticket.call_id, header["status"], (header.get("error") or {}).get("type", "")))
+
+    def capture(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
+        self.sent.append((mtype, header))
+        return True
+
+    def handle(self, mw_id: str, mode: str = "bound", function: str | None = "f@1",
+               state: MwState = MwState.STARTING) -> MwHandle:
+        proc: Any = SimpleNamespace(poll=lambda: None, send_signal=lambda sig: None)
+        h = MwHandle(mw_id, mode, "rt", function, proc, state=state)
+        self.broker.mws[mw_id] = h
+        return h
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.broker.close()
+    r.ctx.term()
+
+
+def failed(reason: str, error: dict[str, Any] | None = None) -> protocol.Message:
+    header: dict[str, Any] = {"reason": reason}
+    if error is not None:
+        header["error"] = error
+    return protocol.decode(protocol.encode(Msg.MW_FAILED, header))
+
+
+def test_start_failures_after_a_function_was_forgotten_do_not_crash_the_broker(rig: Rig) -> None:
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))  # no miniworker: it waits (a queue for f@1 exists)
+    rig.broker.fail_queued("f@1", {"type": "x", "message": "x"})
+    rig.registry.forget(rig.registry.functions["f@1"])
+    rig.broker.queues["f@1"] = deque()  # what submit() leaves behind once its calls are gone
+    for n in range(3):  # the third used to look up every queued key in the registry: KeyError
+        rig.broker._on_failed(rig.handle(f"m{n}", "runtime", None), failed("image missing"))
+    rig.broker.forget("f@1")
+    assert "f@1" not in rig.broker.queues and "f@1" not in rig.broker.run_s
+
+
+def test_a_call_whose_function_or_runtime_is_gone_when_its_miniworker_is_ready_fails_with_the_reason(
+        rig: Rig) -> None:
+    h = rig.handle("g1", "runtime", None, state=MwState.IDLE)
+    rig.broker.make_idle(h)
+    rig.broker.registry.node_policy = Policy.RUNTIME
+    rig.broker.dispatch(h, Ticket("c1", "f@1", 1, 5.0))  # load_for raises: the runtime was deleted
+    assert rig.outcomes == [("c1", "FAILED", "FunctionUnavailable")]
+    assert h.state == MwState.IDLE and h.function is None and "c1" not in rig.broker.running
+
+
+def test_a_miniworker_lost_while_starting_is_a_failed_start_with_a_back_off(rig: Rig) -> None:
+    h = rig.handle("s1")
+    rig.broker.lose(h, "did not start within 120 s")
+    assert rig.broker.spawn_blocked_until.get("f@1", 0) > 0 and rig.broker.failures["f@1"] == 1
+
+
+def test_a_function_that_does_not_load_is_failed_after_a_few_miniworkers(rig: Rig) -> None:
+    error = {"type": "ModuleNotFoundError", "message": "No module named 'nope'"}
+    for n in range(LOAD_FAILURES_MAX):
+        assert rig.broken == []
+        rig.broker._on_failed(rig.handle(f"b{n}"), failed("load failed", error))
+    assert rig.broken == [("f@1", "ModuleNotFoundError: No module named 'nope'")]
+
+
+def test_while_draining_a_call_that_would_wait_again_goes_back_to_the_controller(rig: Rig) -> None:
+    h = rig.handle("d1", state=MwState.IDLE)
+    rig.broker.make_idle(h)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))
+    assert h.state == MwState.BUSY and "c1" in rig.broker.running
+    rig.broker.draining = True
+    rig.broker.lose(h, "miniworker process exited with code 1")  # its call would be retried here
+    assert rig.outcomes == [("c1", "REJECTED", "Draining")] and not any(rig.broker.queues.values())
