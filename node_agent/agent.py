@@ -59,6 +59,10 @@ PREPARE_RETRIES = 8
 ENGINE_ERRORS = (DockerException, requests.RequestException)
 
 
+ENGINE_CHECK_EVERY = 5.0  # seconds between pings of the Docker engine
+ENGINE_PING_LATE = 10.0  # a ping unanswered this long: the engine counts as unreachable (/readyz 503)
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -84,6 +88,7 @@ class Agent:
         os.set_blocking(self.wake_w, False)
         self.status = StatusServer(config.status_host, config.status_port, self.ask)
         self.engine_ok = True
+        self.ping_started = 0.0  # when the engine ping in flight was sent (0: none)
         self.draining = False
         self.last_seq: int | None = None  # the sequence number in the last controller message (see send_status)
         self.collect_due = False  # a function was forgotten: the cache has files to collect
@@ -232,8 +237,8 @@ class Agent:
                         next_orphan_sweep = now + self.config.orphan_sweep
                         self.sweep_orphans()
                     if now >= next_engine_check:
-                        next_engine_check = now + 5.0
-                        self.run_in_pool(self.docker.ping, self.on_engine_check)
+                        next_engine_check = now + ENGINE_CHECK_EVERY
+                        self.check_engine(now)
         finally:
             self.shutdown()
         return 0
@@ -637,7 +642,20 @@ class Agent:
 
         self.run_in_pool(cleanup, done)
 
+    def check_engine(self, now: float) -> None:
+        """Ping the Docker engine, one ping at a time: an engine that stops answering is not ready once a ping
+        is overdue (ENGINE_PING_LATE), not when the client's 60 s timeout ends it, and pings do not pile up in
+        the pool the archive, dependency and cleanup work share."""
+        if self.ping_started:
+            if now - self.ping_started > ENGINE_PING_LATE and self.engine_ok:
+                self.log.warning("docker_engine_unreachable", error=f"no answer to a ping in {ENGINE_PING_LATE:g} s")
+                self.engine_ok = False
+            return
+        self.ping_started = now
+        self.run_in_pool(self.docker.ping, self.on_engine_check)
+
     def on_engine_check(self, result: Any, exc: BaseException | None) -> None:
+        self.ping_started = 0.0
         ok = exc is None and bool(result)
         if ok != self.engine_ok:
             self.log.warning("docker_engine_" + ("back" if ok else "unreachable"), error=str(exc or ""))
