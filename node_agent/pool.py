@@ -154,9 +154,15 @@ class PoolManager:
         for h in live:
             if h.state != MwState.IDLE:
                 continue
-            if h.function is None:
+            if h.function is None:  # a runtime's container started ahead, or a oneshot spare
                 if h.mode == "runtime" and h.runtime not in self.registry.runtimes:
                     self.broker.stop(h)  # its runtime was deleted
+                    continue
+                floor = (cfg.runtime_warm if self.registry.node_policy == Policy.RUNTIME else 0) \
+                    if h.mode == "runtime" else (cfg.oneshot_spares if uses_oneshot else 0)
+                if by_pool[h.pool_key] > floor and now - h.idle_since > cfg.keepalive:
+                    self.broker.stop(h)  # started for a burst, unused since: it would hold a slot for ever
+                    by_pool[h.pool_key] -= 1
                 continue
             fn = self.registry.functions.get(h.function)
             if fn is None:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from node_agent.miniworkers import MwState
 from node_agent.pool import PoolManager
+from shoal.models import Runtime
+from shoal.protocol import Msg
+from tests.node_agent.test_broker import Rig
 
 
 def manager(run_s: dict[str, float]) -> PoolManager:
@@ -36,3 +45,32 @@ def test_a_miniworker_the_kernel_will_not_start_backs_its_pool_off_instead_of_en
     pool = PoolManager(stub, stub, broker, Refusing(), lambda key: stub)  # type: ignore[arg-type]
     assert pool._spawn("oneshot", None, None) is False
     assert lost == ["spawn_failed", "oneshot"]
+
+
+def test_containers_started_ahead_for_a_burst_and_oneshot_spares_are_stopped_past_their_keep_alive(
+        tmp_path: Path) -> None:
+    """Only a deleted runtime's containers were ever stopped: the rest held their slots for ever, and a function
+    that had one miniworker could not get another (room is made only for a function with none)."""
+    rig = Rig(tmp_path)
+    try:
+        check_keep_alive(rig)
+    finally:
+        rig.broker.close()
+        rig.ctx.term()
+
+
+def check_keep_alive(rig: Rig) -> None:
+    rig.registry.runtimes["rt"] = Runtime(name="rt", image="img", path="/ws", dependencies="", run="")
+    spawner: Any = SimpleNamespace(spawn=lambda *args: pytest.fail("nothing is to be started here"))
+    config = dataclasses.replace(rig.broker.config, min_warm=0)  # no warm container wanted for f@1
+    pool = PoolManager(config, rig.registry, rig.broker, spawner, lambda key: None)  # type: ignore[arg-type,return-value]
+    old = time.monotonic() - config.keepalive - 1
+    handles = [rig.handle(f"g{n}", "runtime", None, state=MwState.IDLE) for n in range(3)]
+    handles += [rig.handle("o1", "oneshot", None, state=MwState.IDLE)]
+    handles += [rig.handle("fresh", "runtime", None, state=MwState.IDLE)]
+    for h in handles:
+        rig.broker.make_idle(h)
+        h.idle_since = old if h.mw_id != "fresh" else time.monotonic()
+    pool.reconcile()  # the node's policy is `function`: no runtime containers nor spares are wanted
+    assert {h.mw_id for h in handles if h.state == MwState.STOPPING} == {"g0", "g1", "g2", "o1"}
+    assert [m for m, _ in rig.sent] == [Msg.MW_STOP] * 4
