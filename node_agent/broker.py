@@ -44,6 +44,8 @@ OVERRUN_GRACE = 10.0
 RUNNING_REPORT_AFTER = 0.05
 #: Miniworkers in a row whose function would not load (import or dependency error) before the function is failed.
 LOAD_FAILURES_MAX = 3
+#: A call running this many times its function's average (and past pipeline_max_run) is stuck (see Broker.stuck).
+STUCK_RUNS = 20
 CANCELLED_BEFORE_START = {"type": "Cancelled", "message": "cancelled before it started"}
 CANCELLED_RUNNING = {"type": "Cancelled", "message": "cancelled while running; its container was removed"}
 
@@ -133,16 +135,30 @@ class Broker:
                 return self.mws[mw_id]
         return None
 
+    def stuck(self, h: MwHandle, now: float) -> bool:
+        """Whether a busy miniworker's call has run far longer than its function's calls do (a hung call of a
+        short function): it neither holds a next call nor counts as about to serve the queue."""
+        run = self.run_s.get(h.function or "")
+        if h.ticket is None or run is None:
+            return False
+        return now - h.ticket.dispatched > max(self.config.pipeline_max_run, STUCK_RUNS * run)
+
+    def serving(self, key: str, now: float) -> int:
+        """Miniworkers of ``key`` ready or about to be: idle, or busy with a call that is not stuck."""
+        return sum(1 for h in self.mws.values() if h.function == key and (
+            h.state == MwState.IDLE or (h.state == MwState.BUSY and not self.stuck(h, now))))
+
     def take_pipelined(self, key: str) -> MwHandle | None:
-        """A busy warm miniworker of ``key`` that can hold one more call (the one busy longest), if the
-        function is short enough to pipeline."""
+        """A busy warm miniworker of ``key`` that can hold one more call (the one busy longest, unless stuck),
+        if the function is short enough to pipeline."""
         limit = self.config.pipeline_max_run
         if self.run_s.get(key, limit) >= limit:
             return None
+        now = time.monotonic()
         best: MwHandle | None = None
         for h in self.mws.values():
             if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
-                    and h.ticket is not None and h.mode != ONESHOT
+                    and h.ticket is not None and h.mode != ONESHOT and not self.stuck(h, now)
                     and (best is None or h.ticket.dispatched < best.ticket.dispatched)):  # type: ignore[union-attr]
                 best = h
         return best

@@ -98,6 +98,7 @@ class PoolManager:
         free = cfg.capacity - len(live)
 
         # 1. demand
+        now = time.monotonic()
         oneshot_demand = 0
         for key, queue in self.broker.queues.items():
             fn = self.registry.functions.get(key)
@@ -108,7 +109,7 @@ class PoolManager:
                 oneshot_demand += len(queue)
                 continue
             pool = key if policy == Policy.FUNCTION else generic_key(fn.spec.runtime)
-            if self._drains_soon(key, len(queue), by_pool[key] - starting[key]):
+            if self._drains_soon(key, len(queue), self.broker.serving(key, now)):
                 continue
             need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
             for _ in range(max(0, need)):

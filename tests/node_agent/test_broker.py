@@ -3,6 +3,7 @@ messages captured; stand-in processes): no crash, no call left unanswered, no st
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,3 +118,15 @@ def test_while_draining_a_call_that_would_wait_again_goes_back_to_the_controller
     rig.broker.draining = True
     rig.broker.lose(h, "miniworker process exited with code 1")  # its call would be retried here
     assert rig.outcomes == [("c1", "REJECTED", "Draining")] and not any(rig.broker.queues.values())
+
+
+def test_a_short_functions_hung_call_neither_holds_the_next_call_nor_counts_as_serving(rig: Rig) -> None:
+    """One hung call of a 2 ms function: 20 calls waited behind it (no new miniworker: "the running one drains
+    them within 100 ms"), and the next call was pipelined onto it."""
+    rig.broker.run_s["f@1"] = 0.002
+    h = rig.handle("busy", state=MwState.BUSY)
+    h.ticket = Ticket("hung", "f@1", 1, 30.0)
+    h.ticket.dispatched = time.monotonic()
+    assert rig.broker.serving("f@1", time.monotonic()) == 1 and rig.broker.take_pipelined("f@1") is h
+    h.ticket.dispatched = time.monotonic() - 5.0  # 2,500 times its average
+    assert rig.broker.serving("f@1", time.monotonic()) == 0 and rig.broker.take_pipelined("f@1") is None
