@@ -278,6 +278,7 @@ class Miniworker:
                                           "error": {"type": "Cancelled", "message": "cancelled before it started"}})
                 self.held = None
         elif msg.type == Msg.MW_STOP:
+            self._reject_held()  # it never started: the broker queues it again
             self.stopping = True
         elif msg.type != Msg.MW_HEARTBEAT:
             self.log.error("unexpected_message", type=msg.name)

@@ -286,7 +286,7 @@ class Agent:
         if busy and now < self.drain_deadline:
             return
         for h in list(self.broker.mws.values()):
-            self.broker.stop(h)
+            self.broker.stop(h, give_back=True)
         self.stopping = True
 
     def shutdown(self) -> None:

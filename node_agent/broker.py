@@ -346,12 +346,17 @@ class Broker:
         header = msg.header
         call_id = header["call_id"]
         if h.ahead is not None and h.ahead.call_id == call_id:
-            # A held call is answered only when it did not start: REJECTED (its miniworker ended first) or
-            # CANCELLED (dropped on our request).
+            # A held call is answered REJECTED (its miniworker ended first) or CANCELLED (dropped on our
+            # request) when it did not start; with its outcome when it ran before the previous result was
+            # taken in (that call was ended here: cancelled, its miniworker stopped).
             if header["status"] == "CANCELLED":
                 h.ahead.cancelling = True
             elif header["status"] != REJECTED:
-                self.log.error("held_call_answered", mw_id=h.mw_id, call_id=call_id, status=header["status"])
+                ticket, h.ahead = h.ahead, None
+                ticket.ahead = False
+                self.running.pop(ticket.call_id, None)
+                self.on_outcome(ticket, header)
+                return
             self.requeue_ahead(h)
         elif h.ticket is not None and h.ticket.call_id == call_id:
             ticket = h.ticket
@@ -366,9 +371,13 @@ class Broker:
                 self.finish(h, ticket, header)
         else:
             self.log.warning("late_result_ignored", mw_id=h.mw_id, call_id=call_id)
+            if h.ticket is None and h.ahead is not None and h.state == MwState.STOPPING:
+                self.promote(h)  # that call was ended here (cancelled); its miniworker then started the held one
             return
         if header.get("retire"):
             h.state = MwState.STOPPING
+        elif h.state == MwState.STOPPING:
+            pass  # it is on its way out: nothing more is handed to it
         elif h.ticket is None:
             if h.ahead is not None:
                 self.promote(h)
@@ -440,14 +449,18 @@ class Broker:
         self.mws[h.mw_id] = h
         self.metrics.mw_started.inc()
 
-    def stop(self, h: MwHandle) -> None:
-        """Ask a miniworker to remove its container and exit."""
+    def stop(self, h: MwHandle, give_back: bool = False) -> None:
+        """Ask a miniworker to remove its container and exit. A call it holds may have started already (its
+        previous result on the way here): it stays held until the miniworker says (REJECTED: never started; its
+        result: it ran) or exits (then it is queued again), unless ``give_back`` (the agent is about to exit:
+        what is held goes back now, to be answered while the agent still can)."""
         if h.state not in LIVE:
             return
         self.forget_idle(h)
         h.state = MwState.STOPPING
         h.reason = h.reason or "stopped by the pool"
-        self.requeue_ahead(h)
+        if give_back:
+            self.requeue_ahead(h)
         self.send(h, Msg.MW_STOP, {})
 
     def lose(self, h: MwHandle, reason: str) -> None:
@@ -497,6 +510,10 @@ class Broker:
                 if code is not None:
                     if h.ahead is not None:
                         self.requeue_ahead(h)
+                        self.pump()
+                    if h.ticket is not None:  # a held call it started, ended by the stop: it never finished
+                        ticket, h.ticket = h.ticket, None
+                        self.requeue(ticket)
                         self.pump()
                     del self.mws[h.mw_id]
                     if h.state == MwState.STOPPING and code != 0:

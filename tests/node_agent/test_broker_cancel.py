@@ -7,6 +7,7 @@ outside on the real engine.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -110,3 +111,30 @@ def test_a_miniworker_whose_container_died_idle_gives_back_the_calls_it_was_sent
         rig.broker._on_failed(h, died)
     assert rig.outcomes == [] and len(rig.broker.queues["f@1"]) == 2
     assert rig.broker.spawn_blocked_until.get(rig.mw.pool_key) is None
+
+
+def test_a_held_call_whose_miniworker_is_stopped_is_queued_again_only_if_it_did_not_start(rig: Rig) -> None:
+    """Cancelling the running call stops its miniworker. The call it held used to be queued again at once: if
+    the miniworker had already started it, it ran twice and its own result was thrown away."""
+    assert rig.broker.cancel("c1")
+    assert rig.outcomes == [("c1", "CANCELLED", "cancelled while running; its container was removed")]
+    assert rig.mw.state == MwState.STOPPING and rig.mw.ahead is rig.held and not rig.broker.queues.get("f@1")
+    rig.result({"call_id": "c1", "status": "DONE", "result": 1})  # it had ended c1 and started c2 ...
+    assert rig.mw.ticket is rig.held and rig.mw.ahead is None
+    rig.result({"call_id": "c2", "status": "DONE", "result": 2})  # ... and ended c2 before the stop came
+    assert rig.outcomes[-1] == ("c2", "DONE", "") and rig.mw.state == MwState.STOPPING
+    assert not rig.broker.queues.get("f@1") and "c2" not in rig.broker.running
+
+
+def test_a_held_call_the_stopped_miniworker_gives_back_or_takes_with_it_is_queued_again(rig: Rig) -> None:
+    rig.broker.cancel("c1")
+    rig.result({"call_id": "c2", "status": "REJECTED", "retire": True})  # never started: given back
+    assert [t.call_id for t in rig.broker.queues["f@1"]] == ["c2"] and len(rig.outcomes) == 1
+
+
+def test_a_held_call_started_then_killed_by_the_stop_is_queued_again_when_its_miniworker_exits(rig: Rig) -> None:
+    rig.broker.cancel("c1")
+    rig.result({"call_id": "c1", "status": "DONE", "result": 1})  # c2 started; then the stop ended it
+    rig.mw.proc = SimpleNamespace(poll=lambda: 0, send_signal=lambda sig: None)  # type: ignore[assignment]
+    rig.broker.tick(time.monotonic())
+    assert [t.call_id for t in rig.broker.queues["f@1"]] == ["c2"] and "mw1" not in rig.broker.mws
