@@ -119,6 +119,8 @@ class Agent:
         fut: Future[Any] = Future()
 
         def answer() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return  # the asker gave up (its request was cancelled): setting it would raise here, on the loop
             try:
                 fut.set_result(self.snapshot(what))
             except (ShoalError, OSError, KeyError, ValueError) as exc:

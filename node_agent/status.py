@@ -18,23 +18,49 @@ from shoal.httpserver import JsonErrorAppRunner
 
 Ask = Callable[[str], "Future[Any]"]
 ASK_KEY: web.AppKey[Ask] = web.AppKey("ask")
+ASK_TIMEOUT = 5.0  # seconds the agent's loop has to answer a status request
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+class LoopSilent(Exception):
+    """The agent's loop did not answer in time."""
+
+
+async def ask(request: web.Request, what: str) -> Any:
+    """A snapshot from the agent's loop; a loop that does not answer within ASK_TIMEOUT is an answer too."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(request.app[ASK_KEY](what)), ASK_TIMEOUT)
+    except TimeoutError:
+        raise LoopSilent(f"the agent's loop did not answer within {ASK_TIMEOUT:g} s") from None
+
+
+def silent(exc: LoopSilent) -> web.Response:
+    return web.json_response({"error": {"code": "agent_busy", "message": str(exc)}}, status=503)
+
+
 async def readyz(request: web.Request) -> web.Response:
-    ready: dict[str, Any] = await asyncio.wrap_future(request.app[ASK_KEY]("ready"))
+    try:
+        ready: dict[str, Any] = await ask(request, "ready")
+    except LoopSilent as exc:
+        return web.json_response({"ready": False, "reason": str(exc)}, status=503)
     return web.json_response(ready, status=200 if ready["ready"] else 503)
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(await asyncio.wrap_future(request.app[ASK_KEY]("status")))
+    try:
+        return web.json_response(await ask(request, "status"))
+    except LoopSilent as exc:
+        return silent(exc)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text: str = await asyncio.wrap_future(request.app[ASK_KEY]("metrics"))
+    try:
+        text: str = await ask(request, "metrics")
+    except LoopSilent as exc:
+        return silent(exc)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
