@@ -206,10 +206,12 @@ class PipeSink:
     own ``sys.stdout``/``sys.stderr`` between calls."""
 
     def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.original = os.dup(fd)
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, fd)
-        os.close(write_fd)
+        self.write_fd = write_fd  # kept: fd is put back on it if the function closes or replaces it
+        self.pipe = os.fstat(write_fd).st_ino
         self.read_fd = read_fd
         self.lock = threading.Lock()
         self.output = Output(LOG_LIMIT)
@@ -233,8 +235,17 @@ class PipeSink:
 
     def take(self) -> str:
         """What was written since the last take (all of it once the pipe is empty and no chunk is on its way:
-        waited for a moment at most)."""
-        self.writer.flush()
+        waited for a moment at most). A function that closed or replaced the fd gets it back for the next call."""
+        try:
+            self.writer.flush()
+        except (OSError, ValueError):
+            pass  # what Python held for it is lost with the fd the function took away (put back below)
+        try:
+            ours = os.fstat(self.fd).st_ino == self.pipe
+        except OSError:
+            ours = False
+        if not ours:
+            os.dup2(self.write_fd, self.fd)
         deadline = time.monotonic() + SINK_WAIT
         while True:
             with self.lock:

@@ -135,7 +135,7 @@ import json, os, sys
 from miniworker.runner import FdCapture, Runner
 runner = Runner(FdCapture())
 loaded = runner.load({"path": sys.argv[1], "style": "handler", "entrypoint": "fn:handler"})
-answers = [runner.call("c%d" % n, n) for n in range(3)]
+answers = [runner.call("c%d" % n, n) for n in range(5)]
 print(json.dumps({"loaded": loaded, "answers": answers}))  # the runner's own stdout: the original fd
 '''
 FN = '''
@@ -152,6 +152,11 @@ def handler(n):
     if n == 1:
         os.write(1, b"x" * 300_000)  # more than the pipe holds, and than a call keeps
         raise ValueError("one")
+    if n == 3:
+        os.close(1)  # the function takes the fd away: the next call has it back
+        return "closed"
+    if n == 4:
+        os.write(1, b"back")
     return "quiet"
 '''
 
@@ -165,10 +170,11 @@ def test_a_handlers_output_at_every_level_is_its_calls_logs_in_order(tmp_path: P
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["loaded"]["ok"] and "[import stdout]\nimported" in out["loaded"]["logs"]
-    zero, one, two = out["answers"]
+    zero, one, two, three, four = out["answers"]
     assert zero["result"] == "zero"
     assert zero["stdout"].split() == ["py-out", "fd-out", "child-out", "libc-out"]
     assert zero["stderr"].split() == ["py-err", "child-err"]
     assert one["ok"] is False and one["error"]["message"] == "one"
     assert len(one["stdout"].split("\n")[0]) == LOG_LIMIT and "more bytes dropped" in one["stdout"]
     assert two == {"call_id": "c2", "ok": True, "result": "quiet", "stdout": "", "stderr": ""}
+    assert three["result"] == "closed" and four["result"] == "quiet" and four["stdout"] == "back"
