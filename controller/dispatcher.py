@@ -366,6 +366,11 @@ class Dispatcher:
     def on_function_state(self, node: NodeState, key: str, state: str) -> None:
         if state in ("ready", "failed"):
             self.kick()  # ready: its calls can go there; failed everywhere: its calls fail
+        elif state == "retired" and any(p.key == key for p in self.calls.values()):
+            # The node dropped an old version that calls still want (one may be on its way to it and come back
+            # REJECTED): it gets it again, and they are placed once it is ready.
+            name, _, version = key.rpartition("@")
+            self.hub.resend_function(node.node_id, name, int(version))
 
     # ---- deleted functions ---------------------------------------------------------------------
     def function_deleted(self, name: str, up_to: int) -> int:

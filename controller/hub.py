@@ -181,6 +181,22 @@ class Hub:
         if self.dispatcher is not None:
             self.dispatcher.on_node_hello(node, running)
 
+    def resend_function(self, node_id: str, name: str, version: int) -> None:
+        """Send a node a function version again (it dropped it, and calls of it wait)."""
+
+        async def resend() -> None:
+            try:
+                record = await self.store.get_version(name, version)
+            except RedisError as exc:
+                self.log.error("function_not_resent", node_id=node_id, function=f"{name}@{version}", error=str(exc))
+                return
+            if record is not None:
+                self.send_sequenced(node_id, Msg.FUNCTION, function_message(record))
+
+        task = asyncio.get_running_loop().create_task(resend())
+        self.syncs.add(task)
+        task.add_done_callback(self.syncs.discard)
+
     async def sync_node(self, node_id: str, runtimes: frozenset[str] = frozenset(),
                         functions: frozenset[str] = frozenset()) -> None:
         """Send a node every runtime, the latest version of every function, and any older version that calls
@@ -243,6 +259,9 @@ class Hub:
         elif h["state"] == "failed":
             node.ready.discard(key)
             node.failed[key] = str(h.get("error", ""))
+        elif h["state"] == "retired":  # an old version the node dropped, unused: it is sent back if wanted
+            node.ready.discard(key)
+            node.failed.pop(key, None)
         for callback in self.on_function_state:
             callback(node.node_id, key, h)
         if self.dispatcher is not None:

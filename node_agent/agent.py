@@ -59,6 +59,7 @@ PREPARE_RETRIES = 8
 ENGINE_ERRORS = (DockerException, requests.RequestException)
 
 
+RETIRE_CHECK_EVERY = 30.0  # seconds between looks for superseded function versions to drop (see retire_unused)
 ENGINE_CHECK_EVERY = 5.0  # seconds between pings of the Docker engine
 ENGINE_PING_LATE = 10.0  # a ping unanswered this long: the engine counts as unreachable (/readyz 503)
 
@@ -208,6 +209,7 @@ class Agent:
         next_engine_check = 0.0
         next_status = 0.0
         next_orphan_sweep = time.monotonic() + self.config.orphan_sweep
+        next_retire = 0.0
         try:
             while not self.stopping:
                 events = dict(poller.poll(int(max(0.0, next_tick - time.monotonic()) * 1000) + 1))
@@ -238,6 +240,9 @@ class Agent:
                     if now >= next_orphan_sweep:
                         next_orphan_sweep = now + self.config.orphan_sweep
                         self.sweep_orphans()
+                    if now >= next_retire:
+                        next_retire = now + min(RETIRE_CHECK_EVERY, self.config.retire_after)
+                        self.retire_unused(now)
                     if now >= next_engine_check:
                         next_engine_check = now + ENGINE_CHECK_EVERY
                         self.check_engine(now)
@@ -455,9 +460,16 @@ class Agent:
             return
         fn = self.registry.resolve(h["function"], version if isinstance(version, int) else None)
         if fn is None:
+            if isinstance(version, int) and version < self.registry.latest.get(h["function"], 0):
+                # An older version dropped here (see retire_unused), on its way as the controller heard: it
+                # places the call again, and sends the version back to a node if none has it.
+                self.reply(ticket, REJECTED, {"type": "VersionRetired",
+                                              "message": f"{h['function']}@{version} is no longer on this node"})
+                return
             self.reply(ticket, "FAILED", {"type": "UnknownFunction",
                                           "message": f"function {h['function']!r} is not on this node"})
             return
+        fn.last_used = ticket.received
         if fn.state == FnState.FAILED:
             self.reply(ticket, "FAILED", {"type": "FunctionUnavailable", "message": fn.error})
             return
@@ -515,6 +527,26 @@ class Agent:
         fn = self.registry.functions.get(key)
         if fn is not None and fn.state == FnState.READY:
             self.function_failed(fn, f"it does not load: {reason}")
+
+    def retire_unused(self, now: float) -> None:
+        """Drop the superseded function versions unused for ``retire_after`` (no call of them here, no
+        miniworker): their archive, code and dependencies are collected, and the controller is told (FSTATE
+        ``retired``); it sends a version back if a call of it is to run here again. Without it a node kept
+        every version ever deployed."""
+        busy = ({t.key for t in self.broker.running.values()} | {k for k, q in self.broker.queues.items() if q}
+                | {h.function for h in self.broker.mws.values() if h.function is not None})
+        latest = self.registry.latest
+        for fn in list(self.registry.functions.values()):
+            unused = now - fn.last_used >= self.config.retire_after
+            if (fn.gone or latest.get(fn.spec.name) == fn.spec.version or fn.key in busy or not unused
+                    or fn.state not in (FnState.READY, FnState.FAILED)):
+                continue
+            self.registry.forget(fn)
+            self.broker.forget(fn.key)
+            self.link.send(Msg.FUNCTION_STATE, {"name": fn.spec.name, "version": fn.spec.version, "state": "retired",
+                                                "error": ""})
+            self.log.info("function_retired", function=fn.key, unused_s=round(now - fn.last_used))
+            self.collect_due = True
 
     def on_runtime_gone(self, msg: Message) -> None:
         name = msg.header["name"]

@@ -38,6 +38,7 @@ class AgentConfig:
     retries_on_loss: int = 1  # a call whose miniworker died is retried this many times, then failed
     drain_timeout: float = 60.0
     orphan_sweep: float = 60.0  # seconds between sweeps for containers of this node no live miniworker owns
+    retire_after: float = 3600.0  # seconds a superseded function version stays unused before it is dropped here
     limits: ContainerLimits = field(default_factory=ContainerLimits)
     log_level: str = "info"
 
@@ -90,6 +91,7 @@ class AgentConfig:
             "liveness": env_int(p + "LIVENESS", 3, 1, 100),
             "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, 0, 10),
             "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, 0.1, 86400.0),
+            "retire_after": env_float(p + "RETIRE_AFTER", 3600.0, 0.1, 365 * 86400.0),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
             "limits": ContainerLimits(
                 memory=env_str(p + "CONTAINER_MEMORY", "512m"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class NodeFunction:
     retries: int = 0  # preparations tried again after a failure that may pass
     retry_at: float = 0.0  # monotonic time of the next one (0: none planned)
     gone: bool = False  # deleted on the controller: forgotten once no call of it is on this node
+    last_used: float = field(default_factory=time.monotonic)  # when it was sent here or last called
 
     @property
     def key(self) -> str:

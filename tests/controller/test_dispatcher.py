@@ -21,6 +21,7 @@ class FakeHub:
         self.up = True
         self.refusing: set[str] = set()  # nodes whose socket refuses a send (they went away)
         self.broadcasts: list[tuple[bytes, dict[str, Any]]] = []
+        self.resent: list[tuple[str, str]] = []
 
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any]) -> bool:
         if not self.up or node_id in self.refusing:
@@ -32,6 +33,9 @@ class FakeHub:
 
     def broadcast(self, mtype: bytes, header: dict[str, Any]) -> None:
         self.broadcasts.append((mtype, header))
+
+    def resend_function(self, node_id: str, name: str, version: int) -> None:
+        self.resent.append((node_id, f"{name}@{version}"))
 
     def calls_sent(self) -> list[str]:
         return [call_id for mtype, call_id in self.sent if mtype == Msg.CALL]
@@ -395,5 +399,18 @@ def test_recovered_calls_of_a_deleted_function_end_cancelled() -> None:
         store.deleted = {("f", 2)}
         assert await d.recover() == 1
         assert status_of(store, "c1") == "CANCELLED" and list(d.calls) == ["c0"] and len(d.queue) == 1
+
+    asyncio.run(scenario())
+
+
+def test_an_old_version_a_node_retired_is_sent_back_to_it_while_calls_of_it_wait() -> None:
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1",))
+        n1 = hub.nodes["n1"]
+        d.on_function_state(n1, "f@1", "retired")  # no call of it: nothing to do
+        assert hub.resent == []
+        d.enqueue(Pending("c1", "f", 1, None, 5.0))  # not ready anywhere: it waits
+        d.on_function_state(n1, "f@1", "retired")
+        assert hub.resent == [("n1", "f@1")]
 
     asyncio.run(scenario())

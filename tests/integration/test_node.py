@@ -539,6 +539,24 @@ def test_a_deleted_function_and_runtime_are_forgotten_with_their_containers_and_
     assert generic.status()["runtimes"] == {}
 
 
+def test_an_old_version_unused_for_a_while_is_dropped_and_a_call_of_it_comes_back_rejected(make_node) -> None:
+    # A node kept every version ever deployed, code and archive, for ever.
+    node = make_node("function", env={"SHOAL_AGENT_RETIRE_AFTER": "1"})
+    node.deploy("v", {"handler.py": "def handler(p):\n    return 1\n"}, entrypoint="handler:handler")
+    assert node.call("v")["result"] == 1
+    node.deploy("v", {"handler.py": "def handler(p):\n    return 2\n"}, entrypoint="handler:handler")
+    assert node.call("v")["result"] == 2
+    info = node.link.nodes[node.node_id]
+    wait_until(node, lambda: info.functions["v@1"]["state"] == "retired", what="v@1 to be retired")
+    cache = node.state_dir / node.node_id
+    wait_until(node, lambda: len(list((cache / "blobs").iterdir())) == 1 and len(list((cache / "code").iterdir())) == 1,
+               what="v@1's archive and code to be collected")
+    assert [f["key"] for f in node.status()["functions"]] == ["v@2"]
+    late = node.link.result(node.link.submit(node.node_id, "v", None, version=1))  # as the controller's, crossing
+    assert late["status"] == "REJECTED" and late["error"]["type"] == "VersionRetired", late
+    assert node.call("v")["result"] == 2
+
+
 def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:
     # What a miniworker could not remove (the engine refused) and its agent's cleanup missed too.
     node = make_node("function", env={"SHOAL_AGENT_ORPHAN_SWEEP": "0.5"})
