@@ -289,3 +289,19 @@ def test_deleting_a_function_cancels_its_waiting_calls_and_its_nodes_forget_it(m
         assert time.monotonic() < deadline, "the deleted function's container stayed"
         time.sleep(0.1)
     assert cluster.get(f"/v1/nodes/{node_id}")["functions_ready"] == []
+
+
+def test_an_old_version_a_node_dropped_runs_again_when_invoked(make_cluster: Any) -> None:
+    cluster: LocalCluster = make_cluster(agents=1, agent_env={"SHOAL_AGENT_RETIRE_AFTER": "1"})
+    seed_runtime(cluster)
+    for n in (1, 2):
+        upload(cluster, "v", {"handler.py": f"def handler(p):\n    return {n}\n"}, entrypoint="handler:handler")
+        wait_ready(cluster, "v", 1)
+        assert cluster.request("POST", "/v1/functions/v/invoke", {})[1]["result"] == n
+    [node_id] = cluster.node_ids
+    deadline = time.monotonic() + 60
+    while "v@1" in cluster.get(f"/v1/nodes/{node_id}")["functions_ready"]:
+        assert time.monotonic() < deadline, "v@1 was not retired"
+        time.sleep(0.2)
+    status, call, _ = cluster.request("POST", "/v1/functions/v/invoke", {"version": 1, "wait": 60})
+    assert status == 200 and call["status"] == "DONE" and call["result"] == 1 and call["version"] == 1, call
