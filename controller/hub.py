@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -174,10 +174,7 @@ class Hub:
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
         self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq,
                                          "max_archive_bytes": self.config.max_archive_bytes})
-        task = asyncio.get_running_loop().create_task(self.sync_node(node_id, frozenset(runtimes),
-                                                                     frozenset(functions)))
-        self.syncs.add(task)  # (a task only the loop refers to may be collected before it ends)
-        task.add_done_callback(self.syncs.discard)
+        self.background(self.sync_node(node_id, frozenset(runtimes), frozenset(functions)))
         if self.dispatcher is not None:
             self.dispatcher.on_node_hello(node, running)
 
@@ -193,7 +190,12 @@ class Hub:
             if record is not None:
                 self.send_sequenced(node_id, Msg.FUNCTION, function_message(record))
 
-        task = asyncio.get_running_loop().create_task(resend())
+        self.background(resend())
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task the hub holds (one only the loop refers to may be collected before it ends)
+        and cancels when it closes."""
+        task = asyncio.get_running_loop().create_task(work)
         self.syncs.add(task)
         task.add_done_callback(self.syncs.discard)
 

@@ -508,18 +508,30 @@ class Agent:
         their archive, code and dependencies collected."""
         if not self.gone_waiting:
             return
-        busy = {t.key for t in self.broker.running.values()} | {k for k, q in self.broker.queues.items() if q}
+        busy = self.keys_in_use(miniworkers=False)
         gone = [f for f in self.registry.functions.values() if f.gone]
         self.gone_waiting = any(f.key in busy for f in gone)
         for fn in [f for f in gone if f.key not in busy]:
-            self.registry.forget(fn)
-            self.broker.forget(fn.key)
-            if not self.registry.by_sha(fn.spec.sha256):
-                self.fetcher.cancel(fn.spec.sha256)
+            self.forget(fn)
             self.log.info("function_forgotten", function=fn.key)
-            self.collect_due = True
         if self.collect_due:
             self.pool.reconcile()  # stops the idle miniworkers of what is no longer known
+
+    def keys_in_use(self, miniworkers: bool) -> set[str]:
+        """The function versions with calls here (running, held or queued), and, with ``miniworkers``, those a
+        live miniworker serves."""
+        keys = {t.key for t in self.broker.running.values()} | {k for k, q in self.broker.queues.items() if q}
+        if miniworkers:
+            keys |= {h.function for h in self.broker.mws.values() if h.function is not None}
+        return keys
+
+    def forget(self, fn: NodeFunction) -> None:
+        """Drop a function version here; its files are collected once nothing refers to them."""
+        self.registry.forget(fn)
+        self.broker.forget(fn.key)
+        if not self.registry.by_sha(fn.spec.sha256):
+            self.fetcher.cancel(fn.spec.sha256)
+        self.collect_due = True
 
     def on_load_failures(self, key: str, reason: str) -> None:
         """A function that would not load in several miniworkers in a row: failed here (reported, no container
@@ -533,20 +545,17 @@ class Agent:
         miniworker): their archive, code and dependencies are collected, and the controller is told (FSTATE
         ``retired``); it sends a version back if a call of it is to run here again. Without it a node kept
         every version ever deployed."""
-        busy = ({t.key for t in self.broker.running.values()} | {k for k, q in self.broker.queues.items() if q}
-                | {h.function for h in self.broker.mws.values() if h.function is not None})
+        busy = self.keys_in_use(miniworkers=True)
         latest = self.registry.latest
         for fn in list(self.registry.functions.values()):
             unused = now - fn.last_used >= self.config.retire_after
             if (fn.gone or latest.get(fn.spec.name) == fn.spec.version or fn.key in busy or not unused
                     or fn.state not in (FnState.READY, FnState.FAILED)):
                 continue
-            self.registry.forget(fn)
-            self.broker.forget(fn.key)
+            self.forget(fn)
             self.link.send(Msg.FUNCTION_STATE, {"name": fn.spec.name, "version": fn.spec.version, "state": "retired",
                                                 "error": ""})
             self.log.info("function_retired", function=fn.key, unused_s=round(now - fn.last_used))
-            self.collect_due = True
 
     def on_runtime_gone(self, msg: Message) -> None:
         name = msg.header["name"]

@@ -43,6 +43,10 @@ def test_round_trip_keeps_header_and_payload() -> None:
         ([b"FETCH", b'{"sha256": "x", "offset": 0, "credit": -8}'], "'credit' must not be negative"),
         ([b"CHUNK", b'{"sha256": "x", "offset": -1, "last": false}', b"data"], "'offset' must not be negative"),
         ([b"HB", b"{}", b"unexpected"], "unexpected payload"),
+        ([b"FGONE", b'{"name": "f"}'], "missing field 'up_to'"),
+        ([b"FGONE", b'{"name": "f", "up_to": -1}'], "'up_to' must not be negative"),
+        ([b"FGONE", b'{"name": 3, "up_to": 1}'], "'name' must be str"),
+        ([b"RGONE", b'{"name": null}'], "'name' must be str"),
         # Nested past what every process can decode and encode again: refused before anyone has to.
         ([b"CALL", b'{"call_id": "x", "function": "f", "params": ' + b"[" * 200 + b"]" * 200 + b"}"], "deeper"),
         ([b"CALL", b"[" * 100_000 + b"]" * 100_000], "deeper than 200 levels"),
