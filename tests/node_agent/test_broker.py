@@ -22,6 +22,7 @@ from node_agent.tickets import Ticket
 from shoal import protocol
 from shoal.models import FunctionSpec, Policy
 from shoal.protocol import Msg
+from tests.node_agent.helpers import close_rig
 
 
 class Rig:
@@ -64,8 +65,7 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
-    r.broker.close()
-    r.ctx.term()
+    close_rig(r)
 
 
 def failed(reason: str, error: dict[str, Any] | None = None) -> protocol.Message:

@@ -25,6 +25,7 @@ from node_agent.tickets import Ticket
 from shoal import protocol
 from shoal.models import Policy
 from shoal.protocol import Msg
+from tests.node_agent.helpers import close_rig
 
 
 class Rig:
@@ -60,8 +61,7 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
-    r.broker.close()
-    r.ctx.term()
+    close_rig(r)
 
 
 def test_a_held_call_is_cancelled_once_its_miniworker_has_dropped_it(rig: Rig) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from node_agent.agent import ENGINE_PING_LATE, Agent
 from node_agent.config import AgentConfig
+from tests.node_agent.helpers import close_agent
 
 
 @pytest.fixture
@@ -20,11 +21,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     try:
         yield agent
     finally:
-        agent.broker.close()
-        agent.link.close()
-        agent.executor.shutdown()
-        agent.docker.close()
-        agent.ctx.term()
+        close_agent(agent)
 
 
 def test_a_hung_engine_is_pinged_once_and_not_ready_once_the_ping_is_overdue(agent: Agent) -> None:

@@ -14,6 +14,7 @@ from node_agent.miniworkers import MwState
 from node_agent.pool import PoolManager
 from shoal.models import Runtime
 from shoal.protocol import Msg
+from tests.node_agent.helpers import close_rig
 from tests.node_agent.test_broker import Rig
 
 
@@ -55,8 +56,7 @@ def test_containers_started_ahead_for_a_burst_and_oneshot_spares_are_stopped_pas
     try:
         check_keep_alive(rig)
     finally:
-        rig.broker.close()
-        rig.ctx.term()
+        close_rig(rig)
 
 
 def check_keep_alive(rig: Rig) -> None:

@@ -19,6 +19,7 @@ from node_agent.functions import FnState
 from shoal.archive import build_tar_gz
 from shoal.models import FunctionSpec
 from shoal.protocol import Message, Msg
+from tests.node_agent.helpers import close_agent
 from tests.shoal.test_archive import zip_loop
 
 
@@ -57,11 +58,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     try:
         yield agent
     finally:
-        agent.broker.close()
-        agent.link.close()
-        agent.executor.shutdown()
-        agent.docker.close()
-        agent.ctx.term()
+        close_agent(agent)
 
 
 def deploy(agent: Agent, name: str, archive: bytes) -> str:
