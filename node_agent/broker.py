@@ -200,6 +200,8 @@ class Broker:
             if h.mode == "runtime":
                 self.forget_idle(h)
                 h.function = ticket.key  # from now on it serves this function only
+        # Read before the send: once sent, the call may be running while this process waits for a core.
+        started_at, dispatched = time.time(), time.monotonic()
         if not self.send(h, Msg.MW_CALL, header):
             # It never reached the miniworker: not an attempt. Back to the head of its queue.
             self.requeue(ticket)
@@ -208,8 +210,8 @@ class Broker:
         h.state = MwState.BUSY
         h.ticket = ticket
         ticket.mw_id = h.mw_id
-        ticket.dispatched = time.monotonic()
-        ticket.started_at = time.time()
+        ticket.dispatched = dispatched
+        ticket.started_at = started_at
         self.running[ticket.call_id] = ticket
         if ticket.queued or h.loading:
             self.on_dispatch(ticket)  # it waited or starts cold: say RUNNING now; warm calls see tick()
