@@ -70,6 +70,7 @@ class ControllerConfig:
         parser.add_argument("--host")
         parser.add_argument("--port", type=int)
         parser.add_argument("--zmq-bind")
+        parser.add_argument("--zmq-advertise", help="the ZMQ URL nodes are told to connect to, if not --zmq-bind")
         parser.add_argument("--redis-url")
         parser.add_argument("--blob-dir", type=Path)
         parser.add_argument("--placement", choices=PLACEMENTS)

@@ -90,6 +90,7 @@ class AgentConfig:
             "heartbeat": env_float(p + "HEARTBEAT", 1.0, 0.05, 60.0),
             "liveness": env_int(p + "LIVENESS", 3, 1, 100),
             "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, 0, 10),
+            "drain_timeout": env_float(p + "DRAIN_TIMEOUT", 60.0, 0.0, 86400.0),
             "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, 0.1, 86400.0),
             "retire_after": env_float(p + "RETIRE_AFTER", 3600.0, 0.1, 365 * 86400.0),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
@@ -118,11 +119,12 @@ class AgentConfig:
         parser.add_argument("--oneshot-spares", type=int)
         parser.add_argument("--keepalive", type=float)
         parser.add_argument("--heartbeat", type=float)
+        parser.add_argument("--drain-timeout", type=float, help="seconds a stopping agent lets running calls finish")
         parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
         args = parser.parse_args(argv)
         overrides: dict[str, object] = {}
         for name in ("controller", "node_id", "state_dir", "docker_url", "capacity", "min_warm",
-                     "runtime_warm", "oneshot_spares", "keepalive", "heartbeat", "log_level"):
+                     "runtime_warm", "oneshot_spares", "keepalive", "heartbeat", "drain_timeout", "log_level"):
             value = getattr(args, name)
             if value is not None:
                 overrides[name] = value
