@@ -15,6 +15,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from node_agent.broker import Broker
 from node_agent.cache import NodeCache, remove_path
 from node_agent.config import AgentConfig
 from node_agent.deps import REQUIREMENTS, WheelhouseResolver
-from node_agent.errors import AgentError
+from node_agent.errors import AgentError, AgentStopping
 from node_agent.fetcher import ArchiveFetcher
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.link import ControllerLink
@@ -97,6 +98,8 @@ class Agent:
         self.preparing = 0  # preparations (extraction, dependencies) running in the pool
         self.drain_deadline = 0.0
         self.stopping = False
+        self.asks: dict[Future[Any], str] = {}  # status requests not answered yet (see ask)
+        self.asks_lock = threading.Lock()
         self.process = psutil.Process()
         self.started = time.time()
 
@@ -117,18 +120,44 @@ class Agent:
         self.executor.submit(work).add_done_callback(finished)
 
     def ask(self, what: str) -> Future[Any]:
+        """A snapshot from the loop, for the status server's thread. Once the loop has ended, asks are answered
+        here (or by shutdown, for those it left in the inbox): not ready, stopping."""
         fut: Future[Any] = Future()
+        with self.asks_lock:
+            self.asks[fut] = what  # before reading `stopping`: shutdown answers it if this thread does not
 
         def answer() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return  # the asker gave up (its request was cancelled): setting it would raise here, on the loop
+            with self.asks_lock:
+                if self.asks.pop(fut, None) is None or not fut.set_running_or_notify_cancel():
+                    return  # answered as stopping, or the asker gave up (setting it would raise, on the loop)
             try:
                 fut.set_result(self.snapshot(what))
             except (ShoalError, OSError, KeyError, ValueError) as exc:
                 fut.set_exception(exc)
 
-        self.post(answer)
+        if self.stopping:
+            self.answer_stopped(fut)
+        else:
+            self.post(answer)
         return fut
+
+    def stop_answering(self) -> None:
+        """The loop has ended (also by an exception): asks left in its inbox, and those to come, are answered
+        as stopping, not left to time out."""
+        self.stopping = True
+        for fut in list(self.asks):
+            self.answer_stopped(fut)
+
+    def answer_stopped(self, fut: Future[Any]) -> None:
+        with self.asks_lock:
+            what = self.asks.pop(fut, None)
+            if what is None or not fut.set_running_or_notify_cancel():
+                return  # answered already, or the asker gave up
+        if what == "ready":
+            fut.set_result({"ready": False, "controller": False, "draining": self.draining, "docker": self.engine_ok,
+                            "stopping": True})
+        else:
+            fut.set_exception(AgentStopping(f"node {self.config.node_id} is stopping"))
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def remove_orphans(self) -> int:
@@ -297,6 +326,7 @@ class Agent:
         self.stopping = True
 
     def shutdown(self) -> None:
+        self.stop_answering()
         deadline = time.monotonic() + 15
         for h in list(self.broker.mws.values()):
             self.broker.stop(h)

@@ -15,3 +15,7 @@ class DependencyError(AgentError):
 
 class FetchError(AgentError):
     """An archive could not be fetched from the controller, or failed verification."""
+
+
+class AgentStopping(AgentError):
+    """The agent's loop has ended (it is shutting down): it answers no more status requests."""

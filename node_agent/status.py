@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node_agent.errors import AgentStopping
 from shoal.httpserver import JsonErrorAppRunner
 
 Ask = Callable[[str], "Future[Any]"]
@@ -35,6 +36,8 @@ async def ask(request: web.Request, what: str) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(request.app[ASK_KEY](what)), ASK_TIMEOUT)
     except TimeoutError:
         raise LoopSilent(f"the agent's loop did not answer within {ASK_TIMEOUT:g} s") from None
+    except AgentStopping as exc:
+        raise LoopSilent(str(exc)) from None
 
 
 def silent(exc: LoopSilent) -> web.Response:
