@@ -39,6 +39,7 @@ from shoal.protocol import UNIX_PATH_MAX, Message, Msg, ProtocolError, RunnerStr
 
 #: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
 RUNNER_SEND_TIMEOUT = 30.0
+RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
 
 
@@ -432,10 +433,11 @@ class Miniworker:
         protocol (the function's code shares the runner's process and can write to its socket)."""
         error_type = "ContainerExited" if reason is None else "RunnerProtocolError"
         if reason is None:
-            # Give the engine a moment to record the exit before asking why.
+            # The runner's process is gone (or closed its socket and will not be heard again): let the engine
+            # record the container's exit before asking why. A loaded engine can take seconds to.
             if self.container.id is not None:
                 try:
-                    self.container.api.wait(self.container.id, timeout=2)
+                    self.container.api.wait(self.container.id, timeout=RUNNER_EXIT_WAIT)
                 except ENGINE_ERRORS as exc:
                     self.log.debug("container_wait_failed", error=str(exc))
             reason = self.container.exit_reason()

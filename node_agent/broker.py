@@ -114,7 +114,7 @@ class Broker:
         fn = self.registry.functions[ticket.key]
         queue = self.queues.setdefault(ticket.key, deque())
         if fn.state == FnState.READY and not queue:
-            h = self.take_idle(self.candidates(ticket.key)) or self.take_pipelined(ticket.key)
+            h = self.take_idle(self.candidates(ticket.key)) or self.take_pipelined(ticket.key, time.monotonic())
             if h is not None:
                 self.dispatch(h, ticket)
                 return
@@ -148,13 +148,12 @@ class Broker:
         return sum(1 for h in self.mws.values() if h.function == key and (
             h.state == MwState.IDLE or (h.state == MwState.BUSY and not self.stuck(h, now))))
 
-    def take_pipelined(self, key: str) -> MwHandle | None:
+    def take_pipelined(self, key: str, now: float) -> MwHandle | None:
         """A busy warm miniworker of ``key`` that can hold one more call (the one busy longest, unless stuck),
         if the function is short enough to pipeline."""
         limit = self.config.pipeline_max_run
         if self.run_s.get(key, limit) >= limit:
             return None
-        now = time.monotonic()
         best: MwHandle | None = None
         for h in self.mws.values():
             if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
@@ -264,7 +263,7 @@ class Broker:
             queue = self.queues[key]
             keys = self.candidates(key)
             while queue:
-                h = self.take_idle(keys) or self.take_pipelined(key)
+                h = self.take_idle(keys) or self.take_pipelined(key, time.monotonic())
                 if h is None:
                     break
                 self.dispatch(h, queue.popleft())

@@ -58,6 +58,7 @@ class LocalCluster:
     agent_env: dict[str, str] = field(default_factory=dict)
     controller_env: dict[str, str] = field(default_factory=dict)
     heartbeat: float = 0.5
+    liveness: int = 3  # heartbeats missed, both ways, before a peer counts as lost
     detach: bool = False  # children in their own sessions, to outlive this process (`shoal up`)
     port: int = 0
     zmq_port: int = 0
@@ -97,7 +98,7 @@ class LocalCluster:
         env = dict(os.environ, SHOAL_REDIS_URL=self.redis_url, SHOAL_PORT=str(self.port),
                    SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
-                   SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
+                   SHOAL_LIVENESS=str(self.liveness), SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
         self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
                                            start_new_session=self.detach, **self._output("controller"))
         deadline = time.monotonic() + 30
@@ -126,7 +127,7 @@ class LocalCluster:
         assert self.base is not None
         state = self.base / "agents"
         env = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
-                   **self.agent_env)
+                   SHOAL_AGENT_LIVENESS=str(self.liveness), **self.agent_env)
         proc = subprocess.Popen(
             [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
              "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,

@@ -62,7 +62,7 @@ def test_warm_first_placement_prefers_the_node_with_a_warm_container(make_cluste
 
 
 def test_kill_9_of_an_agent_with_calls_in_flight_loses_no_call(make_cluster: Any) -> None:
-    cluster: LocalCluster = make_cluster(agents=2, placement="least-loaded")
+    cluster: LocalCluster = make_cluster(agents=2, placement="least-loaded", liveness=3)
     seed_runtime(cluster)
     upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=2, max_warm=4)
     wait_ready(cluster, "slow", 2)

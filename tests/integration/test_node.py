@@ -336,6 +336,7 @@ def test_unknown_function_and_unloadable_function_fail_clearly(make_node) -> Non
     info = node.link.nodes[node.node_id]
     wait_until(node, lambda: info.functions["broken@1"]["state"] == "failed", what="broken@1 to be failed")
     assert "does not load" in info.functions["broken@1"]["error"]
+    wait_until(node, lambda: not miniworkers(node, "broken@1"), what="the last failed miniworker to exit")
     started = metric(node, "shoal_miniworkers_started_total")
     time.sleep(3)  # past the back-off after three failures (2 s): a fourth would have started by now
     assert metric(node, "shoal_miniworkers_started_total") == started
@@ -500,6 +501,10 @@ def test_a_gap_in_the_controllers_numbered_messages_makes_the_agent_say_hello_ag
     # A reset connection loses what was on its way without a word from ZMQ: the numbers show it.
     node = make_node("function")
     info = node.link.nodes[node.node_id]
+    # A STATUS sent after this point comes from a welcomed agent, behind any HELLO it repeated while it waited
+    # for its WELCOME (one link keeps the order): those are counted in `before`.
+    node.link.statuses.pop(node.node_id, None)
+    wait_until(node, lambda: node.node_id in node.link.statuses, what="a STATUS from the welcomed agent")
     before = info.hellos
     node.link.send(node.node_id, Msg.WELCOME, {"v": PROTOCOL_VERSION, "seq": 10})
     node.link.send(node.node_id, Msg.HEARTBEAT, {"seq": 10})
@@ -563,11 +568,13 @@ def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, do
     node.deploy("echo", ECHO, entrypoint="handler:handler")
     assert node.call("echo", 1)["status"] == "DONE"
     (warm,) = node_containers(docker_client, node.node_id)
-    orphan = docker_client.containers.run("pythonruntime", ["sleep", "300"], detach=True, init=True,
-                                          network_mode="none", labels={LABEL_NODE: node.node_id, LABEL_MW: "gone"})
+    # Made in one request (a sweep may come between the create and the start of containers.run): a container
+    # created and never started is an orphan too.
+    orphan = docker_client.api.create_container("pythonruntime", ["sleep", "300"],
+                                                labels={LABEL_NODE: node.node_id, LABEL_MW: "gone"})["Id"]
     wait_until(node, lambda: node_containers(docker_client, node.node_id) == [warm], what="the orphan to go")
     with pytest.raises(docker.errors.NotFound):
-        docker_client.containers.get(orphan.id)
+        docker_client.containers.get(orphan)
     assert node.call("echo", 2)["status"] == "DONE"  # the live miniworker's container stayed
     assert "shoal_orphan_containers_removed_total 1" in node.http("/metrics")[1]
 
