@@ -29,10 +29,11 @@ NODES = ["shoal-node-a", "shoal-node-b", "shoal-node-c"]
 ECHO = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 0))\n    return p\n"}
 
 
-def playbook(name: str, env: dict[str, str]) -> tuple[float, dict[str, dict[str, int]], str]:
+def playbook(name: str, env: dict[str, str], *args: str) -> tuple[float, dict[str, dict[str, int]], str]:
     t0 = time.monotonic()
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
-                           f"playbooks/{name}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           f"playbooks/{name}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
@@ -40,8 +41,10 @@ def playbook(name: str, env: dict[str, str]) -> tuple[float, dict[str, dict[str,
     return took, recap, proc.stdout
 
 
-def api(method: str, path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"} if body is not None else {"Content-Type": "application/octet-stream"}
+def api(method: str, path: str, body: Any = None, data: bytes | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    headers = dict({"Content-Type": "application/json"} if body is not None else
+                   {"Content-Type": "application/octet-stream"}, **(headers or {}))
     payload = json.dumps(body).encode() if body is not None else data
     req = urllib.request.Request(API + path, data=payload, method=method, headers=headers)
     try:
@@ -63,7 +66,35 @@ def node_states() -> dict[str, str]:
     return {n["node_id"]: n["state"] for n in api("GET", "/v1/nodes")[1]}
 
 
-def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_client: docker.DockerClient) -> None:
+def submit_through_restarts(key: str) -> str:
+    """An async call, retried with its idempotency key while the controller restarts: accepted exactly once."""
+    while True:
+        try:
+            status, body = api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": 0.05}},
+                               headers={"Idempotency-Key": key})
+        except OSError:  # refused or reset: the controller is restarting
+            time.sleep(0.1)
+            continue
+        if status == 503:  # up, but not yet at its store
+            time.sleep(0.1)
+            continue
+        assert status == 202, body
+        return str(body["id"])
+
+
+def release(tmp: Path, version: str) -> Path:
+    """A commit of this repo whose package says `version`: what an upgrade deploys."""
+    repo = tmp / "release"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, timeout=120)
+    init = repo / "shoal" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text()))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "commit", "-qam", f"release {version}"], check=True, timeout=60)
+    return repo
+
+
+def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_client: docker.DockerClient,
+                                                     tmp_path: Path) -> None:
     ssh_rig = rig()
     already_up = ssh_rig.pidfile.exists()
     key = ssh_rig.start().key
@@ -91,27 +122,34 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         rerun_s, recap, out = playbook("site.yml", env)
         print(f"idempotent re-run: {rerun_s:.1f} s, recap {recap}")
         assert all(r["changed"] == 0 for r in recap.values()), out[-6000:]
+        # And a dry run (--check) of the rolled-out cluster passes and would change nothing.
+        _, recap, out = playbook("site.yml", env, "--check")
+        assert all(r["failed"] == 0 and r["changed"] == 0 for r in recap.values()), out[-6000:]
 
-        # A rolling upgrade (serial: 1) while calls run: none is lost.
+        # An upgrade to a new commit (the controller, then the agents one at a time) while calls are submitted:
+        # every part runs the new code after it, and no call is lost.
+        new_version = "0.1.0+upgrade.test"
         submitted: list[str] = []
         stop = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
-                status, body = api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": 0.05}})
-                assert status == 202, body
-                submitted.append(body["id"])
+                submitted.append(submit_through_restarts(f"upgrade-{len(submitted)}"))
                 time.sleep(0.05)
 
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
         try:
-            upgrade_s, recap, _ = playbook("upgrade.yml", env)
+            upgrade_s, recap, _ = playbook("upgrade.yml", env, "-e",
+                                           f"shoal_install_source={release(tmp_path, new_version)}")
         finally:
             stop.set()
             loader.join()
-        print(f"rolling upgrade: {upgrade_s:.1f} s, {len(submitted)} calls submitted meanwhile")
-        assert len(submitted) > 20
+        print(f"upgrade: {upgrade_s:.1f} s, {len(submitted)} calls submitted meanwhile")
+        assert len(submitted) > 20 and len(set(submitted)) == len(submitted)
+        assert api("GET", "/version")[1]["version"] == new_version
+        nodes = api("GET", "/v1/nodes")[1]
+        assert {n["node_id"]: n["version"] for n in nodes} == {n: new_version for n in NODES}, nodes
         finals = [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] in
                        ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "upgrade calls") for i in submitted]
         assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
@@ -135,7 +173,8 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
             assert node_containers(docker_client, node) == []
         with pytest.raises(OSError):
             urllib.request.urlopen(API + "/ping", timeout=2)
-        assert not Path("/var/tmp/shoal-local/shoal-ctl").exists()
+        for host in ("shoal-ctl", *NODES):
+            assert not Path(f"/var/tmp/shoal-local/{host}").exists(), host
     finally:
         if not torn_down:
             subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
