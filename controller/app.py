@@ -57,7 +57,7 @@ def create_app(config: ControllerConfig) -> web.Application:
         app[SERVICE] = Service(config, store, blobs, hub, dispatcher, metrics)
         recovered = await dispatcher.recover()
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
-        log.info("controller_started", zmq=hub.url, redis=config.redis_url, recovered=recovered,
+        log.info("controller_started", zmq=hub.url, redis=config.redis_url_redacted, recovered=recovered,
                  placement=config.placement)
         yield
         pruner.cancel()

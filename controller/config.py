@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
@@ -39,6 +40,15 @@ class ControllerConfig:
             raise ConfigError(f"zmq_bind must be tcp://HOST:PORT or ipc://PATH, got {self.zmq_bind!r}")
         if not self.redis_url.startswith(("redis://", "unix://", "rediss://")):
             raise ConfigError(f"redis_url must be redis://HOST:PORT/DB, got {self.redis_url!r}")
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL without its password, for logs."""
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @classmethod
     def from_env(cls, **overrides: object) -> ControllerConfig:
