@@ -102,6 +102,10 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
                DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1")
     torn_down = False
     try:
+        # A dry run (--check) on hosts with nothing of Shoal yet passes, and leaves them so.
+        _, recap, out = playbook("site.yml", env, "--check")
+        assert all(r["failed"] == 0 for r in recap.values()), out[-6000:]
+        assert not Path("/var/tmp/shoal-local/shoal-ctl/venv").exists()
         rollout_s, recap, _ = playbook("site.yml", env)
         assert set(recap) == {"shoal-ctl", *NODES} and all(r["failed"] == 0 for r in recap.values())
         print(f"\nrollout: {rollout_s:.1f} s")
