@@ -3,25 +3,10 @@ real; its pool is a stand-in that holds the work (as a hung engine does) until t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from node_agent.agent import ENGINE_PING_LATE, Agent
-from node_agent.config import AgentConfig
-from tests.node_agent.helpers import close_agent
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="e1", state_dir=tmp_path / "state", status_port=0)
-    agent = Agent(config)
-    try:
-        yield agent
-    finally:
-        close_agent(agent)
 
 
 def test_a_hung_engine_is_pinged_once_and_not_ready_once_the_ping_is_overdue(agent: Agent) -> None:

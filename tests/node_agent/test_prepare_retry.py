@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from node_agent.agent import PREPARE_RETRIES, PREPARE_RETRY_FIRST, Agent
-from node_agent.config import AgentConfig
 from node_agent.errors import DependencyError
 from node_agent.functions import FnState
 from shoal.archive import build_tar_gz
 from shoal.models import FunctionSpec
 from shoal.protocol import Message, Msg
-from tests.node_agent.helpers import close_agent
 from tests.shoal.test_archive import zip_loop
 
 
@@ -39,9 +37,8 @@ class FlakyResolver:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="n1", state_dir=tmp_path / "state", status_port=0)
-    agent = Agent(config)
+def agent(agent: Agent) -> Agent:
+    """The constructed agent (conftest), with what it sends recorded, pool work run inline, no miniworker."""
     agent.sent = []  # type: ignore[attr-defined]
     agent.link.send = lambda mtype, header, *payload: agent.sent.append((mtype, header))  # type: ignore[attr-defined,method-assign]
 
@@ -55,10 +52,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
 
     agent.run_in_pool = inline  # type: ignore[method-assign]
     agent.pool.reconcile = lambda: None  # type: ignore[method-assign] # no miniworker is started here
-    try:
-        yield agent
-    finally:
-        close_agent(agent)
+    return agent
 
 
 def deploy(agent: Agent, name: str, archive: bytes) -> str:

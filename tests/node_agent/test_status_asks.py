@@ -4,25 +4,10 @@ timeout, and /readyz still says the node is draining."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from node_agent.agent import Agent
-from node_agent.config import AgentConfig
 from node_agent.errors import AgentStopping
-from tests.node_agent.helpers import close_agent
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    config = AgentConfig(controller="tcp://127.0.0.1:1", node_id="s1", state_dir=tmp_path / "state", status_port=0)
-    agent = Agent(config)
-    try:
-        yield agent
-    finally:
-        close_agent(agent)
 
 
 def test_the_loop_answers_asks(agent: Agent) -> None:
@@ -39,7 +24,7 @@ def test_asks_left_unread_and_asks_after_the_loop_ended_are_answered_as_stopping
     agent.stop_answering()  # what shutdown does first
     assert unread_ready.result(timeout=0) == {"ready": False, "controller": False, "draining": True, "docker": True,
                                               "stopping": True}
-    with pytest.raises(AgentStopping, match="s1 is stopping"):
+    with pytest.raises(AgentStopping, match="n1 is stopping"):
         unread_status.result(timeout=0)
     later = agent.ask("metrics")
     with pytest.raises(AgentStopping):
