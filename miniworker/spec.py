@@ -18,6 +18,7 @@ class ContainerLimits:
     pids: int = 256
     user: str = "65534:65534"
     tmpfs_size: str = "64m"
+    disk_mb: int = 1024  # what a container may hold in its host-backed writable directories (code, deps)
 
 
 @dataclass(frozen=True, slots=True)

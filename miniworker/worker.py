@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -39,6 +40,7 @@ from shoal.protocol import UNIX_PATH_MAX, Message, Msg, ProtocolError, RunnerStr
 
 #: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
 RUNNER_SEND_TIMEOUT = 30.0
+DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
 
@@ -86,6 +88,7 @@ class Miniworker:
         self.path = spec.runtime_path
         self.last_heard = time.monotonic()
         self.next_heartbeat = 0.0
+        self.next_disk_check = time.monotonic() + DISK_CHECK_EVERY
         self.stopping = False
 
     # ---- wire helpers --------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class Miniworker:
                     poller.register(fd, zmq.POLLIN)
                 registered_fd = fd
             now = time.monotonic()
-            wake = self.next_heartbeat
+            wake = min(self.next_heartbeat, self.next_disk_check)
             if self.call is not None:
                 wake = min(wake, self.call.deadline)
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
@@ -262,6 +265,9 @@ class Miniworker:
             if now >= self.next_heartbeat:
                 self.send(Msg.MW_HEARTBEAT, {})
                 self.next_heartbeat = now + self.spec.heartbeat
+            if now >= self.next_disk_check and not self.stopping:
+                self.next_disk_check = now + DISK_CHECK_EVERY
+                self.check_disk()
             if now - self.last_heard > silence and self.call is None:
                 self.log.warning("broker_silent_exiting", seconds=round(now - self.last_heard, 1))
                 return 3
@@ -428,6 +434,26 @@ class Miniworker:
             "message": f"call exceeded its timeout of {self.call.timeout:g} s; its container was replaced",
         })
 
+    def check_disk(self) -> None:
+        """The container's code and work directories are on the host's disk, with no quota (overlay2 has none):
+        a function that writes more than the node allows there loses its container, and its call fails."""
+        used = tree_bytes(Path(self.spec.workdir))
+        limit = self.spec.limits.disk_mb << 20
+        if used <= limit:
+            return
+        self.log.warning("disk_limit_exceeded", used_mb=used >> 20, limit_mb=self.spec.limits.disk_mb,
+                         call_id=self.call.call_id if self.call else None)
+        try:
+            self.container.kill()
+        except ContainerError as exc:
+            self.log.error("container_kill_failed", error=str(exc))
+        self._end_call("FAILED", {
+            "type": "DiskLimit",
+            "message": f"its directories (code, dependencies, what it wrote) hold {used >> 20} MB, over this node's "
+                       f"limit of {self.spec.limits.disk_mb} MB (SHOAL_AGENT_CONTAINER_DISK_MB); its container "
+                       "was replaced",
+        })
+
     def on_runner_gone(self, reason: str | None = None) -> None:
         """The runner's connection closed (``reason`` None: the engine says why), or what came on it broke the
         protocol (the function's code shares the runner's process and can write to its socket)."""
@@ -443,6 +469,18 @@ class Miniworker:
             reason = self.container.exit_reason()
         self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
         self._end_call("FAILED", {"type": error_type, "message": reason})
+
+
+def tree_bytes(root: Path) -> int:
+    """Disk space the files under ``root`` take (allocated blocks: a sparse file counts for what it holds)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue  # removed while the tree was walked
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:

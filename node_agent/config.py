@@ -99,6 +99,7 @@ class AgentConfig:
                 cpus=env_float(p + "CONTAINER_CPUS", 1.0, 0.01, 256.0),
                 pids=env_int(p + "CONTAINER_PIDS", 256, 8, 1_000_000),
                 user=env_str(p + "CONTAINER_USER", "65534:65534"),
+                disk_mb=env_int(p + "CONTAINER_DISK_MB", 1024, 1, 1 << 30),
             ),
         }
         values.update(overrides)

@@ -20,7 +20,8 @@ SLOW = {
     )
 }
 
-# Misbehaves on request: raise, _exit, sleep, a result nested n levels deep or n bytes long, print.
+# Misbehaves on request: raise, _exit, sleep, fill its directory, a result nested n levels deep or n bytes
+# long, print.
 CHAOS = {
     "handler.py": (
         "import os, sys, time\n"
@@ -31,6 +32,10 @@ CHAOS = {
         "    if what == 'exit':\n"
         "        os._exit(3)\n"
         "    if what == 'sleep':\n"
+        "        time.sleep(params['s'])\n"
+        "    if what == 'fill':\n"
+        "        with open('fill.bin', 'wb') as f:\n"
+        "            f.write(b'x' * (params['mb'] << 20))\n"
         "        time.sleep(params['s'])\n"
         "    if what == 'big':\n"
         "        return 'x' * params['n']\n"

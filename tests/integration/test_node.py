@@ -562,6 +562,22 @@ def test_an_old_version_unused_for_a_while_is_dropped_and_a_call_of_it_comes_bac
     assert node.call("v")["result"] == 2
 
 
+def test_a_function_that_fills_its_directory_past_the_nodes_limit_loses_its_container(make_node,
+                                                                                      docker_client) -> None:
+    # Its code and work directories are on the host's disk: overlay2 gives no quota, the miniworker measures.
+    node = make_node("function", env={"SHOAL_AGENT_CONTAINER_DISK_MB": "16"})
+    node.deploy("chaos", CHAOS, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    assert node.call("chaos", {})["status"] == "DONE"
+    (before,) = node_containers(docker_client, node.node_id)
+    filled = node.call("chaos", {"do": "fill", "mb": 32, "s": 60}, timeout=120)
+    assert filled["status"] == "FAILED" and filled["error"]["type"] == "DiskLimit", filled
+    assert "over this node's limit of 16 MB" in filled["error"]["message"]
+    # The pool heals with a new container and the function serves on.
+    wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
+    assert before not in node_containers(docker_client, node.node_id)
+    assert node.call("chaos", {})["status"] == "DONE"
+
+
 def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:
     # What a miniworker could not remove (the engine refused) and its agent's cleanup missed too.
     node = make_node("function", env={"SHOAL_AGENT_ORPHAN_SWEEP": "0.5"})
