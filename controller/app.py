@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from controller.api import compat, openapi, v1
 from controller.api.common import METRICS, SERVICE
-from controller.api.middleware import errors
+from controller.api.middleware import errors, token_check
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher
 from controller.hub import Hub
@@ -39,7 +39,8 @@ async def _prune_loop(store: Store) -> None:
 
 
 def create_app(config: ControllerConfig) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+    tokens = token_check(config)  # inside `errors`: a refusal is a 401 with a JSON body
+    app = web.Application(middlewares=[errors] if tokens is None else [errors, tokens], client_max_size=16 << 20)
     metrics = app[METRICS] = ControllerMetrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -58,7 +59,7 @@ def create_app(config: ControllerConfig) -> web.Application:
         recovered = await dispatcher.recover()
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
         log.info("controller_started", zmq=hub.url, redis=config.redis_url_redacted, recovered=recovered,
-                 placement=config.placement)
+                 placement=config.placement, api_token=bool(config.api_token), node_token=bool(config.node_token))
         yield
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

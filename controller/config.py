@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from shoal.auth import check_token, read_token_file, token_from_env
 from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
 
@@ -32,8 +33,13 @@ class ControllerConfig:
     sync_timeout: float = 60.0  # default wait of a sync invoke
     max_archive_bytes: int = 1 << 30
     log_level: str = "info"
+    # Off when empty; see shoal/auth.py. Kept out of repr (and so out of logs and tracebacks).
+    api_token: str = field(default="", repr=False)  # HTTP clients: Authorization: Bearer ...
+    node_token: str = field(default="", repr=False)  # POST /register, and CURVE keys of the node link
 
     def __post_init__(self) -> None:
+        check_token(self.api_token, "api_token")
+        check_token(self.node_token, "node_token")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if not self.zmq_bind.startswith(("tcp://", "ipc://")):
@@ -70,6 +76,8 @@ class ControllerConfig:
             "sync_timeout": env_float(p + "SYNC_TIMEOUT", 60.0, 0.01, 86400.0),
             "max_archive_bytes": env_int(p + "MAX_ARCHIVE_BYTES", 1 << 30, 1024, 1 << 40),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
+            "api_token": token_from_env(p + "API_TOKEN"),
+            "node_token": token_from_env(p + "NODE_TOKEN"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -86,8 +94,14 @@ class ControllerConfig:
         parser.add_argument("--placement", choices=PLACEMENTS)
         parser.add_argument("--heartbeat", type=float)
         parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-        args = parser.parse_args(argv)
-        return cls.from_env(**{k: v for k, v in vars(args).items() if v is not None})
+        parser.add_argument("--api-token-file", type=Path, help="file holding the token HTTP clients must present")
+        parser.add_argument("--node-token-file", type=Path, help="file holding the token node agents must know")
+        args = vars(parser.parse_args(argv))
+        for name in ("api_token", "node_token"):
+            path = args.pop(name + "_file")
+            if path is not None:
+                args[name] = read_token_file(path, f"--{name.replace('_', '-')}-file")
+        return cls.from_env(**{k: v for k, v in args.items() if v is not None})
 
     @property
     def node_url(self) -> str:

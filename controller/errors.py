@@ -15,6 +15,13 @@ class BadRequest(ApiError, ValidationError):
     code = "bad_request"
 
 
+class Unauthorized(ApiError):
+    """No token, or not the right one (HTTP 401 with ``WWW-Authenticate: Bearer``)."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class Missing(ApiError, NotFound):
     status = 404
     code = "not_found"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 from redis.exceptions import RedisError
+from zmq.auth.thread import ThreadAuthenticator
 
 from controller.config import ControllerConfig
 from controller.metrics import ControllerMetrics
@@ -21,6 +22,7 @@ from controller.nodestate import NodeState
 from controller.store import Store
 from shoal import protocol
 from shoal.archive_server import ArchiveServer
+from shoal.auth import CurveKeys, start_authenticator
 from shoal.blobs import BlobStore
 from shoal.logs import get_logger
 from shoal.nodelink import bind_router
@@ -41,7 +43,13 @@ class Hub:
         self.store = store
         self.log = get_logger("hub")
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = bind_router(self.ctx, config.zmq_bind)
+        self.refused_links = 0  # handshakes of peers that do not know the node token
+        self.authenticator: ThreadAuthenticator | None = None
+        curve = None
+        if config.node_token:
+            curve = CurveKeys.from_token(config.node_token)
+            self.authenticator = start_authenticator(self.ctx, curve, self._refused)
+        self.sock = bind_router(self.ctx, config.zmq_bind, curve)
         self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.fd = int(self.sock.getsockopt(zmq.FD))
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -75,7 +83,15 @@ class Hub:
             self.loop.remove_reader(self.fd)
         self.archives.close()
         self.sock.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
+
+    def _refused(self, client_key: bytes) -> None:
+        """A peer's CURVE key is not the node token's (called in the ZAP handler's thread)."""
+        self.refused_links += 1
+        self.log.warning("node_link_refused", reason="its CURVE key is not derived from the node token",
+                         client_key=client_key.decode("ascii", "replace"))
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: Buffer) -> bool:

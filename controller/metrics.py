@@ -41,8 +41,11 @@ class ControllerMetrics:
         self.dispatched = add(Counter("shoal_controller_node_dispatched_total", "Calls sent to each node."))
         self.archive_bytes = add(Counter("shoal_controller_archive_bytes_sent_total",
                                          "Function archive bytes streamed to nodes."))
+        self.links_refused = add(Counter("shoal_controller_node_links_refused_total",
+                                         "Node link handshakes refused: the peer's key is not the node token's."))
 
-    def render(self, nodes: Iterable[NodeState], queued: int, active: int, archive_bytes: int) -> str:
+    def render(self, nodes: Iterable[NodeState], queued: int, active: int, archive_bytes: int,
+               links_refused: int = 0) -> str:
         nodes = list(nodes)
         states = {"ready": 0, "draining": 0, "lost": 0}
         for node in nodes:
@@ -54,4 +57,5 @@ class ControllerMetrics:
         self.queued.set(queued)
         self.active.set(active)
         self.archive_bytes.replace({(): float(archive_bytes)})
+        self.links_refused.replace({(): float(links_refused)})  # counted by the hub's ZAP thread
         return self.registry.render()

@@ -15,8 +15,10 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +47,8 @@ from node_agent.pool import PoolManager
 from node_agent.status import StatusServer
 from node_agent.tickets import Ticket
 from shoal import __version__, protocol
-from shoal.errors import ShoalError, ValidationError
+from shoal.auth import bearer
+from shoal.errors import ConfigError, ShoalError, ValidationError
 from shoal.logs import configure, get_logger
 from shoal.models import REJECTED, FunctionSpec, Runtime
 from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
@@ -806,29 +809,53 @@ class Agent:
 
 
 def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
-    """``--controller http://...``: POST /register (the forwarder seed's route) for the ZMQ URL to use."""
+    """``--controller http://...``: POST /register (the forwarder seed's route) for the ZMQ URL to use.
+
+    A controller that is not up yet is asked again (backoff); one that refuses the node token, or whose link
+    security differs from ours (a CURVE handshake between them would fail in silence), is an error at once."""
     url = config.controller.rstrip("/") + "/register"
     body = json.dumps({"endpoint_id": config.node_id}).encode()
     log = get_logger("agent", node_id=config.node_id)
+    headers = {"Content-Type": "application/json", **bearer(config.node_token)}
     for attempt in range(attempts):
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url, data=body, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 answer = json.loads(resp.read())
             task_url = str(answer["task_url"])
-            log.info("registered_over_http", controller=config.controller, task_url=task_url)
-            return config.with_(controller=task_url)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise AgentError(f"{url} refused this node ({exc.code}): "
+                                 + ("the node token (SHOAL_NODE_TOKEN) is not the controller's" if config.node_token
+                                    else "the controller wants a node token (SHOAL_NODE_TOKEN)")) from None
+            log.warning("registration_failed", url=url, attempt=attempt + 1, error=str(exc))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("registration_failed", url=url, attempt=attempt + 1, error=str(exc))
-            time.sleep(min(5.0, 0.25 * 2**attempt))
+        else:
+            if bool(answer.get("curve")) != bool(config.node_token):
+                raise AgentError(f"{url}: the controller {'has' if answer.get('curve') else 'has no'} node token "
+                                 f"and this node {'has' if config.node_token else 'has no'} SHOAL_NODE_TOKEN; "
+                                 f"both or neither")
+            log.info("registered_over_http", controller=config.controller, task_url=task_url,
+                     curve=bool(config.node_token))
+            return config.with_(controller=task_url)
+        time.sleep(min(5.0, 0.25 * 2**attempt))
     raise AgentError(f"could not register with {url} after {attempts} attempts")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = AgentConfig.from_args(argv)
+    try:
+        config = AgentConfig.from_args(argv)
+    except ConfigError as exc:
+        print(f"shoal-agent: {exc}", file=sys.stderr)
+        return 2
     configure(config.log_level)
     if config.controller.startswith(("http://", "https://")):
-        config = register_over_http(config)
+        try:
+            config = register_over_http(config)
+        except AgentError as exc:
+            get_logger("agent", node_id=config.node_id).error("not_registered", error=str(exc))
+            return 2
     agent = Agent(config)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

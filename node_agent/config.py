@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from miniworker.spec import ContainerLimits
+from shoal.auth import check_token, read_token_file, token_from_env
 from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
 from shoal.models import NAME_RE, Policy
@@ -41,8 +42,12 @@ class AgentConfig:
     retire_after: float = 3600.0  # seconds a superseded function version stays unused before it is dropped here
     limits: ContainerLimits = field(default_factory=ContainerLimits)
     log_level: str = "info"
+    # The controller's node token (shoal/auth.py): sent to POST /register, and the link's CURVE keys derive
+    # from it. Empty: a controller without one. Kept out of repr (and so out of logs).
+    node_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        check_token(self.node_token, "node_token")
         if not NAME_RE.fullmatch(self.node_id):
             raise ConfigError(f"node id {self.node_id!r} must be letters, digits, '_', '.', '-'")
         if not self.controller.startswith(("tcp://", "ipc://", "inproc://", "http://", "https://")):
@@ -94,6 +99,7 @@ class AgentConfig:
             "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, 0.1, 86400.0),
             "retire_after": env_float(p + "RETIRE_AFTER", 3600.0, 0.1, 365 * 86400.0),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
+            "node_token": token_from_env("SHOAL_NODE_TOKEN"),  # the controller's name for it too
             "limits": ContainerLimits(
                 memory=env_str(p + "CONTAINER_MEMORY", "512m"),
                 cpus=env_float(p + "CONTAINER_CPUS", 1.0, 0.01, 256.0),
@@ -122,8 +128,11 @@ class AgentConfig:
         parser.add_argument("--heartbeat", type=float)
         parser.add_argument("--drain-timeout", type=float, help="seconds a stopping agent lets running calls finish")
         parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        parser.add_argument("--node-token-file", type=Path, help="file holding the controller's node token")
         args = parser.parse_args(argv)
         overrides: dict[str, object] = {}
+        if args.node_token_file is not None:
+            overrides["node_token"] = read_token_file(args.node_token_file, "--node-token-file")
         for name in ("controller", "node_id", "state_dir", "docker_url", "capacity", "min_warm",
                      "runtime_warm", "oneshot_spares", "keepalive", "heartbeat", "drain_timeout", "log_level"):
             value = getattr(args, name)

@@ -16,6 +16,7 @@ import zmq
 
 from node_agent.config import AgentConfig
 from shoal import protocol
+from shoal.auth import CurveKeys
 from shoal.logs import get_logger
 from shoal.protocol import Message, Msg
 
@@ -32,6 +33,8 @@ class ControllerLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
+        if config.node_token:  # CURVE: encrypted, and only a peer that knows the token gets in (shoal/auth.py)
+            CurveKeys.from_token(config.node_token).connect(self.sock)
         self.sock.connect(config.controller)
         self.welcomed = False
         self.last_heard = 0.0

@@ -10,7 +10,8 @@
     shoal deploy -i inventory/example [site|upgrade|teardown] [-- ansible-playbook args]
 
 Every command takes ``--url`` (default ``$SHOAL_URL`` or http://127.0.0.1:3000) and ``--json`` (machine
-output); without ``--json`` it prints tables and shows progress for uploads and long waits.
+output); without ``--json`` it prints tables and shows progress for uploads and long waits. A controller
+with an API token wants it in ``$SHOAL_API_TOKEN`` (or in the file ``$SHOAL_API_TOKEN_FILE`` names).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 from rich.table import Table
 from rich.text import Text
 
+from shoal.auth import bearer, token_from_env
 from shoal.devenv import procs
 from shoal.devenv.paths import state_dir
+from shoal.errors import ConfigError
 
 TERMINAL = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
 console = Console(stderr=False)
@@ -60,12 +63,13 @@ def parse_json(raw: bytes, what: str) -> Any:
 
 
 class Client:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str = "") -> None:
         self.url = url.rstrip("/")
+        self.auth = bearer(token)  # the controller's API token ($SHOAL_API_TOKEN or the file $SHOAL_API_TOKEN_FILE)
 
     def request(self, method: str, path: str, body: Any = None, data: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 300) -> Any:
-        hdrs = dict(headers or {})
+        hdrs = {**self.auth, **(headers or {})}
         if body is not None:
             data = json.dumps(body).encode()
             hdrs["Content-Type"] = "application/json"
@@ -98,6 +102,8 @@ class Client:
             conn.putrequest("POST", parsed.path.rstrip("/") + path)
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Content-Length", str(len(archive)))
+            for name, value in self.auth.items():
+                conn.putheader(name, value)
             conn.endheaders()
             with Progress(TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                           console=errors, disable=not show, transient=True) as progress:
@@ -326,6 +332,10 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
         if any(procs.alive(p) for p in recorded_processes(record)):
             raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
         stop_recorded(record)  # none of its processes runs any more (a crash, a reboot): clear what is left
+    try:  # tokens from the environment protect the local cluster as they would a deployed one
+        api_token, node_token = token_from_env("SHOAL_API_TOKEN"), token_from_env("SHOAL_NODE_TOKEN")
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
     base = state_dir() / "cluster"
     try:
         engine = engine_with_image()
@@ -333,7 +343,8 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
         raise CliError(f"cannot start the Docker engine or its runtime image: {exc}") from None
     base.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port, name=args.name,
-                           base=base, log_level="warning", detach=True)
+                           base=base, log_level="warning", detach=True, api_token=api_token,
+                           node_token=node_token)
     try:
         cluster.start()
     except BaseException as exc:
@@ -515,7 +526,11 @@ COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args, Client(args.url))
+        try:
+            token = token_from_env("SHOAL_API_TOKEN")
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
+        COMMANDS[args.command](args, Client(args.url, token))
     except CliError as exc:
         # One line, whatever the terminal's width, and the message as written (no rich markup in it).
         errors.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)

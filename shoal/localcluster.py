@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.auth import bearer
 from shoal.devenv import procs
 from shoal.devenv.redis_server import RedisServer, free_port, start_redis
 
@@ -58,6 +59,8 @@ class LocalCluster:
     agent_env: dict[str, str] = field(default_factory=dict)
     controller_env: dict[str, str] = field(default_factory=dict)
     heartbeat: float = 0.5
+    api_token: str = ""  # given to the controller, and sent by request()
+    node_token: str = ""  # given to the controller and the agents (shoal/auth.py)
     liveness: int = 3  # heartbeats missed, both ways, before a peer counts as lost
     detach: bool = False  # children in their own sessions, to outlive this process (`shoal up`)
     port: int = 0
@@ -98,7 +101,9 @@ class LocalCluster:
         env = dict(os.environ, SHOAL_REDIS_URL=self.redis_url, SHOAL_PORT=str(self.port),
                    SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
-                   SHOAL_LIVENESS=str(self.liveness), SHOAL_LOG_LEVEL=self.log_level, **self.controller_env)
+                   SHOAL_LIVENESS=str(self.liveness), SHOAL_LOG_LEVEL=self.log_level, SHOAL_API_TOKEN=self.api_token,
+                   SHOAL_NODE_TOKEN=self.node_token)
+        env.update(self.controller_env)
         self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
                                            start_new_session=self.detach, **self._output("controller"))
         deadline = time.monotonic() + 30
@@ -123,16 +128,19 @@ class LocalCluster:
                 self.controller.wait(10)
         self.controller = None
 
-    def start_agent(self, node_id: str) -> Agent:
+    def start_agent(self, node_id: str, env: dict[str, str] | None = None) -> Agent:
+        """Start one agent (``env``: its own variables, over the cluster's)."""
         assert self.base is not None
         state = self.base / "agents"
-        env = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
-                   SHOAL_AGENT_LIVENESS=str(self.liveness), **self.agent_env)
+        variables = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
+                         SHOAL_AGENT_LIVENESS=str(self.liveness), SHOAL_NODE_TOKEN=self.node_token)
+        variables.update(self.agent_env)
+        variables.update(env or {})
         proc = subprocess.Popen(
             [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
              "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,
              "--log-level", self.log_level],
-            env=env, stdin=subprocess.DEVNULL, start_new_session=self.detach, **self._output(node_id))
+            env=variables, stdin=subprocess.DEVNULL, start_new_session=self.detach, **self._output(node_id))
         agent = self.nodes[node_id] = Agent(node_id, proc, state)
         return agent
 
@@ -195,7 +203,7 @@ class LocalCluster:
     # ---- HTTP --------------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, data: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, Any, dict[str, str]]:
-        hdrs = dict(headers or {})
+        hdrs = {**bearer(self.api_token), **(headers or {})}
         if body is not None:
             data = json.dumps(body).encode()
             hdrs.setdefault("Content-Type", "application/json")

@@ -17,6 +17,7 @@ import zmq
 
 from shoal import protocol
 from shoal.archive_server import CHUNK_SIZE, ArchiveServer
+from shoal.auth import CurveKeys
 from shoal.blobs import BlobStore
 from shoal.errors import NotFound, ShoalError
 from shoal.logs import get_logger
@@ -37,9 +38,12 @@ class NodeInfo:
     hellos: int = 1  # HELLOs received from it
 
 
-def bind_router(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
-    """The controller's side of node links: a ROUTER addressed by node id, reconnects handed over."""
+def bind_router(ctx: zmq.Context[Any], url: str, curve: CurveKeys | None = None) -> zmq.Socket[Any]:
+    """The controller's side of node links: a ROUTER addressed by node id, reconnects handed over; a CURVE
+    server if ``curve`` is given (the context's ZAP handler must be running)."""
     sock = ctx.socket(zmq.ROUTER)
+    if curve is not None:
+        curve.serve(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -98,8 +98,9 @@ async def register_endpoint(request: web.Request) -> web.Response:
     check_name(endpoint, "endpoint_id")
     url = service(request).config.node_url
     hub_url = service(request).hub.url if url.endswith(":0") else url
+    # `curve`: the link is encrypted with keys derived from the node token (shoal/auth.py).
     return json_response({"endpoint_id": endpoint, "task_url": hub_url, "result_url": hub_url,
-                              "command_port": hub_url})
+                          "command_port": hub_url, "curve": bool(service(request).config.node_token)})
 
 
 async def list_endpoints(request: web.Request) -> web.Response:

@@ -1,15 +1,17 @@
-"""One middleware maps the error tree to HTTP status codes with a JSON body."""
+"""One middleware maps the error tree to HTTP status codes with a JSON body; another checks tokens."""
 
 from __future__ import annotations
 
 import json
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from redis.exceptions import RedisError
 
 from controller.api.common import METRICS
-from controller.errors import ApiError, Busy
+from controller.config import ControllerConfig
+from controller.errors import ApiError, Busy, Unauthorized
+from shoal.auth import bearer_ok
 from shoal.errors import NotFound, ValidationError
 from shoal.logs import get_logger
 
@@ -35,6 +37,8 @@ def _describe(request: web.Request, exc: Exception) -> tuple[int, str, str, dict
     """(status, code, message, headers) of the answer for ``exc``; re-raises what is not an error."""
     if isinstance(exc, Busy):
         return exc.status, exc.code, str(exc), {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, Unauthorized):
+        return exc.status, exc.code, str(exc), {"WWW-Authenticate": 'Bearer realm="shoal"'}
     if isinstance(exc, ApiError):
         return exc.status, exc.code, str(exc), None
     if isinstance(exc, ValidationError):
@@ -51,3 +55,28 @@ def _describe(request: web.Request, exc: Exception) -> tuple[int, str, str, dict
                 {k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     log.error("unhandled_error", path=request.path, method=request.method, exc_info=exc)
     return 500, "internal", "internal error; see the controller's log", None
+
+
+OPEN_PATHS = frozenset({"/ping", "/version", "/openapi.json"})  # probes and the API's description
+NODE_PATHS = frozenset({"/register"})  # node agents: the node token
+
+
+def token_check(config: ControllerConfig) -> Middleware | None:
+    """The middleware that wants the API token (the node token on ``/register``); None if neither is set."""
+    if not config.api_token and not config.node_token:
+        return None
+
+    @web.middleware
+    async def tokens(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path in NODE_PATHS:
+            token, what = config.node_token, "the node token"
+        elif path in OPEN_PATHS:
+            token, what = "", ""
+        else:
+            token, what = config.api_token, "the API token"
+        if token and not bearer_ok(request.headers.get("Authorization"), token):
+            raise Unauthorized(f"{path} needs {what}, missing or wrong: send Authorization: Bearer <token>")
+        return await handler(request)
+
+    return tokens

@@ -61,7 +61,11 @@ BATCH_BODY = {
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "Shoal", "version": __version__,
-             "description": "Function-as-a-service: runtimes, functions, calls, nodes."},
+             "description": "Function-as-a-service: runtimes, functions, calls, nodes. A controller started with an "
+                            "API token answers 401 (JSON error, WWW-Authenticate: Bearer) to any request without "
+                            "it, on every route but /ping, /version and /openapi.json."},
+    # No token (a local cluster), or the API token when the controller has one.
+    "security": [{}, {"bearer": []}],
     "paths": {
         "/v1/runtimes": {
             "get": {"summary": "List runtimes", "responses": {"200": _resp("Runtimes", {
@@ -175,7 +179,10 @@ DOCUMENT: dict[str, Any] = {
             "description": "Calls accepted and finished, durations, requeues, queue depth, nodes, errors",
             "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     },
-    "components": {"schemas": {
+    "components": {
+      "securitySchemes": {"bearer": {
+        "type": "http", "scheme": "bearer", "description": "The controller's API token (SHOAL_API_TOKEN)"}},
+      "schemas": {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {
             "type": "object", "required": ["code", "message"],
             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},

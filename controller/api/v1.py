@@ -199,7 +199,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format (see controller/metrics.py)."""
     svc = service(request)
     text = request.app[METRICS].render(svc.hub.nodes.values(), svc.dispatcher.queued(), len(svc.dispatcher.calls),
-                                       svc.hub.archives.bytes_sent)
+                                       svc.hub.archives.bytes_sent, svc.hub.refused_links)
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

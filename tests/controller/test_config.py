@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from controller.config import ControllerConfig
@@ -23,3 +25,18 @@ def test_bad_values_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOAL_PORT", "seventy")
     with pytest.raises(ConfigError):
         ControllerConfig.from_env()
+
+
+def test_tokens_come_from_env_or_files_and_never_show(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SHOAL_API_TOKEN", "api-token-0123456789")
+    (tmp_path / "node").write_text("node-token-0123456789\n")
+    config = ControllerConfig.from_args(["--node-token-file", str(tmp_path / "node")])
+    assert (config.api_token, config.node_token) == ("api-token-0123456789", "node-token-0123456789")
+    assert "0123456789" not in repr(config)
+    monkeypatch.setenv("SHOAL_API_TOKEN", "short")
+    with pytest.raises(ConfigError, match="SHOAL_API_TOKEN must be at least 16"):
+        ControllerConfig.from_env()
+    with pytest.raises(ConfigError, match="node_token"):
+        ControllerConfig(node_token="with spaces in the token")
+    with pytest.raises(ConfigError, match="cannot read"):
+        ControllerConfig.from_args(["--api-token-file", str(tmp_path / "missing")])

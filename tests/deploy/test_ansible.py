@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ansible")]
 ROOT = Path(__file__).resolve().parents[2]
 API = "http://127.0.0.10:3000"
 NODES = ["shoal-node-a", "shoal-node-b", "shoal-node-c"]
+AUTH: dict[str, str] = {}  # the deployed controller's API token, once the rollout made it
 ECHO = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 0))\n    return p\n"}
 
 
@@ -44,7 +45,7 @@ def playbook(name: str, env: dict[str, str], *args: str) -> tuple[float, dict[st
 def api(method: str, path: str, body: Any = None, data: bytes | None = None,
         headers: dict[str, str] | None = None) -> tuple[int, Any]:
     headers = dict({"Content-Type": "application/json"} if body is not None else
-                   {"Content-Type": "application/octet-stream"}, **(headers or {}))
+                   {"Content-Type": "application/octet-stream"}, **AUTH, **(headers or {}))
     payload = json.dumps(body).encode() if body is not None else data
     req = urllib.request.Request(API + path, data=payload, method=method, headers=headers)
     try:
@@ -99,7 +100,7 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
     already_up = ssh_rig.pidfile.exists()
     key = ssh_rig.start().key
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"), SHOAL_RIG_KEY=str(key),
-               DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1")
+               DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1", SHOAL_SECRETS_DIR=str(tmp_path / "secrets"))
     torn_down = False
     try:
         # A dry run (--check) on hosts with nothing of Shoal yet passes, and leaves them so.
@@ -109,7 +110,19 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         rollout_s, recap, _ = playbook("site.yml", env)
         assert set(recap) == {"shoal-ctl", *NODES} and all(r["failed"] == 0 for r in recap.values())
         print(f"\nrollout: {rollout_s:.1f} s")
+        # The rollout made both tokens, readable by root only, on the control machine; the API wants one, and
+        # the agents joined with the other (over CURVE: /register says so).
+        for name in ("api_token", "node_token"):
+            assert (tmp_path / "secrets" / name).stat().st_mode & 0o777 == 0o600
+        token = (tmp_path / "secrets" / "api_token").read_text().strip()
+        status, body = api("GET", "/v1/nodes")
+        assert status == 401 and body["error"]["code"] == "unauthorized", body
+        assert api("POST", "/register", {"endpoint_id": "x"}, headers={"Authorization": f"Bearer {token}"})[0] == 401
+        AUTH["Authorization"] = f"Bearer {token}"
         assert node_states() == {n: "ready" for n in NODES}
+        node_token = (tmp_path / "secrets" / "node_token").read_text().strip()
+        assert api("POST", "/register", {"endpoint_id": "x"},
+                   headers={"Authorization": f"Bearer {node_token}"})[1]["curve"] is True
 
         # A function, invoked through the controller: calls land on all three nodes.
         assert api("POST", "/v1/runtimes", {"image": "pythonruntime", "name": "py"})[0] == 201
@@ -180,6 +193,7 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         for host in ("shoal-ctl", *NODES):
             assert not Path(f"/var/tmp/shoal-local/{host}").exists(), host
     finally:
+        AUTH.clear()
         if not torn_down:
             subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
                             "playbooks/teardown.yml"], cwd=ROOT, env=env, capture_output=True, timeout=600)
