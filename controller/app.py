@@ -58,6 +58,9 @@ def create_app(config: ControllerConfig) -> web.Application:
         app[SERVICE] = Service(config, store, blobs, hub, dispatcher, metrics)
         recovered = await dispatcher.recover()
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
+        if config.api_token and not config.node_token:
+            log.warning("node_link_open", reason="an API token but no node token: /register and the ZMQ node "
+                        "link accept anyone who reaches them (set SHOAL_NODE_TOKEN)")
         log.info("controller_started", zmq=hub.url, redis=config.redis_url_redacted, recovered=recovered,
                  placement=config.placement, api_token=bool(config.api_token), node_token=bool(config.node_token))
         yield

@@ -22,13 +22,14 @@ from controller.nodestate import NodeState
 from controller.store import Store
 from shoal import protocol
 from shoal.archive_server import ArchiveServer
-from shoal.auth import CurveKeys, start_authenticator
+from shoal.auth import CurveKeys, HandshakeWatch, start_authenticator
 from shoal.blobs import BlobStore
 from shoal.logs import get_logger
 from shoal.nodelink import bind_router
 from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
+REFUSAL_LOG_EVERY = 60.0  # seconds between warnings about peers refused at the handshake
 SYNC_RETRY_FIRST = 0.5  # seconds before a node's sync the store failed is tried again, doubling
 SYNC_RETRY_MAX = 10.0
 
@@ -44,12 +45,16 @@ class Hub:
         self.log = get_logger("hub")
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.refused_links = 0  # handshakes of peers that do not know the node token
+        self._refusals_logged_at = -REFUSAL_LOG_EVERY
         self.authenticator: ThreadAuthenticator | None = None
+        self.handshakes: HandshakeWatch | None = None
         curve = None
         if config.node_token:
             curve = CurveKeys.from_token(config.node_token)
-            self.authenticator = start_authenticator(self.ctx, curve, self._refused)
+            self.authenticator = start_authenticator(self.ctx, curve)
         self.sock = bind_router(self.ctx, config.zmq_bind, curve)
+        if curve is not None:
+            self.handshakes = HandshakeWatch(self.sock, self._refused)
         self.url = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.fd = int(self.sock.getsockopt(zmq.FD))
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -82,16 +87,21 @@ class Hub:
         if self.loop is not None:
             self.loop.remove_reader(self.fd)
         self.archives.close()
+        if self.handshakes is not None:
+            self.handshakes.close()
         self.sock.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         self.ctx.term()
 
-    def _refused(self, client_key: bytes) -> None:
-        """A peer's CURVE key is not the node token's (called in the ZAP handler's thread)."""
+    def _refused(self, reason: str) -> None:
+        """A peer failed its handshake (called in the handshake watch's thread). A peer retries every 100 ms or
+        so: each attempt is counted, and logged once a minute at most."""
         self.refused_links += 1
-        self.log.warning("node_link_refused", reason="its CURVE key is not derived from the node token",
-                         client_key=client_key.decode("ascii", "replace"))
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= REFUSAL_LOG_EVERY:
+            self._refusals_logged_at = now
+            self.log.warning("node_link_refused", reason=reason, refused_so_far=self.refused_links)
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: Buffer) -> bool:

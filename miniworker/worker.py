@@ -423,13 +423,17 @@ class Miniworker:
         self._reject_held()
         self.stopping = True
 
-    def on_timeout(self) -> None:
-        assert self.call is not None
+    def _kill_and_end(self, status: str, error: dict[str, Any]) -> None:
+        """The container is killed (the miniworker retires with it) and the call, if any, ends ``status``."""
         try:
             self.container.kill()
         except ContainerError as exc:
             self.log.error("container_kill_failed", error=str(exc))
-        self._end_call("TIMEOUT", {
+        self._end_call(status, error)
+
+    def on_timeout(self) -> None:
+        assert self.call is not None
+        self._kill_and_end("TIMEOUT", {
             "type": "Timeout",
             "message": f"call exceeded its timeout of {self.call.timeout:g} s; its container was replaced",
         })
@@ -443,11 +447,7 @@ class Miniworker:
             return
         self.log.warning("disk_limit_exceeded", used_mb=used >> 20, limit_mb=self.spec.limits.disk_mb,
                          call_id=self.call.call_id if self.call else None)
-        try:
-            self.container.kill()
-        except ContainerError as exc:
-            self.log.error("container_kill_failed", error=str(exc))
-        self._end_call("FAILED", {
+        self._kill_and_end("FAILED", {
             "type": "DiskLimit",
             "message": f"its directories (code, dependencies, what it wrote) hold {used >> 20} MB, over this node's "
                        f"limit of {self.spec.limits.disk_mb} MB (SHOAL_AGENT_CONTAINER_DISK_MB); its container "

@@ -47,7 +47,7 @@ from node_agent.pool import PoolManager
 from node_agent.status import StatusServer
 from node_agent.tickets import Ticket
 from shoal import __version__, protocol
-from shoal.auth import bearer
+from shoal.auth import bearer, registration_credential
 from shoal.errors import ConfigError, ShoalError, ValidationError
 from shoal.logs import configure, get_logger
 from shoal.models import REJECTED, FunctionSpec, Runtime
@@ -816,7 +816,9 @@ def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
     url = config.controller.rstrip("/") + "/register"
     body = json.dumps({"endpoint_id": config.node_id}).encode()
     log = get_logger("agent", node_id=config.node_id)
-    headers = {"Content-Type": "application/json", **bearer(config.node_token)}
+    # Not the token itself: a credential derived from it (plain HTTP must not carry the link's secret).
+    credential = registration_credential(config.node_token) if config.node_token else ""
+    headers = {"Content-Type": "application/json", **bearer(credential)}
     for attempt in range(attempts):
         request = urllib.request.Request(url, data=body, headers=headers)
         try:
@@ -849,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shoal-agent: {exc}", file=sys.stderr)
         return 2
+    for name in ("SHOAL_NODE_TOKEN", "SHOAL_NODE_TOKEN_FILE"):  # read: miniworkers need not inherit it
+        os.environ.pop(name, None)
     configure(config.log_level)
     if config.controller.startswith(("http://", "https://")):
         try:

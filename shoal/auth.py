@@ -2,11 +2,13 @@
 
 * API token: every HTTP route but ``/ping``, ``/version`` and ``/openapi.json`` wants
   ``Authorization: Bearer <token>`` when the controller has one.
-* Node token: ``POST /register`` wants it as a bearer token, and the ZMQ link between controller and agents
-  runs CURVE (encrypted, authenticated) with keys derived from it. Both sides derive the same keys, so nothing
-  but the token is ever distributed, and a restarted controller keeps its keys. The controller's ZAP handler
-  lets in only the client key derived from the token: a peer that does not know the token cannot complete a
-  handshake, let alone say HELLO as a node.
+* Node token: never sent anywhere. ``POST /register`` wants a credential derived from it (HMAC: one seen on
+  the wire gives away neither the token nor the link's keys, and only buys the ZMQ URL), and the ZMQ link
+  between controller and agents runs CURVE (encrypted, authenticated) with keys derived from it. Both sides
+  derive the same keys, so nothing but the token is ever distributed, and a restarted controller keeps its
+  keys. The controller's ZAP handler lets in only the client key derived from the token (and its socket
+  refuses every peer while no handler runs): a peer that does not know the token cannot complete a
+  handshake, let alone say HELLO as a node. Refused handshakes are reported by a socket monitor.
 
 Either token is off when empty (a local cluster, the seeds' curl examples); a deployment sets both.
 """
@@ -17,7 +19,8 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,13 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from shoal.errors import ConfigError
 
+ZAP_DOMAIN = "shoal"
+FAILED_HANDSHAKES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 MIN_TOKEN_LENGTH = 16
 TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: it travels in an HTTP header
 
@@ -64,6 +71,11 @@ def bearer_ok(header: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
+def registration_credential(node_token: str) -> str:
+    """What an agent presents at ``POST /register`` (a bearer token) in place of the node token itself."""
+    return hmac.new(node_token.encode(), b"shoal node registration", hashlib.sha256).hexdigest()
+
+
 def bearer(token: str) -> dict[str, str]:
     """The request header that presents ``token`` ({} for no token)."""
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -90,9 +102,12 @@ class CurveKeys:
         return cls(zmq.curve_public(server), server, zmq.curve_public(client), client)
 
     def serve(self, sock: zmq.Socket[Any]) -> None:
-        """Make ``sock`` (before it binds) a CURVE server."""
+        """Make ``sock`` (before it binds) a CURVE server whose peers a ZAP handler must admit (with no handler
+        running, none is: libzmq would otherwise let in any client that knows the server's public key)."""
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.server_secret)
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
     def connect(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` (before it connects) a CURVE client of the server these keys belong to."""
@@ -104,22 +119,54 @@ class CurveKeys:
 class _NodeKey:
     """ZAP credentials provider: only the client key derived from the node token gets in."""
 
-    def __init__(self, keys: CurveKeys, on_refused: Callable[[bytes], None]) -> None:
+    def __init__(self, keys: CurveKeys) -> None:
         self.keys = keys
-        self.on_refused = on_refused
 
     def callback(self, domain: str, key: bytes) -> bool:
-        ok = hmac.compare_digest(key, self.keys.client_public)
-        if not ok:
-            self.on_refused(key)
-        return ok
+        return hmac.compare_digest(key, self.keys.client_public)
 
 
-def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys,
-                        on_refused: Callable[[bytes], None]) -> ThreadAuthenticator:
+def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> ThreadAuthenticator:
     """A ZAP handler on ``ctx`` (start it before a CURVE server socket of ``ctx`` binds); ``stop()`` it before
-    the context is terminated. ``on_refused(client_key)`` is called (in its thread) for each refused peer."""
+    the context is terminated."""
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback("*", _NodeKey(keys, on_refused))
+    auth.configure_curve_callback(ZAP_DOMAIN, _NodeKey(keys))
     return auth
+
+
+def handshake_failure(event: Mapping[str, Any]) -> str:
+    """Why a monitor's failed-handshake event failed, in words."""
+    value = int(event["value"])
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "its CURVE key is not the node token's (refused by the ZAP handler)"
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return "it does not use CURVE (an agent without the node token?)"
+    if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+        return "its CURVE keys are not the node token's (another token?)"
+    return f"handshake failed (ZMQ event {int(event['event'])}, value {value})"
+
+
+class HandshakeWatch:
+    """Reports each handshake a server socket failed (a peer without the token: a wrong key pair, or no CURVE
+    at all), from the socket's monitor, read in a thread of its own. ``on_refused(reason)`` runs there."""
+
+    def __init__(self, sock: zmq.Socket[Any], on_refused: Callable[[str], None]) -> None:
+        self.sock = sock
+        self.on_refused = on_refused
+        self.monitor = sock.get_monitor_socket(FAILED_HANDSHAKES)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="handshake-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.monitor.poll(200):
+                continue
+            self.on_refused(handshake_failure(recv_monitor_message(self.monitor)))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.sock.disable_monitor()
+        self.monitor.close()

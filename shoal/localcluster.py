@@ -35,6 +35,9 @@ def port_free(port: int) -> bool:
     return True
 
 
+TOKEN_FILES = ("SHOAL_API_TOKEN_FILE", "SHOAL_NODE_TOKEN_FILE")  # a caller's, e.g. exported for the CLI
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -103,6 +106,8 @@ class LocalCluster:
                    SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
                    SHOAL_LIVENESS=str(self.liveness), SHOAL_LOG_LEVEL=self.log_level, SHOAL_API_TOKEN=self.api_token,
                    SHOAL_NODE_TOKEN=self.node_token)
+        for name in TOKEN_FILES:  # this cluster's tokens are the ones above
+            env.pop(name, None)
         env.update(self.controller_env)
         self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
                                            start_new_session=self.detach, **self._output("controller"))
@@ -134,6 +139,8 @@ class LocalCluster:
         state = self.base / "agents"
         variables = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
                          SHOAL_AGENT_LIVENESS=str(self.liveness), SHOAL_NODE_TOKEN=self.node_token)
+        for name in TOKEN_FILES:
+            variables.pop(name, None)
         variables.update(self.agent_env)
         variables.update(env or {})
         proc = subprocess.Popen(

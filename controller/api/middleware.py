@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from controller.api.common import METRICS
 from controller.config import ControllerConfig
 from controller.errors import ApiError, Busy, Unauthorized
-from shoal.auth import bearer_ok
+from shoal.auth import bearer_ok, registration_credential
 from shoal.errors import NotFound, ValidationError
 from shoal.logs import get_logger
 
@@ -62,15 +62,17 @@ NODE_PATHS = frozenset({"/register"})  # node agents: the node token
 
 
 def token_check(config: ControllerConfig) -> Middleware | None:
-    """The middleware that wants the API token (the node token on ``/register``); None if neither is set."""
+    """The middleware that wants the API token (on ``/register``: the node token's registration credential);
+    None if neither token is set."""
     if not config.api_token and not config.node_token:
         return None
+    registration = registration_credential(config.node_token) if config.node_token else ""
 
     @web.middleware
     async def tokens(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if path in NODE_PATHS:
-            token, what = config.node_token, "the node token"
+            token, what = registration, "a credential derived from the node token"
         elif path in OPEN_PATHS:
             token, what = "", ""
         else:

@@ -6,14 +6,22 @@ refused at /register, and a peer that skips /register cannot complete a ZMQ hand
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shoal.auth import CurveKeys
+from controller.api.middleware import NODE_PATHS, OPEN_PATHS
+from controller.app import create_app
+from controller.config import ControllerConfig
+from shoal.auth import CurveKeys, registration_credential
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, metrics, seed_runtime, upload
 from tests.controller.test_cli import shoal
@@ -36,16 +44,26 @@ def anonymous(cluster: LocalCluster, method: str, path: str, token: str = "", **
     return stranger.request(method, path, headers=headers, **kwargs)
 
 
+def every_route() -> list[tuple[str, str]]:
+    """(method, path) of every route the controller serves, path parameters filled in."""
+    app = create_app(ControllerConfig(api_token=API, node_token=NODE))
+    out = []
+    for route in app.router.routes():
+        path = re.sub(r"\{[^}]+\}", "x1", route.resource.canonical if route.resource else "")
+        if route.method != "*" and path:
+            out.append((route.method, path))
+    return out
+
+
 def test_every_route_but_the_probes_wants_the_api_token(cluster: LocalCluster) -> None:
-    routes = [("GET", "/v1/runtimes", None), ("GET", "/v1/nodes", None), ("GET", "/v1/calls", None),
-              ("POST", "/v1/functions/echo/invoke", {"params": 1}), ("GET", "/metrics", None),
-              ("GET", "/runtimes", None), ("POST", "/invokeFunction", {"funcName": "dice", "params": {}}),
-              ("POST", "/registerRuntime", {"image": "pythonruntime"}), ("GET", "/list_endpoints", None)]
-    for method, path, body in routes:
+    routes = [(m, p) for m, p in every_route() if p not in OPEN_PATHS | NODE_PATHS]
+    assert ("POST", "/v1/functions/x1/invoke") in routes and ("GET", "/call/x1") in routes and len(routes) > 20
+    for method, path in routes:
         for token in ("", "wrong-token-0123456789", NODE):
-            status, answer, headers = anonymous(cluster, method, path, token, body=body)
+            status, answer, headers = anonymous(cluster, method, path, token, data=b"{}")
             assert status == 401, (method, path, token, status, answer)
-            assert answer["error"]["code"] == "unauthorized" and "API token" in answer["error"]["message"]
+            if method != "HEAD":
+                assert answer["error"]["code"] == "unauthorized" and "API token" in answer["error"]["message"]
             assert headers["WWW-Authenticate"].startswith("Bearer")
     assert anonymous(cluster, "GET", "/ping")[:2] == (200, "pong")
     assert anonymous(cluster, "GET", "/version")[0] == 200
@@ -55,12 +73,12 @@ def test_every_route_but_the_probes_wants_the_api_token(cluster: LocalCluster) -
     assert [r["name"] for r in cluster.get("/v1/runtimes")] == ["pythonruntime"]
 
 
-def test_register_wants_the_node_token_and_says_the_link_is_curve(cluster: LocalCluster) -> None:
+def test_register_wants_a_credential_derived_from_the_node_token(cluster: LocalCluster) -> None:
     body = {"endpoint_id": "n9"}
-    for token in ("", API):
+    for token in ("", API, NODE):  # the node token itself never travels: it is refused
         status, answer, _ = anonymous(cluster, "POST", "/register", token, body=body)
         assert status == 401 and "node token" in answer["error"]["message"], answer
-    status, answer, _ = anonymous(cluster, "POST", "/register", NODE, body=body)
+    status, answer, _ = anonymous(cluster, "POST", "/register", registration_credential(NODE), body=body)
     assert status == 200 and answer["curve"] is True and answer["task_url"].startswith("tcp://127.0.0.1:")
 
 
@@ -74,18 +92,24 @@ def test_calls_run_over_the_curve_link_and_the_cli_sends_the_token(cluster: Loca
     assert refused.returncode == 2 and "HTTP 401" in refused.stderr and "API token" in refused.stderr
 
 
-@pytest.mark.parametrize("token", ["", "a-wrong-node-token-0123456789"])
-def test_an_agent_without_the_node_token_is_refused_and_says_why(cluster: LocalCluster, token: str) -> None:
-    agent = cluster.start_agent("intruder", env={"SHOAL_NODE_TOKEN": token})
-    assert agent.proc.wait(60) == 2  # it stops at once with a reason; it does not retry for ever
+@pytest.mark.parametrize(("token", "reason"), [("", "wants a node token"),
+                                               ("a-wrong-node-token-0123456789", "is not the controller's")])
+def test_an_agent_without_the_node_token_is_refused_and_says_why(cluster: LocalCluster, tmp_path: Path,
+                                                                 token: str, reason: str) -> None:
+    env = dict(os.environ, DOCKER_HOST=cluster.docker_url, SHOAL_NODE_TOKEN=token)
+    proc = subprocess.run([sys.executable, "-m", "node_agent", "--controller", cluster.url, "--node-id", "intruder",
+                           "--state-dir", str(tmp_path), "--status", "127.0.0.1:0"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    # It stops at once with the reason; it does not retry for ever.
+    assert proc.returncode == 2 and "not_registered" in proc.stderr + proc.stdout, proc
+    assert reason in proc.stderr + proc.stdout
     assert [n["node_id"] for n in cluster.get("/v1/nodes")] == [cluster.node_ids[0]]
-    cluster.nodes.pop("intruder")
 
 
 def test_a_peer_that_skips_register_cannot_join(cluster: LocalCluster) -> None:
     """A DEALER named like a node, straight to the ROUTER: without curve, or with a key pair of its own."""
     url = cluster.request("POST", "/register", {"endpoint_id": "x"},
-                          headers={"Authorization": f"Bearer {NODE}"})[1]["task_url"]
+                          headers={"Authorization": f"Bearer {registration_credential(NODE)}"})[1]["task_url"]
     ctx: zmq.Context[Any] = zmq.Context()
     own = CurveKeys.from_token("the-intruders-own-token-0123")
     try:
@@ -115,8 +139,8 @@ def test_a_peer_that_skips_register_cannot_join(cluster: LocalCluster) -> None:
     finally:
         ctx.term()
     deadline = time.monotonic() + 30
-    while metrics(cluster).get("shoal_controller_node_links_refused_total", 0) < 1:
-        assert time.monotonic() < deadline, "the refused key was not counted"
+    while metrics(cluster).get("shoal_controller_node_links_refused_total", 0) < 2:  # each of the two peers
+        assert time.monotonic() < deadline, "the refused handshakes were not counted"
         time.sleep(0.05)
     # The real node kept its link: it still serves calls.
     upload(cluster, "echo", ECHO, entrypoint="handler:handler")

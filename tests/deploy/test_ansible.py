@@ -19,6 +19,7 @@ import docker
 import pytest
 
 from shoal.archive import build_tar_gz
+from shoal.auth import registration_credential
 from shoal.devenv.sshrig import rig
 from tests.conftest import node_containers
 
@@ -44,8 +45,8 @@ def playbook(name: str, env: dict[str, str], *args: str) -> tuple[float, dict[st
 
 def api(method: str, path: str, body: Any = None, data: bytes | None = None,
         headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    headers = dict({"Content-Type": "application/json"} if body is not None else
-                   {"Content-Type": "application/octet-stream"}, **AUTH, **(headers or {}))
+    headers = {"Content-Type": "application/json" if body is not None else "application/octet-stream",
+               **AUTH, **(headers or {})}
     payload = json.dumps(body).encode() if body is not None else data
     req = urllib.request.Request(API + path, data=payload, method=method, headers=headers)
     try:
@@ -120,9 +121,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert api("POST", "/register", {"endpoint_id": "x"}, headers={"Authorization": f"Bearer {token}"})[0] == 401
         AUTH["Authorization"] = f"Bearer {token}"
         assert node_states() == {n: "ready" for n in NODES}
-        node_token = (tmp_path / "secrets" / "node_token").read_text().strip()
+        credential = registration_credential((tmp_path / "secrets" / "node_token").read_text().strip())
         assert api("POST", "/register", {"endpoint_id": "x"},
-                   headers={"Authorization": f"Bearer {node_token}"})[1]["curve"] is True
+                   headers={"Authorization": f"Bearer {credential}"})[1]["curve"] is True
 
         # A function, invoked through the controller: calls land on all three nodes.
         assert api("POST", "/v1/runtimes", {"image": "pythonruntime", "name": "py"})[0] == 201

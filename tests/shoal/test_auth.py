@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,16 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from shoal.auth import CurveKeys, bearer, bearer_ok, check_token, start_authenticator, token_from_env
+from shoal.auth import (
+    CurveKeys,
+    HandshakeWatch,
+    bearer,
+    bearer_ok,
+    check_token,
+    registration_credential,
+    start_authenticator,
+    token_from_env,
+)
 from shoal.errors import ConfigError
 from shoal.nodelink import bind_router
 
@@ -63,14 +73,23 @@ def test_curve_keys_are_derived_from_the_token_and_never_printed() -> None:
     assert keys.server_secret.decode() not in repr(keys) and keys.client_secret.decode() not in repr(keys)
 
 
+def test_the_registration_credential_gives_the_token_away_no_more_than_a_hash() -> None:
+    credential = registration_credential(TOKEN)
+    assert credential == registration_credential(TOKEN) != registration_credential(TOKEN + "x")
+    assert TOKEN not in credential and len(credential) == 64
+    assert check_token(credential, "credential") == credential  # a valid bearer value
+
+
 @pytest.fixture
-def server() -> Iterator[tuple[zmq.Socket[Any], str, list[bytes]]]:
-    """A CURVE ROUTER as the controller's hub makes it: ZAP handler first, then the socket."""
+def server() -> Iterator[tuple[zmq.Socket[Any], str, list[str]]]:
+    """A CURVE ROUTER as the controller's hub makes it: ZAP handler first, then the socket and its watch."""
     ctx: zmq.Context[Any] = zmq.Context()
-    refused: list[bytes] = []
-    auth = start_authenticator(ctx, CurveKeys.from_token(TOKEN), refused.append)
+    refused: list[str] = []
+    auth = start_authenticator(ctx, CurveKeys.from_token(TOKEN))
     sock = bind_router(ctx, "tcp://127.0.0.1:0", CurveKeys.from_token(TOKEN))
+    watch = HandshakeWatch(sock, refused.append)
     yield sock, sock.getsockopt_string(zmq.LAST_ENDPOINT), refused
+    watch.close()
     sock.close()
     auth.stop()
     ctx.term()
@@ -101,7 +120,7 @@ def next_handshake_event(monitor: zmq.Socket[Any]) -> int:
             return event
 
 
-def test_a_node_that_knows_the_token_talks_over_curve(server: tuple[zmq.Socket[Any], str, list[bytes]]) -> None:
+def test_a_node_that_knows_the_token_talks_over_curve(server: tuple[zmq.Socket[Any], str, list[str]]) -> None:
     sock, url, refused = server
     ctx: zmq.Context[Any] = zmq.Context()
     client, monitor = dealer(ctx, url, CurveKeys.from_token(TOKEN))
@@ -120,9 +139,13 @@ def test_a_node_that_knows_the_token_talks_over_curve(server: tuple[zmq.Socket[A
         ctx.term()
 
 
-@pytest.mark.parametrize("who", ["other token", "right server key, own client key", "no curve"])
-def test_a_peer_without_the_token_cannot_complete_a_handshake(server: tuple[zmq.Socket[Any], str, list[bytes]],
-                                                              who: str) -> None:
+@pytest.mark.parametrize(("who", "reason"), [
+    ("other token", "not the node token's (another token?)"),
+    ("right server key, own client key", "refused by the ZAP handler"),
+    ("no curve", "does not use CURVE"),
+])
+def test_a_peer_without_the_token_cannot_complete_a_handshake(server: tuple[zmq.Socket[Any], str, list[str]],
+                                                              who: str, reason: str) -> None:
     sock, url, refused = server
     ctx: zmq.Context[Any] = zmq.Context()
     right, other = CurveKeys.from_token(TOKEN), CurveKeys.from_token("an-other-token-0123456789")
@@ -133,13 +156,33 @@ def test_a_peer_without_the_token_cannot_complete_a_handshake(server: tuple[zmq.
         client.send_multipart([b"HELLO", b"{}"])  # queued: it is never delivered
         event = next_handshake_event(monitor)
         assert event != zmq.EVENT_HANDSHAKE_SUCCEEDED
-        if client_of is not None:  # the server knew it: its ZAP handler said no, and told the hub
+        if client_of is not None:  # the server knew it: its ZAP handler said no
             assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            assert refused == [other.client_public]
+        # The server's watch reports why (from its own thread: waited for).
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not refused:
+            assert time.monotonic() < deadline, "the refusal was not reported"
+            time.sleep(0.01)
+        assert reason in refused[0], refused[0]
         # The handshake failed: the server received nothing, whatever the peer keeps trying.
         assert sock.poll(0) == 0
     finally:
         client.disable_monitor()
         monitor.close()
         client.close()
+        ctx.term()
+
+
+def test_without_a_zap_handler_nobody_gets_in() -> None:
+    """libzmq admits any CURVE client when no ZAP handler answers, unless the domain is enforced: it is."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = bind_router(ctx, "tcp://127.0.0.1:0", CurveKeys.from_token(TOKEN))
+    client, monitor = dealer(ctx, sock.getsockopt_string(zmq.LAST_ENDPOINT), CurveKeys.from_token(TOKEN))
+    try:
+        assert next_handshake_event(monitor) != zmq.EVENT_HANDSHAKE_SUCCEEDED
+    finally:
+        client.disable_monitor()
+        monitor.close()
+        client.close()
+        sock.close()
         ctx.term()
