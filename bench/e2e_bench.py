@@ -4,12 +4,15 @@ Measured in one run on this machine (everything shares its cores):
 
 shoal    2 agents; the trivial handler with one warm container per node (and, for comparison at c=32, the
          same handler with 2 to 4 per node). Sync latency p50/p99 at concurrency 1 and 32 (wrk, a C load
-         generator), calls/s at saturation, async submissions/s accepted (each durably stored in Redis before
-         its 202) and the rate at which all of them then ran, cold (preload none) vs warm latency, and archive
-         distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node);
+         generator), calls/s at saturation, async submissions/s accepted (each stored in Redis, AOF with fsync
+         every second, before its 202) and the rate at which all of them then ran, cold (preload none) vs warm
+         latency, and archive distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node). A
+         figure counts only if every call it counted ended DONE (the controller's finished-call counts are
+         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200);
 celery   the same trivial function as a Celery 5 task (prefork, 2 processes) with Redis as broker and result
          backend: `delay().get()` latency and tasks/s at saturation (the better of 1 client process x 32
-         threads and 4 x 8), results fetched.
+         threads and 4 x 8), results fetched; `delay()` submissions/s with the worker running and, as the
+         peer of Shoal's ingest figure (nodes stopped), with it stopped.
 
 Run: `make bench` (or `.venv/bin/python -m bench.e2e_bench [--quick]`). Writes bench/results/e2e.json.
 """
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,9 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.stats import pct
 from bench.table import print_table
 from controller.keys import ACTIVE as ACTIVE_KEY
 from shoal.archive import build_tar_gz
+from shoal.devenv.procs import exit_on_termination
 from shoal.devenv.redis_server import start_redis
 from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
@@ -52,8 +58,10 @@ def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -
                      "  io.write(string.format('NON2XX %d\\n', summary.errors.status))\n"
                      "end\n")
     try:
-        out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "-s",
-                              script.name, url], capture_output=True, text=True, check=True).stdout
+        # --timeout: a slow answer is counted (as a socket timeout, which fails the run), not dropped from the
+        # latency histogram as wrk's default 2 s would.
+        out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout",
+                              "60s", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(script.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -61,7 +69,29 @@ def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -
     p99 = int(re.search(r"P99 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
     non2xx = int(re.search(r"NON2XX (\d+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx, "requests": requests}
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = sum(int(n) for n in errors.groups()) if errors else 0
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx, "requests": requests,
+            "socket_errors": socket_errors}
+
+
+def outcomes(cluster: LocalCluster) -> dict[str, float]:
+    """The controller's count of finished calls, by "function:status" (its /metrics page)."""
+    _, text, _ = cluster.request("GET", "/metrics")
+    found = re.findall(r'^shoal_controller_calls_finished_total\{function="([^"]+)",status="([^"]+)"\} (\S+)$',
+                       text, re.M)
+    return {f"{fn}:{status}": float(n) for fn, status, n in found}
+
+
+def verified(cluster: LocalCluster, what: str, before: dict[str, float], res: dict[str, Any], calls: int) -> None:
+    """A figure counts only if every call it counted ended DONE: wrk sees HTTP statuses, and a sync call that
+    FAILED is a 200 too. Waits for the calls to end, then compares the controller's counts with ``before``."""
+    drain(cluster, 600)
+    after = outcomes(cluster)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    done = sum(v for k, v in delta.items() if k.endswith(":DONE"))
+    if any(not k.endswith(":DONE") for k in delta) or res["non_2xx"] or res["socket_errors"] or done < calls:
+        raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; wrk: {res}); no figure")
 
 
 # ---- celery ------------------------------------------------------------------------------------
@@ -150,15 +180,18 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
 
 
 def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
+    from redis import Redis
+
     redis = start_redis("celery-redis", appendonly=False)
     workdir = Path(tempfile.mkdtemp(prefix="shoal-celery-"))
-    (workdir / "celery_bench_app.py").write_text(CELERY_APP)
-    env = dict(os.environ, BENCH_REDIS=redis.url, PYTHONPATH=str(workdir))
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker", "-c", "2",
-                               "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
-                               "--without-heartbeat"], env=env, cwd=workdir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    worker: subprocess.Popen[Any] | None = None
     try:
+        (workdir / "celery_bench_app.py").write_text(CELERY_APP)
+        env = dict(os.environ, BENCH_REDIS=redis.url, PYTHONPATH=str(workdir))
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker", "-c", "2",
+                                   "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip",
+                                   "--without-mingle", "--without-heartbeat"], env=env, cwd=workdir,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         sys.path.insert(0, str(workdir))
         os.environ["BENCH_REDIS"] = redis.url
         import celery_bench_app
@@ -172,19 +205,31 @@ def bench_celery(seconds: float, quick: bool) -> dict[str, Any]:
             t0 = time.perf_counter()
             task.delay(i).get(timeout=10)
             samples.append(time.perf_counter() - t0)
-        samples.sort()
         # Saturation: the client must not be what limits Celery, so try one process of 32 threads and 4
         # processes of 8 threads (the GIL), and keep Celery's better figure.
         rates = {f"{procs}x{threads}": celery_clients(env, workdir, procs, threads, seconds)
                  for procs, threads in ((1, 32), (4, 8))}
         best = max(rates, key=lambda k: rates[k])
-        submits = {procs: celery_submitters(env, workdir, procs, max(2, seconds // 2)) for procs in (1, 2)}
-        return {"p50_ms": samples[len(samples) // 2] * 1000, "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
-                "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates,
-                "submits_per_s": max(submits.values()), "submits_by_procs": submits}
-    finally:
+        flush = Redis.from_url(redis.url)
+        submits, alone = {}, {}
+        for procs in (1, 2):  # while the worker runs the tasks on the same cores; each run on an empty queue
+            flush.flushdb()
+            submits[procs] = celery_submitters(env, workdir, procs, max(2, seconds // 2))
+        # Submissions alone, the worker stopped: the peer of Shoal's ingest figure (its nodes are stopped).
         stop_group(worker)
+        for procs in (1, 2):
+            flush.flushdb()
+            alone[procs] = celery_submitters(env, workdir, procs, max(2, seconds // 2))
+        flush.close()
+        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000,
+                "rps_saturation": rates[best], "clients": best, "rps_by_clients": rates,
+                "submits_per_s": max(submits.values()), "submits_by_procs": submits,
+                "submits_alone_per_s": max(alone.values()), "submits_alone_by_procs": alone}
+    finally:
+        if worker is not None:
+            stop_group(worker)
         redis.stop(remove=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---- shoal ---------------------------------------------------------------------------------------
@@ -288,28 +333,37 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool) -> dict[str, Any]:
             if status != 201:
                 raise RuntimeError(body)
         for _ in range(200):
-            cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
-            cluster.request("POST", "/v1/functions/echo4/invoke", {"params": 1})
+            for name in ("echo", "echo4"):
+                status, call, _ = cluster.request("POST", f"/v1/functions/{name}/invoke", {"params": 1})
+                if status != 200 or call["status"] != "DONE" or call["result"] != 1:
+                    raise RuntimeError(f"a warm-up call of {name} did not succeed: {status} {call}")
         url = cluster.url + "/v1/functions/echo/invoke"
-        print("  shoal sync c=1...", flush=True)
-        out["sync_c1"] = wrk(url, '{"params": 1}', 1, seconds)
-        print("  shoal sync c=32...", flush=True)
-        out["sync_c32"] = wrk(url, '{"params": 1}', 32, seconds)
-        print("  shoal sync c=32, 2-4 containers per node...", flush=True)
-        out["sync_c32_pool4"] = wrk(cluster.url + "/v1/functions/echo4/invoke", '{"params": 1}', 32, seconds)
+        for key, label, target, conns in (("sync_c1", "sync c=1", url, 1), ("sync_c32", "sync c=32", url, 32),
+                                          ("sync_c32_pool4", "sync c=32, 2-4 containers per node",
+                                           cluster.url + "/v1/functions/echo4/invoke", 32)):
+            print(f"  shoal {label}...", flush=True)
+            before = outcomes(cluster)
+            out[key] = wrk(target, '{"params": 1}', conns, seconds)
+            verified(cluster, label, before, out[key], out[key]["requests"])
         print("  shoal async submissions...", flush=True)
+        before = outcomes(cluster)
         t0 = time.monotonic()
         out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
                                max(2, seconds // 2))
         drain(cluster, 120)
         # Every accepted call ran: from the first submission to the last completion.
         out["async_completed_per_s"] = out["async_c32"]["requests"] / (time.monotonic() - t0)
+        verified(cluster, "async submissions", before, out["async_c32"], out["async_c32"]["requests"])
         print(f"  shoal async batch submissions ({BATCH} calls per request)...", flush=True)
+        before = outcomes(cluster)
         t0 = time.monotonic()
         batch = out["async_batch"] = wrk_batches(cluster, max(2, seconds // 2))
         drain(cluster, 600)
         out["async_batch_completed_per_s"] = batch["calls"] / (time.monotonic() - t0)
+        verified(cluster, "async batches", before, batch, batch["calls"])
+        before = outcomes(cluster)
         out["async_ingest"] = bench_ingest(cluster, 2)
+        verified(cluster, "ingest", before, out["async_ingest"], out["async_ingest"]["calls"])
         print("  shoal cold vs warm...", flush=True)
         cold = []
         for i in range(5 if quick else 15):
@@ -329,6 +383,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    exit_on_termination()  # a SIGTERM or SIGHUP stops what the run started, as Ctrl-C does
     configure("error")
     seconds = 3 if args.quick else 10
     infra = start_infra(with_redis=False)
@@ -368,9 +423,10 @@ def report(r: dict[str, Any]) -> None:
                            f"{s['async_batch']['calls_per_s'] / c['submits_per_s']:.1f}x celery"),
         ("async, ingest alone", f"{BATCH} per request, nodes stopped: {s['async_ingest']['calls_per_s']:.0f} calls/s "
                                 f"accepted (non-2xx {s['async_ingest']['non_2xx']}), "
-                                f"{s['async_ingest']['durably_queued']} counted in Redis's durable queue; all ran "
-                                f"at {s['async_ingest']['completed_per_s']:.0f}/s once the nodes were back   = "
-                                f"{s['async_ingest']['calls_per_s'] / c['submits_per_s']:.1f}x celery delay()"),
+                                f"{s['async_ingest']['durably_queued']} counted in Redis's queue (AOF, fsync every "
+                                f"second); all ran at {s['async_ingest']['completed_per_s']:.0f}/s once the nodes "
+                                f"were back   celery delay(), worker stopped, {c['submits_alone_per_s']:.0f}/s = "
+                                f"{s['async_ingest']['calls_per_s'] / c['submits_alone_per_s']:.1f}x"),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "

@@ -2,7 +2,8 @@
 
 Everything is measured in the same run, on the same engine and image:
 
-floors   bare ZMQ round trip (ipc, two processes), bare `docker exec`, bare `docker run --rm`, bare start of
+floors   bare ZMQ round trip (ipc, two processes), bare `docker exec`, bare `docker run --rm` (the CLI) and
+         the same run through the Engine API without the removal (as a cold call is timed), bare start of
          the runtime's interpreter inside a running container;
 shoal    warm handler-style round trip (sequential p50/p99 and calls/s through one miniworker, plus
          pipelined calls/s), warm command-style round trip, cold start under preload `none`, and the
@@ -25,21 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import docker
 import psutil
 import zmq
 
+from bench.stats import pct
 from bench.table import print_table
+from shoal.devenv.procs import exit_on_termination
 from shoal.devenv.stack import start_infra
 from shoal.localnode import LocalNode
 from shoal.logs import configure
 
 ECHO = {"handler.py": "def handler(params):\n    return params\n"}
 NOOP_COMMAND = {"noop.py": "print('ok')\n"}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
@@ -68,10 +67,12 @@ while True:
 
 
 def floor_zmq(n: int) -> dict[str, float]:
-    url = f"ipc:///tmp/shoal-bench-{os.getpid()}.ipc"
+    path = f"/tmp/shoal-bench-{os.getpid()}.ipc"
+    url = f"ipc://{path}"
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, url])
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)  # an echo server that did not start is an error, not a hang
     sock.connect(url)
     try:
         for _ in range(200):
@@ -88,7 +89,12 @@ def floor_zmq(n: int) -> dict[str, float]:
     finally:
         sock.close(0)
         ctx.term()
-        server.wait(10)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        Path(path).unlink(missing_ok=True)
     return summary(samples)
 
 
@@ -118,8 +124,26 @@ def floor_docker(env: dict[str, str], image: str, n_exec: int, n_run: int) -> di
                        env=cli, check=True, capture_output=True)
 
     run_samples = timed(run_true, n_run)
+    # The same through the Engine API, as a miniworker does it (no CLI process to start), and with the removal
+    # off the clock, as it is for a cold call (the container is removed after its result is sent).
+    api = docker.APIClient(base_url=cli["DOCKER_HOST"], version="1.41")
+    created: list[str] = []
+
+    def api_run_true() -> None:
+        cid = api.create_container(image, ["true"], host_config=api.create_host_config(network_mode="none",
+                                                                                      init=True))["Id"]
+        created.append(cid)
+        api.start(cid)
+        api.wait(cid, timeout=60)
+
+    try:
+        api_samples = timed(api_run_true, n_run)
+    finally:
+        for cid in created:
+            api.remove_container(cid, force=True)
+        api.close()
     return {"docker_exec": summary(exec_samples), "docker_run": summary(run_samples),
-            "interpreter_start": {"p50_ms": interp * 1000}}
+            "docker_run_api": summary(api_samples), "interpreter_start": {"p50_ms": interp * 1000}}
 
 
 # ---- shoal ---------------------------------------------------------------------------------------
@@ -212,6 +236,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--only", choices=["warm"], help="run one part (with its floors)")
     args = parser.parse_args()
+    exit_on_termination()  # a SIGTERM or SIGHUP stops what the run started, as Ctrl-C does
     configure("warning")
     q = args.quick
     infra = start_infra(with_redis=False)
@@ -251,11 +276,12 @@ def report(r: dict[str, Any]) -> None:
     w, c, cold = r["warm_handler"], r["warm_command"], r["cold_none"]
     zmq_p50 = r["floor_zmq_ipc"]["p50_ms"]
     interp = r["interpreter_start"]["p50_ms"]
-    run_p50 = r["docker_run"]["p50_ms"]
+    run_p50, api_p50 = r["docker_run"]["p50_ms"], r["docker_run_api"]["p50_ms"]
     rows = [
         ("floor: ZMQ round trip (ipc)", f"p50 {zmq_p50:.3f} ms"),
         ("floor: docker exec", f"p50 {r['docker_exec']['p50_ms']:.1f} ms"),
         ("floor: docker run --rm", f"p50 {run_p50:.1f} ms"),
+        ("floor: docker run via the API, no removal", f"p50 {api_p50:.1f} ms"),
         ("floor: interpreter start in container", f"p50 {interp:.1f} ms"),
         ("warm handler, broker->miniworker->container->broker", f"p50 {w['broker_rtt']['p50_ms']:.3f} ms  "
                                                                f"p99 {w['broker_rtt']['p99_ms']:.3f} ms"),
@@ -267,7 +293,8 @@ def report(r: dict[str, Any]) -> None:
         ("warm command round trip", f"p50 {c['p50_ms']:.1f} ms  p99 {c['p99_ms']:.1f} ms  "
                                     f"= interpreter start + {c['p50_ms'] - interp:.1f} ms"),
         ("cold start, preload none", f"p50 {cold['p50_ms']:.0f} ms  p99 {cold['p99_ms']:.0f} ms  "
-                                     f"= {cold['p50_ms'] / run_p50:.2f}x docker run"),
+                                     f"= {cold['p50_ms'] / run_p50:.2f}x docker run, "
+                                     f"{cold['p50_ms'] / api_p50:.2f}x the API run"),
         ("agent RSS over calls", f"{r['agent_rss']['calls']} calls: {r['agent_rss']['rss_before_mb']:.1f} -> "
                                  f"{r['agent_rss']['rss_after_mb']:.1f} MB (growth "
                                  f"{r['agent_rss']['growth_mb']:+.1f} MB)"),

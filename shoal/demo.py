@@ -11,12 +11,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from shoal.archive import build_tar_gz
+from shoal.devenv.procs import exit_on_termination
 from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
 from shoal.logs import configure
 
+TERMINAL = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
 DICE_DIR = Path(__file__).resolve().parent.parent / "examples" / "runtimes" / "python" / "dice"
 SEED_RUNTIME = {"image": "pythonruntime", "path": "/ws", "dependencies": "pip3 install -r requirements.txt",
                 "run": "python3 test.py"}
@@ -29,33 +32,60 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+class DemoError(Exception):
+    pass
+
+
+def expect(answer: tuple[int, Any, dict[str, str]], status: int, what: str) -> Any:
+    """The body of an answer that has the status wanted; a DemoError naming ``what`` otherwise."""
+    got, body, _ = answer
+    if got != status:
+        raise DemoError(f"{what} answered {got}: {json.dumps(body) if not isinstance(body, str) else body}")
+    return body
+
+
+def invoke(cluster: LocalCluster) -> tuple[dict[str, Any], float]:
+    """One sync call of the dice function; a call still running when the sync wait ends (202) is awaited."""
+    t0 = time.perf_counter()
+    status, call, _ = cluster.request("POST", "/v1/functions/dice/invoke", {"params": {"roll": "4d6"}})
+    if status == 202:
+        deadline = time.monotonic() + 600
+        while call["status"] not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.2)
+            call = expect(cluster.request("GET", f"/v1/calls/{call['id']}"), 200, "GET /v1/calls/ID")
+    elif status != 200:
+        raise DemoError(f"POST /v1/functions/dice/invoke answered {status}: {json.dumps(call)}")
+    if call["status"] != "DONE":
+        raise DemoError(f"the call ended {call['status']}: {json.dumps(call, indent=2)}")
+    return call, (time.perf_counter() - t0) * 1000
+
+
 def main() -> int:
     configure("warning")
+    exit_on_termination()
     say = lambda text: print(f"shoal demo: {text}", flush=True)  # noqa: E731
     say("starting the Docker engine and the python runtime image (built offline, cached)...")
     infra = start_infra(with_redis=False)
     try:
         with LocalCluster(infra.engine.url, agents=2, name="demo") as cluster:
             say(f"controller {cluster.url}, nodes {', '.join(n['node_id'] for n in cluster.get('/v1/nodes'))}")
-            status, body, _ = cluster.request("POST", "/registerRuntime", SEED_RUNTIME)
-            say(f"POST /registerRuntime -> {status} {body['name']}")
+            body = expect(cluster.request("POST", "/registerRuntime", SEED_RUNTIME), 200, "POST /registerRuntime")
+            say(f"POST /registerRuntime -> 200 {body['name']}")
             archive = build_tar_gz({n: (DICE_DIR / n).read_text() for n in ("test.py", "requirements.txt")})
             data, ctype = multipart("module", "python.tar.gz", archive)
-            status, body, _ = cluster.request("POST", "/registerFunction/pythonruntime/dice", data=data,
-                                              headers={"Content-Type": ctype})
-            say(f"POST /registerFunction/pythonruntime/dice -> {status} (sha256 {body['sha256'][:12]})")
+            body = expect(cluster.request("POST", "/registerFunction/pythonruntime/dice", data=data,
+                                          headers={"Content-Type": ctype}), 200,
+                          "POST /registerFunction/pythonruntime/dice")
+            say(f"POST /registerFunction/pythonruntime/dice -> 200 (sha256 {body['sha256'][:12]})")
             for attempt in (1, 2, 3):
-                t0 = time.perf_counter()
-                status, call, _ = cluster.request("POST", "/v1/functions/dice/invoke",
-                                                  {"params": {"roll": "4d6"}})
-                took = (time.perf_counter() - t0) * 1000
-                if status != 200 or call["status"] != "DONE":
-                    say(f"call failed: {json.dumps(call, indent=2)}")
-                    return 1
+                call, took = invoke(cluster)
                 kind = "cold" if call["cold"] else "warm"
                 say(f"dice 4d6 #{attempt} on {call['node']} ({kind}, {took:.0f} ms) -> {call['result']}")
         say("stopped the cluster")
         return 0
+    except DemoError as exc:
+        say(f"failed: {exc}")
+        return 1
     finally:
         infra.close()
 

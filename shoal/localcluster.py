@@ -89,7 +89,8 @@ class LocalCluster:
             self._redis = start_redis(appendonly=True)
             self.redis_url = self._redis.url
         self.port = self.port or free_port()
-        self.zmq_port = self.zmq_port or free_port()
+        while not self.zmq_port or self.zmq_port == self.port:  # two draws can match
+            self.zmq_port = free_port()
         self.start_controller()
         for node_id in self.node_ids:
             self.start_agent(node_id)
@@ -117,7 +118,7 @@ class LocalCluster:
                 where = f" (see {self.base / 'controller.log'})" if self.detach else ""
                 raise ClusterError(f"the controller exited with {self.controller.returncode}{where}")
             try:
-                self.get("/ping")
+                self.request("GET", "/ping", timeout=5)
                 return
             except (OSError, ClusterError):
                 time.sleep(0.05)
@@ -167,6 +168,9 @@ class LocalCluster:
             nodes = [n for n in self.get("/v1/nodes") if n["state"] == "ready"]
             if len(nodes) >= count:
                 return nodes
+            exited = {n: a.proc.returncode for n, a in self.nodes.items() if a.proc.poll() is not None}
+            if exited:
+                raise ClusterError(f"agents exited before joining: {exited}")
             if time.monotonic() > deadline:
                 raise ClusterError(f"only {len(nodes)} of {count} nodes joined within {timeout:g} s")
             time.sleep(0.1)

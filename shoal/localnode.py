@@ -81,7 +81,11 @@ class LocalNode:
         self._tmp.cleanup()
 
     def __enter__(self) -> LocalNode:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # an agent that never said hello: stopped, and the link and directory removed
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

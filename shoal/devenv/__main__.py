@@ -45,6 +45,8 @@ def up(with_redis: bool) -> dict[str, str]:
     if "redis_dir" in previous:  # one Redis per record: the previous one is not used any more
         RedisServer(port=int(previous["redis_port"]), directory=Path(previous["redis_dir"])).stop(remove=True)
     env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
+    record["env"] = env
+    record_path().write_text(json.dumps(record))  # the engine is on the record before anything else can fail
     if with_redis:
         redis = start_redis()
         record["redis_dir"] = str(redis.directory)

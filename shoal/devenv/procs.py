@@ -52,3 +52,14 @@ def stop(record: dict[str, int], timeout: float = 60) -> None:
         time.sleep(0.1)
     if alive(record):
         os.kill(pid, signal.SIGKILL)
+
+
+def exit_on_termination() -> None:
+    """Make SIGTERM and SIGHUP (a CI timeout, a closed terminal) end this process as Ctrl-C would: by an
+    exception, so that every ``finally`` that stops what it started (dockerd, Redis, agents, containers) runs."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)

@@ -100,8 +100,13 @@ class RedisServer:
         if pid and _is_redis(pid, self.port):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            while time.monotonic() < deadline and _is_redis(pid, self.port):
                 time.sleep(0.05)
+            if _is_redis(pid, self.port):  # its directory is not removed under a server still running
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and _is_redis(pid, self.port):
+                    time.sleep(0.05)
         if remove:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -36,6 +36,9 @@ def recipe_hash() -> str:
     return hashlib.sha256(RECIPE.encode()).hexdigest()[:16]
 
 
+BUILD_TIMEOUT = 900.0  # seconds mmdebstrap may take
+
+
 def _build_tarball(out: Path) -> None:
     exe = shutil.which("mmdebstrap")
     if exe is None:
@@ -45,8 +48,15 @@ def _build_tarball(out: Path) -> None:
     cmd = [exe, "--variant=apt", "--quiet", f"--include={','.join(PACKAGES)}"]
     cmd += [f"--dpkgopt=path-exclude={pattern}" for pattern in EXCLUDES]
     cmd += ["bookworm", str(tmp)]
-    result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    try:
+        # Bounded: it takes under a minute here, and a package mirror that stops answering must not hang CI.
+        result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+                                timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise ImageBuildError(f"mmdebstrap did not finish within {BUILD_TIMEOUT:g} s") from None
     if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise ImageBuildError(f"mmdebstrap failed ({result.returncode}): {result.stderr[-2000:]}")
     tmp.rename(out)
 
