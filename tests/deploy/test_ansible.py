@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import pytest
 
 from shoal.archive import build_tar_gz
@@ -54,6 +56,15 @@ def api(method: str, path: str, body: Any = None, data: bytes | None = None,
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
+
+
+def controller_process() -> psutil.Process:
+    """The deployed controller: the process listening on the controller host's API address."""
+    host, port = API.removeprefix("http://").split(":")
+    pids = {c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and (c.laddr.ip, c.laddr.port) == (host, int(port))}
+    assert len(pids) == 1 and None not in pids, pids
+    return psutil.Process(pids.pop())
 
 
 def wait(predicate: Any, timeout: float, what: str) -> Any:
@@ -121,6 +132,8 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert api("POST", "/register", {"endpoint_id": "x"}, headers={"Authorization": f"Bearer {token}"})[0] == 401
         AUTH["Authorization"] = f"Bearer {token}"
         assert node_states() == {n: "ready" for n in NODES}
+        # The controller runs as its own account, not root (the agents need root for the engine).
+        assert controller_process().username() == "shoal"
         credential = registration_credential((tmp_path / "secrets" / "node_token").read_text().strip())
         assert api("POST", "/register", {"endpoint_id": "x"},
                    headers={"Authorization": f"Bearer {credential}"})[1]["curve"] is True
@@ -193,6 +206,8 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
             urllib.request.urlopen(API + "/ping", timeout=2)
         for host in ("shoal-ctl", *NODES):
             assert not Path(f"/var/tmp/shoal-local/{host}").exists(), host
+        with pytest.raises(KeyError):
+            pwd.getpwnam("shoal")  # the account is gone with the rest
     finally:
         AUTH.clear()
         if not torn_down:

@@ -61,3 +61,27 @@ def test_a_supervisor_programs_command_reads_its_environment_file_verbatim(tmp_p
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30, env={}).stdout
     seen = dict(item.split("=", 1) for item in out.split("\0") if item)
     assert {k: seen.get(k) for k in ENV} == {k: str(v) for k, v in ENV.items()}
+
+
+def test_a_program_with_an_account_reads_the_root_only_file_then_runs_as_that_account(tmp_path: Path) -> None:
+    env_file = tmp_path / "shoal-controller.env"
+    env_file.write_text(render("program.env.j2", shoal_program_env={"SHOAL_API_TOKEN": "secret-token-0123456789"}))
+    env_file.chmod(0o600)  # root's, as the role writes it: the account could not read it
+    text = render("program.conf.j2", shoal_program_name="shoal-controller", shoal_program_user="nobody",
+                  shoal_program_group="nogroup",
+                  shoal_program_command="/bin/sh -c \"id -un; echo $SHOAL_API_TOKEN; cat " + str(env_file) + "\"",
+                  shoal_program_env_file=str(env_file), shoal_program_stopwait=30,
+                  shoal_service_dir="/opt/shoal/supervisor")
+    parsed = configparser.ConfigParser(interpolation=None)
+    parsed.read_string(text)
+    command = shlex.split(parsed["program:shoal-controller"]["command"] % {})
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["nobody", "secret-token-0123456789"], proc
+    assert "Permission denied" in proc.stderr  # the program itself cannot read the file its environment came from
+    unit = render("unit.service.j2", shoal_program_name="shoal-controller", shoal_program_command="/bin/true",
+                  shoal_program_user="shoal", shoal_program_stopwait=30, shoal_program_env_file="/etc/shoal/x.env",
+                  shoal_service_nofile=65536)
+    service = configparser.ConfigParser(strict=False, interpolation=None)
+    service.read_string(unit)
+    assert (service["Service"]["User"], service["Service"]["NoNewPrivileges"]) == ("shoal", "true")
