@@ -144,6 +144,10 @@ def handshake_failure(event: Mapping[str, Any]) -> str:
         return "it does not use CURVE (an agent without the node token?)"
     if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
         return "its CURVE keys are not the node token's (another token?)"
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        # The peer hung up first: a peer without CURVE sees the mismatch in the greetings too, and may close
+        # before this side has said so.
+        return f"the peer broke the handshake off ({os.strerror(value)}; one without CURVE does)"
     return f"handshake failed (ZMQ event {int(event['event'])}, value {value})"
 
 

@@ -139,13 +139,14 @@ def test_a_node_that_knows_the_token_talks_over_curve(server: tuple[zmq.Socket[A
         ctx.term()
 
 
-@pytest.mark.parametrize(("who", "reason"), [
-    ("other token", "not the node token's (another token?)"),
-    ("right server key, own client key", "refused by the ZAP handler"),
-    ("no curve", "does not use CURVE"),
+@pytest.mark.parametrize(("who", "reasons"), [
+    ("other token", ("not the node token's (another token?)",)),
+    ("right server key, own client key", ("refused by the ZAP handler",)),
+    # Both sides see the mechanisms differ in the greetings: whichever hangs up first decides which is reported.
+    ("no curve", ("does not use CURVE", "broke the handshake off")),
 ])
 def test_a_peer_without_the_token_cannot_complete_a_handshake(server: tuple[zmq.Socket[Any], str, list[str]],
-                                                              who: str, reason: str) -> None:
+                                                              who: str, reasons: tuple[str, ...]) -> None:
     sock, url, refused = server
     ctx: zmq.Context[Any] = zmq.Context()
     right, other = CurveKeys.from_token(TOKEN), CurveKeys.from_token("an-other-token-0123456789")
@@ -163,7 +164,7 @@ def test_a_peer_without_the_token_cannot_complete_a_handshake(server: tuple[zmq.
         while not refused:
             assert time.monotonic() < deadline, "the refusal was not reported"
             time.sleep(0.01)
-        assert reason in refused[0], refused[0]
+        assert any(reason in refused[0] for reason in reasons), refused[0]
         # The handshake failed: the server received nothing, whatever the peer keeps trying.
         assert sock.poll(0) == 0
     finally:
