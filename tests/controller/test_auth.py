@@ -7,9 +7,11 @@ refused at /register, and a peer that skips /register cannot complete a ZMQ hand
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,32 @@ def test_a_peer_that_skips_register_cannot_join(cluster: LocalCluster) -> None:
     assert cluster.request("POST", "/v1/functions/echo/invoke", {"params": 3})[1]["result"] == {"echo": 3}
     # Nothing the refused peers sent reached the hub (a HELLO would be a message from an unknown peer at best).
     assert metrics(cluster).get('shoal_protocol_errors_total{socket="nodes"}', 0) == 0
+
+
+def test_an_agent_given_the_zmq_url_with_the_wrong_token_says_its_handshakes_fail(cluster: LocalCluster,
+                                                                                   tmp_path: Path) -> None:
+    """Skipping /register (a tcp:// controller URL) skips its check: the link's own handshakes tell instead."""
+    url = cluster.request("POST", "/register", {"endpoint_id": "x"},
+                          headers={"Authorization": f"Bearer {registration_credential(NODE)}"})[1]["task_url"]
+    env = dict(os.environ, DOCKER_HOST=cluster.docker_url, SHOAL_NODE_TOKEN="a-wrong-node-token-0123456789")
+    proc = subprocess.Popen([sys.executable, "-m", "node_agent", "--controller", url, "--node-id", "lost",
+                             "--state-dir", str(tmp_path), "--status", "127.0.0.1:0"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for output in proc.stdout or []:
+            lines.put(output)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "controller_link_handshake_failed" not in line:
+            assert time.monotonic() < deadline, "no handshake failure was logged"
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert "SHOAL_NODE_TOKEN" in line
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert [n["node_id"] for n in cluster.get("/v1/nodes")] == [cluster.node_ids[0]]
