@@ -29,7 +29,6 @@ from shoal.nodelink import bind_router
 from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
-REFUSAL_LOG_EVERY = 60.0  # seconds between warnings about peers refused at the handshake
 SYNC_RETRY_FIRST = 0.5  # seconds before a node's sync the store failed is tried again, doubling
 SYNC_RETRY_MAX = 10.0
 
@@ -44,8 +43,6 @@ class Hub:
         self.store = store
         self.log = get_logger("hub")
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.refused_links = 0  # handshakes of peers that do not know the node token
-        self._refusals_logged_at = -REFUSAL_LOG_EVERY
         self.authenticator: ThreadAuthenticator | None = None
         self.handshakes: HandshakeWatch | None = None
         curve = None
@@ -94,14 +91,14 @@ class Hub:
             self.authenticator.stop()
         self.ctx.term()
 
+    @property
+    def refused_links(self) -> int:
+        """Handshakes of peers that do not know the node token."""
+        return 0 if self.handshakes is None else self.handshakes.failures
+
     def _refused(self, reason: str) -> None:
-        """A peer failed its handshake (called in the handshake watch's thread). A peer retries every 100 ms or
-        so: each attempt is counted, and logged once a minute at most."""
-        self.refused_links += 1
-        now = time.monotonic()
-        if now - self._refusals_logged_at >= REFUSAL_LOG_EVERY:
-            self._refusals_logged_at = now
-            self.log.warning("node_link_refused", reason=reason, refused_so_far=self.refused_links)
+        """A peer failed its handshake (the watch's thread; at most once a minute)."""
+        self.log.warning("node_link_refused", reason=reason, refused_so_far=self.refused_links)
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any], *payload: Buffer) -> bool:

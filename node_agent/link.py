@@ -21,7 +21,6 @@ from shoal.logs import get_logger
 from shoal.protocol import Message, Msg
 
 HWM = 1_000_000
-HANDSHAKE_LOG_EVERY = 60.0  # seconds between errors about failed handshakes with the controller
 
 
 class ControllerLink:
@@ -39,7 +38,6 @@ class ControllerLink:
         # A link whose security differs from the controller's fails every handshake in silence: say so (an agent
         # given a tcp:// URL skips /register, where the difference is otherwise caught).
         self.handshakes = HandshakeWatch(self.sock, self._handshake_failed)
-        self._handshake_logged_at = -HANDSHAKE_LOG_EVERY
         self.sock.connect(config.controller)
         self.welcomed = False
         self.last_heard = 0.0
@@ -85,12 +83,10 @@ class ControllerLink:
             self.hello_backoff = min(self.hello_backoff * 2, 10.0)
 
     def _handshake_failed(self, reason: str) -> None:
-        """Called in the handshake watch's thread, for every attempt (ZMQ retries): logged once a minute."""
-        now = time.monotonic()
-        if now - self._handshake_logged_at >= HANDSHAKE_LOG_EVERY:
-            self._handshake_logged_at = now
-            self.log.error("controller_link_handshake_failed", controller=self.config.controller, detail=reason,
-                           hint="the node token (SHOAL_NODE_TOKEN) must be the controller's, or neither has one")
+        """Called in the handshake watch's thread (at most once a minute)."""
+        self.log.error("controller_link_handshake_failed", controller=self.config.controller, detail=reason,
+                       failures=self.handshakes.failures,
+                       hint="the node token (SHOAL_NODE_TOKEN) must be the controller's, or neither has one")
 
     def close(self) -> None:
         self.handshakes.close()

@@ -20,6 +20,7 @@ import hmac
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,12 +153,18 @@ def handshake_failure(event: Mapping[str, Any]) -> str:
 
 
 class HandshakeWatch:
-    """Reports each handshake a server socket failed (a peer without the token: a wrong key pair, or no CURVE
-    at all), from the socket's monitor, read in a thread of its own. ``on_refused(reason)`` runs there."""
+    """Counts the handshakes a socket failed (a peer without the token: a wrong key pair, or no CURVE at all),
+    from the socket's monitor, read in a thread of its own. A peer retries every 100 ms or so: each attempt is
+    counted in ``failures``, and ``on_failure(reason)`` (run in that thread) is called for the first, then at
+    most once every ``report_every`` seconds."""
 
-    def __init__(self, sock: zmq.Socket[Any], on_refused: Callable[[str], None]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], on_failure: Callable[[str], None],
+                 report_every: float = 60.0) -> None:
         self.sock = sock
-        self.on_refused = on_refused
+        self.on_failure = on_failure
+        self.report_every = report_every
+        self.failures = 0
+        self._reported_at = -report_every
         self.monitor = sock.get_monitor_socket(FAILED_HANDSHAKES)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="handshake-watch", daemon=True)
@@ -167,7 +174,12 @@ class HandshakeWatch:
         while not self._stop.is_set():
             if not self.monitor.poll(200):
                 continue
-            self.on_refused(handshake_failure(recv_monitor_message(self.monitor)))
+            reason = handshake_failure(recv_monitor_message(self.monitor))
+            self.failures += 1
+            now = time.monotonic()
+            if now - self._reported_at >= self.report_every:
+                self._reported_at = now
+                self.on_failure(reason)
 
     def close(self) -> None:
         self._stop.set()
