@@ -465,7 +465,7 @@ def serve(sock_path: str) -> int:
     runner = Runner(FdCapture())
     stream = RunnerStream()
     while True:
-        data = conn.recv(1 << 20)
+        data = stream.read(conn)
         if not data:
             return 0
         try:

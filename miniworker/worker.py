@@ -100,10 +100,19 @@ class Miniworker:
         than its buffer (a call's params of a few MB) would stop half-way: the send blocks meanwhile, with a
         bound. The runner is reading (a call is only sent to an idle runner), so it takes what the copy takes."""
         assert self.conn is not None
+        data = pack_runner(mtype, header)
         previous = self.conn.gettimeout()
+        if previous == 0.0:  # non-blocking: most messages go whole at once, with no mode switch
+            try:
+                sent = self.conn.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.conn.settimeout(RUNNER_SEND_TIMEOUT)
         try:
-            self.conn.sendall(pack_runner(mtype, header))
+            self.conn.sendall(data)
         finally:
             self.conn.settimeout(previous)
 
@@ -116,7 +125,7 @@ class Miniworker:
                 raise RunnerError("the runner did not answer in time")
             self.conn.settimeout(min(remaining, 0.5))
             try:
-                data = self.conn.recv(1 << 20)
+                data = self.stream.read(self.conn)
             except TimeoutError:
                 if not self.container.running():
                     raise RunnerError(self.container.exit_reason()) from None
@@ -353,7 +362,7 @@ class Miniworker:
     def on_runner_readable(self) -> None:
         assert self.conn is not None
         try:
-            data = self.conn.recv(1 << 20)
+            data = self.stream.read(self.conn)
         except BlockingIOError:
             return
         except OSError:

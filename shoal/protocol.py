@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import struct
 from array import array
 from dataclasses import dataclass, field
@@ -355,13 +356,27 @@ def _parse_header(mtype: bytes, raw: bytes) -> Any:
         raise ProtocolError(f"{mtype[:32]!r}: header is not JSON ({exc})") from None
 
 
+#: Bytes one read from a runner socket takes at most (into a buffer kept for the stream).
+RUNNER_READ_SIZE = 1 << 20
+
+
 class RunnerStream:
     """Reassembles length-prefixed runner messages from a byte stream (either side of the socket)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._chunk: bytearray | None = None
+        self._view: memoryview | None = None
 
-    def feed(self, data: bytes) -> list[Message]:
+    def read(self, sock: socket.socket) -> bytes | memoryview:
+        """One read from ``sock`` (empty at the end of the stream), to :meth:`feed` before the next read. Into a
+        buffer kept for the stream: ``sock.recv(1 MiB)`` maps and unmaps a fresh MiB for every message."""
+        if self._view is None:
+            self._chunk = bytearray(RUNNER_READ_SIZE)
+            self._view = memoryview(self._chunk)
+        return self._view[:sock.recv_into(self._chunk)]
+
+    def feed(self, data: bytes | memoryview) -> list[Message]:
         self._buf += data
         out: list[Message] = []
         while len(self._buf) >= _LEN.size:
