@@ -365,16 +365,14 @@ class RunnerStream:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._chunk: bytearray | None = None
-        self._view: memoryview | None = None
+        self._view: memoryview | None = None  # of the read buffer, made at the first read
 
     def read(self, sock: socket.socket) -> bytes | memoryview:
         """One read from ``sock`` (empty at the end of the stream), to :meth:`feed` before the next read. Into a
         buffer kept for the stream: ``sock.recv(1 MiB)`` maps and unmaps a fresh MiB for every message."""
         if self._view is None:
-            self._chunk = bytearray(RUNNER_READ_SIZE)
-            self._view = memoryview(self._chunk)
-        return self._view[:sock.recv_into(self._chunk)]
+            self._view = memoryview(bytearray(RUNNER_READ_SIZE))
+        return self._view[:sock.recv_into(self._view)]
 
     def feed(self, data: bytes | memoryview) -> list[Message]:
         self._buf += data
