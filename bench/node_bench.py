@@ -126,24 +126,35 @@ def floor_docker(env: dict[str, str], image: str, n_exec: int, n_run: int) -> di
     run_samples = timed(run_true, n_run)
     # The same through the Engine API, as a miniworker does it (no CLI process to start), and with the removal
     # off the clock, as it is for a cold call (the container is removed after its result is sent).
-    api = docker.APIClient(base_url=cli["DOCKER_HOST"], version="1.41")
-    created: list[str] = []
-
-    def api_run_true() -> None:
-        cid = api.create_container(image, ["true"], host_config=api.create_host_config(network_mode="none",
-                                                                                      init=True))["Id"]
-        created.append(cid)
-        api.start(cid)
-        api.wait(cid, timeout=60)
-
-    try:
-        api_samples = timed(api_run_true, n_run)
-    finally:
-        for cid in created:
-            api.remove_container(cid, force=True)
-        api.close()
+    with ApiRun(cli["DOCKER_HOST"], image) as api_run:
+        api_samples = timed(api_run, n_run)
     return {"docker_exec": summary(exec_samples), "docker_run": summary(run_samples),
             "docker_run_api": summary(api_samples), "interpreter_start": {"p50_ms": interp * 1000}}
+
+
+class ApiRun:
+    """``docker run`` of the image through the Engine API (create, start, wait), without the removal: a cold
+    call's floor. Callable; the containers are removed when the context ends."""
+
+    def __init__(self, docker_url: str, image: str) -> None:
+        self.api = docker.APIClient(base_url=docker_url, version="1.41")
+        self.image = image
+        self.created: list[str] = []
+
+    def __call__(self) -> None:
+        cid = self.api.create_container(self.image, ["true"], host_config=self.api.create_host_config(
+            network_mode="none", init=True))["Id"]
+        self.created.append(cid)
+        self.api.start(cid)
+        self.api.wait(cid, timeout=60)
+
+    def __enter__(self) -> ApiRun:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for cid in self.created:
+            self.api.remove_container(cid, force=True)
+        self.api.close()
 
 
 # ---- shoal ---------------------------------------------------------------------------------------
@@ -202,20 +213,26 @@ def bench_command(node: LocalNode, n: int) -> dict[str, Any]:
 
 
 def bench_cold(docker_url: str, n: int) -> dict[str, Any]:
-    with LocalNode(docker_url, node_id="bench-cold", policy="none") as node:
+    """Cold calls under preload ``none``, each after a run of the same image through the Engine API (the floor,
+    sampled in turns with the calls so that a change in the host's speed weighs on both alike)."""
+    with LocalNode(docker_url, node_id="bench-cold", policy="none") as node, \
+            ApiRun(docker_url, "pythonruntime") as api_run:
         node.add_runtime()
         node.deploy("echo", ECHO, entrypoint="handler:handler")
         node.call("echo", 0)
-        samples = []
+        samples, floor = [], []
         for i in range(n):
-            # Let the spare miniworker process get ready, as it is between calls on a real node.
+            # Each on a quiet engine: the previous call's container removed, the spare miniworker process ready
+            # (as it is between calls on a real node).
+            time.sleep(0.3)
+            floor.extend(timed(api_run, 1))
             time.sleep(0.3)
             t0 = time.perf_counter()
             r = node.call("echo", i)
             samples.append(time.perf_counter() - t0)
             if not r["cold"] or r["status"] != "DONE":
                 raise RuntimeError(f"expected a cold call: {r}")
-        return summary(samples)
+        return dict(summary(samples), floor_api_run=summary(floor))
 
 
 def bench_rss(node: LocalNode, total: int) -> dict[str, float]:
@@ -274,6 +291,7 @@ def main() -> int:
 
 def report(r: dict[str, Any]) -> None:
     w, c, cold = r["warm_handler"], r["warm_command"], r["cold_none"]
+    cold_floor = cold["floor_api_run"]["p50_ms"]
     zmq_p50 = r["floor_zmq_ipc"]["p50_ms"]
     interp = r["interpreter_start"]["p50_ms"]
     run_p50, api_p50 = r["docker_run"]["p50_ms"], r["docker_run_api"]["p50_ms"]
@@ -294,7 +312,9 @@ def report(r: dict[str, Any]) -> None:
                                     f"= interpreter start + {c['p50_ms'] - interp:.1f} ms"),
         ("cold start, preload none", f"p50 {cold['p50_ms']:.0f} ms  p99 {cold['p99_ms']:.0f} ms  "
                                      f"= {cold['p50_ms'] / run_p50:.2f}x docker run, "
-                                     f"{cold['p50_ms'] / api_p50:.2f}x the API run"),
+                                     f"{cold['p50_ms'] / api_p50:.2f}x the API run; "
+                                     f"{cold['p50_ms'] / cold_floor:.2f}x the API run taken in turns with the "
+                                     f"calls (p50 {cold_floor:.0f} ms)"),
         ("agent RSS over calls", f"{r['agent_rss']['calls']} calls: {r['agent_rss']['rss_before_mb']:.1f} -> "
                                  f"{r['agent_rss']['rss_after_mb']:.1f} MB (growth "
                                  f"{r['agent_rss']['growth_mb']:+.1f} MB)"),
