@@ -62,6 +62,17 @@ def parse_json(raw: bytes, what: str) -> Any:
         raise CliError(f"{what}: the answer is not JSON: {raw[:200].decode('utf-8', 'replace')!r}") from None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would send the request's headers, the API token with them, to wherever
+    a redirect points (another host included). Shoal's API never redirects; the 3xx is reported instead."""
+
+    def redirect_request(self, *_: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 class Client:
     def __init__(self, url: str, token: str = "") -> None:
         self.url = url.rstrip("/")
@@ -75,11 +86,13 @@ class Client:
             hdrs["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with _opener.open(req, timeout=timeout) as resp:
                 raw = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as err:
             raw = err.read()
+            if 300 <= err.code < 400:
+                raise self._redirected(f"{method} {path}", err.code, err.headers.get("Location")) from None
             try:
                 message = json.loads(raw)["error"]["message"]
             except (ValueError, KeyError, TypeError):
@@ -90,6 +103,11 @@ class Client:
         if status == 204 or not raw:
             return None
         return parse_json(raw, f"{method} {path}")
+
+    def _redirected(self, what: str, code: int, location: str | None) -> CliError:
+        return CliError(f"{what}: HTTP {code}: the controller's URL {self.url} redirects to {location!r}; give the "
+                        "address it ends at (--url or $SHOAL_URL): redirects are not followed, they would carry "
+                        "the API token elsewhere")
 
     def upload(self, path: str, archive: bytes, show: bool) -> Any:
         """Stream an archive with a progress bar."""
@@ -117,6 +135,8 @@ class Client:
             raw = resp.read()
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise CliError(f"cannot upload to the controller at {self.url}: {exc}") from None
+        if 300 <= resp.status < 400:
+            raise self._redirected("upload", resp.status, resp.getheader("Location"))
         if resp.status >= 400:
             try:
                 message = json.loads(raw)["error"]["message"]

@@ -1,0 +1,109 @@
+"""The CLI's HTTP client against real local HTTP servers: a redirect is reported, never followed (urllib would
+send the API token along to wherever it points)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from shoal.cli import Client, CliError
+
+TOKEN = "a-long-enough-api-token-for-tests"
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Answers 200 {} and records each request's path and headers (the place a redirect points to)."""
+
+    seen: list[tuple[str, dict[str, str]]]
+
+    def _answer(self) -> None:
+        self.seen.append((self.path, dict(self.headers)))
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def redirector(code: int, location: str) -> type[BaseHTTPRequestHandler]:
+    class Redirect(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(code)
+            self.send_header("Location", location + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    return Redirect
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    seen: list[tuple[str, dict[str, str]]] = []
+    handler = type("Elsewhere", (Recorder,), {"seen": seen})
+    server, url = serve(handler)
+    try:
+        yield url, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_is_reported_and_the_token_goes_nowhere(code: int, elsewhere: Any) -> None:
+    target, seen = elsewhere
+    server, url = serve(redirector(code, target))
+    try:
+        client = Client(url, TOKEN)
+        for call in (lambda: client.request("GET", "/v1/runtimes"),
+                     lambda: client.request("POST", "/v1/runtimes", {"name": "x"}),
+                     lambda: client.upload("/v1/functions/f?runtime=r", b"archive", show=False)):
+            with pytest.raises(CliError, match=f"HTTP {code}: .*redirects to '{target}/v1/") as raised:
+                call()
+            assert "not followed" in str(raised.value)
+        # The place it points to works, and is reached directly only.
+        assert Client(target, TOKEN).request("GET", "/v1/runtimes") == {}
+        assert [path for path, _ in seen] == ["/v1/runtimes"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_cli_says_so_in_one_line(elsewhere: Any) -> None:
+    target, seen = elsewhere
+    server, url = serve(redirector(302, target))
+    try:
+        done = subprocess.run([sys.executable, "-m", "shoal.cli", "--url", url, "runtime", "list"],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, SHOAL_API_TOKEN=TOKEN))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2 and "redirects to" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert TOKEN not in done.stderr
+    assert seen == []
