@@ -340,6 +340,10 @@ def cluster_record() -> Path:
     return state_dir() / "cluster.json"
 
 
+#: The lease ``shoal up`` holds on the private engine until ``shoal down`` (see shoal.devenv.engine_users).
+UP_LEASE = "shoal-up"
+
+
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
     from shoal.devenv.docker_engine import EngineError
     from shoal.devenv.redis_server import RedisStartError
@@ -374,8 +378,9 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
             raise CliError(f"the local cluster did not start: {exc} (logs in {base})") from None
         raise
     record = cluster.describe()
-    if engine.started and engine._proc is not None:
-        record["dockerd"] = procs.identity(engine._proc.pid)
+    if engine.lease is not None and engine.root is not None:  # the private engine: held until `shoal down`
+        engine.keep(UP_LEASE)
+        record["engine_lease"], record["engine_root"] = UP_LEASE, str(engine.root)
     cluster_record().write_text(json.dumps(record))
     show(args, record)
 
@@ -391,7 +396,11 @@ def stop_recorded(record: dict[str, Any]) -> None:
     for process in [*record["agents"].values(), record["controller"]]:
         procs.stop(process)
     RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop(remove=True)
-    if "dockerd" in record:
+    if "engine_lease" in record:
+        from shoal.devenv.docker_engine import release
+
+        release(Path(record["engine_root"]), record["engine_lease"])  # stopped if nothing else uses it
+    elif "dockerd" in record:  # a record written before leases
         procs.stop(record["dockerd"])
     cluster_record().unlink(missing_ok=True)
 

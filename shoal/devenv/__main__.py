@@ -18,7 +18,7 @@ from typing import TypeVar
 import docker
 
 from shoal.devenv import procs
-from shoal.devenv.docker_engine import API_VERSION
+from shoal.devenv.docker_engine import API_VERSION, release
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
@@ -32,16 +32,21 @@ def record_path() -> Path:
     return state_dir() / "devenv.json"
 
 
+#: The lease ``up`` holds on the private engine until ``down`` (see :mod:`shoal.devenv.engine_users`).
+LEASE = "devenv-up"
+
+
 def up(with_redis: bool) -> dict[str, str]:
-    """Start what is missing and record what was started. A second ``up`` before ``down`` finds the engine
-    the first one started answering: it keeps it on the record, or ``down`` would leave it running."""
+    """Start what is missing and record what was started. The private engine is held under :data:`LEASE`
+    until ``down`` (a second ``up`` holds the same lease), and stops when its last user has left."""
     previous = json.loads(record_path().read_text()) if record_path().exists() else {}
     engine = engine_with_image()
     record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
-    if engine.started and engine._proc is not None:
-        record["dockerd"] = procs.identity(engine._proc.pid)
-    elif previous.get("docker_url") == engine.url and "dockerd" in previous and procs.alive(previous["dockerd"]):
-        record["dockerd"] = previous["dockerd"]
+    if engine.lease is not None and engine.root is not None:
+        engine.keep(LEASE)
+        record["engine_lease"], record["engine_root"] = LEASE, str(engine.root)
+    elif previous.get("engine_lease") and previous.get("docker_url") == engine.url:
+        record["engine_lease"], record["engine_root"] = previous["engine_lease"], previous["engine_root"]
     if "redis_dir" in previous:  # one Redis per record: the previous one is not used any more
         RedisServer(port=int(previous["redis_port"]), directory=Path(previous["redis_dir"])).stop(remove=True)
     env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
@@ -64,7 +69,9 @@ def down() -> None:
     record = json.loads(path.read_text())
     if "redis_dir" in record:
         RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop(remove=True)
-    if "dockerd" in record:
+    if "engine_lease" in record:
+        release(Path(record["engine_root"]), record["engine_lease"])
+    elif "dockerd" in record:  # a record written before leases
         procs.stop(record["dockerd"], timeout=30)
     path.unlink(missing_ok=True)
 

@@ -1,4 +1,5 @@
-"""A Docker engine to talk to: the one already answering, or a private ``dockerd`` we start and stop."""
+"""A Docker engine to talk to: the one already answering, or a private ``dockerd`` we start; the last of its users
+to leave stops it (see :mod:`shoal.devenv.engine_users`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import docker
 import requests
 from docker.errors import DockerException
 
+from shoal.devenv import procs
+from shoal.devenv.engine_users import EngineUsers, process_lease
 from shoal.devenv.paths import state_dir
 
 API_VERSION = "1.41"
@@ -39,10 +42,13 @@ def _answers(url: str) -> bool:
 
 @dataclass
 class DockerEngine:
-    """A handle on a Docker engine; ``stop()`` only stops a daemon this handle started."""
+    """A handle on a Docker engine. On the private engine it holds a lease, and ``stop()`` releases it: the
+    engine stops when its last user has. Any other engine is not ours: ``stop()`` leaves it alone."""
 
     url: str
-    started: bool = False
+    started: bool = False  # this handle started the daemon
+    lease: str | None = None
+    root: Path | None = None  # the private engine's state directory (with a lease)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def client(self) -> docker.DockerClient:
@@ -52,17 +58,54 @@ class DockerEngine:
         """Environment for the ``docker`` CLI (newer than the engine: pin the API version)."""
         return {"DOCKER_HOST": self.url, "DOCKER_API_VERSION": API_VERSION}
 
-    def stop(self) -> None:
-        if not self.started or self._proc is None:
+    def keep(self, name: str) -> None:
+        """Hold the engine under ``name`` instead of this process's lease, past this process's end (``up``
+        commands exit at once; their ``down`` releases ``name``)."""
+        if self.lease is None or self.root is None:
             return
-        self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+        with EngineUsers(self.root).locked() as users:
+            users.add(name)
+            users.remove(self.lease)
+        self.lease = name
+        self._proc = None  # (the daemon outlives this process: found by its pid file when it is stopped)
+
+    def stop(self) -> None:
+        if self.lease is None or self.root is None:
+            return
+        release(self.root, self.lease, self._proc)
+        self.lease = None
         self._proc = None
-        self.started = False
+
+
+def release(root: Path, lease: str, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    """Drop ``lease`` on the private engine under ``root``; the last user out stops it (True then)."""
+    with EngineUsers(root).locked() as users:
+        users.remove(lease)
+        if users.live():
+            return False
+        stop_private(root, proc)
+        return True
+
+
+def stop_private(root: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Stop the private dockerd: through ``proc`` if this process started it (and so reaps it), else by its pid
+    file, if that pid is still a dockerd of this data root."""
+    if proc is not None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        return
+    try:
+        pid = int((root / "dockerd.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return  # not running (dockerd removes its pid file when it exits)
+    if any(arg.endswith(b"dockerd") for arg in cmdline) and str(root / "data").encode() in cmdline:
+        procs.stop(procs.identity(pid), timeout=30)
 
 
 #: How long an engine named by $DOCKER_HOST may take to answer (a busy engine is slow, not absent).
@@ -85,9 +128,20 @@ def ensure_engine() -> DockerEngine:
         return DockerEngine(url=explicit)
     root = state_dir() / "docker"
     private = f"unix://{root}/docker.sock"
-    for url in ("unix:///var/run/docker.sock", private):
-        if _answers(url):
-            return DockerEngine(url=url)
+    if _answers("unix:///var/run/docker.sock"):
+        return DockerEngine(url="unix:///var/run/docker.sock")
+    root.mkdir(parents=True, exist_ok=True)
+    with EngineUsers(root).locked() as users:  # (held while starting: one daemon per socket)
+        lease = process_lease()
+        if _answers(private):
+            users.add(lease)
+            return DockerEngine(url=private, lease=lease, root=root)
+        proc = _start_dockerd(root, private)
+        users.add(lease)
+        return DockerEngine(url=private, started=True, lease=lease, root=root, _proc=proc)
+
+
+def _start_dockerd(root: Path, private: str) -> subprocess.Popen[bytes]:
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise EngineError("dockerd is not installed: run scripts/bootstrap.sh (installs Debian's docker.io)")
@@ -115,7 +169,7 @@ def ensure_engine() -> DockerEngine:
             if proc.poll() is not None:
                 raise EngineError(f"dockerd exited with {proc.returncode}; see {root / 'dockerd.log'}")
             if _answers(private):
-                return DockerEngine(url=private, started=True, _proc=proc)
+                return proc
             time.sleep(0.2)
         raise EngineError(f"dockerd did not answer within 60 s; see {root / 'dockerd.log'}")
     except BaseException:

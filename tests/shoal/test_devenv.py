@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -33,26 +35,106 @@ def test_up_prints_nothing_but_export_lines_on_stdout() -> None:
     assert "(progress)" in done.stderr and "a child's output" in done.stderr
 
 
-def test_a_second_up_keeps_the_engine_the_first_one_started_on_the_record(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`down` stops what the record says `up` started: a second `up` found the engine answering and wrote a
-    record without it, and `down` then left that dockerd running for ever."""
-    import shoal.devenv.__main__ as devenv
-    from shoal.devenv import procs
+def stand_in_dockerd(root: Path) -> subprocess.Popen[bytes]:
+    """A process that looks like the private engine to ``stop_private`` (a ``dockerd`` argument and the data
+    root on its command line, its pid in the pid file), as a real dockerd started by another user would."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "dockerd", str(root / "data")],
+                            start_new_session=True)
+    (root / "dockerd.pid").write_text(str(proc.pid))
+    return proc
 
-    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
-    dockerd = subprocess.Popen(["sleep", "60"])  # stands in for the engine the first `up` started
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    root = tmp_path / "docker"
+    proc = stand_in_dockerd(root)
     try:
-        url = "unix:///x/docker.sock"
-        first = SimpleNamespace(url=url, started=True, _proc=dockerd)
-        again = SimpleNamespace(url=url, started=False, _proc=None)
-        for engine in (first, again):
-            monkeypatch.setattr(devenv, "engine_with_image", lambda e=engine: e)
-            devenv.up(with_redis=False)
-        assert json.loads(devenv.record_path().read_text())["dockerd"] == procs.identity(dockerd.pid)
-        devenv.down()
-        assert dockerd.wait(timeout=30) == -15 and not devenv.record_path().exists()
+        yield root, proc
     finally:
-        if dockerd.poll() is None:
-            dockerd.kill()
-            dockerd.wait()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_the_last_user_out_stops_the_private_engine_not_the_first(daemon: Any) -> None:
+    """`make demo` in one terminal and `make test` in another: whichever started the engine stopped it when it
+    ended, under the other one's feet."""
+    from shoal.devenv.docker_engine import DockerEngine, release
+    from shoal.devenv.engine_users import EngineUsers, process_lease
+
+    root, proc = daemon
+    users = EngineUsers(root)
+    with users.locked():
+        first, second = process_lease(), process_lease()
+        users.add(first)
+        users.add(second)
+        users.add("devenv-up")
+    assert first != second and set(users.live()) == {first, second, "devenv-up"}
+    DockerEngine(url="unix:///x.sock", lease=first, root=root).stop()  # the one that started it leaves first
+    assert proc.poll() is None
+    assert not release(root, second) and proc.poll() is None
+    assert release(root, "devenv-up")  # the last one out
+    assert proc.wait(timeout=30) == -15 and users.live() == []
+
+
+def test_a_dead_users_lease_does_not_keep_the_engine(daemon: Any) -> None:
+    from shoal.devenv import engine_users, procs
+    from shoal.devenv.docker_engine import release
+    from shoal.devenv.engine_users import EngineUsers
+
+    root, proc = daemon
+    gone = subprocess.Popen(["true"])
+    who = procs.identity(gone.pid)
+    gone.wait()  # killed before it could release: its lease names a process that is no more
+    users = EngineUsers(root)
+    with users.locked():
+        users.add(f"pid-{who['pid']}-{who['start']}-0")
+        users.add("shoal-up")
+    assert users.live() == ["shoal-up"] and not (users.dir / f"pid-{who['pid']}-{who['start']}-0").exists()
+    assert engine_users.process_lease().startswith(f"pid-{os.getpid()}-")
+    assert release(root, "shoal-up") and proc.wait(timeout=30) == -15
+
+
+def test_only_a_dockerd_of_this_data_root_is_stopped(tmp_path: Path) -> None:
+    from shoal.devenv.docker_engine import release
+
+    root = tmp_path / "docker"
+    root.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # what the pid file names is not a dockerd (a stale file, a reused pid)
+    try:
+        (root / "dockerd.pid").write_text(str(other.pid))
+        assert release(root, "devenv-up") and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_up_and_down_hold_the_engine_under_one_named_lease(daemon: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` exits at once: its process's lease becomes the named one, which `down` releases (two `up`s hold the
+    same one); a user still on the engine then keeps it running."""
+    import shoal.devenv.__main__ as devenv
+    from shoal.devenv.docker_engine import DockerEngine, release
+    from shoal.devenv.engine_users import EngineUsers, process_lease
+
+    root, proc = daemon
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    users = EngineUsers(root)
+
+    def engine() -> DockerEngine:
+        lease = process_lease()
+        with users.locked():
+            users.add(lease)
+        return DockerEngine(url="unix:///x/docker.sock", lease=lease, root=root)
+
+    monkeypatch.setattr(devenv, "engine_with_image", engine)
+    for _ in range(2):
+        devenv.up(with_redis=False)
+    assert users.live() == [devenv.LEASE]
+    assert json.loads(devenv.record_path().read_text())["engine_lease"] == devenv.LEASE
+    demo = engine()  # another user came meanwhile
+    devenv.down()
+    assert proc.poll() is None and not devenv.record_path().exists()
+    assert demo.lease is not None and release(root, demo.lease)
+    assert proc.wait(timeout=30) == -15
