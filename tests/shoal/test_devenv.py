@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def stand_in_dockerd(root: Path) -> subprocess.Popen[bytes]:
     (root / "data").mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "dockerd", str(root / "data")],
                             start_new_session=True)
+    # Popen returns while the exec may still be under way (its command line reads empty meanwhile): wait for it,
+    # as a real engine has long been running when it is stopped.
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 30
+    while b"dockerd" not in cmdline.read_bytes():
+        assert time.monotonic() < deadline, "the stand-in did not start"
+        time.sleep(0.01)
     (root / "dockerd.pid").write_text(str(proc.pid))
     return proc
 
