@@ -100,7 +100,7 @@ class Miniworker:
         than its buffer (a call's params of a few MB) would stop half-way: the send blocks meanwhile, with a
         bound. The runner is reading (a call is only sent to an idle runner), so it takes what the copy takes."""
         assert self.conn is not None
-        data = pack_runner(mtype, header)
+        data: bytes | memoryview = pack_runner(mtype, header)
         previous = self.conn.gettimeout()
         if previous == 0.0:  # non-blocking: most messages go whole at once, with no mode switch
             try:
@@ -109,7 +109,7 @@ class Miniworker:
                 sent = 0
             if sent == len(data):
                 return
-            data = data[sent:]
+            data = memoryview(data)[sent:]  # (the rest, not a copy of it)
         self.conn.settimeout(RUNNER_SEND_TIMEOUT)
         try:
             self.conn.sendall(data)

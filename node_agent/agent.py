@@ -46,7 +46,7 @@ from node_agent.miniworkers import LIVE, MwHandle, Spawner
 from node_agent.pool import PoolManager
 from node_agent.status import StatusServer
 from node_agent.tickets import Ticket
-from shoal import __version__, protocol
+from shoal import __version__, httpclient, protocol
 from shoal.auth import bearer, registration_credential
 from shoal.errors import ConfigError, ShoalError, ValidationError
 from shoal.logs import configure, get_logger
@@ -822,10 +822,13 @@ def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
     for attempt in range(attempts):
         request = urllib.request.Request(url, data=body, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
+            with httpclient.urlopen(request, timeout=10) as resp:  # (a redirect would carry the credential)
                 answer = json.loads(resp.read())
             task_url = str(answer["task_url"])
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise AgentError(f"{url} redirects to {exc.headers.get('Location')!r} ({exc.code}); give the "
+                                 "controller's own address (--controller): redirects are not followed") from None
             if exc.code in (401, 403):
                 raise AgentError(f"{url} refused this node ({exc.code}): "
                                  + ("the node token (SHOAL_NODE_TOKEN) is not the controller's" if config.node_token

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 from rich.table import Table
 from rich.text import Text
 
+from shoal import httpclient
 from shoal.auth import bearer, token_from_env
 from shoal.devenv import procs
 from shoal.devenv.paths import state_dir
@@ -62,17 +63,6 @@ def parse_json(raw: bytes, what: str) -> Any:
         raise CliError(f"{what}: the answer is not JSON: {raw[:200].decode('utf-8', 'replace')!r}") from None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are not followed: urllib would send the request's headers, the API token with them, to wherever
-    a redirect points (another host included). Shoal's API never redirects; the 3xx is reported instead."""
-
-    def redirect_request(self, *_: Any) -> None:
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
-
-
 class Client:
     def __init__(self, url: str, token: str = "") -> None:
         self.url = url.rstrip("/")
@@ -86,7 +76,7 @@ class Client:
             hdrs["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
-            with _opener.open(req, timeout=timeout) as resp:
+            with httpclient.urlopen(req, timeout=timeout) as resp:  # (redirects not followed)
                 raw = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as err:

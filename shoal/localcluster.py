@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal import httpclient
 from shoal.auth import bearer
 from shoal.devenv import procs
 from shoal.devenv.redis_server import RedisServer, free_port, start_redis
@@ -220,7 +221,7 @@ class LocalCluster:
             hdrs.setdefault("Content-Type", "application/json")
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with httpclient.urlopen(req, timeout=timeout) as resp:  # (redirects not followed)
                 raw, status, rh = resp.read(), resp.status, dict(resp.headers)
         except urllib.error.HTTPError as err:
             raw, status, rh = err.read(), err.code, dict(err.headers)

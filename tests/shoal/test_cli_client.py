@@ -1,5 +1,6 @@
-"""The CLI's HTTP client against real local HTTP servers: a redirect is reported, never followed (urllib would
-send the API token along to wherever it points)."""
+"""Clients that send a credential, against real local HTTP servers: the CLI, the local cluster harness and a node
+registering. A redirect is reported, never followed (urllib would send the credential along to wherever it
+points, and turn a POST into a GET that still carries it)."""
 
 from __future__ import annotations
 
@@ -98,12 +99,44 @@ def test_the_cli_says_so_in_one_line(elsewhere: Any) -> None:
     target, seen = elsewhere
     server, url = serve(redirector(302, target))
     try:
+        env = {k: v for k, v in os.environ.items() if k != "SHOAL_API_TOKEN_FILE"}
         done = subprocess.run([sys.executable, "-m", "shoal.cli", "--url", url, "runtime", "list"],
-                              capture_output=True, text=True, timeout=60,
-                              env=dict(os.environ, SHOAL_API_TOKEN=TOKEN))
+                              capture_output=True, text=True, timeout=60, env=dict(env, SHOAL_API_TOKEN=TOKEN))
     finally:
         server.shutdown()
         server.server_close()
     assert done.returncode == 2 and "redirects to" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert TOKEN not in done.stderr
     assert seen == []
+
+
+@pytest.mark.parametrize("code", [301, 302, 307])
+def test_a_node_registering_does_not_follow_a_redirect(code: int, elsewhere: Any, tmp_path: Any) -> None:
+    from node_agent.agent import register_over_http
+    from node_agent.config import AgentConfig
+    from node_agent.errors import AgentError
+
+    target, seen = elsewhere
+    server, url = serve(redirector(code, target))
+    try:
+        config = AgentConfig(controller=url, node_id="n1", state_dir=tmp_path, node_token=TOKEN)
+        with pytest.raises(AgentError, match=f"redirects to '{target}/register' \\({code}\\)"):
+            register_over_http(config, attempts=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == []
+
+
+def test_the_local_cluster_harness_does_not_follow_a_redirect(elsewhere: Any) -> None:
+    from shoal.localcluster import LocalCluster
+
+    target, seen = elsewhere
+    server, url = serve(redirector(302, target))
+    try:
+        cluster = LocalCluster("unix:///unused.sock", api_token=TOKEN, port=int(url.rsplit(":", 1)[1]))
+        status, _, headers = cluster.request("GET", "/v1/runtimes")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 302 and headers["Location"] == f"{target}/v1/runtimes" and seen == []
