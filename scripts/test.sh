@@ -8,9 +8,10 @@ PY=.venv/bin/python
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy
 echo "== infrastructure"
-trap '$PY -m shoal.devenv down' EXIT
-exports=$($PY -m shoal.devenv up --no-redis)  # a failing `up` stops here (set -e), before pytest
+# The engine is held while this shell runs (the demo run meanwhile does not stop it under the tests, nor they it).
+exports=$($PY -m shoal.devenv up --no-redis --holder $$)  # a failing `up` stops here (set -e), before pytest
 eval "$exports"
+trap '$PY -m shoal.devenv down --lease "${SHOAL_ENGINE_LEASE:-}"' EXIT  # (after `up`: its own lease only)
 echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
 echo "== pytest"
 set +e

@@ -330,12 +330,9 @@ def cluster_record() -> Path:
     return state_dir() / "cluster.json"
 
 
-#: The lease ``shoal up`` holds on the private engine until ``shoal down`` (see shoal.devenv.engine_users).
-UP_LEASE = "shoal-up"
-
-
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
     from shoal.devenv.docker_engine import EngineError
+    from shoal.devenv.engine_users import process_lease
     from shoal.devenv.redis_server import RedisStartError
     from shoal.devenv.runtime_image import ImageBuildError
     from shoal.devenv.stack import engine_with_image
@@ -368,9 +365,10 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
             raise CliError(f"the local cluster did not start: {exc} (logs in {base})") from None
         raise
     record = cluster.describe()
-    if engine.lease is not None and engine.root is not None:  # the private engine: held until `shoal down`
-        engine.keep(UP_LEASE)
-        record["engine_lease"], record["engine_root"] = UP_LEASE, str(engine.root)
+    if engine.lease is not None and engine.root is not None:
+        # The private engine: held while the controller runs (released by `shoal down`, or with the controller).
+        engine.keep(process_lease(int(record["controller"]["pid"])))
+        record["engine_lease"], record["engine_root"] = engine.lease, str(engine.root)
     cluster_record().write_text(json.dumps(record))
     show(args, record)
 

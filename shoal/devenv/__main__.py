@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import docker
 
 from shoal.devenv import procs
 from shoal.devenv.docker_engine import API_VERSION, release
+from shoal.devenv.engine_users import process_lease
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
@@ -32,24 +34,21 @@ def record_path() -> Path:
     return state_dir() / "devenv.json"
 
 
-#: The lease ``up`` holds on the private engine until ``down`` (see :mod:`shoal.devenv.engine_users`).
-LEASE = "devenv-up"
-
-
-def up(with_redis: bool) -> dict[str, str]:
-    """Start what is missing and record what was started. The private engine is held under :data:`LEASE`
-    until ``down`` (a second ``up`` holds the same lease), and stops when its last user has left."""
+def up(with_redis: bool, holder: int | None = None) -> dict[str, str]:
+    """Start what is missing and record what was started. The private engine is held until ``down`` under a
+    lease of its own (exported as ``SHOAL_ENGINE_LEASE``): the process ``holder``'s (the shell of the command
+    that will call ``down``: the lease ends with it if it is killed first), or a named one. It stops when its
+    last user has left."""
     previous = json.loads(record_path().read_text()) if record_path().exists() else {}
     engine = engine_with_image()
     record: dict[str, object] = {"docker_url": engine.url, "image": IMAGE}
+    env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
     if engine.lease is not None and engine.root is not None:
-        engine.keep(LEASE)
-        record["engine_lease"], record["engine_root"] = LEASE, str(engine.root)
-    elif previous.get("engine_lease") and previous.get("docker_url") == engine.url:
-        record["engine_lease"], record["engine_root"] = previous["engine_lease"], previous["engine_root"]
+        engine.keep(process_lease(holder) if holder is not None else f"devenv-up-{secrets.token_hex(6)}")
+        record["engine_lease"], record["engine_root"] = engine.lease, str(engine.root)
+        env["SHOAL_ENGINE_LEASE"] = str(engine.lease)
     if "redis_dir" in previous:  # one Redis per record: the previous one is not used any more
         RedisServer(port=int(previous["redis_port"]), directory=Path(previous["redis_dir"])).stop(remove=True)
-    env = {"DOCKER_HOST": engine.url, "DOCKER_API_VERSION": "1.41", "SHOAL_IMAGE": IMAGE}
     record["env"] = env
     record_path().write_text(json.dumps(record))  # the engine is on the record before anything else can fail
     if with_redis:
@@ -62,18 +61,20 @@ def up(with_redis: bool) -> dict[str, str]:
     return env
 
 
-def down() -> None:
+def down(lease: str | None = None) -> None:
+    """Stop what ``up`` started and release its engine lease: ``lease`` (what that ``up`` exported as
+    $SHOAL_ENGINE_LEASE: another ``up`` may have written the record since), else the record's."""
     path = record_path()
-    if not path.exists():
-        return
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text()) if path.exists() else {}
     if "redis_dir" in record:
         RedisServer(port=int(record["redis_port"]), directory=Path(record["redis_dir"])).stop(remove=True)
-    if "engine_lease" in record:
-        release(Path(record["engine_root"]), record["engine_lease"])
+    lease = lease or record.get("engine_lease")
+    if lease:
+        release(Path(record.get("engine_root") or (state_dir() / "docker").resolve()), lease)
     elif "dockerd" in record:  # a record written before leases
         procs.stop(record["dockerd"], timeout=30)
-    path.unlink(missing_ok=True)
+    if record.get("engine_lease", lease) == lease:  # (another `up` since: its record stays for its `down`)
+        path.unlink(missing_ok=True)
 
 
 def on_stderr(fn: Callable[[], T]) -> T:
@@ -94,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.devenv")
     parser.add_argument("command", choices=["up", "down", "image", "rig-up", "rig-down"])
     parser.add_argument("--no-redis", action="store_true")
+    parser.add_argument("--lease", help="down: the engine lease its `up` exported ($SHOAL_ENGINE_LEASE)")
+    parser.add_argument("--holder", type=int, metavar="PID",
+                        help="up: the engine is held while this process lives (the shell that will run `down`)")
     args = parser.parse_args(argv)
     if args.command == "up":
-        for key, value in on_stderr(lambda: up(with_redis=not args.no_redis)).items():
+        if args.holder is not None and procs.start_time(args.holder) is None:
+            parser.error(f"--holder {args.holder}: no such process")
+        for key, value in on_stderr(lambda: up(with_redis=not args.no_redis, holder=args.holder)).items():
             print(f"export {key}={value}")
     elif args.command == "image":
         # The runtime image in the engine at $DOCKER_HOST: prints present, imported or built.
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "rig-down":
         rig().stop()
     else:
-        down()
+        down(args.lease)
     return 0
 
 

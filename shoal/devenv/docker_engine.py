@@ -90,22 +90,30 @@ def release(root: Path, lease: str, proc: subprocess.Popen[bytes] | None = None)
 def stop_private(root: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Stop the private dockerd: through ``proc`` if this process started it (and so reaps it), else by its pid
     file, if that pid is still a dockerd of this data root."""
-    if proc is not None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
         return
+    # (Ours exited already, or was never ours: another user may have started the one running now.)
+    pid = running_dockerd(root)
+    if pid is not None:
+        procs.stop(procs.identity(pid), timeout=30)
+
+
+def running_dockerd(root: Path) -> int | None:
+    """The pid of the private dockerd of ``root`` if one runs (its pid file names a dockerd of this data root)."""
     try:
         pid = int((root / "dockerd.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        return  # not running (dockerd removes its pid file when it exits)
+        return None  # not running (dockerd removes its pid file when it exits)
     if any(arg.endswith(b"dockerd") for arg in cmdline) and str(root / "data").encode() in cmdline:
-        procs.stop(procs.identity(pid), timeout=30)
+        return pid
+    return None
 
 
 #: How long an engine named by $DOCKER_HOST may take to answer (a busy engine is slow, not absent).
@@ -118,27 +126,49 @@ def ensure_engine() -> DockerEngine:
     An engine named by ``$DOCKER_HOST`` is waited for, never replaced: starting a second daemon because a
     busy one answered slowly would leave two engines (and their mounts) fighting over the same host.
     """
+    root = state_dir() / "docker"
+    private = f"unix://{root}/docker.sock"
     explicit = os.environ.get("DOCKER_HOST", "")
-    if explicit:
+    if explicit and explicit != private:  # (the private engine named explicitly is held as below)
         deadline = time.monotonic() + EXPLICIT_ENGINE_WAIT
         while not _answers(explicit):
             if time.monotonic() > deadline:
                 raise EngineError(f"DOCKER_HOST={explicit} does not answer (waited {EXPLICIT_ENGINE_WAIT:g} s)")
             time.sleep(1.0)
         return DockerEngine(url=explicit)
-    root = state_dir() / "docker"
-    private = f"unix://{root}/docker.sock"
-    if _answers("unix:///var/run/docker.sock"):
+    if not explicit and _answers("unix:///var/run/docker.sock"):
         return DockerEngine(url="unix:///var/run/docker.sock")
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     with EngineUsers(root).locked() as users:  # (held while starting: one daemon per socket)
         lease = process_lease()
-        if _answers(private):
+        if _answers(private) or _answers_in_time(root, private):
             users.add(lease)
             return DockerEngine(url=private, lease=lease, root=root)
-        proc = _start_dockerd(root, private)
-        users.add(lease)
+        users.add(lease)  # before the start: a daemon is never left without a lease on it
+        try:
+            proc = _start_dockerd(root, private)
+        except BaseException:
+            users.remove(lease)
+            raise
         return DockerEngine(url=private, started=True, lease=lease, root=root, _proc=proc)
+
+
+def _answers_in_time(root: Path, private: str) -> bool:
+    """A private dockerd that runs but did not answer at once is busy, not absent: it is waited for (a second
+    daemon started on its socket would fight it over the same data root). False if none runs."""
+    pid = running_dockerd(root)
+    if pid is None:
+        return False
+    deadline = time.monotonic() + EXPLICIT_ENGINE_WAIT
+    while not _answers(private):
+        if running_dockerd(root) is None:
+            return False  # it ended meanwhile: start one
+        if time.monotonic() > deadline:
+            raise EngineError(f"the private dockerd (pid {pid}) runs but does not answer on {private} "
+                              f"(waited {EXPLICIT_ENGINE_WAIT:g} s); see {root / 'dockerd.log'}")
+        time.sleep(1.0)
+    return True
 
 
 def _start_dockerd(root: Path, private: str) -> subprocess.Popen[bytes]:

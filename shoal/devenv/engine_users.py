@@ -4,9 +4,11 @@ The demo, the test command, the benchmarks and ``shoal up`` each start the priva
 or use the one that does. Stopping it when the one that started it ends broke whatever else was using it (a
 test run in one terminal, the demo in another). Each user instead holds a lease, a file in ``<root>/users``:
 
-* a process's lease (``pid-<pid>-<start time>``) lives while that process does: one killed without releasing
-  it does not keep the engine up;
-* a named lease (``devenv-up``, ``shoal-up``) lives until released: ``up`` exits at once, ``down`` releases it.
+* a process's lease (``pid-<pid>-<start time>-<n>``) lives while that process does: one killed without
+  releasing it does not keep the engine up. ``devenv up --holder PID`` (the test command's shell) and
+  ``shoal up`` (its controller) hand theirs to the process that outlives them;
+* a named lease (``devenv up`` without a holder) lives until released, or until the machine restarts: it holds
+  the boot id it was taken in. A file in the directory that is neither is not a lease (ignored).
 
 Leases are taken and released under a lock (``flock`` on ``<root>/users.lock``), which is also held while an
 engine is started, so two users never start two daemons on one socket.
@@ -25,13 +27,21 @@ from pathlib import Path
 from shoal.devenv import procs
 
 _PROCESS = re.compile(r"pid-(\d+)-(\d+)-\d+")
+_NAMED = re.compile(r"devenv-up-[0-9a-f]+")
 _handles = itertools.count()
 
 
-def process_lease() -> str:
-    """A new lease name for this process (one per handle: a process may hold the engine twice)."""
-    who = procs.identity(os.getpid())
+def process_lease(pid: int | None = None) -> str:
+    """A new lease name for a process, this one by default (one per handle: a process may hold it twice)."""
+    who = procs.identity(os.getpid() if pid is None else pid)
     return f"pid-{who['pid']}-{who['start']}-{next(_handles)}"
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 class EngineUsers:
@@ -50,18 +60,38 @@ class EngineUsers:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, lease: str) -> None:
-        (self.dir / lease).touch()
+        (self.dir / lease).write_text(boot_id())
 
     def remove(self, lease: str) -> None:
-        (self.dir / lease).unlink(missing_ok=True)
+        try:
+            (self.dir / lease).unlink(missing_ok=True)
+        except OSError:
+            pass  # not a lease file (a directory of that name): it holds nothing either way
 
     def live(self) -> list[str]:
-        """The leases still held (a dead process's lease is removed on the way)."""
+        """The leases still held. A dead process's lease, or a named one from before a restart, is removed on
+        the way; anything else in the directory is ignored."""
         held = []
-        for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
+        try:
+            paths = sorted(self.dir.iterdir())
+        except FileNotFoundError:
+            return []
+        this_boot = boot_id()
+        for path in paths:
             match = _PROCESS.fullmatch(path.name)
-            if match and not procs.alive({"pid": int(match[1]), "start": int(match[2])}):
+            try:
+                if not path.is_file():
+                    continue
+                if match:
+                    if procs.alive({"pid": int(match[1]), "start": int(match[2])}):
+                        held.append(path.name)
+                        continue
+                elif path.read_text().strip() == this_boot:
+                    held.append(path.name)
+                    continue
+                elif not _NAMED.fullmatch(path.name):
+                    continue  # not ours
                 path.unlink(missing_ok=True)
-                continue
-            held.append(path.name)
+            except OSError:
+                continue  # removed meanwhile, unreadable: not a lease held
         return held

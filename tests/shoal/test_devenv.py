@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ def test_up_prints_nothing_but_export_lines_on_stdout() -> None:
         import subprocess, sys
         import shoal.devenv.__main__ as devenv
 
-        def up(with_redis):
+        def up(with_redis, holder=None):
             print("shoal: building the python runtime image offline (progress)")
             subprocess.run(["echo", "a child's output"], check=True)
             return {"DOCKER_HOST": "unix:///x.sock", "SHOAL_IMAGE": "img:1"}
@@ -118,12 +117,13 @@ def test_only_a_dockerd_of_this_data_root_is_stopped(tmp_path: Path) -> None:
         other.wait()
 
 
-def test_up_and_down_hold_the_engine_under_one_named_lease(daemon: Any, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """`up` exits at once: its process's lease becomes the named one, which `down` releases (two `up`s hold the
-    same one); a user still on the engine then keeps it running."""
+def test_each_up_holds_its_own_lease_until_its_down(daemon: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `up`s at once (two test runs, or a developer's own `up` beside `make test`): the first `down` must
+    not stop the engine under the second. `up` exits at once: its lease goes to its holder process (the shell
+    that will run `down`), or is a named one of its own."""
     import shoal.devenv.__main__ as devenv
-    from shoal.devenv.docker_engine import DockerEngine, release
+    from shoal.devenv.docker_engine import DockerEngine
     from shoal.devenv.engine_users import EngineUsers, process_lease
 
     root, proc = daemon
@@ -137,12 +137,51 @@ def test_up_and_down_hold_the_engine_under_one_named_lease(daemon: Any, tmp_path
         return DockerEngine(url="unix:///x/docker.sock", lease=lease, root=root)
 
     monkeypatch.setattr(devenv, "engine_with_image", engine)
-    for _ in range(2):
-        devenv.up(with_redis=False)
-    assert users.live() == [devenv.LEASE]
-    assert json.loads(devenv.record_path().read_text())["engine_lease"] == devenv.LEASE
-    demo = engine()  # another user came meanwhile
-    devenv.down()
-    assert proc.poll() is None and not devenv.record_path().exists()
-    assert demo.lease is not None and release(root, demo.lease)
+    shell = subprocess.Popen(["sleep", "60"])  # the shell of a run that will call `down`
+    try:
+        first = devenv.up(with_redis=False)["SHOAL_ENGINE_LEASE"]
+        second = devenv.up(with_redis=False, holder=shell.pid)["SHOAL_ENGINE_LEASE"]
+        assert first.startswith("devenv-up-") and second.startswith(f"pid-{shell.pid}-")
+        assert sorted(users.live()) == sorted([first, second])
+        devenv.down(first)
+        assert proc.poll() is None and users.live() == [second]
+        assert devenv.record_path().exists()  # the second `up`'s record, for its own `down`
+        shell.kill()  # killed before its `down`: its lease ends with it
+        shell.wait()
+        devenv.down()  # (the record's lease: already gone) the last one out
+        assert proc.wait(timeout=30) == -15 and not devenv.record_path().exists()
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+
+
+def test_what_is_not_a_lease_holds_nothing_and_breaks_nothing(daemon: Any) -> None:
+    from shoal.devenv.docker_engine import release
+    from shoal.devenv.engine_users import EngineUsers
+
+    root, proc = daemon
+    users = EngineUsers(root)
+    users.dir.mkdir(parents=True)
+    (users.dir / "devenv-up-0a1b2c").write_text("a-boot-before-this-one")  # taken before a restart
+    (users.dir / ".swp").write_text("")
+    (users.dir / "pid-1-2").write_text("")
+    (users.dir / "pid-999999-1-0").mkdir()  # a directory named like a dead process's lease
+    assert users.live() == []
+    assert not (users.dir / "devenv-up-0a1b2c").exists() and (users.dir / ".swp").exists()
+    assert release(root, "pid-999999-1-0") and proc.wait(timeout=30) == -15
+
+
+def test_the_last_user_out_stops_a_daemon_started_after_its_own_ended(daemon: Any) -> None:
+    """This handle's own dockerd exited, and another user started the one running now: it is stopped too."""
+    from shoal.devenv.docker_engine import DockerEngine
+    from shoal.devenv.engine_users import EngineUsers, process_lease
+
+    root, proc = daemon
+    ours = subprocess.Popen(["true"])
+    ours.wait()
+    lease = process_lease()
+    with EngineUsers(root).locked() as users:
+        users.add(lease)
+    DockerEngine(url="unix:///x.sock", started=True, lease=lease, root=root, _proc=ours).stop()
     assert proc.wait(timeout=30) == -15
