@@ -37,6 +37,10 @@ def process_lease(pid: int | None = None) -> str:
     return f"pid-{who['pid']}-{who['start']}-{next(_handles)}"
 
 
+def is_lease(name: str) -> bool:
+    return bool(_PROCESS.fullmatch(name) or _NAMED.fullmatch(name))
+
+
 def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -60,9 +64,13 @@ class EngineUsers:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def add(self, lease: str) -> None:
+        if not is_lease(lease):
+            raise ValueError(f"not a lease name: {lease!r}")
         (self.dir / lease).write_text(boot_id())
 
     def remove(self, lease: str) -> None:
+        if not is_lease(lease):
+            return  # (a name given on a command line: never a path out of the directory)
         try:
             (self.dir / lease).unlink(missing_ok=True)
         except OSError:

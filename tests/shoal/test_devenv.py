@@ -76,12 +76,12 @@ def test_the_last_user_out_stops_the_private_engine_not_the_first(daemon: Any) -
         first, second = process_lease(), process_lease()
         users.add(first)
         users.add(second)
-        users.add("devenv-up")
-    assert first != second and set(users.live()) == {first, second, "devenv-up"}
+        users.add("devenv-up-0f0f0f")
+    assert first != second and set(users.live()) == {first, second, "devenv-up-0f0f0f"}
     DockerEngine(url="unix:///x.sock", lease=first, root=root).stop()  # the one that started it leaves first
     assert proc.poll() is None
     assert not release(root, second) and proc.poll() is None
-    assert release(root, "devenv-up")  # the last one out
+    assert release(root, "devenv-up-0f0f0f")  # the last one out
     assert proc.wait(timeout=30) == -15 and users.live() == []
 
 
@@ -97,10 +97,10 @@ def test_a_dead_users_lease_does_not_keep_the_engine(daemon: Any) -> None:
     users = EngineUsers(root)
     with users.locked():
         users.add(f"pid-{who['pid']}-{who['start']}-0")
-        users.add("shoal-up")
-    assert users.live() == ["shoal-up"] and not (users.dir / f"pid-{who['pid']}-{who['start']}-0").exists()
+        users.add("devenv-up-1a2b3c")
+    assert users.live() == ["devenv-up-1a2b3c"] and not (users.dir / f"pid-{who['pid']}-{who['start']}-0").exists()
     assert engine_users.process_lease().startswith(f"pid-{os.getpid()}-")
-    assert release(root, "shoal-up") and proc.wait(timeout=30) == -15
+    assert release(root, "devenv-up-1a2b3c") and proc.wait(timeout=30) == -15
 
 
 def test_only_a_dockerd_of_this_data_root_is_stopped(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_only_a_dockerd_of_this_data_root_is_stopped(tmp_path: Path) -> None:
     other = subprocess.Popen(["sleep", "60"])  # what the pid file names is not a dockerd (a stale file, a reused pid)
     try:
         (root / "dockerd.pid").write_text(str(other.pid))
-        assert release(root, "devenv-up") and other.poll() is None
+        assert release(root, "devenv-up-0f0f0f") and other.poll() is None
     finally:
         other.kill()
         other.wait()
@@ -185,3 +185,21 @@ def test_the_last_user_out_stops_a_daemon_started_after_its_own_ended(daemon: An
         users.add(lease)
     DockerEngine(url="unix:///x.sock", started=True, lease=lease, root=root, _proc=ours).stop()
     assert proc.wait(timeout=30) == -15
+
+
+def test_up_refuses_a_holder_that_does_not_run_and_down_of_an_unknown_lease_is_harmless(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shoal.devenv.__main__ as devenv
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    env = dict(os.environ, SHOAL_STATE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "shoal.devenv", "up", "--no-redis", "--holder", str(gone.pid)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and f"--holder {gone.pid}: no such process" in done.stderr and done.stdout == ""
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    devenv.down("pid-1-2-3")  # nothing recorded, nothing held: nothing to do, nothing raised
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+    devenv.down("../../victim")  # not a lease name: never a path out of the lease directory
+    assert victim.read_text() == "kept"
