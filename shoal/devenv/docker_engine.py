@@ -46,10 +46,9 @@ class DockerEngine:
     engine stops when its last user has. Any other engine is not ours: ``stop()`` leaves it alone."""
 
     url: str
-    started: bool = False  # this handle started the daemon
     lease: str | None = None
     root: Path | None = None  # the private engine's state directory (with a lease)
-    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)  # the daemon, if this handle started it
 
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.url, version=API_VERSION, timeout=120)
@@ -151,7 +150,7 @@ def ensure_engine() -> DockerEngine:
         except BaseException:
             users.remove(lease)
             raise
-        return DockerEngine(url=private, started=True, lease=lease, root=root, _proc=proc)
+        return DockerEngine(url=private, lease=lease, root=root, _proc=proc)
 
 
 def _answers_in_time(root: Path, private: str) -> bool:

@@ -183,7 +183,7 @@ def test_the_last_user_out_stops_a_daemon_started_after_its_own_ended(daemon: An
     lease = process_lease()
     with EngineUsers(root).locked() as users:
         users.add(lease)
-    DockerEngine(url="unix:///x.sock", started=True, lease=lease, root=root, _proc=ours).stop()
+    DockerEngine(url="unix:///x.sock", lease=lease, root=root, _proc=ours).stop()
     assert proc.wait(timeout=30) == -15
 
 
