@@ -1,0 +1,75 @@
+"""The agent's loop takes turns between its sockets: one socket is drained for at most DRAIN_MESSAGES messages
+or DRAIN_SECONDS, then the loop polls again and serves the others. An archive's chunks cost about a
+millisecond each and arrive as fast as they are acknowledged; bounded by count alone, a 200 MB transfer held
+the loop (and a warm call on the node) for its whole length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from node_agent import agent as agent_module
+from node_agent.agent import DRAIN_MESSAGES, DRAIN_SECONDS, Agent
+from shoal.protocol import ZMQ_EVENTS, ZMQ_POLLIN
+
+
+class Queued:
+    """A socket holding ``count`` messages (the two calls drain_socket makes of a ZMQ socket)."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+
+    def getsockopt(self, option: int) -> int:
+        assert option == ZMQ_EVENTS
+        return ZMQ_POLLIN if self.left else 0
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
+        assert self.left
+        self.left -= 1
+        return [b"frame"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(agent_module.time, "monotonic", clock.monotonic)
+    return clock
+
+
+def test_slow_messages_give_the_loop_back_after_the_time_bound(agent: Agent, clock: Clock) -> None:
+    sock = Queued(200)  # an archive's chunks
+    handled: list[Any] = []
+    per_message = DRAIN_SECONDS / 4
+
+    def handle(frames: list[Any]) -> None:
+        handled.append(frames)
+        clock.now += per_message
+
+    agent.drain_socket(sock, handle)  # type: ignore[arg-type]
+    assert len(handled) == 4 and sock.left == 196
+    agent.drain_socket(sock, handle)  # type: ignore[arg-type]  # the next turn goes on where this one stopped
+    assert len(handled) == 8 and sock.left == 192
+
+
+def test_cheap_messages_are_handled_up_to_the_count_bound(agent: Agent, clock: Clock) -> None:
+    sock = Queued(DRAIN_MESSAGES + 5)
+    handled: list[Any] = []
+    agent.drain_socket(sock, handled.append)  # type: ignore[arg-type]
+    assert len(handled) == DRAIN_MESSAGES and sock.left == 5
+    agent.drain_socket(sock, handled.append)  # type: ignore[arg-type]
+    assert sock.left == 0
+
+
+def test_an_empty_socket_is_left_at_once(agent: Agent, clock: Clock) -> None:
+    handled: list[Any] = []
+    agent.drain_socket(Queued(0), handled.append)  # type: ignore[arg-type]
+    assert handled == []
