@@ -6,7 +6,8 @@ shoal    2 agents; the trivial handler with one warm container per node (and, fo
          same handler with 2 to 4 per node). Sync latency p50/p99 at concurrency 1 and 32 (wrk, a C load
          generator), calls/s at saturation, async submissions/s accepted (each stored in Redis, AOF with fsync
          every second, before its 202) and the rate at which all of them then ran, cold (preload none) vs warm
-         latency, and archive distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node). A
+         latency, and archive distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node, with the
+         latency of warm calls made every 10 ms meanwhile; and by one node alone, in a cluster of its own). A
          figure counts only if every call it counted ended DONE (the controller's finished-call counts are
          compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200);
 celery   the same trivial function as a Celery 5 task (prefork, 2 processes) with Redis as broker and result
@@ -47,6 +48,7 @@ from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
 from shoal.logs import configure
 
+PROBE_EVERY = 0.01  # seconds between the warm calls made while an archive is distributed
 ECHO = {"handler.py": "def handler(params):\n    return params\n"}
 RESULTS = Path(__file__).parent / "results"
 
@@ -274,12 +276,10 @@ class CeleryPeer:
 
 
 # ---- shoal ---------------------------------------------------------------------------------------
-def bench_archive(cluster: LocalCluster) -> dict[str, Any]:
-    """A 200 MB archive fetched by both nodes at once (MB/s per node, as each node timed its transfer), and warm
-    calls made one after another meanwhile: their latency shows what the transfer costs the calls on the nodes."""
+def big_archive() -> bytes:
+    """A 200 MB tar.gz of random bytes (compression level 1: it does not shrink, and takes little to make)."""
     import io
     import tarfile
-    import threading
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tf:
@@ -287,36 +287,51 @@ def bench_archive(cluster: LocalCluster) -> dict[str, Any]:
         info = tarfile.TarInfo("blob.bin")
         info.size = len(payload)
         tf.addfile(info, io.BytesIO(payload))
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def distribute(cluster: LocalCluster, data: bytes, name: str) -> dict[str, float]:
+    """Upload ``data`` as function ``name`` (preload none: no container is started for it) and return each
+    node's MB/s, as the node timed its transfer."""
+    status, record, _ = cluster.request("POST", f"/v1/functions/{name}?runtime=pythonruntime&entrypoint=x:y"
+                                        "&preload=none", data=data,
+                                        headers={"Content-Type": "application/octet-stream"}, timeout=600)
+    if status != 201:
+        raise RuntimeError(f"upload answered {status}")
+    deadline = time.monotonic() + 300
+    rates: dict[str, float] = {}
+    while len(rates) < len(cluster.nodes):
+        for node in cluster.get("/v1/nodes"):
+            _, st, _ = status_of(node["status_url"])
+            for t in st.get("archive_transfers", []):
+                if t["sha256"] == record["sha256"]:
+                    rates[node["node_id"]] = t["mb_per_s"]
+        if time.monotonic() > deadline:
+            raise RuntimeError("the archive did not reach every node")
+        time.sleep(0.1)
+    return rates
+
+
+def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
+    """The archive uploaded and fetched by both nodes at once, and a warm call every PROBE_EVERY seconds
+    meanwhile: their latency shows what deploying a large function costs the calls being served."""
+    import threading
+
     done = threading.Event()
     latencies: list[float] = []
 
     def warm_calls() -> None:
-        while not done.is_set():
+        while not done.wait(PROBE_EVERY):  # paced: the probe itself takes little of the cores the transfer needs
             t0 = time.perf_counter()
             status, call, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
             latencies.append(time.perf_counter() - t0)
             if status != 200 or call["status"] != "DONE":
                 raise RuntimeError(f"a warm call during the distribution did not succeed: {status} {call}")
 
-    status, record, _ = cluster.request("POST", "/v1/functions/big?runtime=pythonruntime&entrypoint=x:y", data=data,
-                                        headers={"Content-Type": "application/octet-stream"}, timeout=600)
-    if status != 201:
-        raise RuntimeError(f"upload answered {status}")
     caller = threading.Thread(target=warm_calls, daemon=True)
     caller.start()
-    deadline = time.monotonic() + 300
-    rates: dict[str, float] = {}
     try:
-        while len(rates) < len(cluster.nodes):
-            for node in cluster.get("/v1/nodes"):
-                _, st, _ = status_of(node["status_url"])
-                for t in st.get("archive_transfers", []):
-                    if t["sha256"] == record["sha256"]:
-                        rates[node["node_id"]] = t["mb_per_s"]
-            if time.monotonic() > deadline:
-                raise RuntimeError("the archive did not reach every node")
-            time.sleep(0.2)
+        rates = distribute(cluster, data, "big")
     finally:
         done.set()
         caller.join(60)
@@ -325,6 +340,14 @@ def bench_archive(cluster: LocalCluster) -> dict[str, Any]:
     ms = sorted(x * 1000 for x in latencies)
     return {"archive_mb": len(data) / 2**20, "mb_per_s_per_node": rates, "calls_during": len(ms),
             "call_p50_ms": pct(ms, 0.50), "call_p99_ms": pct(ms, 0.99), "call_max_ms": ms[-1]}
+
+
+def bench_archive_one_node(docker_url: str, data: bytes) -> float:
+    """The same archive to a cluster of one node: what a node takes in when it does not share this machine's
+    two cores with a second node fetching at once."""
+    with LocalCluster(docker_url, agents=1, name="bench-one", log_level="error") as cluster:
+        cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
+        return next(iter(distribute(cluster, data, "big").values()))
 
 
 def status_of(url: str) -> tuple[int, Any, dict[str, str]]:
@@ -466,7 +489,10 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
                 raise RuntimeError(f"expected a cold call: {call}")
         out["cold_p50_ms"] = statistics.median(cold) * 1000
         print("  shoal archive distribution...", flush=True)
-        out["archive"] = bench_archive(cluster)
+        data = big_archive()
+        out["archive"] = bench_archive(cluster, data)
+    print("  shoal archive to one node...", flush=True)
+    out["archive"]["mb_per_s_one_node"] = bench_archive_one_node(docker_url, data)
     return out, peer
 
 
@@ -524,7 +550,9 @@ def report(r: dict[str, Any]) -> None:
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
                                + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())
-                               + f"; {s['archive']['calls_during']} warm calls meanwhile: p50 "
+                               + f"; to one node alone {s['archive']['mb_per_s_one_node']:.0f} MB/s"
+                               + f"; {s['archive']['calls_during']} warm calls (one per 10 ms) during the upload and "
+                               f"distribution: p50 "
                                f"{s['archive']['call_p50_ms']:.2f} ms, p99 {s['archive']['call_p99_ms']:.2f} ms, "
                                f"max {s['archive']['call_max_ms']:.1f} ms"),
     ]

@@ -246,7 +246,8 @@ class Agent:
         next_retire = 0.0
         try:
             while not self.stopping:
-                events = dict(poller.poll(int(max(0.0, next_tick - time.monotonic()) * 1000) + 1))
+                wait = 0 if self.fetcher.backlog else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
+                events = dict(poller.poll(wait))
                 if self.broker.sock in events:
                     self.drain_socket(self.broker.sock, self.broker.on_frames)
                 if self.link.sock in events:
@@ -254,6 +255,8 @@ class Agent:
                     self.drain_socket(self.link.sock, self.on_controller_frames, copy=False)
                 if self.wake_r in events:
                     self.drain_inbox()
+                if self.fetcher.backlog:  # archive chunks received: written and hashed between the sockets' turns
+                    self.fetcher.work(DRAIN_SECONDS)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -531,7 +534,7 @@ class Agent:
         self.broker.cancel(msg.header["call_id"])
 
     def on_chunk(self, msg: Message) -> None:
-        self.fetcher.on_chunk(msg.header, msg.payload)
+        self.fetcher.receive(msg.header, msg.payload)
 
     def on_fetch_error(self, msg: Message) -> None:
         self.fetcher.on_error(msg.header)

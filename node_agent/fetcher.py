@@ -5,8 +5,14 @@ The agent sends ``FETCH {sha256, offset, credit}``: "I hold the first ``offset``
 own frame) and the agent acknowledges each with a new ``FETCH``, so neither side ever holds more than
 ``credit`` chunks and memory stays flat whatever the archive's size. Bytes go straight to a ``.part`` file
 whose size is the resume point; the sha256 is computed as they arrive and checked before the archive is
-usable. A transfer that skips ahead (a chunk lost with a reset connection) or stalls is asked again from where
-it stands; stalls are not counted while the link to the controller is down (a restarting controller is not a
+usable.
+
+Chunks are taken off the link at once and kept (``receive``) until the agent's loop has time to write and hash
+them (``work``, a few milliseconds per turn), and only then acknowledged: a message behind a chunk on the link
+(a call) does not wait for the disk and the hash, and what is kept stays within the credit.
+
+A transfer that skips ahead (a chunk lost with a reset connection) or stalls is asked again from where it
+stands; stalls are not counted while the link to the controller is down (a restarting controller is not a
 failing transfer).
 
 A transfer that fails keeps its ``.part`` file (its bytes were checked against nothing yet but are what the
@@ -58,6 +64,7 @@ class ArchiveFetcher:
         self.on_done = on_done  # (sha, error or None)
         self.transfers: dict[str, Transfer] = {}
         self.completed: deque[dict[str, Any]] = deque(maxlen=20)  # recent transfers, for /status
+        self.backlog: deque[tuple[dict[str, Any], list[Buffer]]] = deque()  # received, not yet taken
 
     def want(self, sha: str, size: int) -> None:
         """Make sure the archive ``sha`` is (or becomes) in the cache; ``on_done`` tells when."""
@@ -83,6 +90,20 @@ class ArchiveFetcher:
             return
         self.transfers[sha] = Transfer(sha, size, offset, digest, time.monotonic(), first_offset=offset, file=file)
         self.send(Msg.FETCH, {"sha256": sha, "offset": offset, "credit": CREDIT, "restart": True})
+
+    def receive(self, header: dict[str, Any], payload: list[Buffer]) -> None:
+        """A chunk off the link, kept until ``work`` takes it (the controller sends no more than the credit past
+        what was acknowledged, so the backlog stays within it)."""
+        self.backlog.append((header, payload))
+
+    def work(self, budget: float) -> None:
+        """Take received chunks in order (write, hash, acknowledge) until none is left or ``budget`` seconds
+        have passed."""
+        deadline = time.monotonic() + budget
+        while self.backlog:
+            self.on_chunk(*self.backlog.popleft())
+            if time.monotonic() >= deadline:
+                return
 
     def on_chunk(self, header: dict[str, Any], payload: list[Buffer]) -> None:
         sha = header["sha256"]

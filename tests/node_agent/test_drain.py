@@ -1,7 +1,8 @@
 """The agent's loop takes turns between its sockets: one socket is drained for at most DRAIN_MESSAGES messages
 or DRAIN_SECONDS, then the loop polls again and serves the others. An archive's chunks cost about a
 millisecond each and arrive as fast as they are acknowledged; bounded by count alone, a 200 MB transfer held
-the loop (and a warm call on the node) for its whole length."""
+the loop (and a warm call on the node) for its whole length. Chunks are also only kept when read, and written
+and hashed between the sockets' turns: a call behind them on the link is handled at once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from node_agent import agent as agent_module
 from node_agent.agent import DRAIN_MESSAGES, DRAIN_SECONDS, Agent
-from shoal.protocol import ZMQ_EVENTS, ZMQ_POLLIN
+from shoal import protocol
+from shoal.protocol import ZMQ_EVENTS, ZMQ_POLLIN, Msg
 
 
 class Queued:
@@ -73,3 +75,18 @@ def test_an_empty_socket_is_left_at_once(agent: Agent, clock: Clock) -> None:
     handled: list[Any] = []
     agent.drain_socket(Queued(0), handled.append)  # type: ignore[arg-type]
     assert handled == []
+
+
+def test_a_call_behind_archive_chunks_on_the_link_does_not_wait_for_them(agent: Agent,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[bytes, dict[str, Any]]] = []
+    monkeypatch.setattr(agent.link, "send", lambda mtype, header, *payload: sent.append((mtype, header)))
+    sha = "ab" * 32
+    for n in range(3):
+        agent.on_controller_frames(protocol.encode(Msg.CHUNK, {"sha256": sha, "offset": n << 20, "last": False},
+                                                   b"x" * (1 << 20)))
+    agent.on_controller_frames(protocol.encode(Msg.CALL, {"call_id": "c1", "function": "nowhere", "params": 1}))
+    assert [(m, h["call_id"], h["status"]) for m, h in sent] == [(Msg.RESULT, "c1", "FAILED")]
+    assert len(agent.fetcher.backlog) == 3  # the chunks are still to be taken
+    agent.fetcher.work(60.0)  # (of no transfer this node wants: dropped)
+    assert not agent.fetcher.backlog and len(sent) == 1

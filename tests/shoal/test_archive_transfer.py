@@ -83,6 +83,56 @@ def test_an_archive_arrives_exactly_with_credit_bounding_what_is_in_flight(tmp_p
     assert wire.server.bytes_sent == len(data) and wire.server.transfers == {}
 
 
+def test_chunks_received_are_written_hashed_and_acknowledged_only_when_taken(tmp_path: Path) -> None:
+    """The agent reads chunks off the link at once (``receive``) and takes them between its sockets' turns
+    (``work``): the acknowledgement waits for the take, so the credit still bounds what is held."""
+    data = os.urandom(20 * CHUNK + 5)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    most_held = 0
+    while wire.inbox:
+        for mtype, header in wire.inbox:
+            assert mtype == Msg.FETCH
+            for _, ah, payload in wire.server.on_fetch("node-1", header):
+                assert payload is not None
+                wire.fetcher.receive(ah, [payload])
+        wire.inbox.clear()
+        most_held = max(most_held, len(wire.fetcher.backlog))
+        if not wire.fetcher.backlog:
+            continue  # acknowledgements that came after the last chunk was sent
+        written = wire.cache.partial(wire.sha).stat().st_size
+        assert wire.inbox == []  # nothing was written or acknowledged until now
+        wire.fetcher.work(60.0)
+        assert wire.done or wire.cache.partial(wire.sha).stat().st_size == written + CHUNK * len(wire.inbox)
+    assert wire.done == [(wire.sha, None)] and not wire.fetcher.backlog
+    assert wire.cache.blob_path(wire.sha).read_bytes() == data
+    assert most_held == CREDIT
+
+
+def test_taking_received_chunks_stops_after_its_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(20 * CHUNK)
+    wire = Wire(tmp_path, data)
+    wire.fetcher.want(wire.sha, wire.size)
+    _, header = wire.inbox.pop()
+    for _, ah, payload in wire.server.on_fetch("node-1", header):
+        assert payload is not None
+        wire.fetcher.receive(ah, [payload])
+    assert len(wire.fetcher.backlog) == CREDIT and wire.inbox == []
+    now = [100.0]
+    take = wire.fetcher.on_chunk
+
+    def slow_take(header: dict[str, Any], payload: list[Any]) -> None:
+        take(header, payload)
+        now[0] += 0.001  # each chunk takes a millisecond
+
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(wire.fetcher, "on_chunk", slow_take)
+    wire.fetcher.work(0.0025)
+    assert len(wire.fetcher.backlog) == CREDIT - 3
+    assert [h["offset"] for _, h in wire.inbox] == [CHUNK, 2 * CHUNK, 3 * CHUNK]  # each taken chunk acknowledged
+    assert wire.cache.partial(wire.sha).stat().st_size == 3 * CHUNK
+
+
 def test_a_broken_transfer_resumes_from_its_partial_file(tmp_path: Path) -> None:
     data = os.urandom(30 * CHUNK)
     wire = Wire(tmp_path, data)
