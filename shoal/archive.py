@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import posixpath
 import shutil
@@ -154,18 +155,21 @@ def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
             mode = (info.external_attr >> 16) & 0xFFFF
             if info.is_dir():
                 ex.directory(rel)
-            elif stat.S_ISLNK(mode):
-                if info.file_size > 4096:
-                    raise ArchiveError(f"symlink {rel!r} has an oversized target")
-                ex.symlink(rel, zf.read(info).decode("utf-8", "replace"))
-            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # many zips carry no file type at all
+                continue
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFLNK):  # many zips carry no file type at all
                 raise ArchiveError(f"member {rel!r} is not a regular file, directory or symlink")
-            else:
-                try:
+            # A member's bytes may be encrypted (RuntimeError), in a method zipfile lacks (NotImplementedError),
+            # or corrupt in its method's own way (zlib, lzma; bzip2's OSError is taken below, with the disk's).
+            try:
+                if stat.S_ISLNK(mode):
+                    if info.file_size > 4096:
+                        raise ArchiveError(f"symlink {rel!r} has an oversized target")
+                    ex.symlink(rel, zf.read(info).decode("utf-8", "replace"))
+                else:
                     with zf.open(info) as src:
                         ex.file(rel, src, bool(mode & 0o111))
-                except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError) as exc:
-                    raise ArchiveError(f"cannot read member {rel!r}: {exc}") from None
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error, lzma.LZMAError) as exc:
+                raise ArchiveError(f"cannot read member {rel!r}: {exc}") from None
 
 
 def _extract_tar(stream: BinaryIO, ex: _Extractor) -> None:

@@ -21,6 +21,7 @@ from shoal.archive import build_tar_gz
 from shoal.blobs import BlobStore
 from shoal.errors import ValidationError
 from shoal.models import Runtime
+from tests.shoal.test_archive import zip_link_member, zip_lzma_corrupt
 
 
 class FakeStore:
@@ -97,6 +98,8 @@ def test_an_upload_is_verified_before_it_is_kept(tmp_path: Path) -> None:
     (tar_of(("a" * 300, b"x")), "cannot be extracted"),  # a name the filesystem refuses: a 500
     (tar_of(("../escape.py", b"x")), "traversal"),
     (b"not an archive at all", "not a zip"),
+    (zip_link_member(flags=1), "encrypted"),  # RuntimeError: a 500
+    (zip_lzma_corrupt(), "cannot read member"),  # lzma.LZMAError: a 500
 ])
 def test_a_refused_archive_is_a_clear_error_and_leaves_nothing(tmp_path: Path, data: bytes, needle: str) -> None:
     svc = make_service(tmp_path)

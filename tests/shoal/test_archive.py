@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import tarfile
 import zipfile
@@ -87,6 +88,33 @@ def zip_loop() -> bytes:
     return buf.getvalue()
 
 
+def zip_link_member(flags: int = 0, method: int | None = None) -> bytes:
+    """A zip whose one member, a symlink, is marked encrypted (``flags`` 1) or stored in a method zipfile does
+    not know (``method`` 99: AES): reading its target raised out of the extraction (a 500 on upload)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("l")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "target")
+    data = bytearray(buf.getvalue())
+    for header, at in ((0, 6), (data.rfind(b"PK\x01\x02"), 8)):  # the local header's fields, the directory's
+        data[header + at] |= flags
+        if method is not None:
+            data[header + at + 2:header + at + 4] = method.to_bytes(2, "little")
+    return bytes(data)
+
+
+def zip_lzma_corrupt() -> bytes:
+    """An LZMA member whose stream is broken: lzma.LZMAError, which nothing took (a 500 on upload)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_LZMA) as zf:
+        zf.writestr("f.bin", os.urandom(100_000))
+    data = bytearray(buf.getvalue())
+    for i in range(200, 400):
+        data[i] ^= 0x55
+    return bytes(data)
+
+
 HOSTILE = [
         (tar_with([member("../evil", size=1)], {"../evil": b"x"}), "traversal"),
         (tar_with([member("a/../../evil", size=1)], {"a/../../evil": b"x"}), "traversal"),
@@ -107,6 +135,9 @@ HOSTILE = [
         (b"this is not an archive at all", "not a zip or tar"),
         (b"PK\x03\x04garbage-after-zip-magic", "unreadable zip"),
         (b"\x1f\x8bgarbage-after-gzip-magic", "tar"),
+        (zip_link_member(flags=1), "encrypted"),
+        (zip_link_member(method=99), "compression method"),
+        (zip_lzma_corrupt(), "Corrupt input"),
 ]
 
 
