@@ -45,6 +45,18 @@ DISPATCH_WRITE_AFTER = 0.02
 RETRY_WRITE_AFTER = 0.25
 
 
+def timestamp(value: Any) -> float | None:
+    """``value`` as a time in seconds, if it is one: a positive finite number (an integer too large for a float,
+    which ``math.isfinite`` raises on, is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        stamp = float(value)
+    except OverflowError:
+        return None
+    return stamp if math.isfinite(stamp) and stamp > 0 else None
+
+
 @dataclass
 class Pending:
     call_id: str
@@ -241,8 +253,8 @@ class Dispatcher:
         fields: dict[str, Any] = {k: h.get(k) for k in ("result", "error", "logs", "timings") if k in h}
         fields["cold"] = bool(h.get("cold"))
         started = h.get("started_at")
-        if isinstance(started, int | float) and not isinstance(started, bool) and math.isfinite(started) and started:
-            fields["t_RUNNING"] = pending.stamps["RUNNING"] = float(started)
+        if (stamp := timestamp(started)) is not None:
+            fields["t_RUNNING"] = pending.stamps["RUNNING"] = stamp
         elif started is not None:  # stored, it would make the call unreadable (timestamps are numbers)
             self.log.error("bad_started_at", call_id=call_id, node_id=node.node_id, value=repr(started)[:64])
         self.finish(pending, status, fields)
@@ -359,6 +371,9 @@ class Dispatcher:
             if pending is not None and pending.node_id is None and not pending.cancelled:
                 self.queue.discard(pending)  # it must not be placed a second time
                 pending.node_id = pending.last_node = node.node_id
+                # Its sequence number, if any, was another node's: this one's numbering says nothing of it (as
+                # a recovered call, it counts as sent before anything this node has seen).
+                pending.seq = 0
                 node.inflight.add(call_id)
                 node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
         self.kick()

@@ -151,6 +151,10 @@ class Hub:
                 self.metrics.protocol_errors.inc(socket="nodes")
                 self.log.error("protocol_error", node_id=bytes(frames[0][:64]).decode("utf-8", "backslashreplace"),
                                error=str(exc))
+            except Exception as exc:  # a defect in a handler: logged with its traceback; the other messages go on
+                self.metrics.protocol_errors.inc(socket="nodes")
+                self.log.error("node_message_failed", node_id=bytes(frames[0][:64]).decode("utf-8", "backslashreplace"),
+                               error=repr(exc), exc_info=True)
         self._recheck()
 
     def on_frames(self, frames: list[bytes]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -272,6 +273,10 @@ class Service:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             return None
+        finally:
+            if not fut.done() or fut.cancelled():  # timed out, or its client went away: not kept with the call
+                with contextlib.suppress(ValueError):
+                    pending.waiters.remove(fut)
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
         call = await self.store.get_call(call_id)

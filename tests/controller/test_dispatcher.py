@@ -149,13 +149,16 @@ def test_a_result_whose_start_time_is_not_a_number_is_stored_without_it() -> Non
         d, hub, store, _ = make_dispatcher()
         node = hub.nodes["n1"]
         node.ready.add("f@1")
-        for n, started in enumerate(("soon", float("nan"), True, 1_700_000_000.5)):
+        # 10**400 made math.isfinite raise (OverflowError) after the call had left its node: held for ever.
+        starts = ("soon", float("nan"), True, 10**400, -5, 1_700_000_000.5)
+        for n, started in enumerate(starts):
             d.enqueue(Pending(f"c{n}", "f", 1, None, 1.0))
             await asyncio.sleep(0)
             d.on_result(node, {"call_id": f"c{n}", "status": "DONE", "result": n, "started_at": started})
         await asyncio.sleep(0)
-        assert [store.fields[f"c{n}"].get("t_RUNNING") for n in range(4)] == [None, None, None, 1_700_000_000.5]
-        assert all(store.fields[f"c{n}"]["result"] == n for n in range(4))
+        assert [store.fields[f"c{n}"].get("t_RUNNING") for n in range(len(starts))] == [None] * 5 + [1_700_000_000.5]
+        assert all(store.fields[f"c{n}"]["result"] == n for n in range(len(starts)))
+        assert d.calls == {}
 
     asyncio.run(scenario())
 
@@ -246,6 +249,31 @@ def test_after_a_restart_a_node_keeps_the_recovered_calls_it_holds() -> None:
         d.on_result(hub.nodes["n1"], {"call_id": "c0", "status": "DONE", "result": 0})
         await asyncio.sleep(0)
         assert status_of(store, "c0") == "DONE"
+
+    asyncio.run(scenario())
+
+
+def test_a_call_a_node_takes_over_is_checked_against_that_nodes_numbering_not_anothers() -> None:
+    """x went to n2 as n2's CALL number 500; n2 was lost, and n1 said it held x. Kept with number 500, a STATUS
+    from n1 (which had seen its own 3 messages) could never show x dropped there: x stayed DISPATCHED."""
+
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        hub.nodes["n1"].lost = True
+        hub.nodes["n2"].call_seq = 499
+        d.enqueue(Pending("x", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert hub.placed == {"x": ["n2"]} and d.calls["x"].seq == 500
+        hub.nodes["n2"].lost = True
+        d.on_node_lost(hub.nodes["n2"])
+        assert d.calls["x"].node_id is None  # waiting: no node is alive
+        hub.nodes["n1"].lost = False
+        d.on_node_hello(hub.nodes["n1"], {"x"})
+        assert d.calls["x"].node_id == "n1" and d.calls["x"].seq == 0
+        d.on_node_status(hub.nodes["n1"], 3, set())  # n1 no longer holds it
+        await asyncio.sleep(0)
+        assert hub.placed == {"x": ["n2", "n1"]}  # found dropped, and placed again
 
     asyncio.run(scenario())
 

@@ -115,3 +115,27 @@ def test_a_replay_while_the_first_request_is_being_stored_names_only_stored_call
                 assert isinstance(o, StoreError | Conflict), batches
 
     run(server, tmp_path, scenario)
+
+
+def test_sync_waits_that_time_out_or_are_cancelled_are_not_kept_with_the_call(server: RedisServer,
+                                                                            tmp_path: Path) -> None:
+    """A sync caller replaying its key while the call waits (no node has room) adds a wait per request: one that
+    ended unanswered used to stay in the call's waiters until the call ended."""
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("wf")
+        call, pending = await rig.service.invoke("wf", 1, idempotency_key="k-wait")
+        assert pending is not None
+        for _ in range(3):
+            _, again = await rig.service.invoke("wf", 1, idempotency_key="k-wait")
+            assert again is pending and await rig.service.wait(again, call["id"], 0.001) is None
+        assert pending.waiters == []
+        waiting = asyncio.ensure_future(rig.service.wait(pending, call["id"], 60))
+        await asyncio.sleep(0)
+        assert len(pending.waiters) == 1  # a caller still waiting is kept
+        waiting.cancel()  # its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pending.waiters == []
+
+    run(server, tmp_path, scenario)
