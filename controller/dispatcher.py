@@ -96,6 +96,10 @@ class Dispatcher:
         self._unwritten: list[Pending] = []  # dispatched calls whose DISPATCHED write waits
         self._flush_scheduled = False
         self.gone: dict[str, int] = {}  # deleted function -> last version, while calls of it are still on nodes
+        # Deleted function -> the last version deleted (versions go on from there if it is made again): a call of
+        # such a version that comes to be queued (its node gave it back, or it was accepted as the function was
+        # being deleted) ends CANCELLED instead of waiting for a node that will never have it.
+        self.deleted: dict[str, int] = {}
 
     # ---- submitting ----------------------------------------------------------------------------
     def queued(self) -> int:
@@ -132,6 +136,8 @@ class Dispatcher:
         self._kick_scheduled = False
         if not self.queue:
             return
+        if self.deleted:
+            self._cancel_deleted_lanes()
         nodes = [n for n in self.hub.nodes.values() if n.alive()]
         if not nodes:
             return
@@ -156,6 +162,18 @@ class Dispatcher:
                         return
                     continue
                 self.queue.popleft(key)
+
+    def _cancel_deleted_lanes(self) -> None:
+        for key in self.queue.lanes():
+            name, _, version = key.rpartition("@")
+            if int(version) <= self.deleted.get(name, 0):
+                while (pending := self.queue.popleft(key)) is not None:
+                    self._cancel_deleted(pending)
+
+    def _cancel_deleted(self, pending: Pending) -> None:
+        pending.cancelled = True
+        self.finish(pending, CallStatus.CANCELLED, {"error": {
+            "type": "FunctionDeleted", "message": f"function {pending.function!r} was deleted before the call ran"}})
 
     def _fail_lane(self, key: str, nodes: list[NodeState]) -> None:
         """Every alive node reported that it cannot run ``key`` (its archive or dependencies failed there):
@@ -392,12 +410,11 @@ class Dispatcher:
         """A function was deleted: its calls still waiting here end CANCELLED (``FunctionDeleted``); those on
         nodes run to their end. Once none is left, the nodes are told to forget the function (its warm
         containers, code and dependencies). Returns how many calls were cancelled."""
+        self.deleted[name] = max(up_to, self.deleted.get(name, 0))
         waiting = [p for p in self.calls.values()
                    if p.function == name and p.version <= up_to and p.node_id is None and not p.cancel_requested]
         for pending in waiting:
-            pending.cancelled = True
-            self.finish(pending, CallStatus.CANCELLED, {"error": {
-                "type": "FunctionDeleted", "message": f"function {name!r} was deleted before the call ran"}})
+            self._cancel_deleted(pending)
         self.forget_when_idle(name, up_to)
         return len(waiting)
 

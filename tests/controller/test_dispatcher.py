@@ -420,6 +420,32 @@ def test_deleting_a_function_cancels_its_waiting_calls_and_nodes_forget_it_once_
     asyncio.run(scenario())
 
 
+def test_a_call_of_a_deleted_function_that_comes_to_wait_again_ends_cancelled() -> None:
+    """c0 ran on n1 as f was deleted; n1 gave it back (it drained) and no node would ever have f@1 again: it waited
+    for ever. And c1, accepted while the deletion was on its way, was queued after it: the same."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        ready(hub)
+        d.enqueue(Pending("c0", "f", 1, 0, 5.0))
+        await asyncio.sleep(0)
+        assert d.function_deleted("f", 1) == 0  # c0 is on the node: it runs to its end there
+        d.on_result(hub.nodes["n1"], {"call_id": "c0", "status": "REJECTED",
+                                      "error": {"type": "Draining", "message": "node is draining"}})
+        d.enqueue(Pending("c1", "f", 1, 1, 5.0))
+        d.enqueue(Pending("c2", "f", 2, 2, 5.0))  # a version made after the deletion waits as calls do
+        await asyncio.sleep(0)
+        assert [status_of(store, c) for c in ("c0", "c1")] == ["CANCELLED", "CANCELLED"]
+        assert store.fields["c1"]["error"]["type"] == "FunctionDeleted"
+        assert list(d.calls) == ["c2"] and hub.placed == {"c0": ["n1"]}  # no node has f@2 yet
+        hub.nodes["n1"].ready.add("f@2")
+        d.kick()
+        await asyncio.sleep(0)
+        assert hub.placed == {"c0": ["n1"], "c2": ["n1"]}
+
+    asyncio.run(scenario())
+
+
 def test_recovered_calls_of_a_deleted_function_end_cancelled() -> None:
     async def scenario() -> None:
         d, _, store, _ = make_dispatcher(("n1",))
