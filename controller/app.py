@@ -54,9 +54,11 @@ def create_app(config: ControllerConfig) -> web.Application:
         blobs = BlobStore(config.blob_dir)
         hub = Hub(config, store, blobs, metrics)
         dispatcher = Dispatcher(config, store, hub, metrics)
+        # Recovered before the hub reads its socket: a HELLO handled while the store is read would find none of
+        # the calls it lists, and they would be placed a second time.
+        recovered = await dispatcher.recover()
         hub.start(dispatcher)
         app[SERVICE] = Service(config, store, blobs, hub, dispatcher, metrics)
-        recovered = await dispatcher.recover()
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
         if config.api_token and not config.node_token:
             log.warning("node_link_open", reason="an API token but no node token: /register and the ZMQ node "

@@ -14,7 +14,11 @@
   cannot queue). Each CALL carries the node's next sequence number; every STATUS (once a heartbeat) echoes the
   last number the node received and lists the calls it holds. A call sent before that number that the node
   neither holds nor answered was dropped there: it is treated as lost on that node.
-* At start, every call the store still holds as active is queued again: a controller restart loses none.
+* At start, every call the store still holds as active is queued again: a controller restart loses none. A
+  call the store records as on a node (DISPATCHED, RUNNING) is first kept for that node: it is not placed
+  elsewhere until the node has said HELLO without it, or ``liveness + 1`` heartbeats have passed without a
+  HELLO; a node that lists it keeps it, and a result it sends before its HELLO (it held the result while the
+  controller was away) ends it. Otherwise the first node to say HELLO would be given the calls the others run.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Pending:
     dispatch_unwritten: bool = False  # dispatched, but its DISPATCHED state is not written yet
     outcome: dict[str, Any] | None = None  # the whole call once its terminal state is stored
     seq: int = 0  # the sequence number of its CALL to the node it is on (see the module doc)
+    reserved_for: str = ""  # recovered, and recorded as on this node: kept for it (see the module doc)
     queued: bool = False  # waiting in the queue (set by CallQueue)
 
     @property
@@ -100,6 +105,7 @@ class Dispatcher:
         # such a version that comes to be queued (its node gave it back, or it was accepted as the function was
         # being deleted) ends CANCELLED instead of waiting for a node that will never have it.
         self.deleted: dict[str, int] = {}
+        self.reserved: dict[str, set[str]] = {}  # node -> recovered calls kept for it until its HELLO
 
     # ---- submitting ----------------------------------------------------------------------------
     def queued(self) -> int:
@@ -260,6 +266,20 @@ class Dispatcher:
         if self.queue:
             self.kick()  # the node has room again: calls waiting for it (nothing else may come to wake them)
         node.done += 1
+        self._take_result(pending, h, node.node_id)
+
+    def on_result_before_hello(self, node_id: str, h: dict[str, Any]) -> None:
+        """A result from a node that has not said HELLO to this controller yet: it ran the call while the
+        controller was away (restarting). Taken if the call was recovered as on that node; else ignored."""
+        pending = self.calls.get(h["call_id"])
+        if pending is None or pending.node_id is not None or pending.reserved_for != node_id:
+            self.log.info("late_result_ignored", call_id=h["call_id"], node_id=node_id)
+            return
+        self._unreserve(pending)
+        self._take_result(pending, h, node_id)
+
+    def _take_result(self, pending: Pending, h: dict[str, Any], node_id: str) -> None:
+        call_id = pending.call_id
         if h["status"] == REJECTED:
             pending.attempts -= 1  # it never ran there
             self._requeue(pending, "rejected")
@@ -274,7 +294,7 @@ class Dispatcher:
         if (stamp := timestamp(started)) is not None:
             fields["t_RUNNING"] = pending.stamps["RUNNING"] = stamp
         elif started is not None:  # stored, it would make the call unreadable (timestamps are numbers)
-            self.log.error("bad_started_at", call_id=call_id, node_id=node.node_id, value=repr(started)[:64])
+            self.log.error("bad_started_at", call_id=call_id, node_id=node_id, value=repr(started)[:64])
         self.finish(pending, status, fields)
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
@@ -388,12 +408,17 @@ class Dispatcher:
             pending = self.calls.get(call_id)
             if pending is not None and pending.node_id is None and not pending.cancelled:
                 self.queue.discard(pending)  # it must not be placed a second time
+                self._unreserve(pending)
                 pending.node_id = pending.last_node = node.node_id
                 # Its sequence number, if any, was another node's: this one's numbering says nothing of it (as
                 # a recovered call, it counts as sent before anything this node has seen).
                 pending.seq = 0
                 node.inflight.add(call_id)
                 node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
+        for call_id in self.reserved.pop(node.node_id, set()):  # kept for it, and it does not hold them
+            if (pending := self.calls.get(call_id)) is not None:
+                pending.reserved_for = ""
+                self.queue.append(pending)
         self.kick()
 
     def on_function_state(self, node: NodeState, key: str, state: str) -> None:
@@ -486,13 +511,40 @@ class Dispatcher:
                 self.finish(pending, CallStatus.CANCELLED, {"error": {
                     "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
                 continue
-            self.queue.append(pending)
+            node_id = call.get("node") or ""
+            node = self.hub.nodes.get(node_id)
+            if call.get("status") in ("DISPATCHED", "RUNNING") and node_id and (node is None or not node.alive()):
+                pending.reserved_for = node_id
+                self.reserved.setdefault(node_id, set()).add(pending.call_id)
+            else:
+                self.queue.append(pending)
             count += 1
         if count:
-            self.log.info("calls_recovered", count=count)
+            self.log.info("calls_recovered", count=count,
+                          kept_for_their_nodes=sum(len(ids) for ids in self.reserved.values()))
             self.metrics.requeued.inc(count, reason="controller_restarted")
             self.kick()
+        if self.reserved:
+            grace = self.config.heartbeat * (self.config.liveness + 1)
+            asyncio.get_running_loop().call_later(grace, self.release_reserved)
         return count
+
+    def _unreserve(self, pending: Pending) -> None:
+        if pending.reserved_for:
+            self.reserved.get(pending.reserved_for, set()).discard(pending.call_id)
+            pending.reserved_for = ""
+
+    def release_reserved(self) -> None:
+        """The recovered calls still kept for nodes that have not said HELLO since: placed anywhere now."""
+        for call_ids in self.reserved.values():
+            for call_id in call_ids:
+                pending = self.calls.get(call_id)
+                if pending is not None and pending.node_id is None and not pending.cancelled:
+                    pending.reserved_for = ""
+                    self.queue.append(pending)
+        if self.reserved:
+            self.reserved.clear()
+            self.kick()
 
     def snapshot(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "active": len(self.calls),

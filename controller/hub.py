@@ -168,7 +168,10 @@ class Hub:
             self.on_hello(node_id, msg)
             return
         if node is None:
-            # A node we do not know (we restarted): ask it to introduce itself.
+            # A node we do not know (we restarted): ask it to introduce itself. A result it held for us while we
+            # were away may end a call recovered as on that node.
+            if msg.type == Msg.RESULT and self.dispatcher is not None:
+                self.dispatcher.on_result_before_hello(node_id, msg.header)
             self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": 0})
             return
         node.last_seen = time.monotonic()

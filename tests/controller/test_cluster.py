@@ -139,6 +139,36 @@ def test_controller_killed_and_restarted_with_queued_async_calls_completes_them_
     assert not any(k.startswith("shoal_controller_calls_accepted_total") for k in m)
 
 
+def wait_status(cluster: LocalCluster, call_id: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while cluster.get(f"/v1/calls/{call_id}")["status"] != status:
+        assert time.monotonic() < deadline, f"call {call_id} never {status}"
+        time.sleep(0.05)
+
+
+def test_calls_that_end_while_the_controller_is_down_are_taken_from_their_nodes_not_run_again(
+        make_cluster: Any) -> None:
+    """Two calls run, one per node, when the controller is killed; they end while it is away and the agents hold
+    their results. The restarted controller takes those results (they come before the nodes' HELLOs, which no
+    longer list the calls): each call ends DONE having run once. It used to drop them and run both again."""
+    cluster: LocalCluster = make_cluster(agents=2)
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    wait_ready(cluster, "slow", 2)
+    ids = [submit(cluster, "slow", {"s": 3}) for _ in range(2)]
+    for call_id in ids:
+        wait_status(cluster, call_id, "RUNNING")
+    assert {cluster.get(f"/v1/calls/{i}")["node"] for i in ids} == set(cluster.node_ids)  # one on each node
+    cluster.stop_controller(signal.SIGKILL)
+    time.sleep(4)  # the calls end meanwhile
+    cluster.start_controller()
+    calls = [wait_call(cluster, i, timeout=120) for i in ids]
+    assert [(c["status"], c["attempts"], c["result"]) for c in calls] == [("DONE", 1, 3)] * 2
+    m = metrics(cluster)
+    assert m['shoal_controller_calls_finished_total{function="slow",status="DONE"}'] == 2
+    assert not any(k.startswith('shoal_controller_calls_requeued_total{reason="node_') for k in m), m
+
+
 def test_a_200mb_archive_reaches_both_agents_in_constant_memory(make_cluster: Any, tmp_path: Any) -> None:
     cluster: LocalCluster = make_cluster(agents=2)
     seed_runtime(cluster)

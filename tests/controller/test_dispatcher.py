@@ -278,6 +278,52 @@ def test_a_call_a_node_takes_over_is_checked_against_that_nodes_numbering_not_an
     asyncio.run(scenario())
 
 
+def test_recovered_calls_are_kept_for_the_node_the_store_records_until_it_says_hello() -> None:
+    """After a restart, the first node to say HELLO (n2) was given the calls n1 was running: they ran twice."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        store.active = [stored_call("c0", node="n1"), stored_call("c1", node="n1", status="RUNNING"),
+                        stored_call("c2", node="n2"), stored_call("c3", status="QUEUED", attempts=0)]
+        hub.nodes["n1"].lost = hub.nodes["n2"].lost = True  # no node has said HELLO to this controller yet
+        assert await d.recover() == 4
+        assert d.reserved == {"n1": {"c0", "c1"}, "n2": {"c2"}} and len(d.queue) == 1
+        ready(hub)
+        hub.nodes["n2"].lost = False
+        d.on_node_hello(hub.nodes["n2"], set())  # n2 lost c2 (it restarted)
+        await asyncio.sleep(0)
+        assert hub.placed == {"c3": ["n2"], "c2": ["n2"]}  # n1's calls wait for n1
+        d.on_result_before_hello("n1", {"call_id": "c0", "status": "DONE", "result": 0})  # held while we were away
+        d.on_result_before_hello("n2", {"call_id": "c1", "status": "DONE", "result": 0})  # not n2's: ignored
+        assert status_of(store, "c0") == "DONE" and "c1" in d.calls
+        hub.nodes["n1"].lost = False
+        d.on_node_hello(hub.nodes["n1"], {"c1"})
+        await asyncio.sleep(0)
+        assert d.calls["c1"].node_id == "n1" and d.reserved == {} and "c1" not in hub.placed
+        d.on_result(hub.nodes["n1"], {"call_id": "c1", "status": "DONE", "result": 1})
+        assert status_of(store, "c1") == "DONE"
+
+    asyncio.run(scenario())
+
+
+def test_recovered_calls_kept_for_a_node_that_does_not_come_back_are_placed_after_the_grace() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        store.active = [stored_call("c0", node="n9")]  # a node that is gone for good
+        hub.nodes["n1"].lost = hub.nodes["n2"].lost = True
+        assert await d.recover() == 1 and d.reserved == {"n9": {"c0"}}
+        ready(hub)
+        hub.nodes["n1"].lost = False
+        d.on_node_hello(hub.nodes["n1"], set())
+        await asyncio.sleep(0)
+        assert hub.placed == {}
+        d.release_reserved()  # what the timer recover() set does, liveness + 1 heartbeats on
+        await asyncio.sleep(0)
+        assert hub.placed == {"c0": ["n1"]} and d.reserved == {}
+
+    asyncio.run(scenario())
+
+
 def test_a_recovered_call_a_node_took_over_is_never_placed_again_after_it_ends() -> None:
     """The node's HELLO holds c1 and c2 while c0, ahead of them in the queue, waits for room. c1's queue entry
     outlived its adoption: once c1 ended it was placed again (run twice, its DONE overwritten by DISPATCHED,
