@@ -175,6 +175,7 @@ class Service:
         except StoreError:
             for call, _ in made:
                 self.dispatcher.withdraw(call["id"])
+            self._uncreate([call for call, _ in made], UNCREATE_RETRY_FIRST)
             raise
         self.metrics.accepted.inc(len(made), function=made[0][1].function)
 
@@ -200,6 +201,20 @@ class Service:
                 await self._release_key(idempotency_key, call_id)
             raise
         return call, pending
+
+    def _uncreate(self, calls: list[dict[str, Any]], retry_after: float) -> None:
+        """Undo a creation write that failed as far as we know, until the undo lands: a timeout or a lost
+        connection does not say whether Redis applied the write."""
+
+        def landed(write: asyncio.Future[None]) -> None:
+            if write.cancelled():
+                return  # the controller is stopping
+            if write.exception() is not None:
+                log.warning("creation_not_undone", calls=len(calls), retry_in_s=retry_after,
+                            error=str(write.exception()))
+                asyncio.get_running_loop().call_later(retry_after, self._uncreate, calls, min(retry_after * 2, 10.0))
+
+        self.store.uncreate_calls(calls).add_done_callback(landed)
 
     async def _settle_claim(self) -> None:
         """Wait until the request that claimed a replayed key has stored its calls or given up: the first wait
@@ -296,6 +311,7 @@ class Service:
 
 
 TERMINAL_STATES = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
+UNCREATE_RETRY_FIRST = 0.25  # seconds before a failed undo of a creation is tried again (doubling, up to 10 s)
 
 
 def _write_and_hash(out: BinaryIO, digest: Any, chunk: bytes) -> None:

@@ -245,6 +245,17 @@ class Store:
         write.append(("ZADD", keys.ACTIVE, *scored))
         return self.write(write)
 
+    def uncreate_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+        """Remove what ``create_calls`` may have stored of ``calls`` (its answer was an error or never came, yet
+        Redis may have applied it): left in ``ACTIVE``, a call its client never got an id for would run after a
+        restart. Queued after that write on the same connection, so it lands after it."""
+        write: Write = []
+        for call in calls:
+            call_id = call["id"]
+            write += [("DEL", keys.call(call_id), keys.call_by_num(call["num"])), ("ZREM", keys.ACTIVE, call_id),
+                      ("ZREM", keys.CALLS, call_id), ("ZREM", keys.calls_of(call["function"]), call_id)]
+        return self.write(write)
+
     async def call_statuses(self, call_ids: list[str]) -> list[dict[str, Any]]:
         """``{id, status}`` of each call, in order (``UNKNOWN`` for a call no longer kept)."""
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -38,9 +38,18 @@ class Rig:
         self.service = Service(ControllerConfig(), self.store, BlobStore(tmp / "blobs"), self.hub,  # type: ignore[arg-type]
                                self.dispatcher, ControllerMetrics())
         self.failing = 0  # creation writes that fail next
+        self.landing_unanswered = 0  # creation writes that Redis applies but whose answer is lost (a timeout)
+        self.created: list[dict[str, Any]] = []  # every call a creation write was asked for
         real = self.store.create_calls
 
         def create_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+            self.created += calls
+            if self.landing_unanswered:
+                self.landing_unanswered -= 1
+                applied = real(calls)
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                applied.add_done_callback(lambda _: lost.set_exception(StoreError("redis timed out")))
+                return lost
             if self.failing:
                 self.failing -= 1
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -137,5 +146,28 @@ def test_sync_waits_that_time_out_or_are_cancelled_are_not_kept_with_the_call(se
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert pending.waiters == []
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_creation_redis_applied_but_did_not_answer_is_undone(server: RedisServer, tmp_path: Path) -> None:
+    """The client got a 503 and no id, and its key was released; left in the store's active set, the call would run
+    after a restart (and a retry with the key would make a second one)."""
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("uf")
+        rig.landing_unanswered = 2
+        with pytest.raises(StoreError):
+            await rig.service.invoke("uf", 1, idempotency_key="k-lost")
+        with pytest.raises(StoreError):
+            await rig.service.invoke_batch("uf", [1, 2])
+        await rig.store.settled()  # the undo went after the creation, on the same connection
+        assert [c["id"] for c in rig.created] and rig.dispatcher.calls == {}
+        for call in rig.created:
+            assert await rig.store.get_call(call["id"]) is None
+        assert [c for c in await rig.store.active_calls() if c["function"] == "uf"] == []  # (the server is shared)
+        again, _ = await rig.service.invoke("uf", 1, idempotency_key="k-lost")  # the client's retry
+        assert again["id"] not in {c["id"] for c in rig.created[:1]}
+        assert [c["id"] for c in await rig.store.active_calls() if c["function"] == "uf"] == [again["id"]]
 
     run(server, tmp_path, scenario)
