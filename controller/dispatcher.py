@@ -416,7 +416,7 @@ class Dispatcher:
                 node.inflight.add(call_id)
                 node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
         for call_id in self.reserved.pop(node.node_id, set()):  # kept for it, and it does not hold them
-            if (pending := self.calls.get(call_id)) is not None:
+            if (pending := self.calls.get(call_id)) is not None and pending.node_id is None and not pending.cancelled:
                 pending.reserved_for = ""
                 self.queue.append(pending)
         self.kick()
@@ -468,6 +468,9 @@ class Dispatcher:
         if pending is None:
             return False
         if pending.node_id is None:
+            if pending.reserved_for:  # recovered as on that node, which may be running it: told, if it is there
+                self.hub.send(pending.reserved_for, Msg.CANCEL, {"call_id": call_id})
+                self._unreserve(pending)
             pending.cancelled = True
             self.finish(pending, CallStatus.CANCELLED, {"error": {"type": "Cancelled",
                                                                   "message": "cancelled before it started"}})

@@ -309,9 +309,12 @@ def test_recovered_calls_are_kept_for_the_node_the_store_records_until_it_says_h
 def test_recovered_calls_kept_for_a_node_that_does_not_come_back_are_placed_after_the_grace() -> None:
     async def scenario() -> None:
         d, hub, store, _ = make_dispatcher(("n1", "n2"))
-        store.active = [stored_call("c0", node="n9")]  # a node that is gone for good
+        store.active = [stored_call("c0", node="n9"), stored_call("c1", node="n9")]  # n9 is gone for good
         hub.nodes["n1"].lost = hub.nodes["n2"].lost = True
-        assert await d.recover() == 1 and d.reserved == {"n9": {"c0"}}
+        assert await d.recover() == 2 and d.reserved == {"n9": {"c0", "c1"}}
+        assert d.cancel("c1")  # n9 may be running it: it is told, in case it is there
+        assert status_of(store, "c1") == "CANCELLED" and hub.sent == [(Msg.CANCEL, "c1")]
+        assert d.reserved == {"n9": {"c0"}}
         ready(hub)
         hub.nodes["n1"].lost = False
         d.on_node_hello(hub.nodes["n1"], set())
