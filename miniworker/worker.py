@@ -404,6 +404,8 @@ class Miniworker:
             reply["result"] = h.get("result")
         else:
             reply["error"] = h.get("error") or {"type": "Error", "message": "function failed"}
+        if not retire and self.held is not None:
+            reply["held_started_at"] = time.time()  # the held call starts now: the broker learns when, here
         self.send(Msg.MW_RESULT, reply)
         if retire:
             self.stopping = True

@@ -97,6 +97,17 @@ class Broker:
             self.lose(h, f"cannot reach miniworker ({exc.strerror})")
             return False
 
+    def send_stop(self, h: MwHandle) -> None:
+        """MW_STOP to a miniworker being stopped. One the socket does not know yet (spawned a moment ago, its
+        connection not made) or that stopped reading is not lost but ended here: killed, and its container, if
+        it made one, removed by label once its exit is seen (tick)."""
+        try:
+            self.sock.send_multipart([h.mw_id.encode(), *protocol.encode(Msg.MW_STOP, {})], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.log.info("miniworker_stopped_unreached", mw_id=h.mw_id, pool=h.pool_key, error=exc.strerror)
+            if h.proc.poll() is None:
+                h.proc.send_signal(signal.SIGKILL)
+
     # ---- calls ---------------------------------------------------------------------------------
     def candidates(self, key: str) -> tuple[str, ...]:
         fn = self.registry.functions.get(key)
@@ -240,14 +251,19 @@ class Broker:
         else:
             self.requeue(ticket)
 
-    def promote(self, h: MwHandle) -> None:
-        """The held call started when its miniworker sent the previous result. If it was cancelled while
-        held, the drop came too late: it is cancelled as a running call is (its container goes)."""
+    def promote(self, h: MwHandle, started_at: Any = None) -> None:
+        """The held call started when its miniworker sent the previous result (``started_at``: when, as that
+        result says; this link's latency earlier than now). If it was cancelled while held, the drop came too
+        late: it is cancelled as a running call is (its container goes)."""
         ticket, h.ahead = h.ahead, None
         assert ticket is not None
         ticket.ahead = False
-        ticket.dispatched = time.monotonic()
-        ticket.started_at = time.time()
+        now, mono = time.time(), time.monotonic()
+        held_since = now - (mono - ticket.dispatched)  # when it was handed over, on the wall clock
+        ticket.dispatched = mono
+        valid = isinstance(started_at, float | int) and not isinstance(started_at, bool)
+        # The same host's clock, a moment ago: a value from the future or from before the hand-over is not that.
+        ticket.started_at = started_at if valid and held_since <= started_at <= now else now
         h.ticket = ticket
         if ticket.cancelling:
             self.finish(h, ticket, {"status": "CANCELLED", "error": CANCELLED_RUNNING})
@@ -381,7 +397,7 @@ class Broker:
             pass  # it is on its way out: nothing more is handed to it
         elif h.ticket is None:
             if h.ahead is not None:
-                self.promote(h)
+                self.promote(h, header.get("held_started_at"))
             else:
                 self.make_idle(h)
         self.pump()
@@ -462,7 +478,7 @@ class Broker:
         h.reason = h.reason or "stopped by the pool"
         if give_back:
             self.requeue_ahead(h)
-        self.send(h, Msg.MW_STOP, {})
+        self.send_stop(h)
 
     def lose(self, h: MwHandle, reason: str) -> None:
         if h.state == MwState.FAILED:

@@ -3,6 +3,7 @@ messages captured; stand-in processes): no crash, no call left unanswered, no st
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -130,3 +131,51 @@ def test_a_short_functions_hung_call_neither_holds_the_next_call_nor_counts_as_s
     assert rig.broker.serving("f@1", now) == 1 and rig.broker.take_pipelined("f@1", now) is h
     now += 5.0  # 2,500 times its average
     assert rig.broker.serving("f@1", now) == 0 and rig.broker.take_pipelined("f@1", now) is None
+
+
+def test_stopping_a_miniworker_the_socket_does_not_know_yet_ends_it_without_calling_it_lost(rig: Rig) -> None:
+    """A spare spawned a moment before the agent stops has not connected yet: MW_STOP cannot reach it. It used to
+    be reported lost (a warning, a count, a back-off of its pool); it is killed instead, and once its exit is seen
+    it is gone and its possible container handed to on_lost (removed by label)."""
+    signals: list[int] = []
+    exit_code: list[int | None] = [None]
+    proc: Any = SimpleNamespace(poll=lambda: exit_code[0], send_signal=signals.append)
+    h = MwHandle("never-connected", "oneshot", "rt", None, proc, state=MwState.STARTING)
+    rig.broker.mws[h.mw_id] = h
+    rig.broker.send = Broker.send.__get__(rig.broker)  # type: ignore[method-assign]  # the real socket
+    left: list[MwHandle] = []
+    rig.broker.on_lost = left.append
+    rig.broker.stop(h)
+    assert signals == [signal.SIGKILL] and h.state == MwState.STOPPING
+    assert rig.broker.metrics.mw_lost.get(reason="lost") == 0 and not rig.broker.failures
+    exit_code[0] = -signal.SIGKILL
+    rig.broker.tick(time.monotonic())
+    assert h.mw_id not in rig.broker.mws and left == [h]
+
+
+def result(call_id: str, **extra: Any) -> protocol.Message:
+    return protocol.decode(protocol.encode(Msg.MW_RESULT, {"call_id": call_id, "status": "DONE", "result": 1,
+                                                           "retire": False, **extra}))
+
+
+@pytest.mark.parametrize("reported", ["the miniworker's", "from the future", "before the hand-over", "not a number"])
+def test_a_held_call_starts_when_its_miniworker_says_not_when_the_previous_result_arrives(rig: Rig,
+                                                                                       reported: str) -> None:
+    """A pipelined call starts as the miniworker sends the previous result; the broker reads that result a link's
+    latency later (more when it is busy). The result says when; a value that cannot be that moment is not taken."""
+    h = rig.handle("p1", state=MwState.IDLE)
+    rig.broker.make_idle(h)
+    rig.broker.submit(Ticket("first", "f@1", 1, 5.0))
+    held = Ticket("held", "f@1", 1, 5.0)
+    rig.broker.dispatch(h, held)
+    assert h.ahead is held and held.ahead
+    handed = time.time()
+    started = {"the miniworker's": handed, "from the future": handed + 3600,
+               "before the hand-over": handed - 3600, "not a number": "soon"}[reported]
+    rig.broker._on_result(h, result("first", held_started_at=started))
+    after = time.time()
+    assert h.ticket is held and not held.ahead and rig.outcomes == [("first", "DONE", "")]
+    if reported == "the miniworker's":
+        assert held.started_at == started
+    else:
+        assert handed <= held.started_at <= after
