@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from controller import service as service_module
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher
 from controller.errors import Conflict, StoreError
@@ -169,5 +170,50 @@ def test_a_creation_redis_applied_but_did_not_answer_is_undone(server: RedisServ
         again, _ = await rig.service.invoke("uf", 1, idempotency_key="k-lost")  # the client's retry
         assert again["id"] not in {c["id"] for c in rig.created[:1]}
         assert [c["id"] for c in await rig.store.active_calls() if c["function"] == "uf"] == [again["id"]]
+
+    run(server, tmp_path, scenario)
+
+
+def test_an_undo_that_fails_is_retried_until_it_lands(server: RedisServer, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis still failing when the undo goes out (down, or timing out): the undo is tried again, later and later,
+    until it lands; the call is then gone from the store."""
+    monkeypatch.setattr(service_module, "UNCREATE_RETRY_FIRST", 0.01)
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("rtf")
+        real = rig.store.uncreate_calls
+        tries: list[int] = []
+
+        def uncreate_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+            loop = asyncio.get_running_loop()
+            tries.append(len(calls))
+            if len(tries) <= 3:
+                fut: asyncio.Future[None] = loop.create_future()
+                fut.set_exception(StoreError("redis is down"))
+                return fut
+            return real(calls)
+
+        rig.store.uncreate_calls = uncreate_calls  # type: ignore[method-assign]
+        waits: list[float] = []
+        undo = rig.service._uncreate
+
+        def recorded(calls: list[dict[str, Any]], retry_after: float) -> None:
+            waits.append(retry_after)
+            undo(calls, retry_after)
+
+        rig.service._uncreate = recorded  # type: ignore[method-assign]
+        rig.landing_unanswered = 1
+        with pytest.raises(StoreError):
+            await rig.service.invoke("rtf", 1)
+        call_id = rig.created[0]["id"]
+        for _ in range(500):  # each retry waits twice as long as the one before: 0.01, 0.02, 0.04 s
+            if len(tries) > 3:
+                break
+            await asyncio.sleep(0.01)
+        await rig.store.settled()
+        assert len(tries) == 4 and await rig.store.get_call(call_id) is None
+        assert waits == [0.01, 0.02, 0.04, 0.08]  # backing off, not hammering a failing store
+        assert [c for c in await rig.store.active_calls() if c["function"] == "rtf"] == []
 
     run(server, tmp_path, scenario)
