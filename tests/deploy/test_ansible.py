@@ -28,6 +28,7 @@ from tests.conftest import node_containers
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("ansible")]
 ROOT = Path(__file__).resolve().parents[2]
 API = "http://127.0.0.10:3000"
+REDIS = "127.0.0.10:6390"  # the controller host's Redis (inventory/local)
 NODES = ["shoal-node-a", "shoal-node-b", "shoal-node-c"]
 AUTH: dict[str, str] = {}  # the deployed controller's API token, once the rollout made it
 ECHO = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 0))\n    return p\n"}
@@ -58,9 +59,9 @@ def api(method: str, path: str, body: Any = None, data: bytes | None = None,
         return err.code, json.loads(err.read() or b"null")
 
 
-def controller_process() -> psutil.Process:
-    """The deployed controller: the process listening on the controller host's API address."""
-    host, port = API.removeprefix("http://").split(":")
+def listener(address: str) -> psutil.Process:
+    """The process listening on ``address`` (host:port): the deployed controller's API, its Redis."""
+    host, port = address.split(":")
     pids = {c.pid for c in psutil.net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr and (c.laddr.ip, c.laddr.port) == (host, int(port))}
     assert len(pids) == 1 and None not in pids, pids
@@ -132,8 +133,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert api("POST", "/register", {"endpoint_id": "x"}, headers={"Authorization": f"Bearer {token}"})[0] == 401
         AUTH["Authorization"] = f"Bearer {token}"
         assert node_states() == {n: "ready" for n in NODES}
-        # The controller runs as its own account, not root (the agents need root for the engine).
-        assert controller_process().username() == "shoal"
+        # The controller and Redis run as their own accounts, not root (the agents need root for the engine).
+        assert listener(API.removeprefix("http://")).username() == "shoal"
+        assert listener(REDIS).username() == "shoal-redis"
         credential = registration_credential((tmp_path / "secrets" / "node_token").read_text().strip())
         assert api("POST", "/register", {"endpoint_id": "x"},
                    headers={"Authorization": f"Bearer {credential}"})[1]["curve"] is True
@@ -207,7 +209,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         for host in ("shoal-ctl", *NODES):
             assert not Path(f"/var/tmp/shoal-local/{host}").exists(), host
         with pytest.raises(KeyError):
-            pwd.getpwnam("shoal")  # the account is gone with the rest
+            pwd.getpwnam("shoal")  # the accounts are gone with the rest
+        with pytest.raises(KeyError):
+            pwd.getpwnam("shoal-redis")
     finally:
         AUTH.clear()
         if not torn_down:
