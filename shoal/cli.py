@@ -74,8 +74,8 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             hdrs["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
+            req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
             with httpclient.urlopen(req, timeout=timeout) as resp:  # (redirects not followed)
                 raw = resp.read()
                 status = resp.status
@@ -88,7 +88,7 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 message = raw.decode("utf-8", "replace")[:500]
             raise CliError(f"{method} {path}: HTTP {err.code}: {message}") from None
-        except OSError as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:  # unreachable, not HTTP, a bad URL
             raise CliError(f"cannot reach the controller at {self.url}: {exc}") from None
         if status == 204 or not raw:
             return None
@@ -138,16 +138,19 @@ class Client:
 
 def archive_of(path: Path) -> bytes:
     """A directory becomes a tar.gz of its files; a file is taken as the archive itself."""
-    if path.is_file():
-        return path.read_bytes()
-    if not path.is_dir():
-        raise CliError(f"{path} is neither a directory nor an archive file")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for file in sorted(path.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts:
-                tf.add(file, arcname=str(file.relative_to(path)))
-    return buf.getvalue()
+    try:
+        if path.is_file():
+            return path.read_bytes()
+        if not path.is_dir():
+            raise CliError(f"{path} is neither a directory nor an archive file")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for file in sorted(path.rglob("*")):
+                if file.is_file() and "__pycache__" not in file.parts:
+                    tf.add(file, arcname=str(file.relative_to(path)))
+        return buf.getvalue()
+    except OSError as exc:  # unreadable, or a file gone while the directory was read
+        raise CliError(f"cannot read {exc.filename or path}: {exc.strerror or exc}") from None
 
 
 def show(args: argparse.Namespace, data: Any, columns: list[str] | None = None, title: str = "") -> None:
@@ -163,13 +166,14 @@ def show(args: argparse.Namespace, data: Any, columns: list[str] | None = None, 
     console.print(table)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Text:
+    """A table cell shown as it is (a plain string would be read as rich markup: ``[/x]`` in a result failed)."""
     if value is None:
-        return ""
+        return Text("")
     if isinstance(value, dict | list):
         text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-    return str(value)
+        return Text(text if len(text) <= 60 else text[:57] + "...")
+    return Text(str(value))
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -216,7 +220,9 @@ def wait_for(c: Client, call_id: str, human: bool, timeout: float) -> Any:
                   transient=True) as progress:
         task = progress.add_task(f"call {call_id[:12]}: waiting")
         while True:
-            call = c.request("GET", f"/v1/calls/{call_id}")
+            call = c.request("GET", f"/v1/calls/{q(call_id)}")
+            if not isinstance(call, dict) or not isinstance(call.get("status"), str):
+                raise CliError(f"GET /v1/calls/{q(call_id)}: the answer is not a call: {str(call)[:200]!r}")
             progress.update(task, description=f"call {call_id[:12]}: {call['status']}")
             if call["status"] in TERMINAL:
                 return call
@@ -226,6 +232,7 @@ def wait_for(c: Client, call_id: str, human: bool, timeout: float) -> Any:
 
 
 BATCH_MAX = 1000  # calls per invoke-batch request (the controller's bound)
+PAGE_MAX = 1000  # calls per page of GET /v1/calls (the controller's bound)
 
 
 def read_params_lines(path: str) -> list[Any]:
@@ -295,10 +302,12 @@ def cmd_calls(args: argparse.Namespace, c: Client) -> None:
     if args.action == "list":
         query = {k: v for k, v in {"function": args.function, "status": args.status,
                                    "limit": args.limit}.items() if v is not None}
-        wanted = int(args.limit or 50)
+        wanted = 50 if args.limit is None else int(args.limit)
+        if wanted < 1:
+            raise CliError("--limit must be at least 1")
         calls: list[dict[str, Any]] = []
         while True:  # a status filter that matches few gives short pages: follow them up to the limit
-            query["limit"] = wanted - len(calls)
+            query["limit"] = min(PAGE_MAX, wanted - len(calls))
             page = c.request("GET", f"/v1/calls?{urllib.parse.urlencode(query)}")
             calls += page["calls"]
             if len(calls) >= wanted or page["next_cursor"] is None:
@@ -408,12 +417,13 @@ def cmd_status(args: argparse.Namespace, c: Client) -> None:
         raise CliError("no local cluster is up (`shoal up` starts one)")
     record = json.loads(cluster_record().read_text())
     client = Client(record["url"])
+    client.auth = c.auth  # the token the cluster was started with ($SHOAL_API_TOKEN), as every other command
     health = client.request("GET", "/v1/health")
     nodes = client.request("GET", "/v1/nodes")
     if args.json:
         show(args, {"cluster": record, "health": health, "nodes": nodes})
         return
-    console.print(f"controller {record['url']}  queued {health['queued']}  active {health['active']}")
+    console.print(f"controller {record['url']}  queued {health['queued']}  active {health['active']}", markup=False)
     show(args, nodes, ["node_id", "state", "capacity", "inflight", "done", "functions_ready"], "nodes")
 
 

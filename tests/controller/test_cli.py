@@ -59,8 +59,8 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
     # One batch shares a millisecond: a listing goes on across pages without skipping any.
     listed = shoal(url, "calls", "list", "--function", "echo", "--limit", "700", "--json")
     assert len(listed["calls"]) == 700 and listed["next_cursor"]
-    rest = shoal(url, "calls", "list", "--function", "echo", "--limit", "1000", "--json")
-    assert {c["id"] for c in rest["calls"]} >= {c["id"] for c in listed["calls"]}
+    rest = shoal(url, "calls", "list", "--function", "echo", "--limit", "1500", "--json")  # beyond one page
+    assert len(rest["calls"]) == 1500 and {c["id"] for c in rest["calls"]} >= {c["id"] for c in listed["calls"]}
     lines.write_text('{"i": 1}\n{oops\n')
     bad = shoal(url, "invoke", "echo", "--batch", str(lines), check=False)
     assert bad.returncode == 2 and f"error: {lines}:2: not JSON" in bad.stderr
@@ -78,7 +78,8 @@ def test_cli_drives_runtimes_functions_calls_and_nodes(make_cluster: Any, tmp_pa
 
 @pytest.mark.xdist_group("shoal-up")
 def test_shoal_up_status_down(tmp_path: Path, docker_client: Any) -> None:
-    env = {"SHOAL_STATE_DIR": str(tmp_path / "state")}
+    # With an API token: every command, `status` too, presents it.
+    env = {"SHOAL_STATE_DIR": str(tmp_path / "state"), "SHOAL_API_TOKEN": "a-long-enough-api-token-for-up"}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     up = shoal(url, "up", "--agents", "2", "--port", str(port), "--name", f"up{port}", env=env)
