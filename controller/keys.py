@@ -10,6 +10,7 @@ CALLS = f"{PREFIX}:calls"  # zset: call id -> created (ms); every call kept with
 ACTIVE = f"{PREFIX}:active"  # zset: call id -> created (ms); calls not yet terminal (the durable queue)
 CALL_NUM = f"{PREFIX}:callnum"  # counter behind the seed API's integer callNum
 NODES = f"{PREFIX}:nodes"  # hash: node id -> last known node JSON
+ENDPOINTS = f"{PREFIX}:endpoints"  # hash: endpoint id -> when it last registered (POST /register), unix seconds
 
 
 def versions(function: str) -> str:

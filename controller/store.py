@@ -31,6 +31,10 @@ JSON_FIELDS = ("params", "result", "error", "logs", "timings")
 
 log = get_logger("store")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Record an endpoint's registration unless the registry is full (one already in it is always recorded again).
+_REGISTER = ("if redis.call('hexists', KEYS[1], ARGV[1]) == 1 or redis.call('hlen', KEYS[1]) < tonumber(ARGV[3]) "
+             "then redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) return 1 end return 0")
+MAX_ENDPOINTS = 10_000  # endpoints /register records (a node registers as itself each time it starts)
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -384,3 +388,11 @@ class Store:
     async def list_nodes(self) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(keys.NODES)
         return {k: json.loads(v) for k, v in raw.items()}
+
+    async def register_endpoint(self, endpoint_id: str, at: float) -> bool:
+        """Record that ``endpoint_id`` registered (the forwarder seed's mapping); False if the registry is full."""
+        return bool(await self.redis.eval(_REGISTER, 1, keys.ENDPOINTS, endpoint_id, repr(at), MAX_ENDPOINTS))
+
+    async def list_endpoints(self) -> dict[str, float]:
+        """Every registered endpoint and when it last registered."""
+        return {k: float(v) for k, v in (await self.redis.hgetall(keys.ENDPOINTS)).items()}

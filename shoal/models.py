@@ -73,6 +73,11 @@ def _check_int(data: dict[str, Any], key: str, default: int, low: int, high: int
     return value
 
 
+def image_name(image: str) -> str:
+    """An image reference's name: ``[registry[:port]/]path/name[:tag][@digest]`` -> ``name``."""
+    return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """How to run functions: an image, where the code goes, how to install its deps, how to run it."""
@@ -98,7 +103,7 @@ class Runtime:
         if not image or len(image) > 256 or any(c.isspace() for c in image):
             raise ValidationError("field 'image' must be a non-empty image reference without spaces")
         # The main seed registers runtimes without a name: they are known by their image's name.
-        name = check_name(data.get("name", image.split(":")[0].split("/")[-1]), "runtime name")
+        name = check_name(data.get("name", image_name(image)), "runtime name")
         raw_path = _check_str(data, "path", "/ws")
         path = posixpath.normpath(raw_path) if raw_path.startswith("/") else ""
         if (not path or ".." in raw_path.split("/") or path in ("/", "//") or len(raw_path) > cls.MAX_PATH

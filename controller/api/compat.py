@@ -11,12 +11,15 @@ Forwarder seed: POST /register, GET /list_endpoints, GET /ping -> pong, GET /ver
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from aiohttp import web
 
 from controller.api.common import json_object, json_response, multipart_file, part_chunks, service, upload_name
-from controller.errors import BadRequest, Missing
+from controller.errors import BadRequest, Busy, Missing
+from controller.service import Service
+from controller.store import MAX_ENDPOINTS
 from shoal import __version__
 from shoal.models import check_name
 
@@ -96,17 +99,30 @@ async def register_endpoint(request: web.Request) -> web.Response:
     if not isinstance(endpoint, str):
         raise BadRequest("endpoint_id must be a string")
     check_name(endpoint, "endpoint_id")
-    url = service(request).config.node_url
-    hub_url = service(request).hub.url if url.endswith(":0") else url
+    svc = service(request)
+    if not await svc.store.register_endpoint(endpoint, time.time()):
+        raise Busy(f"{MAX_ENDPOINTS} endpoints are registered already; no more are recorded", retry_after=60)
     # `curve`: the link is encrypted with keys derived from the node token (shoal/auth.py).
-    return json_response({"endpoint_id": endpoint, "task_url": hub_url, "result_url": hub_url,
-                          "command_port": hub_url, "curve": bool(service(request).config.node_token)})
+    return json_response({"endpoint_id": endpoint, **link_urls(svc), "curve": bool(svc.config.node_token)})
+
+
+def link_urls(svc: Service) -> dict[str, str]:
+    """Where a node connects: the address the link is advertised at (its bound one when not set; the port picked
+    when bound to port 0). Every role of the forwarder seed's three is the one ZMQ link."""
+    url = svc.config.node_url
+    hub_url = svc.hub.url if url.endswith(":0") else url
+    return {"task_url": hub_url, "result_url": hub_url, "command_port": hub_url}
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    hub = service(request).hub
-    return json_response({n.node_id: {"task_url": hub.url, "result_url": hub.url,
-                                          "state": n.to_dict()["state"]} for n in hub.nodes.values()})
+    """The endpoint mappings: every endpoint that registered (``registered``, the last time, unix seconds) and
+    every node the controller knows, with its state (``registered`` for one that has not connected yet)."""
+    svc = service(request)
+    registered = await svc.store.list_endpoints()
+    nodes = {n.node_id: n.to_dict()["state"] for n in svc.hub.nodes.values()}
+    return json_response({endpoint: {**link_urls(svc), "state": nodes.get(endpoint, "registered"),
+                                     "registered": registered.get(endpoint)}
+                          for endpoint in sorted({*registered, *nodes})})
 
 
 async def ping(request: web.Request) -> web.Response:

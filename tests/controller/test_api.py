@@ -61,10 +61,29 @@ def test_forwarder_seed_routes(cluster: LocalCluster) -> None:
     status, reg, _ = cluster.request("POST", "/register", {"endpoint_id": "ep-1", "redis_url": "redis://x"})
     assert status == 200 and reg["endpoint_id"] == "ep-1"
     assert reg["task_url"].startswith("tcp://127.0.0.1:") and reg["result_url"] == reg["task_url"]
+    # The mappings: the endpoint that registered (not connected: "registered") and the nodes (each registered as
+    # itself when it started), all with the URLs /register answers.
     endpoints = cluster.get("/list_endpoints")
-    assert set(endpoints) == set(cluster.node_ids)
+    assert set(endpoints) == {"ep-1", *cluster.node_ids}
+    assert endpoints["ep-1"]["state"] == "registered" and endpoints["ep-1"]["registered"] > 0
+    assert all(e["task_url"] == e["result_url"] == e["command_port"] == reg["task_url"] for e in endpoints.values())
     cluster.wait_nodes(len(cluster.node_ids))  # (a node briefly silent under load is not ready meanwhile)
     assert cluster.get("/list_endpoints")[cluster.node_ids[0]]["state"] == "ready"
+
+
+def test_the_link_urls_are_the_advertised_address_else_the_bound_one() -> None:
+    from types import SimpleNamespace
+
+    from controller.api.compat import link_urls
+    from controller.config import ControllerConfig
+
+    def urls(**config: Any) -> set[str]:
+        svc: Any = SimpleNamespace(config=ControllerConfig(**config), hub=SimpleNamespace(url="tcp://0.0.0.0:41234"))
+        return set(link_urls(svc).values())
+
+    assert urls(zmq_bind="tcp://0.0.0.0:5555", zmq_advertise="tcp://ctl-1.example:5555") == {"tcp://ctl-1.example:5555"}
+    assert urls(zmq_bind="tcp://127.0.0.1:5555") == {"tcp://127.0.0.1:5555"}
+    assert urls(zmq_bind="tcp://0.0.0.0:0") == {"tcp://0.0.0.0:41234"}  # the port the hub was given
 
 
 def test_sync_async_states_listing_and_cancel(cluster: LocalCluster) -> None:

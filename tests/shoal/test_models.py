@@ -18,6 +18,13 @@ def test_seed_runtime_without_a_name_is_named_after_its_image() -> None:
     assert Runtime.from_dict({"image": "img", "path": "//srv//app/"}).path == "/srv/app"
 
 
+@pytest.mark.parametrize("image", ["pythonruntime", "pythonruntime:3.11", "localhost:5000/pythonruntime",
+                                   "registry.example:5000/team/pythonruntime:1.0",
+                                   "pythonruntime@sha256:" + "ab" * 32, "host:5000/pythonruntime:2@sha256:00"])
+def test_a_runtime_is_named_after_its_images_name_not_its_registry_tag_or_digest(image: str) -> None:
+    assert Runtime.from_dict({"image": image}).name == "pythonruntime"
+
+
 @pytest.mark.parametrize(
     "data",
     [None, [], {"image": ""}, {"image": 5}, {"image": "a b"}, {"image": "img", "path": "relative"},
