@@ -49,7 +49,9 @@ from typing import Any
 from shoal.protocol import (
     MAX_JSON_DEPTH,
     MAX_RESULT_MESSAGE,
+    MAX_RUNNER_MESSAGE,
     Message,
+    MessageTooLarge,
     Msg,
     ProtocolError,
     RunnerStream,
@@ -161,7 +163,9 @@ def run_command(args: Any, cwd: str, env: dict[str, str], stdin: bytes,
         proc.stdin.close()
     exited_at: float | None = None
     try:
-        while sinks:
+        # Until both pipes end and it exits: one that closed its stdout and stderr may still be working (the
+        # call's timeout bounds it); one that exited but left a child holding the pipes ends the call.
+        while sinks or proc.poll() is None:
             if exited_at is None and proc.poll() is not None:
                 exited_at = time.monotonic()
             if exited_at is not None and time.monotonic() - exited_at > PIPE_GRACE:
@@ -301,8 +305,11 @@ class FdCapture:
 
 
 class Runner:
-    def __init__(self, capture: FdCapture | None = None) -> None:
+    def __init__(self, capture: FdCapture | None = None, sweep: bool = False) -> None:
         self.capture = capture  # the process's fds captured (the real runner); None: sys.stdout only (tests)
+        # After each command: kill every other process of the container (see sweep_strays). The real runner
+        # only, in its container: anywhere else that would signal every process its user may.
+        self.sweep = sweep
         self.path = "/"
         self.style = "command"
         self.handler: Callable[[Any], Any] | None = None
@@ -436,11 +443,16 @@ class Runner:
             if params_file is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(params_file)
+            if self.sweep:
+                sweep_strays()
         reply: dict[str, Any] = {"call_id": call_id, "ok": code == 0, "stdout": _clipped(out), "stderr": err.text()}
         what = f"{self.shell_cmd or ' '.join(self.argv or [])!r}"
         if code != 0:
-            reply["error"] = {"type": "NonZeroExit", "message": f"{what} exited with status {code}",
-                              "traceback": err.text()}
+            ended = f"was killed by {_signal_name(-code)}" if code < 0 else \
+                f"exited with status {code}"
+            if self.shell_cmd is not None and 128 < code < 128 + 65:
+                ended += f" (the shell's way of saying its command was killed by {_signal_name(code - 128)})"
+            reply["error"] = {"type": "NonZeroExit", "message": f"{what} {ended}", "traceback": err.text()}
         elif out.dropped:
             reply["ok"] = False
             reply["error"] = {"type": "ResultTooLarge", "traceback": "",
@@ -450,6 +462,24 @@ class Runner:
             stdout = out.data().decode("utf-8", "replace")
             reply["result"] = stdout[:-1] if stdout.endswith("\n") else stdout
         return reply
+
+
+def sweep_strays() -> None:
+    """Kill every process of this container but its init and this runner: what a command left running outside
+    its session (``setsid``, a double fork), which the group kill of run_command does not reach. A command runs
+    anew each call; nothing of it is meant to outlive it (a leftover that forks fills the container's process
+    limit, and every later call would fail). ``kill(-1)`` spares the namespace's init and the caller."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing else runs
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _clipped(out: Output) -> str:
@@ -462,7 +492,8 @@ def serve(sock_path: str) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(sock_path)
     conn.sendall(pack_runner(Msg.R_HELLO, {"pid": os.getpid()}))
-    runner = Runner(FdCapture())
+    # The container's command, under its init (docker's --init, PID 1 of its own namespace): there only, a sweep.
+    runner = Runner(FdCapture(), sweep=os.getppid() == 1)
     stream = RunnerStream()
     while True:
         data = stream.read(conn)
@@ -501,19 +532,28 @@ def pack_result(reply: dict[str, Any]) -> bytes:
     protocol's, checked only when the message has that many brackets), fails the call instead."""
     too_deep = {"type": "ResultTooDeep", "message": f"the result is nested deeper than {MAX_JSON_DEPTH - 1} levels",
                 "traceback": ""}
+    value = reply.get("result")
+    error: dict[str, Any] = too_deep
+    size = ""  # set: too large, and how large
     try:
-        packed = pack_runner(Msg.R_RESULT, reply, strict=True)
-        if len(packed) > MAX_RESULT_MESSAGE:
-            error = {"type": "ResultTooLarge", "traceback": "",
-                     "message": f"the result takes {len(packed)} bytes as JSON; at most {MAX_RESULT_MESSAGE}"}
-        elif packed.count(b"[") + packed.count(b"{") <= MAX_JSON_DEPTH or not nested_deeper_than(reply, MAX_JSON_DEPTH):
-            return packed
+        if isinstance(value, str | bytes) and len(value) > MAX_RESULT_MESSAGE:
+            size = f"{len(value)} characters"  # (seen without encoding it, and copying it, first)
         else:
-            error = too_deep
+            packed = pack_runner(Msg.R_RESULT, reply, strict=True)
+            if len(packed) > MAX_RESULT_MESSAGE:
+                size = f"{len(packed)} bytes as JSON"
+            elif (packed.count(b"[") + packed.count(b"{") <= MAX_JSON_DEPTH
+                  or not nested_deeper_than(reply, MAX_JSON_DEPTH)):
+                return packed
     except RecursionError:
-        error = too_deep
-    except Exception as exc:  # noqa: BLE001 - JSON cannot carry the result (NaN, an object; a user type raising)
-        error = error_info(exc)
+        pass  # too deep
+    except MessageTooLarge:
+        size = f"more than {MAX_RUNNER_MESSAGE} bytes as JSON"
+    except BaseException as exc:  # noqa: BLE001 - JSON cannot carry it (NaN, an object; a user type raising, even
+        error = error_info(exc)   # SystemExit from its items(): the runner must live on to answer)
+    if size:
+        error = {"type": "ResultTooLarge", "traceback": "",
+                 "message": f"the result takes {size}; at most {MAX_RESULT_MESSAGE}"}
     reply.pop("result", None)
     reply.update(ok=False, error=error)
     return pack_runner(Msg.R_RESULT, reply)

@@ -36,7 +36,18 @@ from miniworker.errors import ContainerError, LoadError, MiniworkerError, Runner
 from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
 from shoal.logs import configure, get_logger
-from shoal.protocol import UNIX_PATH_MAX, Message, Msg, ProtocolError, RunnerStream, pack_runner, zmq_readable
+from shoal.protocol import (
+    MAX_RESULT_MESSAGE,
+    MAX_RUNNER_MESSAGE,
+    UNIX_PATH_MAX,
+    Message,
+    MessageTooLarge,
+    Msg,
+    ProtocolError,
+    RunnerStream,
+    pack_runner,
+    zmq_readable,
+)
 
 #: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
 RUNNER_SEND_TIMEOUT = 30.0
@@ -81,7 +92,8 @@ class Miniworker:
         self.container = Container(spec)
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
-        self.stream = RunnerStream()
+        self.stream = RunnerStream(MAX_RESULT_MESSAGE)  # no more than a result may take (the runner checks, but
+        # the function's code runs in its process and can undo that check, or write to the socket itself)
         self.loaded: str | None = None
         self.call: ActiveCall | None = None
         self.held: dict[str, Any] | None = None  # the MW_CALL header of the call to run next
@@ -372,6 +384,15 @@ class Miniworker:
             return
         try:
             messages = self.stream.feed(data)
+        except MessageTooLarge as exc:  # refused before it is read whole: this process's memory stays bounded
+            self.log.error("protocol_error", source="runner", error=str(exc))
+            if exc.size > MAX_RUNNER_MESSAGE:  # more than a runner can send: bytes that are not a message
+                self.on_runner_gone(f"runner broke the protocol: {exc}")
+                return
+            self._kill_and_end("FAILED", {"type": "ResultTooLarge", "message": f"the runner sent a message of "
+                                          f"{exc.size} bytes; a result takes at most {MAX_RESULT_MESSAGE} (the "
+                                          "function undid the runner's bound?); its container was replaced"})
+            return
         except ProtocolError as exc:
             self.log.error("protocol_error", source="runner", error=str(exc))
             self.on_runner_gone(f"runner broke the protocol: {exc}")
@@ -452,18 +473,36 @@ class Miniworker:
     def check_disk(self) -> None:
         """The container's code and work directories are on the host's disk, with no quota (overlay2 has none):
         a function that writes more than the node allows there loses its container, and its call fails."""
-        used = tree_bytes(Path(self.spec.workdir))
         limit = self.spec.limits.disk_mb << 20
+        used = tree_bytes(Path(self.spec.workdir), stop_above=limit)
         if used <= limit:
             return
         self.log.warning("disk_limit_exceeded", used_mb=used >> 20, limit_mb=self.spec.limits.disk_mb,
                          call_id=self.call.call_id if self.call else None)
         self._kill_and_end("FAILED", {
             "type": "DiskLimit",
-            "message": f"its directories (code, dependencies, what it wrote) hold {used >> 20} MB, over this node's "
-                       f"limit of {self.spec.limits.disk_mb} MB (SHOAL_AGENT_CONTAINER_DISK_MB); its container "
-                       "was replaced",
+            "message": f"its directories (code, dependencies, what it wrote) hold at least {used >> 20} MB, more "
+                       f"than this node's limit of {self.spec.limits.disk_mb} MB (SHOAL_AGENT_CONTAINER_DISK_MB); its "
+                       "container was replaced",
         })
+
+    def _wait_for_exit(self) -> None:
+        """Give the engine up to RUNNER_EXIT_WAIT to record the container's exit, saying MW_HEARTBEAT to the broker
+        every heartbeat meanwhile (it takes a miniworker silent past its liveness for lost, and would run the call
+        again). A container whose runner closed its socket but runs on (the function's code did it) never exits:
+        the wait ends at its bound, and the container goes with this miniworker."""
+        assert self.container.id is not None
+        deadline = time.monotonic() + RUNNER_EXIT_WAIT
+        while True:
+            try:
+                self.container.api.wait(self.container.id, timeout=max(0.1, min(self.spec.heartbeat,
+                                                                               deadline - time.monotonic())))
+                return
+            except ENGINE_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    self.log.debug("container_wait_failed", error=str(exc))
+                    return
+            self.send(Msg.MW_HEARTBEAT, {})
 
     def on_runner_gone(self, reason: str | None = None) -> None:
         """The runner's connection closed (``reason`` None: the engine says why), or what came on it broke the
@@ -473,24 +512,30 @@ class Miniworker:
             # The runner's process is gone (or closed its socket and will not be heard again): let the engine
             # record the container's exit before asking why. A loaded engine can take seconds to.
             if self.container.id is not None:
-                try:
-                    self.container.api.wait(self.container.id, timeout=RUNNER_EXIT_WAIT)
-                except ENGINE_ERRORS as exc:
-                    self.log.debug("container_wait_failed", error=str(exc))
+                self._wait_for_exit()
             reason = self.container.exit_reason()
         self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
         self._end_call("FAILED", {"type": error_type, "message": reason})
 
 
-def tree_bytes(root: Path) -> int:
-    """Disk space the files under ``root`` take (allocated blocks: a sparse file counts for what it holds)."""
+#: What an entry (a file, a directory, a link) counts for at least: an inode and a block are disk too (a million
+#: empty directories or files hold gigabytes of a filesystem's blocks, or all of its inodes).
+ENTRY_BYTES = 4096
+
+
+def tree_bytes(root: Path, stop_above: int | None = None) -> int:
+    """Disk space the entries under ``root`` take: allocated blocks (a sparse file counts for what it holds), at
+    least ENTRY_BYTES each. The walk stops once the total is over ``stop_above``: a tree of millions of entries
+    is known to be over the limit long before it is walked whole (the walk holds this process's loop)."""
     total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    for dirpath, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
             try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                total += max(ENTRY_BYTES, os.lstat(os.path.join(dirpath, name)).st_blocks * 512)
             except FileNotFoundError:
                 continue  # removed while the tree was walked
+            if stop_above is not None and total > stop_above:
+                return total
     return total
 
 

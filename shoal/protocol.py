@@ -65,6 +65,14 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol. The receiver drops it and logs why."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message over the size its sender may send or its receiver takes (``size``: its size, in bytes)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 class Msg:
     """Message type tags. Kept short: they are on every frame."""
 
@@ -336,7 +344,8 @@ def pack_runner(mtype: bytes, header: dict[str, Any], strict: bool = False) -> b
     _validate(mtype, header)
     body = mtype + b"\0" + dumps(header, strict)
     if len(body) > MAX_RUNNER_MESSAGE:
-        raise ProtocolError(f"{mtype.decode()}: message of {len(body)} bytes exceeds {MAX_RUNNER_MESSAGE}")
+        raise MessageTooLarge(f"{mtype.decode()}: message of {len(body)} bytes exceeds {MAX_RUNNER_MESSAGE}",
+                              len(body))
     return _LEN.pack(len(body)) + body
 
 
@@ -361,9 +370,12 @@ RUNNER_READ_SIZE = 1 << 20
 
 
 class RunnerStream:
-    """Reassembles length-prefixed runner messages from a byte stream (either side of the socket)."""
+    """Reassembles length-prefixed runner messages from a byte stream (either side of the socket), each at most
+    ``limit`` bytes (the miniworker takes no more than a result may be from the runner, whose process runs the
+    function's code: what the runner checks, that code can undo)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_RUNNER_MESSAGE) -> None:
+        self.limit = limit
         self._buf = bytearray()
         self._view: memoryview | None = None  # of the read buffer, made at the first read
 
@@ -379,8 +391,8 @@ class RunnerStream:
         out: list[Message] = []
         while len(self._buf) >= _LEN.size:
             (size,) = _LEN.unpack_from(self._buf)
-            if size > MAX_RUNNER_MESSAGE:
-                raise ProtocolError(f"runner message of {size} bytes exceeds {MAX_RUNNER_MESSAGE}")
+            if size > self.limit:
+                raise MessageTooLarge(f"runner message of {size} bytes exceeds {self.limit}", size)
             end = _LEN.size + size
             if len(self._buf) < end:
                 break

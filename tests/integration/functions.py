@@ -37,6 +37,10 @@ CHAOS = {
         "        with open('fill.bin', 'wb') as f:\n"
         "            f.write(b'x' * (params['mb'] << 20))\n"
         "        time.sleep(params['s'])\n"
+        "    if what == 'dirs':\n"
+        "        for i in range(params['n']):\n"
+        "            os.mkdir('d%d' % i)\n"
+        "        time.sleep(params['s'])\n"
         "    if what == 'big':\n"
         "        return 'x' * params['n']\n"
         "    if what == 'deep':\n"
@@ -66,6 +70,35 @@ RUDE = {
         "    return 'after the bytes'\n"
     )
 }
+
+# What a function can do to its runner from inside its process: close the runner's socket and work on, or undo
+# the runner's bound on results and return a larger one.
+HOSTILE = {
+    "handler.py": (
+        "import os, stat, sys, time\n"
+        "def handler(params):\n"
+        "    what = params.get('do')\n"
+        "    if what == 'unplug':\n"
+        "        for fd in range(3, 256):\n"
+        "            try:\n"
+        "                if stat.S_ISSOCK(os.fstat(fd).st_mode):\n"
+        "                    os.close(fd)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "        time.sleep(params['s'])\n"
+        "    if what == 'bloat':\n"
+        "        sys.modules['__main__'].MAX_RESULT_MESSAGE = 1 << 40\n"
+        "        return 'x' * params['n']\n"
+        "    return 'fine'\n"
+    )
+}
+
+# A command that leaves a process behind outside its session (the group kill after a command misses it).
+ESCAPE = {"escape.py": (
+    "import subprocess, sys\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True,\n"
+    "                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "print('escaped')\n")}
 
 # The fourth seed's style: a plain string argument as argv[1], stdout as the result.
 UPPER = {"upper.py": "import sys\nprint(sys.argv[1].upper())\n"}

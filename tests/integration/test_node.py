@@ -19,7 +19,7 @@ from shoal.localnode import SEED_RUNTIME, LocalNode
 from shoal.models import Runtime
 from shoal.protocol import MAX_JSON_DEPTH, PROTOCOL_VERSION, Msg, pack_runner
 from tests.conftest import node_containers
-from tests.integration.functions import CHAOS, DICE, ECHO, RUDE, SLOW, UPPER
+from tests.integration.functions import CHAOS, DICE, ECHO, ESCAPE, HOSTILE, RUDE, SLOW, UPPER
 from tests.shoal.test_archive import zip_loop
 from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http
 
@@ -571,11 +571,44 @@ def test_a_function_that_fills_its_directory_past_the_nodes_limit_loses_its_cont
     (before,) = node_containers(docker_client, node.node_id)
     filled = node.call("chaos", {"do": "fill", "mb": 32, "s": 60}, timeout=120)
     assert filled["status"] == "FAILED" and filled["error"]["type"] == "DiskLimit", filled
-    assert "over this node's limit of 16 MB" in filled["error"]["message"]
+    assert "more than this node's limit of 16 MB" in filled["error"]["message"]
     # The pool heals with a new container and the function serves on.
     wait_until(node, lambda: len(miniworkers(node, "chaos@1", "idle")) == 1, what="the pool to heal")
     assert before not in node_containers(docker_client, node.node_id)
     assert node.call("chaos", {})["status"] == "DONE"
+    # Empty directories hold no data blocks, but they are disk (blocks, inodes): they used to count for nothing.
+    filled = node.call("chaos", {"do": "dirs", "n": 6000, "s": 60}, timeout=120)
+    assert filled["status"] == "FAILED" and filled["error"]["type"] == "DiskLimit", filled
+
+
+def test_what_a_function_does_to_its_runner_fails_its_call_once_with_the_reason(make_node) -> None:
+    """The function's code shares the runner's process. Closing the runner's socket and working on used to hold
+    the miniworker in a 10 s wait with no heartbeat: the broker took it for lost and ran the call again. Undoing
+    the runner's bound on results used to send the agent a result it drops: the call waited for its timeout."""
+    node = make_node("function")
+    node.deploy("hostile", HOSTILE, entrypoint="handler:handler")
+    assert node.call("hostile", {})["status"] == "DONE"
+    unplugged = node.call("hostile", {"do": "unplug", "s": 30}, timeout=120)
+    assert unplugged["status"] == "FAILED" and unplugged["attempts"] == 1, unplugged
+    assert unplugged["error"]["type"] == "ContainerExited", unplugged
+    assert "its runner closed the connection" in unplugged["error"]["message"], unplugged
+    bloated = node.call("hostile", {"do": "bloat", "n": 20 << 20}, timeout=120)
+    assert bloated["status"] == "FAILED" and bloated["attempts"] == 1, {k: v for k, v in bloated.items()
+                                                                          if k != "result"}
+    assert bloated["error"]["type"] == "ResultTooLarge", bloated["error"]
+    assert node.call("hostile", {})["status"] == "DONE"  # the pool healed
+    assert node.proc is not None and node.proc.poll() is None
+
+
+def test_a_commands_leftover_processes_do_not_outlive_its_call(make_node, docker_client) -> None:
+    node = make_node("function")
+    node.add_runtime(name="escape-rt", run="python3 escape.py", dependencies="")
+    node.deploy("escape", ESCAPE, runtime="escape-rt", min_warm=1, max_warm=1)
+    for _ in range(2):  # the container stays warm: what the first call left is gone before the second
+        r = node.call("escape", None)
+        assert r["status"] == "DONE" and r["result"] == "escaped", r
+        processes = docker_client.containers.get(r["container_id"]).top()["Processes"]
+        assert not [p for p in processes if "sleep(600)" in " ".join(p)], processes
 
 
 def test_a_running_agent_sweeps_containers_no_live_miniworker_owns(make_node, docker_client) -> None:

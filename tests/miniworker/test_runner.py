@@ -39,8 +39,11 @@ def test_a_result_is_carried_up_to_the_depth_every_process_can_decode() -> None:
 
 def test_a_result_too_large_for_the_way_back_fails_the_call() -> None:
     assert call(lambda p: "x" * (MAX_RESULT_MESSAGE - 1000))["ok"] is True
-    failed = call(lambda p: "x" * MAX_RESULT_MESSAGE)
-    assert failed["ok"] is False and failed["error"]["type"] == "ResultTooLarge" and "result" not in failed
+    for result in ("x" * MAX_RESULT_MESSAGE, "x" * (MAX_RESULT_MESSAGE + 1),  # (the latter seen without encoding)
+                   ["x" * (40 << 20), "y" * (40 << 20)]):  # past what one runner message holds at all
+        failed = call(lambda p, r=result: r)
+        assert failed["ok"] is False and failed["error"]["type"] == "ResultTooLarge" and "result" not in failed
+        assert f"at most {MAX_RESULT_MESSAGE}" in failed["error"]["message"], failed["error"]
 
 
 def test_a_result_json_cannot_carry_fails_the_call_with_the_reason() -> None:
@@ -76,6 +79,11 @@ class Exploding(dict):
         raise RuntimeError("cannot be listed")
 
 
+class ExitingItems(dict):
+    def items(self) -> Any:
+        raise SystemExit(3)
+
+
 def test_what_user_code_does_to_its_answer_fails_the_call_not_the_runner() -> None:
     """Each of these used to escape the runner: its container exited, and the call's real error and logs were
     lost (FAILED ContainerExited), the warm container with them."""
@@ -90,6 +98,9 @@ def test_what_user_code_does_to_its_answer_fails_the_call_not_the_runner() -> No
     failed = call(writes_bytes)
     assert failed["ok"] is False and failed["error"]["type"] == "TypeError" and "str" in failed["error"]["message"]
     assert call(lambda p: Exploding(a=1))["ok"] is False
+    # A BaseException from the result's own code, raised while it is encoded, used to end the runner.
+    failed = call(lambda p: ExitingItems(a=1))
+    assert failed["ok"] is False and failed["error"]["type"] == "SystemExit" and "result" not in failed
     for value in (math.nan, math.inf, [1.0, -math.inf]):  # not JSON: they used to go on as null or as NaN
         failed = call(lambda p, v=value: v)
         assert failed["ok"] is False and "result" not in failed and "JSON" in failed["error"]["message"], failed
@@ -118,6 +129,18 @@ def test_command_style_params_argv_and_output_bounds(tmp_path: Path) -> None:
     huge = command(f"{sys.executable} -c \"import os; [os.write(1, b'o' * 2**20) for _ in range(20)]\"", None,
                    tmp_path)
     assert huge["ok"] is False and huge["error"]["type"] == "ResultTooLarge" and "result" not in huge
+
+    # A command that closes its stdout and stderr and works on is waited for (it used to be killed at once, and
+    # its call failed "exited with status -9"); one killed by a signal says which.
+    closing = (f"{sys.executable} -c \"import os, time; print(42, flush=True); os.close(1); os.close(2); "
+               f"time.sleep(0.3); open('finished', 'w').close()\"")
+    done = command(closing, None, tmp_path)
+    assert done["ok"] is True and done["result"] == "42" and (tmp_path / "finished").exists(), done
+    (tmp_path / "die.py").write_text("import os\nos.kill(os.getpid(), 9)\n")
+    killed = command(f"{sys.executable} die.py", None, tmp_path)
+    assert killed["ok"] is False and killed["error"]["message"].endswith("die.py' was killed by SIGKILL"), killed
+    killed = command(f"{sys.executable} die.py && true", None, tmp_path)  # through a shell: 128 + 9
+    assert "status 137 (the shell's way of saying its command was killed by SIGKILL)" in killed["error"]["message"]
 
     # A child left running does not hold the call (it used to wait for the child to close the pipes), and does
     # not outlive it.

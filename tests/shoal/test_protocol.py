@@ -134,3 +134,14 @@ def test_the_depth_of_a_deep_or_wide_document_is_read_from_its_text() -> None:
     assert not text_nested_deeper_than(b'["' + b"[" * 500 + b'\\"[["]', 200)  # brackets in a string do not nest
     wide = b"[" + b",".join([b"[" * 199 + b"]" * 199] * 4000) + b"]"  # 1.6 MB: walking its value took ~0.7 s
     assert not text_nested_deeper_than(wide, 200) and text_nested_deeper_than(wide, 199)
+
+
+def test_a_runner_stream_refuses_a_message_over_its_limit_by_its_length_alone() -> None:
+    """The miniworker takes no more than a result may be: refused on the length prefix, before the body is read
+    (its memory stays bounded whatever the runner's process sends)."""
+    message = protocol.pack_runner(Msg.R_RESULT, {"call_id": "c1", "ok": True, "result": "x" * 100})
+    stream = protocol.RunnerStream(limit=len(message) - 5)
+    with pytest.raises(protocol.MessageTooLarge) as raised:
+        stream.feed(message[:4])  # the prefix only
+    assert raised.value.size == len(message) - 4
+    assert [m.header["result"] for m in protocol.RunnerStream(limit=len(message) - 4).feed(message)] == ["x" * 100]
