@@ -52,6 +52,8 @@ def create_app(config: ControllerConfig) -> web.Application:
         store = Store(redis, config.retention, config.redis_url, metrics, timeout=config.redis_timeout)
         store.start()
         blobs = BlobStore(config.blob_dir)
+        if swept := blobs.sweep():
+            log.info("upload_leftovers_removed", count=swept)
         hub = Hub(config, store, blobs, metrics)
         dispatcher = Dispatcher(config, store, hub, metrics)
         # Recovered before the hub reads its socket: a HELLO handled while the store is read would find none of

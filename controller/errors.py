@@ -54,6 +54,13 @@ class Busy(ApiError):
 
 
 
+class InsufficientStorage(ApiError):
+    """The controller's disk cannot take the archive now (full, or failing): nothing was kept (HTTP 507)."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class StoreError(ApiError):
     """Redis refused or lost a write: the request is not accepted (HTTP 503); nothing was given an id."""
 

@@ -191,6 +191,9 @@ class Hub:
         running = string_set(h.get("running"), "HELLO running")
         functions = string_set(h.get("functions"), "HELLO functions")
         runtimes = string_set(h.get("runtimes"), "HELLO runtimes")
+        # A node saying HELLO (restarted, or catching up after a gap) starts its transfers over after our WELCOME:
+        # what we were sending it is dropped (it held its blob mapped until the node was lost).
+        self.archives.forget(node_id)
         node = self.nodes.get(node_id)
         if node is None:
             node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))

@@ -18,11 +18,11 @@ from redis.exceptions import RedisError
 from controller import keys
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
-from controller.errors import BadRequest, Conflict, Missing, StoreError, TooLarge
+from controller.errors import BadRequest, Conflict, InsufficientStorage, Missing, StoreError, TooLarge
 from controller.hub import Hub, function_message
 from controller.metrics import ControllerMetrics
 from controller.store import Store
-from shoal.archive import ArchiveLimits, extract_archive
+from shoal.archive import RESOURCE_ERRNOS, ArchiveLimits, extract_archive
 from shoal.blobs import BlobStore
 from shoal.errors import ArchiveError, ValidationError
 from shoal.logs import get_logger
@@ -42,6 +42,7 @@ class Service:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
+        self.verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
 
     # ---- runtimes ------------------------------------------------------------------------------
     async def register_runtime(self, data: Any) -> Runtime:
@@ -72,15 +73,23 @@ class Service:
         spec_fields = dict(options, name=name, runtime=runtime)
         # The options first: a refused upload keeps nothing, and nothing is read for a request that is refused.
         FunctionSpec.from_dict(dict(spec_fields, version=1, sha256="0" * 64, size=1))
-        fd, tmp_name = tempfile.mkstemp(dir=self.blobs.root, prefix=".upload-")
-        os.close(fd)
-        tmp = Path(tmp_name)
         try:
-            sha, size = await self._receive_archive(chunks, tmp)
-            await asyncio.to_thread(self._verify_archive, tmp)
-            self.blobs.adopt(tmp, sha)
-        finally:
-            tmp.unlink(missing_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self.blobs.root, prefix=".upload-")
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                sha, size = await self._receive_archive(chunks, tmp)
+                async with self.verifying:  # each check expands the archive: bounded, so is the disk it takes
+                    await asyncio.to_thread(self._verify_archive, tmp)
+                await asyncio.to_thread(self.blobs.adopt, tmp, sha)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRNOS:
+                raise
+            # The controller's disk (full, failing): not the client's archive, and it may pass.
+            log.error("archive_not_stored", function=name, error=str(exc))
+            raise InsufficientStorage(f"the controller cannot store the archive now: {exc.strerror or exc}") from None
         record = await self.store.add_version(dict(spec_fields, sha256=sha, size=size, original_name=original_name))
         self.hub.broadcast(Msg.FUNCTION, function_message(record))
         return record
@@ -311,6 +320,7 @@ class Service:
 
 
 TERMINAL_STATES = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
+VERIFY_AT_ONCE = 2  # uploads checked at the same time (each expands its archive in a scratch tree)
 UNCREATE_RETRY_FIRST = 0.25  # seconds before a failed undo of a creation is tried again (doubling, up to 10 s)
 
 

@@ -88,25 +88,21 @@ class Broker:
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
-        """Send to a miniworker; False (and the miniworker is lost) if it cannot be reached."""
+        """Send to a miniworker; False (and the miniworker is lost) if it cannot be reached. One being stopped is
+        not lost but ended here (the socket does not know one spawned a moment ago, not connected yet): killed,
+        and its container, if it made one, removed by label once its exit is seen (tick)."""
         try:
             self.sock.send_multipart([h.mw_id.encode(), *protocol.encode(mtype, header)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
-            # EHOSTUNREACH: it is gone from the socket; EAGAIN: it stopped reading.
-            self.lose(h, f"cannot reach miniworker ({exc.strerror})")
+            # EHOSTUNREACH: it is gone from the socket (or not there yet); EAGAIN: it stopped reading.
+            if h.state == MwState.STOPPING:
+                self.log.info("miniworker_stopped_unreached", mw_id=h.mw_id, pool=h.pool_key, error=exc.strerror)
+                if h.proc.poll() is None:
+                    h.proc.send_signal(signal.SIGKILL)
+            else:
+                self.lose(h, f"cannot reach miniworker ({exc.strerror})")
             return False
-
-    def send_stop(self, h: MwHandle) -> None:
-        """MW_STOP to a miniworker being stopped. One the socket does not know yet (spawned a moment ago, its
-        connection not made) or that stopped reading is not lost but ended here: killed, and its container, if
-        it made one, removed by label once its exit is seen (tick)."""
-        try:
-            self.sock.send_multipart([h.mw_id.encode(), *protocol.encode(Msg.MW_STOP, {})], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self.log.info("miniworker_stopped_unreached", mw_id=h.mw_id, pool=h.pool_key, error=exc.strerror)
-            if h.proc.poll() is None:
-                h.proc.send_signal(signal.SIGKILL)
 
     # ---- calls ---------------------------------------------------------------------------------
     def candidates(self, key: str) -> tuple[str, ...]:
@@ -478,7 +474,7 @@ class Broker:
         h.reason = h.reason or "stopped by the pool"
         if give_back:
             self.requeue_ahead(h)
-        self.send_stop(h)
+        self.send(h, Msg.MW_STOP, {})
 
     def lose(self, h: MwHandle, reason: str) -> None:
         if h.state == MwState.FAILED:

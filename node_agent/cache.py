@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +27,10 @@ class NodeCache:
         self.limits = limits or ArchiveLimits()
         for sub in ("blobs", "code", "wheels", "mw", "runtimes", "trash"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        # Archives this process verified (fetched, or hashed again): one kept from before it started (a crash,
+        # a power loss) may be cut short, and its extracted tree too (nothing is synced to disk on the way).
+        self.trusted: set[str] = set()
+        self.trust_lock = threading.Lock()  # (code_dir runs in the agent's worker threads)
 
     def sweep(self) -> int:
         """Remove what an agent killed mid-work left half done: extractions and dependency resolutions (they
@@ -77,11 +82,28 @@ class NodeCache:
             raise FetchError(f"archive {sha[:12]} failed verification (got {digest.hexdigest()[:12]})")
         final = self.blob_path(sha)
         os.replace(part, final)
+        self.trusted.add(sha)
         return final
 
     def code_dir(self, sha: str) -> Path:
-        """The archive's extracted tree, extracting it (safely) on first use."""
+        """The archive's extracted tree, extracting it (safely) on first use. An archive from before this process
+        started is hashed again first, and its tree extracted anew: a damaged one is removed (FetchError, which
+        the agent takes as passing: it fetches it again), where its extraction would fail the function for good
+        (a bad archive) or, from a tree cut short, run part of its code."""
         dest = self.root / "code" / sha
+        with self.trust_lock:
+            if sha not in self.trusted:
+                blob = self.blob_path(sha)
+                digest = hashlib.sha256()
+                with open(blob, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                remove_path(dest)
+                if digest.hexdigest() != sha:
+                    blob.unlink(missing_ok=True)
+                    raise FetchError(f"the archive {sha[:12]} kept here is damaged (from before a restart); it is "
+                                     "fetched again")
+                self.trusted.add(sha)
         if not dest.is_dir():
             extract_archive(self.blob_path(sha), dest, self.limits)
         return dest

@@ -13,6 +13,7 @@ refused archive leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import lzma
@@ -87,6 +88,7 @@ class _Extractor:
         self.archive_size = archive_size
         self.files = 0
         self.written = 0
+        self.links = 0
 
     def _count(self) -> None:
         self.files += 1
@@ -139,6 +141,24 @@ class _Extractor:
         path = self.target(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(link_target, path)
+        self.links += 1
+
+    def check_links(self) -> None:
+        """Every link, now that the tree is whole, resolves inside it on disk. Each was checked as text when it
+        was made, but a link can climb through another: ``d/x -> ..`` is the tree itself, so ``p -> d/x/..``
+        (``d`` as text) is the tree's parent, and a chain of such links reaches ``/`` (a ``requirements.txt``
+        pointing there was read, as root, by the node preparing the function)."""
+        if not self.links:
+            return
+        root = os.path.realpath(self.root)
+        for dirpath, dirnames, filenames in os.walk(self.root):  # (links to directories are listed, not followed)
+            for name in (*dirnames, *filenames):
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    real = os.path.realpath(path)
+                    if real != root and not real.startswith(root + os.sep):
+                        rel = os.path.relpath(path, self.root)
+                        raise ArchiveError(f"symlink {rel!r} resolves outside the tree (through other links)")
 
 
 def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
@@ -199,8 +219,15 @@ def _extract_tar(stream: BinaryIO, ex: _Extractor) -> None:
             raise ArchiveError(f"corrupt tar archive: {exc}") from None
 
 
+#: Errors of the host, not of the archive: extraction raises them as they are (OSError), so that a node prepares the
+#: function again later and the controller answers 507, where an ArchiveError fails the function for good (400).
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                             errno.EROFS})
+
+
 def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> Path:
-    """Extract ``archive`` into ``dest`` (which must not exist yet) safely; return ``dest``."""
+    """Extract ``archive`` into ``dest`` (which must not exist yet) safely; return ``dest``. An archive that cannot
+    be used raises ArchiveError; a host that cannot extract it now (RESOURCE_ERRNOS) raises its OSError."""
     limits = limits or ArchiveLimits()
     size = archive.stat().st_size
     if size > limits.max_archive_bytes:
@@ -217,9 +244,14 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
                     _extract_zip(stream, ex)
                 else:
                     _extract_tar(stream, ex)
+            ex.check_links()
         except ArchiveError:
             raise
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError) as exc:
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise  # this host's trouble (a full disk), not the archive's: it may pass
+            raise ArchiveError(f"archive cannot be extracted: {exc}") from None
+        except (EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError) as exc:
             # A corrupt stream in a member, a file where the archive also has a directory, a name too long for
             # the filesystem, a full disk: the archive cannot be used here, and the reason says why.
             raise ArchiveError(f"archive cannot be extracted: {exc}") from None

@@ -68,21 +68,31 @@ class ArchiveServer:
             return out
         if t is None or h.get("restart"):
             if t is not None:
-                del self.transfers[key]  # its mapping goes once ZMQ has sent what it holds
-            try:
-                size = self.blobs.size(sha)
-            except NotFound as exc:
-                return [(Msg.FETCH_ERROR, {"sha256": sha[:64], "error": str(exc)}, None)]
-            if not 0 <= offset <= size:
-                return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"}, None)]
-            try:
-                mapping = _map(str(self.blobs.path(sha)), size)
-            except (OSError, ValueError) as exc:
-                return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"cannot read archive: {exc}"}, None)]
-            t = self.transfers[key] = Transfer(sha, size, mapping, offset, offset, offset - offset % mmap.PAGESIZE)
-            if size == 0:
+                # Started over: the same blob (a sha names its bytes), so the same mapping. A new one per restart
+                # kept each old one (and the descriptor it holds) alive while ZMQ held chunks of it: a node that
+                # restarted without reading could take every descriptor the controller has.
+                if not 0 <= offset <= t.size:
+                    return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"}, None)]
+                t.sent = t.acked = offset
+                t.released = min(t.released, offset - offset % mmap.PAGESIZE)
+            else:
+                try:
+                    size = self.blobs.size(sha)
+                except NotFound as exc:
+                    return [(Msg.FETCH_ERROR, {"sha256": sha[:64], "error": str(exc)}, None)]
+                if not 0 <= offset <= size:
+                    return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"offset {offset} out of range"}, None)]
+                try:
+                    mapping = _map(str(self.blobs.path(sha)), size)
+                except (OSError, ValueError) as exc:
+                    return [(Msg.FETCH_ERROR, {"sha256": sha, "error": f"cannot read archive: {exc}"}, None)]
+                t = self.transfers[key] = Transfer(sha, size, mapping, offset, offset,
+                                                   offset - offset % mmap.PAGESIZE)
+            if t.size == 0:
                 out.append((Msg.CHUNK, {"sha256": sha, "offset": 0, "last": True}, b""))
-        t.acked = max(t.acked, offset)
+        # An acknowledgement names what arrived: never past what was sent (one past it let everything go at once,
+        # whatever the credit).
+        t.acked = max(t.acked, min(offset, t.sent))
         t.release_acked()
         view = memoryview(t.map) if t.map is not None else None
         while view is not None and t.sent < t.size and t.sent - t.acked < credit * self.chunk_size:

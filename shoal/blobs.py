@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,10 +58,31 @@ class BlobStore:
             raise
 
     def adopt(self, path: Path, sha: str) -> None:
-        """Move the file at ``path`` (in this store's root, its sha256 already computed) into place."""
+        """Move the file at ``path`` (in this store's root, its sha256 already computed) into place, on disk
+        before its record is: synced, renamed, its directory synced (a version Redis keeps whose blob a power
+        loss cut short would fail on every node until uploaded again). Blocking: call it off the loop."""
         final = self.path(sha)
         final.parent.mkdir(exist_ok=True)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(path, final)
+        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sweep(self) -> int:
+        """Remove what a controller killed mid-upload left: partial uploads and verification scratch trees (up to
+        the archive limit, and its expansion, each). Only at start: no upload is under way then."""
+        removed = 0
+        for leftover in [*self.root.glob(".upload-*"), *self.root.glob(".verify-*")]:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         return self.put_stream([data])

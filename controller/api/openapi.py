@@ -22,7 +22,8 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body or archive too large",
             415: "Unsupported media type", 429: "Queue full (see Retry-After)",
-            503: "The store (Redis) is unavailable: nothing was accepted"}
+            503: "The store (Redis) is unavailable: nothing was accepted",
+            507: "The controller cannot store or check the archive now (its disk is full): nothing was kept"}
     return {str(c): _resp(text[c], ERROR) for c in codes}
 
 
@@ -102,7 +103,8 @@ DOCUMENT: dict[str, Any] = {
                     "multipart/form-data": {"schema": {"type": "object", "properties": {
                         "archive": {"type": "string", "format": "binary"}, "runtime": NAME}}},
                 }},
-                "responses": {"201": _resp("Stored", {"type": "object"}), **_errors(400, 404, 413, 415, 503)},
+                "responses": {"201": _resp("Stored", {"type": "object"}),
+                              **_errors(400, 404, 413, 415, 503, 507)},
             },
             "get": {"summary": "Get a function", "responses": {"200": _resp("Function", {"type": "object"}),
                                                                **_errors(404)}},

@@ -161,8 +161,12 @@ def test_a_nodes_status_and_hello_are_checked_before_they_change_anything(tmp_pa
             with pytest.raises(ProtocolError):
                 hello(**bad_hello)
         assert "n2" not in hub.nodes and not dispatcher.hellos
+        # A transfer to n2 under way: its HELLO (a restart) drops it; the node starts it over after WELCOME.
+        sha, _ = hub.archives.blobs.put_bytes(b"x" * (3 << 20))
+        assert hub.archives.on_fetch("n2", {"sha256": sha, "offset": 0, "credit": 1, "restart": True})
+        assert ("n2", sha) in hub.archives.transfers
         hello(running=["c"], functions=["f@1"])
-        assert dispatcher.hellos == [{"c"}] and hub.nodes["n2"].ready == {"f@1"}
+        assert dispatcher.hellos == [{"c"}] and hub.nodes["n2"].ready == {"f@1"} and not hub.archives.transfers
 
     asyncio.run(scenario())
 

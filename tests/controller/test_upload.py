@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import tarfile
@@ -14,14 +15,14 @@ from typing import Any
 import pytest
 
 from controller.config import ControllerConfig
-from controller.errors import TooLarge
+from controller.errors import InsufficientStorage, TooLarge
 from controller.metrics import ControllerMetrics
 from controller.service import Service
 from shoal.archive import build_tar_gz
 from shoal.blobs import BlobStore
 from shoal.errors import ValidationError
 from shoal.models import Runtime
-from tests.shoal.test_archive import zip_link_member, zip_lzma_corrupt
+from tests.shoal.test_archive import climbing_links, zip_link_member, zip_lzma_corrupt
 
 
 class FakeStore:
@@ -100,6 +101,7 @@ def test_an_upload_is_verified_before_it_is_kept(tmp_path: Path) -> None:
     (b"not an archive at all", "not a zip"),
     (zip_link_member(flags=1), "encrypted"),  # RuntimeError: a 500
     (zip_lzma_corrupt(), "cannot read member"),  # lzma.LZMAError: a 500
+    (climbing_links("tar"), "resolves outside the tree"),
 ])
 def test_a_refused_archive_is_a_clear_error_and_leaves_nothing(tmp_path: Path, data: bytes, needle: str) -> None:
     svc = make_service(tmp_path)
@@ -121,3 +123,16 @@ def test_an_archive_past_the_limit_is_refused_and_its_bytes_dropped(tmp_path: Pa
     with pytest.raises(TooLarge, match="exceeds the limit"):
         upload(svc, b"\0" * ((1 << 20) + 1))
     assert files_under(svc.blobs.root) == []
+
+
+def test_a_full_disk_on_the_controller_is_a_507_and_keeps_nothing(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = make_service(tmp_path)
+
+    def full(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shoal.archive._Extractor.file", full)
+    with pytest.raises(InsufficientStorage, match="No space left on device") as raised:
+        upload(svc, build_tar_gz({"a.py": "x"}))
+    assert raised.value.status == 507 and files_under(svc.blobs.root) == []

@@ -4,6 +4,7 @@ for the package resolver and its work pool (run inline); nothing is started."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Callable
@@ -117,3 +118,52 @@ def test_an_agent_starting_removes_what_a_killed_one_left_half_done(agent: Agent
         (directory / "sub").mkdir(parents=True)
     assert agent.cache.sweep() == 2
     assert not any(d.exists() for d in half) and kept.is_dir()
+
+
+HANDLER = build_tar_gz({"handler.py": "def handler(p):\n    return p\n"})
+
+
+def test_an_archive_kept_from_before_a_restart_is_hashed_again_and_a_damaged_one_fetched_again(
+        agent: Agent, tmp_path: Path) -> None:
+    """Nothing is synced to disk on the way: after a power loss an archive can be cut short. Trusted as it was, its
+    extraction failed the function for good (a bad archive, no retry)."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+    sha = hashlib.sha256(HANDLER).hexdigest()
+    blob = agent.cache.blob_path(sha)
+    blob.write_bytes(HANDLER[: len(HANDLER) // 2])  # what the crash left
+    spec = FunctionSpec(name="f", version=1, runtime="rt", sha256=sha, size=len(HANDLER), entrypoint="handler:handler")
+    agent.on_function(Message(Msg.FUNCTION, spec.to_dict(), []))
+    fn = agent.registry.functions[spec.key]
+    assert fn.state == FnState.FAILED and "damaged" in fn.error and fn.retry_at, fn.error
+    assert not blob.exists()
+    agent.retry_failed(fn.retry_at)  # the retry fetches it again
+    assert fn.state == FnState.FETCHING and sha in agent.fetcher.transfers
+
+
+def test_a_tree_kept_from_before_a_restart_is_extracted_anew(agent: Agent, tmp_path: Path) -> None:
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+    sha = hashlib.sha256(HANDLER).hexdigest()
+    cut = agent.cache.root / "code" / sha
+    cut.mkdir(parents=True)
+    (cut / "handler.py").write_text("")  # a tree cut short: it used to be trusted, and run
+    key = deploy(agent, "f", HANDLER)
+    fn = agent.registry.functions[key]
+    assert fn.state == FnState.READY and fn.code_dir is not None
+    assert (fn.code_dir / "handler.py").read_text().startswith("def handler")
+
+
+def test_a_full_disk_while_extracting_is_a_passing_failure(agent: Agent, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a bad archive: the function failed on this node for good."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+
+    def full(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("shoal.archive._Extractor.file", full)
+        key = deploy(agent, "f", HANDLER)
+    fn = agent.registry.functions[key]
+    assert fn.state == FnState.FAILED and "No space left" in fn.error and fn.retry_at
+    agent.retry_failed(fn.retry_at)  # the disk has room again
+    assert fn.state == FnState.READY

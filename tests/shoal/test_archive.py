@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,4 +175,42 @@ def test_too_many_files_and_too_large(workdir: Path) -> None:
     big = build_tar_gz({"big.bin": b"\x01" * 4096})
     with pytest.raises(ArchiveError, match="expands beyond"):
         extract(workdir, big, ArchiveLimits(max_bytes=1024, ratio_floor_bytes=0, max_ratio=1e9))
+    assert_nothing_written(workdir)
+
+
+def climbing_links(kind: str) -> bytes:
+    """``d/x -> ..`` is the tree itself; ``p -> d/x/..`` reads ``d`` as text but is the tree's parent on disk; a
+    file then points through it at what is outside."""
+    links = {"d/x": "..", "p": "d/x/..", "requirements.txt": "p/outside.txt"}
+    if kind == "zip":
+        return zip_with({"d/keep.txt": b"x"}, links)
+    return tar_with([member("d", tarfile.DIRTYPE), *(member(n, tarfile.SYMTYPE, link=t) for n, t in links.items())])
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_links_that_climb_out_through_other_links_are_refused(workdir: Path, kind: str) -> None:
+    (workdir / "cache").mkdir()
+    (workdir / "cache" / "outside.txt").write_text("a host file\n")  # what p/outside.txt reaches
+    with pytest.raises(ArchiveError, match="resolves outside the tree"):
+        extract(workdir, climbing_links(kind))
+    assert [p.name for p in (workdir / "cache").iterdir()] == ["outside.txt"]  # nothing extracted is left
+
+
+def test_links_that_stay_inside_through_other_links_are_kept(workdir: Path) -> None:
+    data = tar_with([member("lib", tarfile.DIRTYPE), member("lib/a.txt", size=2),
+                     member("lib/up", tarfile.SYMTYPE, link=".."),
+                     member("b", tarfile.SYMTYPE, link="lib/up/lib/a.txt")], {"lib/a.txt": b"hi"})
+    out = extract(workdir, data)
+    assert (out / "b").read_text() == "hi"
+
+
+def test_a_full_disk_is_the_hosts_error_not_the_archives(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to be an ArchiveError: a node failed the function for good (no retry), the controller answered 400."""
+    def full(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shoal.archive._Extractor.file", full)
+    with pytest.raises(OSError) as raised:
+        extract(workdir, build_tar_gz({"a.py": "x"}))
+    assert not isinstance(raised.value, ArchiveError) and raised.value.errno == errno.ENOSPC
     assert_nothing_written(workdir)

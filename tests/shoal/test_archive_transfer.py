@@ -173,6 +173,24 @@ def test_acknowledged_bytes_are_dropped_from_the_senders_mapping(tmp_path: Path)
     assert transfer.released == (5 * CHUNK + 10) // mmap.PAGESIZE * mmap.PAGESIZE
 
 
+def test_a_node_cannot_take_more_than_its_credit_nor_a_mapping_per_restart(tmp_path: Path) -> None:
+    """A node holding the node token: an acknowledgement past what was sent let the whole archive go at once; each
+    restart mapped the blob anew (a descriptor each, kept while ZMQ held its chunks)."""
+    wire = Wire(tmp_path, os.urandom(20 * CHUNK))
+    first = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 0, "credit": 2, "restart": True})
+    transfer = wire.server.transfers[("n", wire.sha)]
+    more = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 20 * CHUNK, "credit": 2})  # "all arrived"
+    assert len(first) == len(more) == 2 and transfer.sent == 4 * CHUNK  # taken as what was sent: 2 more
+    mapping = transfer.map
+    for _ in range(5):
+        again = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": CHUNK, "credit": 1, "restart": True})
+        assert [h["offset"] for _, h, _ in again] == [CHUNK]
+        assert wire.server.transfers[("n", wire.sha)] is transfer and transfer.map is mapping
+    [(mtype, answer, _)] = wire.server.on_fetch("n", {"sha256": wire.sha, "offset": 21 * CHUNK, "credit": 1,
+                                                      "restart": True})
+    assert mtype == Msg.FETCH_ERROR and "out of range" in answer["error"]
+
+
 @pytest.mark.parametrize("header, needle", [
     ({"sha256": "0" * 64, "offset": 0, "credit": 4, "restart": True}, "no archive"),
     ({"sha256": "nothex", "offset": 0, "credit": 4, "restart": True}, ""),
