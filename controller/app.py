@@ -60,7 +60,8 @@ def create_app(config: ControllerConfig) -> web.Application:
         # the calls it lists, and they would be placed a second time.
         recovered = await dispatcher.recover()
         hub.start(dispatcher)
-        app[SERVICE] = Service(config, store, blobs, hub, dispatcher, metrics)
+        app[SERVICE] = service = Service(config, store, blobs, hub, dispatcher, metrics)
+        service.collect_blobs_soon()  # what a delete left when the controller stopped before collecting it
         pruner = asyncio.get_running_loop().create_task(_prune_loop(store))
         if config.api_token and not config.node_token:
             log.warning("node_link_open", reason="an API token but no node token: /register and the ZMQ node "
@@ -71,6 +72,10 @@ def create_app(config: ControllerConfig) -> web.Application:
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
+        background = list(service.background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await hub.close()
         await store.close()
 

@@ -43,6 +43,8 @@ class Service:
         self.metrics = metrics
         self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
         self.verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
+        self.collecting = asyncio.Lock()
+        self.background: set[asyncio.Task[int]] = set()
 
     # ---- runtimes ------------------------------------------------------------------------------
     async def register_runtime(self, data: Any) -> Runtime:
@@ -135,7 +137,37 @@ class Service:
         record = await self.store.get_function(name)
         if record is None or not await self.store.delete_function(name):
             raise Missing(f"no function named {name!r}")
-        return self.dispatcher.function_deleted(name, int(record["version"]))
+        cancelled = self.dispatcher.function_deleted(name, int(record["version"]))
+        self.collect_blobs_soon()
+        return cancelled
+
+    def collect_blobs_soon(self) -> None:
+        """Collect archives no version names any more, in the background (a delete answers at once)."""
+        task = asyncio.get_running_loop().create_task(self.collect_blobs())
+        self.background.add(task)
+        task.add_done_callback(self._collected)
+
+    def _collected(self, task: asyncio.Task[int]) -> None:
+        self.background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, RedisError | StoreError | OSError):
+            log.warning("archives_not_collected", error=str(exc))  # the next delete, or start, collects them
+        elif exc is not None:
+            log.error("archives_collection_crashed", error=repr(exc), exc_info=(type(exc), exc, exc.__traceback__))
+
+    async def collect_blobs(self) -> int:
+        """Remove the archives no stored version names (deleted functions', uploads whose version could not be
+        recorded), except those being sent to a node and those written within BLOB_GRACE_S (an upload in
+        progress records its version a moment after its blob is in place). Returns how many."""
+        async with self.collecting:
+            keep = await self.store.referenced_shas()
+            keep |= {sha for _, sha in self.hub.archives.transfers}
+            removed = await asyncio.to_thread(self.blobs.collect, keep, time.time() - BLOB_GRACE_S)
+        if removed:
+            log.info("archives_removed", count=removed)
+        return removed
 
     # ---- calls ---------------------------------------------------------------------------------
     async def _callable(self, name: str, version: int | None,
@@ -320,6 +352,7 @@ class Service:
 
 
 TERMINAL_STATES = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
+BLOB_GRACE_S = 3600.0  # an archive written this recently is not collected (see Service.collect_blobs)
 VERIFY_AT_ONCE = 2  # uploads checked at the same time (each expands its archive in a scratch tree)
 UNCREATE_RETRY_FIRST = 0.25  # seconds before a failed undo of a creation is tried again (doubling, up to 10 s)
 

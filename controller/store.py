@@ -186,6 +186,15 @@ class Store:
         raw = await self.redis.hgetall(keys.versions(name))
         return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["version"])
 
+    async def referenced_shas(self) -> set[str]:
+        """The archives (sha256) every stored version of every function names."""
+        names = await self.redis.hkeys(keys.FUNCTIONS)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hvals(keys.versions(name))
+            found = await pipe.execute()
+        return {json.loads(raw)["sha256"] for values in found for raw in values}
+
     async def list_functions(self) -> list[dict[str, Any]]:
         raw = await self.redis.hgetall(keys.FUNCTIONS)
         return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["name"])

@@ -72,6 +72,25 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def collect(self, keep: set[str], before: float) -> int:
+        """Remove the blobs not in ``keep`` last written before ``before`` (unix time); how many. An upload's blob
+        is in place a moment before its version is recorded: a fresh one is kept whatever ``keep`` says."""
+        removed = 0
+        for sub in self.root.iterdir():
+            if len(sub.name) != 2 or sub.name.startswith(".") or not sub.is_dir():
+                continue
+            for blob in sub.iterdir():
+                if blob.name in keep or not SHA256_RE.fullmatch(blob.name):
+                    continue
+                try:
+                    if blob.stat().st_mtime >= before:
+                        continue
+                    blob.unlink()
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                removed += 1
+        return removed
+
     def sweep(self) -> int:
         """Remove what a controller killed mid-upload left: partial uploads and verification scratch trees (up to
         the archive limit, and its expansion, each). Only at start: no upload is under way then."""

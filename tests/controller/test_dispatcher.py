@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from controller.config import ControllerConfig
@@ -22,6 +23,7 @@ class FakeHub:
         self.refusing: set[str] = set()  # nodes whose socket refuses a send (they went away)
         self.broadcasts: list[tuple[bytes, dict[str, Any]]] = []
         self.resent: list[tuple[str, str]] = []
+        self.archives = SimpleNamespace(transfers={})  # (node id, sha256) -> transfer: archives being sent
 
     def send(self, node_id: str, mtype: bytes, header: dict[str, Any]) -> bool:
         if not self.up or node_id in self.refusing:

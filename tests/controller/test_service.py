@@ -4,6 +4,8 @@ and the creation write failing on cue (the claim and the release go to the real 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,5 +217,32 @@ def test_an_undo_that_fails_is_retried_until_it_lands(server: RedisServer, tmp_p
         assert len(tries) == 4 and await rig.store.get_call(call_id) is None
         assert waits == [0.01, 0.02, 0.04, 0.08]  # backing off, not hammering a failing store
         assert [c for c in await rig.store.active_calls() if c["function"] == "rtf"] == []
+
+    run(server, tmp_path, scenario)
+
+
+def test_archives_no_version_names_are_collected_and_a_delete_collects_its_own(server: RedisServer,
+                                                                             tmp_path: Path) -> None:
+    """Every archive was kept for ever, deleted functions' too. Kept: one a version names, one being sent to a node,
+    one written within the grace (an upload records its version a moment after its blob is in place)."""
+
+    async def scenario(rig: Rig) -> None:
+        blobs = rig.service.blobs
+        old = time.time() - service_module.BLOB_GRACE_S - 60
+
+        def blob(data: bytes, aged: bool = True) -> str:
+            sha, _ = blobs.put_bytes(data)
+            if aged:
+                os.utime(blobs.path(sha), (old, old))
+            return sha
+
+        named, orphan, fresh, sending = blob(b"named"), blob(b"orphan"), blob(b"fresh", aged=False), blob(b"sending")
+        await rig.store.add_version({"name": "kf", "runtime": "rt", "sha256": named, "size": 5})
+        rig.hub.archives.transfers[("n1", sending)] = object()
+        assert await rig.service.collect_blobs() == 1
+        assert not blobs.has(orphan) and all(blobs.has(s) for s in (named, fresh, sending))
+        await rig.service.delete_function("kf")
+        await asyncio.gather(*rig.service.background)
+        assert not blobs.has(named) and blobs.has(fresh) and blobs.has(sending)
 
     run(server, tmp_path, scenario)
