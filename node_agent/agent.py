@@ -62,6 +62,8 @@ DRAIN_SECONDS = 0.002  # ... or once this long has passed
 PREPARE_RETRY_FIRST = 15.0
 PREPARE_RETRY_MAX = 600.0
 PREPARE_RETRIES = 8
+#: Seconds after the first WELCOME before the cache is collected once (see Agent.collect_after).
+STARTUP_COLLECT_DELAY = 60.0
 ENGINE_ERRORS = (DockerException, requests.RequestException)
 
 
@@ -99,6 +101,9 @@ class Agent:
         self.draining = False
         self.last_seq: int | None = None  # the sequence number in the last controller message (see send_status)
         self.collect_due = False  # a function was forgotten: the cache has files to collect
+        # Once, a while after the first WELCOME (the controller has sent every function by then): what the cache
+        # kept of functions deleted while this agent was not running (no FGONE names them) is collected.
+        self.collect_after: float | None = None
         self.gone_waiting = False  # deleted functions wait to be forgotten (calls of them are still here)
         self.preparing = 0  # preparations (extraction, dependencies) running in the pool
         self.drain_deadline = 0.0
@@ -264,8 +269,7 @@ class Agent:
                     self.fetcher.tick(now, self.link.welcomed)
                     self.retry_failed(now)
                     self.forget_gone()
-                    if self.collect_due:
-                        self.collect()
+                    self.collect_if_due(now)
                     self.link.tick(now)
                     self.pool.reconcile()
                     self.update_gauges()
@@ -392,6 +396,8 @@ class Agent:
         if msg.header.get("hello"):  # a restarted controller does not know us yet
             self.link.say_hello()
             return
+        if self.collect_after is None:
+            self.collect_after = time.monotonic() + STARTUP_COLLECT_DELAY
         limit = msg.header.get("max_archive_bytes")
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             # The controller's bound on uploads: an archive it took must not be refused here (a node left at the
@@ -616,6 +622,13 @@ class Agent:
             if fn is not None and fn.spec.runtime == name:
                 self.broker.fail_queued(key, {"type": "UnknownRuntime", "message": f"runtime {name!r} was deleted"})
         self.pool.reconcile()
+
+    def collect_if_due(self, now: float) -> None:
+        if self.collect_after and now >= self.collect_after:
+            self.collect_after = 0.0
+            self.collect_due = True
+        if self.collect_due:
+            self.collect()
 
     def collect(self) -> None:
         """Move aside the archives, code and wheelhouses nothing refers to any more (then remove them in the

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from node_agent.agent import PREPARE_RETRIES, PREPARE_RETRY_FIRST, Agent
+from node_agent.agent import PREPARE_RETRIES, PREPARE_RETRY_FIRST, STARTUP_COLLECT_DELAY, Agent
 from node_agent.errors import DependencyError
 from node_agent.functions import FnState
 from shoal.archive import build_tar_gz
@@ -167,3 +167,27 @@ def test_a_full_disk_while_extracting_is_a_passing_failure(agent: Agent, tmp_pat
     assert fn.state == FnState.FAILED and "No space left" in fn.error and fn.retry_at
     agent.retry_failed(fn.retry_at)  # the disk has room again
     assert fn.state == FnState.READY
+
+
+def test_what_a_restarted_agent_kept_of_functions_deleted_meanwhile_is_collected_after_its_sync(
+        agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FGONE names a function deleted while the agent was not running (its HELLO lists none): its archive and
+    code stayed on disk for ever."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+    gone = "ab" * 32
+    agent.cache.blob_path(gone).write_bytes(b"an archive of a deleted function")
+    (agent.cache.root / "code" / gone).mkdir()
+    clock = [1000.0]
+    monkeypatch.setattr("node_agent.agent.time.monotonic", lambda: clock[0])
+    agent.on_welcome(Message(Msg.WELCOME, {"v": 1, "seq": 0}, []))
+    key = deploy(agent, "kept", HANDLER)  # what the controller sends after the WELCOME
+    assert agent.collect_after == 1000.0 + STARTUP_COLLECT_DELAY
+    agent.on_welcome(Message(Msg.WELCOME, {"v": 1, "seq": 0}, []))  # a later WELCOME does not put it off
+    assert agent.collect_after == 1000.0 + STARTUP_COLLECT_DELAY
+    agent.collect_if_due(clock[0] + STARTUP_COLLECT_DELAY - 1)  # not yet
+    assert agent.cache.blob_path(gone).exists()
+    agent.collect_if_due(clock[0] + STARTUP_COLLECT_DELAY)
+    assert not agent.cache.blob_path(gone).exists() and not (agent.cache.root / "code" / gone).exists()
+    fn = agent.registry.functions[key]
+    assert fn.state == FnState.READY and agent.cache.has_blob(fn.spec.sha256) and fn.code_dir is not None
+    assert fn.code_dir.is_dir()
