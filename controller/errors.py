@@ -22,6 +22,13 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class RequestTimeout(ApiError):
+    """A request body whose client stopped sending it (HTTP 408)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Missing(ApiError, NotFound):
     status = 404
     code = "not_found"

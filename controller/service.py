@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from controller import keys
 from controller.config import ControllerConfig
 from controller.dispatcher import Dispatcher, Pending
-from controller.errors import BadRequest, Conflict, InsufficientStorage, Missing, StoreError, TooLarge
+from controller.errors import BadRequest, Busy, Conflict, InsufficientStorage, Missing, StoreError, TooLarge
 from controller.hub import Hub, function_message
 from controller.metrics import ControllerMetrics
 from controller.store import Store
@@ -43,6 +43,7 @@ class Service:
         self.metrics = metrics
         self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
         self.verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
+        self.uploading = 0
         self.collecting = asyncio.Lock()
         self.background: set[asyncio.Task[int]] = set()
 
@@ -75,6 +76,16 @@ class Service:
         spec_fields = dict(options, name=name, runtime=runtime)
         # The options first: a refused upload keeps nothing, and nothing is read for a request that is refused.
         FunctionSpec.from_dict(dict(spec_fields, version=1, sha256="0" * 64, size=1))
+        if self.uploading >= UPLOADS_AT_ONCE:  # each can take the archive limit on disk: bounded
+            raise Busy(f"{UPLOADS_AT_ONCE} uploads are being received; try again shortly", retry_after=5)
+        self.uploading += 1
+        try:
+            return await self._upload(name, spec_fields, chunks, original_name)
+        finally:
+            self.uploading -= 1
+
+    async def _upload(self, name: str, spec_fields: dict[str, Any], chunks: AsyncIterator[bytes],
+                      original_name: str) -> dict[str, Any]:
         try:
             fd, tmp_name = tempfile.mkstemp(dir=self.blobs.root, prefix=".upload-")
             os.close(fd)
@@ -353,6 +364,7 @@ class Service:
 
 TERMINAL_STATES = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
 BLOB_GRACE_S = 3600.0  # an archive written this recently is not collected (see Service.collect_blobs)
+UPLOADS_AT_ONCE = 8  # uploads received at the same time (each a temporary file of up to the archive limit)
 VERIFY_AT_ONCE = 2  # uploads checked at the same time (each expands its archive in a scratch tree)
 UNCREATE_RETRY_FIRST = 0.25  # seconds before a failed undo of a creation is tried again (doubling, up to 10 s)
 

@@ -69,7 +69,9 @@ def bearer_ok(header: str | None, token: str) -> bool:
     if not header:
         return False
     scheme, _, value = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+    # (Header bytes that are not UTF-8 reach here as surrogates: encoded back as they came, never a match.)
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"),
+                                                              token.encode())
 
 
 def registration_credential(node_token: str) -> str:

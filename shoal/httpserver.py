@@ -11,7 +11,11 @@ malformed HTTP to the controller and to a node's status server pin that behaviou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -30,7 +34,23 @@ def error_body(status: int, message: str | None) -> str:
     return json.dumps({"error": {"code": code, "message": text}})
 
 
+#: Seconds a connection may keep a response waiting for its client to read it (its send buffer full). Past
+#: that the connection is closed: a client that never reads held its whole response (up to the result bound)
+#: in memory, with no end.
+WRITE_STALL_S = 60.0
+#: Seconds an idle keep-alive connection is kept (aiohttp's default is an hour: held by anyone who connects).
+KEEPALIVE_S = 75.0
+
+
 class JsonErrorHandler(web.RequestHandler):
+    """Every error answered in JSON (see the module's docstring); besides, a connection whose client stops reading
+    is closed after WRITE_STALL_S, and code serving a request can hear that its client went away (``on_lost``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_lost: list[Callable[[], None]] = []
+        self.stalled: asyncio.TimerHandle | None = None
+
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         # The base class logs, and refuses (ConnectionError) when a response has already begun.
@@ -39,6 +59,74 @@ class JsonErrorHandler(web.RequestHandler):
         response.force_close()
         return response
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stalled is None:
+            self.stalled = asyncio.get_running_loop().call_later(WRITE_STALL_S, self.force_close_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
+
+    def force_close_stalled(self) -> None:
+        self.stalled = None
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset: what the kernel still holds for the client goes too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()  # (a close would wait for the buffer to drain: it never does)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
+        callbacks, self.on_lost = self.on_lost, []
+        for callback in callbacks:
+            callback()
+        super().connection_lost(exc)
+
+
+@contextlib.contextmanager
+def cancelled_if_client_leaves(request: BaseRequest) -> Iterator[bool]:
+    """Within it, the current task (a request's handler) is cancelled if the request's client goes away: a sync
+    wait whose client left used to go on to its end (an hour at most), holding its task, its connection and a
+    waiter on its call. Yields False when the client has gone already (there is nobody to wait for)."""
+    hooks = getattr(request.protocol, "on_lost", None)
+    task = asyncio.current_task()
+    if hooks is None or task is None:  # not served by JsonErrorHandler
+        yield True
+        return
+    if request.transport is None or request.transport.is_closing():
+        yield False
+        return
+    hooks.append(task.cancel)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(ValueError):
+            hooks.remove(task.cancel)
+
+
+def json_errors(handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+                ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """The application's handler, with the errors aiohttp raises before the application's middleware runs (an
+    unknown ``Expect``: 417) answered in JSON too."""
+
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return web.Response(status=exc.status, text=error_body(exc.status, exc.text),
+                                content_type="application/json")
+
+    return handle
+
 
 class JsonErrorServer(web.Server):
     def __call__(self) -> web.RequestHandler:
@@ -46,9 +134,13 @@ class JsonErrorServer(web.Server):
 
 
 class JsonErrorAppRunner(web.AppRunner):
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_S)
+        super().__init__(app, **kwargs)
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+        return JsonErrorServer(json_errors(server.request_handler), request_factory=server.request_factory,
                                handler_cancellation=server.handler_cancellation, loop=server._loop,
                                **server._kwargs)
 

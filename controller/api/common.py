@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from controller.errors import BadRequest, TooLarge, UnsupportedMedia
+from controller.errors import BadRequest, RequestTimeout, TooLarge, UnsupportedMedia
 from controller.metrics import ControllerMetrics
 from controller.service import Service
 from shoal.protocol import MAX_HEADER_BYTES, DepthError, dumps_str, loads_bounded
@@ -41,6 +42,12 @@ BODY_ERRORS = (ValueError, AssertionError, HttpProcessingError, RequestPayloadEr
                ConnectionResetError)
 
 
+#: Seconds a client may send nothing of a body it is sending. Without a bound, a stalled upload held its
+#: connection, its partial file (up to the archive limit) and its descriptor for ever.
+BODY_IDLE_S = 30.0
+T = TypeVar("T")
+
+
 @contextmanager
 def reading_body(what: str) -> Iterator[None]:
     try:
@@ -49,16 +56,42 @@ def reading_body(what: str) -> Iterator[None]:
         raise BadRequest(f"malformed {what}: {exc or type(exc).__name__}") from None
 
 
+async def body_read(read: Awaitable[T], what: str) -> T:
+    """One read of a request's body, bounded by BODY_IDLE_S; a stalled one is a 408."""
+    try:
+        async with asyncio.timeout(BODY_IDLE_S):
+            with reading_body(what):
+                return await read
+    except TimeoutError:
+        raise RequestTimeout(f"the {what} stalled: nothing of it came for {BODY_IDLE_S:g} s") from None
+
+
+def check_upload_length(request: web.Request, limit: int) -> None:
+    """Refuse (413) an upload whose declared length is past what its archive may be, before any byte is read (a
+    multipart body's form fields and framing take up to MULTIPART_SLACK more)."""
+    slack = MULTIPART_SLACK if request.content_type.startswith("multipart/") else 0
+    if request.content_length is not None and request.content_length > limit + slack:
+        raise TooLarge(f"archive exceeds the limit of {limit} bytes (the body declares {request.content_length})")
+
+
 async def json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_JSON:
         raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
     # read(n) returns what has arrived so far, not n bytes: a body larger than a segment or two came in cut.
     buf = bytearray()
-    with reading_body("request body"):
-        while chunk := await request.content.read(1 << 16):
-            buf += chunk
-            if len(buf) > MAX_JSON:
-                raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
+    content = request.content
+    while True:
+        with reading_body("request body"):
+            chunk = content.read_nowait(1 << 16)  # what has come already (a small body, usually): no timer
+        if not chunk:
+            if content.at_eof():
+                break
+            chunk = await body_read(content.read(1 << 16), "request body")
+            if not chunk:
+                break
+        buf += chunk
+        if len(buf) > MAX_JSON:
+            raise TooLarge(f"JSON body larger than {MAX_JSON} bytes")
     raw = bytes(buf)
     if not raw.strip():
         raise BadRequest("a JSON body is required")
@@ -79,8 +112,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 async def stream_chunks(request: web.Request) -> AsyncIterator[bytes]:
     while True:
-        with reading_body("request body"):
-            chunk = await request.content.read(1 << 20)
+        chunk = await body_read(request.content.read(1 << 20), "request body")
         if not chunk:
             return
         yield chunk
@@ -88,8 +120,7 @@ async def stream_chunks(request: web.Request) -> AsyncIterator[bytes]:
 
 async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
     while True:
-        with reading_body("multipart body"):
-            chunk = await part.read_chunk(1 << 20)
+        chunk = await body_read(part.read_chunk(1 << 20), "multipart body")
         if not chunk:
             return
         yield chunk
@@ -97,6 +128,7 @@ async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
 
 MAX_FORM_FIELDS = 16  # form fields before the file part (the function's options)
 MAX_FORM_FIELD = 4096  # bytes of one form field
+MULTIPART_SLACK = MAX_FORM_FIELDS * (MAX_FORM_FIELD + 1024) + 64 * 1024  # fields, their headers, the framing
 
 
 async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> tuple[BodyPartReader, dict[str, str]]:
@@ -104,12 +136,10 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
     ``MAX_FORM_FIELDS`` of at most ``MAX_FORM_FIELD`` bytes each: they are held in memory)."""
     if not request.content_type.startswith("multipart/"):
         raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
-    with reading_body("multipart body"):
-        reader = await request.multipart()
+    reader = await body_read(request.multipart(), "multipart body")
     fields: dict[str, str] = {}
     while True:
-        with reading_body("multipart body"):
-            part = await reader.next()
+        part = await body_read(reader.next(), "multipart body")
         if part is None:
             raise BadRequest(f"multipart body has no file field {field_names[0]!r}")
         if not isinstance(part, BodyPartReader):
@@ -125,12 +155,13 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
 async def _form_field(part: BodyPartReader) -> str:
     name = (part.name or "")[:40]
     data = b""
-    with reading_body(f"multipart field {name!r}"):
+    what = f"multipart field {name!r}"
+    while chunk := await body_read(part.read_chunk(MAX_FORM_FIELD), what):
+        data += chunk
+        if len(data) > MAX_FORM_FIELD:
+            break
+    with reading_body(what):
         try:
-            while chunk := await part.read_chunk(MAX_FORM_FIELD):
-                data += chunk
-                if len(data) > MAX_FORM_FIELD:
-                    break
             decoded = part.decode(data)
         except RuntimeError as exc:  # aiohttp: a Content-Encoding it does not know
             raise BadRequest(f"malformed multipart field {name!r}: {exc}") from None

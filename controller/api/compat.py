@@ -16,7 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.api.common import json_object, json_response, multipart_file, part_chunks, service, upload_name
+from controller.api.common import (
+    check_upload_length,
+    json_object,
+    json_response,
+    multipart_file,
+    part_chunks,
+    service,
+    upload_name,
+)
 from controller.errors import BadRequest, Busy, Missing
 from controller.service import Service
 from controller.store import MAX_ENDPOINTS
@@ -50,6 +58,7 @@ async def register_runtime(request: web.Request) -> web.Response:
 async def register_function(request: web.Request) -> web.Response:
     runtime = check_name(request.match_info["runtime"], "runtime")
     name = check_name(request.match_info["funcName"], "function name")
+    check_upload_length(request, service(request).config.max_archive_bytes)
     part, _ = await multipart_file(request, ("module",))
     record = await service(request).upload_function(name, runtime, part_chunks(part), {}, upload_name(part))
     return json_response({

@@ -20,8 +20,10 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body or archive too large",
-            415: "Unsupported media type", 429: "Queue full (see Retry-After)",
+    text = {400: "Bad request", 404: "Not found", 408: "The body stalled (nothing of it came for 30 s)",
+            409: "Conflict", 413: "Body or archive too large",
+            415: "Unsupported media type",
+            429: "Busy: the queue, or the uploads being received, are full (see Retry-After)",
             503: "The store (Redis) is unavailable: nothing was accepted",
             507: "The controller cannot store or check the archive now (its disk is full): nothing was kept"}
     return {str(c): _resp(text[c], ERROR) for c in codes}
@@ -104,7 +106,7 @@ DOCUMENT: dict[str, Any] = {
                         "archive": {"type": "string", "format": "binary"}, "runtime": NAME}}},
                 }},
                 "responses": {"201": _resp("Stored", {"type": "object"}),
-                              **_errors(400, 404, 413, 415, 503, 507)},
+                              **_errors(400, 404, 408, 413, 415, 429, 503, 507)},
             },
             "get": {"summary": "Get a function", "responses": {"200": _resp("Function", {"type": "object"}),
                                                                **_errors(404)}},

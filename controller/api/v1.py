@@ -10,6 +10,7 @@ from aiohttp import web
 from controller.api.common import (
     METRICS,
     STATES,
+    check_upload_length,
     json_object,
     json_response,
     multipart_file,
@@ -21,6 +22,7 @@ from controller.api.common import (
 )
 from controller.errors import BadRequest
 from controller.service import parse_options
+from shoal.httpserver import cancelled_if_client_leaves
 from shoal.models import check_name
 
 MAX_WAIT = 3600.0
@@ -52,6 +54,7 @@ async def upload_function(request: web.Request) -> web.Response:
     """Multipart (file field `archive` or `module`, options as form fields) or a raw body (options in the query)."""
     name = check_name(request.match_info["name"], "function name")
     svc = service(request)
+    check_upload_length(request, svc.config.max_archive_bytes)
     if request.content_type.startswith("multipart/"):
         part, fields = await multipart_file(request, ("archive", "module"))
         options = dict(request.query, **fields)
@@ -101,7 +104,8 @@ async def invoke(request: web.Request) -> web.Response:
                                      idempotency_key=request.headers.get("Idempotency-Key"))
     wait = args["wait"] if args["wait"] is not None else min(float(call["timeout"]) + 5.0,
                                                               svc.config.sync_timeout)
-    done = await svc.wait(pending, call["id"], wait)
+    with cancelled_if_client_leaves(request) as client_there:
+        done = await svc.wait(pending, call["id"], wait if client_there else 0.0)
     if done is None or done["status"] not in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
         return accepted(request, done or call)
     return json_response(render_call(done))

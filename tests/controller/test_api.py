@@ -345,6 +345,21 @@ def test_malformed_http_gets_a_json_400_and_the_controller_lives_on(cluster: Loc
         assert cluster.request("GET", "/ping")[1] == "pong"
 
 
+def test_an_upload_declared_past_the_limit_is_refused_before_its_body(cluster: LocalCluster) -> None:
+    """Its bytes used to be written to disk up to the limit before the 413. And an unknown Expect is a JSON 417
+    (aiohttp refuses it before the application's middleware runs)."""
+    url = urllib.parse.urlsplit(cluster.url)
+    for path in (b"/v1/functions/big?runtime=pythonruntime", b"/registerFunction/pythonruntime/big"):
+        for kind in (b"application/octet-stream", b"multipart/form-data; boundary=b"):
+            status, headers, body = raw_http(str(url.hostname), int(url.port or 80), (
+                b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind +
+                b"\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\n"))
+            assert status == 413 and json.loads(body)["error"]["code"] == "too_large", body
+    status, headers, body = raw_http(str(url.hostname), int(url.port or 80), (
+        b"POST /v1/runtimes HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"))
+    assert status == 417 and headers["content-type"].startswith("application/json"), body
+
+
 def test_a_full_queue_answers_429_with_retry_after(make_cluster: Any) -> None:
     cluster: LocalCluster = make_cluster(agents=1, controller_env={"SHOAL_QUEUE_LIMIT": "3"})
     seed_runtime(cluster)

@@ -6,6 +6,7 @@ refused at /register, and a peer that skips /register cannot complete a ZMQ hand
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -27,6 +28,7 @@ from shoal.auth import CurveKeys, registration_credential
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, metrics, seed_runtime, upload
 from tests.controller.test_cli import shoal
+from tests.shoal.test_httpserver import raw_http
 
 pytestmark = pytest.mark.docker
 API = "api-token-for-the-test-0123"
@@ -67,10 +69,16 @@ def test_every_route_but_the_probes_wants_the_api_token(cluster: LocalCluster) -
             if method != "HEAD":
                 assert answer["error"]["code"] == "unauthorized" and "API token" in answer["error"]["message"]
             assert headers["WWW-Authenticate"].startswith("Bearer")
+    # A credential whose bytes are not UTF-8 (they reach the check as surrogates): a 500 before any check, it was.
+    host, port = cluster.url.removeprefix("http://").rsplit(":", 1)
+    status, _, body = raw_http(host, int(port), b"GET /v1/functions HTTP/1.1\r\nHost: x\r\n"
+                                                b"Authorization: Bearer \xe9\xff\r\nConnection: close\r\n\r\n")
+    assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized", body
     assert anonymous(cluster, "GET", "/ping")[:2] == (200, "pong")
     assert anonymous(cluster, "GET", "/version")[0] == 200
     assert anonymous(cluster, "GET", "/openapi.json")[0] == 200
-    assert metrics(cluster)['shoal_controller_http_errors_total{code="unauthorized",status="401"}'] == 3 * len(routes)
+    assert metrics(cluster)['shoal_controller_http_errors_total{code="unauthorized",status="401"}'] == \
+        3 * len(routes) + 1
     # Nothing was registered by the refused requests.
     assert [r["name"] for r in cluster.get("/v1/runtimes")] == ["pythonruntime"]
 

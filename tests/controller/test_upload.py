@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from controller import service as service_module
+from controller.api import common
 from controller.config import ControllerConfig
-from controller.errors import InsufficientStorage, TooLarge
+from controller.errors import Busy, InsufficientStorage, RequestTimeout, TooLarge
 from controller.metrics import ControllerMetrics
 from controller.service import Service
 from shoal.archive import build_tar_gz
@@ -136,3 +138,19 @@ def test_a_full_disk_on_the_controller_is_a_507_and_keeps_nothing(tmp_path: Path
     with pytest.raises(InsufficientStorage, match="No space left on device") as raised:
         upload(svc, build_tar_gz({"a.py": "x"}))
     assert raised.value.status == 507 and files_under(svc.blobs.root) == []
+
+
+def test_uploads_past_the_bound_are_told_to_come_back_and_nothing_is_read(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    svc.uploading = service_module.UPLOADS_AT_ONCE  # that many being received
+    read: list[int] = []
+    with pytest.raises(Busy, match="uploads are being received") as raised:
+        upload(svc, build_tar_gz({"a.py": "x"}), read)
+    assert raised.value.status == 429 and read == [] and files_under(svc.blobs.root) == []
+
+
+def test_a_body_that_stalls_is_a_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that stopped sending held its connection, its partial upload and a descriptor for ever."""
+    monkeypatch.setattr(common, "BODY_IDLE_S", 0.05)
+    with pytest.raises(RequestTimeout, match="stalled"):
+        asyncio.run(common.body_read(asyncio.sleep(3600), "request body"))

@@ -60,7 +60,7 @@ def test_bearer_headers_are_checked_whole() -> None:
     assert bearer("") == {} and bearer(TOKEN) == {"Authorization": f"Bearer {TOKEN}"}
     assert bearer_ok(f"Bearer {TOKEN}", TOKEN) and bearer_ok(f"bearer {TOKEN}", TOKEN)
     for header in (None, "", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", "Bearer ",
-                   f"Bearer {TOKEN.upper()}"):
+                   f"Bearer {TOKEN.upper()}", "Bearer \udce9\udcff"):  # (bytes not UTF-8, as aiohttp passes them)
         assert not bearer_ok(header, TOKEN), header
 
 

@@ -6,13 +6,15 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from shoal.httpserver import JsonErrorAppRunner
+from shoal import httpserver
+from shoal.httpserver import KEEPALIVE_S, JsonErrorAppRunner, cancelled_if_client_leaves
 
 MALFORMED: dict[str, bytes] = {
     "bad-method": b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -44,13 +46,33 @@ def assert_json_error(answer: tuple[int, dict[str, str], bytes]) -> dict[str, An
     return dict(error)
 
 
+WAITS: dict[str, threading.Event] = {"started": threading.Event(), "cancelled": threading.Event()}
+BIG = b"x" * (64 << 20)  # more than the kernel's socket buffers hold
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
     async def hello(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def wait(request: web.Request) -> web.Response:
+        """A sync invoke's wait, whose client may go away."""
+        with cancelled_if_client_leaves(request):
+            WAITS["started"].set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                WAITS["cancelled"].set()
+                raise
+        return web.json_response({"waited": True})
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=BIG)
+
     app = web.Application()
     app.router.add_route("*", "/", hello)
+    app.router.add_get("/wait", wait)
+    app.router.add_get("/big", big)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -76,3 +98,38 @@ def test_malformed_http_is_answered_in_json(server: int, request_bytes: bytes) -
     # and the server goes on serving
     status, _, body = raw_http("127.0.0.1", server, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200 and json.loads(body) == {"ok": True}
+
+
+def test_an_unknown_expect_is_answered_in_json(server: int) -> None:
+    """aiohttp refuses it before the application's middleware runs: it was a text/plain 417."""
+    status, headers, body = raw_http("127.0.0.1", server, b"POST / HTTP/1.1\r\nHost: x\r\nExpect: foo\r\n"
+                                                          b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert status == 417 and headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"] == {"code": "expectation_failed", "message": "Unknown Expect: foo"}
+
+
+def test_a_wait_whose_client_leaves_is_cancelled(server: int) -> None:
+    """It went on to its end (an hour at most), holding its task, its connection and a waiter on its call."""
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+        sock.sendall(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert WAITS["started"].wait(10)
+    assert WAITS["cancelled"].wait(10)
+
+
+def test_a_client_that_stops_reading_its_response_is_cut_off(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its response stayed in memory for as long as the connection lived."""
+    monkeypatch.setattr(httpserver, "WRITE_STALL_S", 0.2)
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.0)  # not reading: the server's send buffer fills, and it stops writing
+        received = 0
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert received < len(BIG)
+
+
+def test_idle_connections_are_not_kept_for_an_hour() -> None:
+    runner = JsonErrorAppRunner(web.Application())
+    assert runner._kwargs["keepalive_timeout"] == KEEPALIVE_S
