@@ -19,7 +19,7 @@ from controller.api.openapi import DOCUMENT
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, SLOW, build_tar_gz, metrics, seed_runtime, upload, wait_call, wait_ready
 from tests.shoal.test_archive import zip_loop
-from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http
+from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http, raw_http_answer
 
 pytestmark = pytest.mark.docker
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -351,7 +351,7 @@ def test_an_upload_declared_past_the_limit_is_refused_before_its_body(cluster: L
     url = urllib.parse.urlsplit(cluster.url)
     for path in (b"/v1/functions/big?runtime=pythonruntime", b"/registerFunction/pythonruntime/big"):
         for kind in (b"application/octet-stream", b"multipart/form-data; boundary=b"):
-            status, headers, body = raw_http(str(url.hostname), int(url.port or 80), (
+            status, headers, body = raw_http_answer(str(url.hostname), int(url.port or 80), (
                 b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + kind +
                 b"\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\n"))
             assert status == 413 and json.loads(body)["error"]["code"] == "too_large", body

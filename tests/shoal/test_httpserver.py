@@ -37,6 +37,26 @@ def raw_http(host: str, port: int, request: bytes) -> tuple[int, dict[str, str],
     return int(lines[0].split()[1]), headers, body
 
 
+def raw_http_answer(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """As raw_http, reading the answer by its Content-Length rather than to the close (a server answering before
+    it read a body it refuses lingers a while to drain it before it closes)."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, body
+            body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
 def assert_json_error(answer: tuple[int, dict[str, str], bytes]) -> dict[str, Any]:
     status, headers, body = answer
     assert status == 400, (status, body)
