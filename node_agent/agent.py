@@ -86,6 +86,7 @@ class Agent:
         self.broker = Broker(config, self.registry, self.metrics, self.ctx, self.on_outcome,
                              self.load_for, self.on_lost, self.on_dispatch)
         self.broker.on_load_failures = self.on_load_failures
+        self.broker.on_start_failures = self.on_start_failures
         self.spawner = Spawner(config, self.cache)
         self.pool = PoolManager(config, self.registry, self.broker, self.spawner, self.load_for)
         self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive)
@@ -482,8 +483,11 @@ class Agent:
             fn.retry_at = time.monotonic() + delay
             fn.error = f"{error} (preparing it again in {delay:g} s)"
         self.log.warning("function_failed", function=fn.key, error=fn.error)
-        self.report_function(fn)
-        self.broker.fail_queued(fn.key, {"type": "FunctionUnavailable", "message": error})
+        self.report_function(fn)  # (before the calls: the controller places them knowing this node failed it)
+        # Calls waiting here: a failure that may pass gives them back (another node may run them; the controller
+        # fails them if none can); one that will not fails them.
+        self.broker.fail_queued(fn.key, {"type": "FunctionUnavailable", "message": error},
+                                status=REJECTED if transient else "FAILED")
 
     def retry_failed(self, now: float) -> None:
         """Prepare again the function versions whose failure may have passed (see PREPARE_RETRY_FIRST)."""
@@ -590,6 +594,12 @@ class Agent:
         fn = self.registry.functions.get(key)
         if fn is not None and fn.state == FnState.READY:
             self.function_failed(fn, f"it does not load: {reason}")
+
+    def on_start_failures(self, key: str, reason: str) -> None:
+        """Its miniworkers fail to start here (see Broker.start_failed): failed for a while, its calls given back."""
+        fn = self.registry.functions.get(key)
+        if fn is not None and fn.state == FnState.READY:
+            self.function_failed(fn, reason, transient=True)
 
     def retire_unused(self, now: float) -> None:
         """Drop the superseded function versions unused for ``retire_after`` (no call of them here, no

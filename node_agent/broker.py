@@ -85,6 +85,7 @@ class Broker:
         self.draining = False  # set by the agent: calls that would wait here go back to the controller
         #: Told when a function fails to load in LOAD_FAILURES_MAX miniworkers in a row (key, reason).
         self.on_load_failures: Callable[[str, str], None] | None = None
+        self.on_start_failures: Callable[[str, str], None] | None = None  # (the agent: see start_failed)
 
     # ---- sending -------------------------------------------------------------------------------
     def send(self, h: MwHandle, mtype: bytes, header: dict[str, Any]) -> bool:
@@ -164,7 +165,7 @@ class Broker:
         best: MwHandle | None = None
         for h in self.mws.values():
             if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
-                    and h.ticket is not None and h.mode != ONESHOT and not self.stuck(h, now)
+                    and not h.yield_slot and h.ticket is not None and h.mode != ONESHOT and not self.stuck(h, now)
                     and (best is None or h.ticket.dispatched < best.ticket.dispatched)):  # type: ignore[union-attr]
                 best = h
         return best
@@ -391,6 +392,8 @@ class Broker:
             h.state = MwState.STOPPING
         elif h.state == MwState.STOPPING:
             pass  # it is on its way out: nothing more is handed to it
+        elif h.yield_slot and h.ticket is None:
+            self.stop(h)  # its slot goes to a function that has no miniworker (see PoolManager)
         elif h.ticket is None:
             if h.ahead is not None:
                 self.promote(h, header.get("held_started_at"))
@@ -441,11 +444,23 @@ class Broker:
                 fn.start_failures += 1
                 if fn.start_failures >= LOAD_FAILURES_MAX and self.on_load_failures is not None:
                     self.on_load_failures(h.function, f"{error.get('type')}: {error.get('message')}")
-        elif failures >= 3:
-            for key in list(self.queues):
-                if h.pool_key in self.candidates(key):
-                    self.fail_queued(key, {"type": "StartFailed",
-                                           "message": f"{failures} miniworkers failed to start: {reason}"})
+        else:
+            self.start_failed(h.pool_key, failures, reason)
+
+    def start_failed(self, pool_key: str, failures: int, reason: str) -> None:
+        """Miniworkers of ``pool_key`` fail to start (not a function that does not load: the engine, the image, this
+        host). From the third in a row, each function they would serve is failed here, for a while: the agent
+        reports it, gives its waiting calls back to the controller, which places them on other nodes, and tries
+        again later (they used to fail here, though another node could run them)."""
+        if failures < 3:
+            return
+        message = f"{failures} miniworkers failed to start: {reason}"
+        for key in [k for k, fn in self.registry.functions.items() if fn.state == FnState.READY]:
+            if pool_key in self.candidates(key):
+                if self.on_start_failures is not None:
+                    self.on_start_failures(key, message)
+                else:
+                    self.fail_queued(key, {"type": "StartFailed", "message": message})
 
     def _on_heartbeat(self, h: MwHandle, msg: Message) -> None:
         pass  # last_seen was updated for every message
@@ -484,7 +499,8 @@ class Broker:
         self.metrics.mw_lost.inc(reason="lost")
         self.forget_idle(h)
         if h.state == MwState.STARTING:
-            self.back_off(h.pool_key)  # a failed start (it died, or did not start in time): not at once again
+            # A failed start (it died, or did not start in time): not at once again.
+            self.start_failed(h.pool_key, self.back_off(h.pool_key), reason)
         h.state = MwState.FAILED
         h.reason = reason
         if h.proc.poll() is None:

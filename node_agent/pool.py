@@ -5,10 +5,14 @@ Run after every event and on a timer, it compares what is live with what is want
 1. demand first: a function with waiting calls gets miniworkers started (bound to it under ``function``,
    started-ahead runtime containers under ``runtime``, oneshot processes under ``none``), up to its
    ``max_warm`` and the node's capacity; when the node is full, the least recently used idle miniworker
-   of another pool makes room. Not when the queue will be gone before a new container could help: a
-   short function's queue (see the broker's pipelining) that its running miniworkers drain within
-   ``SCALE_UP_AFTER_S`` starts none (a container takes longer than that to start, and extra processes on a
-   busy host only take CPU from the ones serving);
+   of another pool makes room (for a function that has miniworkers already, only one idle for
+   ``ROOM_IDLE_S``: two functions sharing a full node under load do not take each other's containers between
+   calls), and a function that has none while every slot is busy gets the next slot that frees (a busy
+   miniworker of the largest other pool is stopped when its call ends: ``yield_slot``). Not while the
+   function's pool is backing off failed starts (a container stopped for it would only start again). Not when
+   the queue will be gone before a new container could help: a short function's queue (see the broker's
+   pipelining) that its running miniworkers drain within ``SCALE_UP_AFTER_S`` starts none (a container takes longer
+   than that to start, and extra processes on a busy host only take CPU from the ones serving);
 2. then the baseline: ``min_warm`` per ready function (``function``), ``runtime_warm`` per runtime
    (``runtime``), ``oneshot_spares`` (``none``);
 3. then keep-alive: idle miniworkers above the baseline for longer than their keep-alive are stopped, as
@@ -35,6 +39,9 @@ from shoal.models import Policy
 SCALE_UP_AFTER_S = 0.1
 #: What a call costs a miniworker at least, beyond its run: the broker's round trip.
 CALL_OVERHEAD_S = 0.0005
+#: An idle miniworker of another pool is stopped for a function that has miniworkers but a backlog only once
+#: it has been idle this long (for a function that has none: at once).
+ROOM_IDLE_S = 1.0
 
 
 class PoolManager:
@@ -72,14 +79,29 @@ class PoolManager:
         self.log.debug("miniworker_spawned", mw_id=h.mw_id, pool=pool_key, mode=h.mode)
         return True
 
-    def _make_room(self, wanted: str) -> bool:
-        """Stop the least recently used idle miniworker of another pool; True if one was stopped."""
-        idle = [h for h in self.live() if h.state == MwState.IDLE and h.pool_key != wanted]
+    def _make_room(self, wanted: str, idle_for: float, now: float) -> bool:
+        """Stop the least recently used miniworker of another pool idle for ``idle_for`` at least; True if one
+        was stopped."""
+        idle = [h for h in self.live()
+                if h.state == MwState.IDLE and h.pool_key != wanted and now - h.idle_since >= idle_for]
         if not idle:
             return False
         victim = min(idle, key=lambda h: h.idle_since)
         self.broker.stop(victim)
         return True
+
+    def _claim_next_slot(self, wanted: str, live: list[MwHandle]) -> None:
+        """Every slot busy and ``wanted`` has no miniworker: a busy one of the largest other pool is stopped once
+        its call ends (one at a time). Without it, a function with a backlog took each freed miniworker's next
+        call and the other function waited as long as that backlog lasted."""
+        if any(h.yield_slot for h in live):
+            return
+        sizes = Tally(h.pool_key for h in live)
+        busy = [h for h in live if h.state == MwState.BUSY and h.pool_key != wanted]
+        if busy:
+            victim = max(busy, key=lambda h: (sizes[h.pool_key], -h.spawned))
+            victim.yield_slot = True
+            self.log.info("slot_claimed", mw_id=victim.mw_id, pool=victim.pool_key, for_pool=wanted)
 
     def _drains_soon(self, key: str, queued: int, serving: int) -> bool:
         """Whether ``serving`` miniworkers of a short function drain ``queued`` calls within SCALE_UP_AFTER_S."""
@@ -100,7 +122,11 @@ class PoolManager:
         # 1. demand
         now = time.monotonic()
         oneshot_demand = 0
-        for key, queue in self.broker.queues.items():
+        # Functions with no miniworker first (a slot freed for one must not go to a busier one), then the one
+        # whose oldest call has waited longest.
+        waiting = sorted(((key, queue) for key, queue in self.broker.queues.items() if queue),
+                         key=lambda item: (by_pool[item[0]] > 0 or starting[item[0]] > 0, item[1][0].received))
+        for key, queue in waiting:
             fn = self.registry.functions.get(key)
             if not queue or fn is None or fn.state != FnState.READY or fn.spec.runtime not in self.registry.runtimes:
                 continue
@@ -109,12 +135,18 @@ class PoolManager:
                 oneshot_demand += len(queue)
                 continue
             pool = key if policy == Policy.FUNCTION else generic_key(fn.spec.runtime)
+            if now < self.broker.spawn_blocked_until.get(pool, 0.0):
+                continue  # backing off failed starts: a container stopped for it now would only start again
             if self._drains_soon(key, len(queue), self.broker.serving(key, now)):
                 continue
             need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
             for _ in range(max(0, need)):
-                if free <= 0 and not (by_pool[key] == 0 and self._make_room(pool)):
-                    break
+                if free <= 0:
+                    none_yet = by_pool[key] == 0
+                    if not self._make_room(pool, 0.0 if none_yet else ROOM_IDLE_S, now):
+                        if none_yet:
+                            self._claim_next_slot(pool, live)
+                        break
                 if not self._spawn(pool, fn if policy == Policy.FUNCTION else None, fn.spec.runtime):
                     break
                 free -= 1

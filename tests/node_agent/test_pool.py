@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from node_agent.miniworkers import MwState
-from node_agent.pool import PoolManager
-from shoal.models import Runtime
+from node_agent.functions import FnState
+from node_agent.miniworkers import MwHandle, MwState
+from node_agent.pool import ROOM_IDLE_S, PoolManager
+from node_agent.tickets import Ticket
+from shoal import protocol
+from shoal.models import FunctionSpec, Runtime
 from shoal.protocol import Msg
 from tests.node_agent.helpers import close_rig
 from tests.node_agent.test_broker import Rig
@@ -74,3 +78,106 @@ def check_keep_alive(rig: Rig) -> None:
     pool.reconcile()  # the node's policy is `function`: no runtime containers nor spares are wanted
     assert {h.mw_id for h in handles if h.state == MwState.STOPPING} == {"g0", "g1", "g2", "o1"}
     assert [m for m, _ in rig.sent] == [Msg.MW_STOP] * 4
+
+
+class Sharing:
+    """A full node of capacity 2 shared by f@1 and g@1: a real broker (sends captured) and pool, processes
+    stood in for."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        rig.registry.runtimes["rt"] = Runtime(name="rt", image="img", path="/ws", dependencies="", run="")
+        g = rig.registry.add_function(FunctionSpec.from_dict(
+            {"name": "g", "version": 1, "runtime": "rt", "sha256": "1" * 64, "size": 1}))
+        g.state = FnState.READY
+        self.spawned: list[str] = []
+        spawner: Any = SimpleNamespace(spawn=self.spawn)
+        config = dataclasses.replace(rig.broker.config, capacity=2, min_warm=0)
+        rig.broker.config = config
+        self.pool = PoolManager(config, rig.registry, rig.broker, spawner, lambda key: key)  # type: ignore[arg-type,return-value]
+
+    def spawn(self, mode: str, runtime: Any, load: Any) -> MwHandle:
+        self.spawned.append(load)
+        proc: Any = SimpleNamespace(poll=lambda: None, send_signal=lambda sig: None)
+        return MwHandle(f"new-{len(self.spawned)}", mode, "rt", load, proc)
+
+    def busy(self, mw_id: str, key: str, call_id: str) -> MwHandle:
+        h = self.rig.handle(mw_id, function=key, state=MwState.IDLE)
+        self.rig.broker.make_idle(h)
+        self.rig.broker.submit(Ticket(call_id, key, None, 30.0))
+        assert h.ticket is not None and h.ticket.call_id == call_id
+        return h
+
+    def idle(self, mw_id: str, key: str, for_s: float) -> MwHandle:
+        h = self.rig.handle(mw_id, function=key, state=MwState.IDLE)
+        self.rig.broker.make_idle(h)
+        h.idle_since = time.monotonic() - for_s
+        return h
+
+
+@pytest.fixture
+def sharing(tmp_path: Path) -> Iterator[Sharing]:
+    rig = Rig(tmp_path)
+    yield Sharing(rig)
+    close_rig(rig)
+
+
+def done(call_id: str) -> protocol.Message:
+    return protocol.decode(protocol.encode(Msg.MW_RESULT, {"call_id": call_id, "status": "DONE", "result": 1,
+                                                           "retire": False}))
+
+
+def test_a_function_with_no_miniworker_gets_the_next_slot_that_frees_on_a_busy_full_node(sharing: Sharing) -> None:
+    """Every slot busy with f, f's backlog took each freed miniworker's next call: g waited as long as it lasted."""
+    broker = sharing.rig.broker
+    first, second = sharing.busy("f1", "f@1", "a1"), sharing.busy("f2", "f@1", "a2")
+    for n in range(5):
+        broker.submit(Ticket(f"a{n + 3}", "f@1", None, 30.0))  # f's backlog
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    sharing.pool.reconcile()
+    assert sharing.spawned == [] and [h.mw_id for h in (first, second) if h.yield_slot] == ["f1"]
+    sharing.pool.reconcile()  # one slot claimed at a time
+    assert not second.yield_slot
+    broker._on_result(first, done("a1"))  # its call ends: stopped, not handed f's next call
+    assert first.state == MwState.STOPPING and first.ticket is None
+    sharing.pool.reconcile()
+    assert sharing.spawned == ["g@1"]
+
+
+def test_a_backlog_takes_a_slot_idle_for_a_while_not_one_idle_between_calls(sharing: Sharing) -> None:
+    """f had one container and a backlog, g an idle one: f stayed at one container (room was made only for a
+    function with none) until g's keep-alive, minutes later."""
+    broker = sharing.rig.broker
+    sharing.busy("f1", "f@1", "a1")
+    for n in range(5):
+        broker.submit(Ticket(f"a{n + 2}", "f@1", None, 30.0))
+    between_calls = sharing.idle("g1", "g@1", for_s=0.1)
+    sharing.pool.reconcile()
+    assert sharing.spawned == [] and between_calls.state == MwState.IDLE  # g is in use: its container stays
+    between_calls.idle_since = time.monotonic() - ROOM_IDLE_S - 0.1
+    sharing.pool.reconcile()
+    assert between_calls.state == MwState.STOPPING and sharing.spawned == ["f@1"]
+
+
+def test_no_container_is_stopped_for_a_pool_backing_off_failed_starts(sharing: Sharing) -> None:
+    """A container stopped for it only started again at the next tick: warm containers thrashed."""
+    broker = sharing.rig.broker
+    other = sharing.idle("f1", "f@1", for_s=60)
+    sharing.idle("f2", "f@1", for_s=60)
+    broker.spawn_blocked_until["g@1"] = time.monotonic() + 30
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    sharing.pool.reconcile()
+    assert other.state == MwState.IDLE and sharing.spawned == []
+
+
+def test_miniworkers_that_fail_to_start_fail_their_function_here_for_a_while(sharing: Sharing) -> None:
+    """Their calls were failed on this node (StartFailed), though another node could run them."""
+    broker = sharing.rig.broker
+    failed: list[tuple[str, str]] = []
+    broker.on_start_failures = lambda key, reason: failed.append((key, reason))
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    for n in range(3):
+        h = sharing.rig.handle(f"s{n}", function="g@1")
+        broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "image missing"})))
+    assert failed == [("g@1", "3 miniworkers failed to start: image missing")]
+    assert sharing.rig.outcomes == []  # its calls are the agent's to give back (see test_prepare_retry)

@@ -16,6 +16,7 @@ import pytest
 from node_agent.agent import PREPARE_RETRIES, PREPARE_RETRY_FIRST, STARTUP_COLLECT_DELAY, Agent
 from node_agent.errors import DependencyError
 from node_agent.functions import FnState
+from node_agent.tickets import Ticket
 from shoal.archive import build_tar_gz
 from shoal.models import FunctionSpec
 from shoal.protocol import Message, Msg
@@ -191,3 +192,20 @@ def test_what_a_restarted_agent_kept_of_functions_deleted_meanwhile_is_collected
     fn = agent.registry.functions[key]
     assert fn.state == FnState.READY and agent.cache.has_blob(fn.spec.sha256) and fn.code_dir is not None
     assert fn.code_dir.is_dir()
+
+
+def test_a_function_whose_containers_will_not_start_here_gives_its_calls_back(agent: Agent, tmp_path: Path) -> None:
+    """They were failed here (StartFailed) though another node could run them; the function stays failed here for
+    a while (the controller places its calls elsewhere) and is tried again."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=0)  # type: ignore[assignment]
+    key = deploy(agent, "f", HANDLER)
+    agent.broker.submit(Ticket("c1", key, None, 30.0))  # no miniworker: it waits here
+    agent.on_start_failures(key, "3 miniworkers failed to start: image missing")
+    fn = agent.registry.functions[key]
+    assert fn.state == FnState.FAILED and "image missing" in fn.error and fn.retry_at
+    results = [h for m, h in agent.sent if m == Msg.RESULT]  # type: ignore[attr-defined]
+    assert [(r["call_id"], r["status"]) for r in results] == [("c1", "REJECTED")]
+    kinds = [(m, h.get("state")) for m, h in agent.sent]  # type: ignore[attr-defined]
+    assert kinds.index((Msg.FUNCTION_STATE, "failed")) < kinds.index((Msg.RESULT, None))  # said before the call
+    agent.retry_failed(fn.retry_at)
+    assert fn.state == FnState.READY
