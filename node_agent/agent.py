@@ -42,7 +42,7 @@ from node_agent.fetcher import ArchiveFetcher
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.link import ControllerLink
 from node_agent.metrics import AgentMetrics
-from node_agent.miniworkers import LIVE, MwHandle, Spawner
+from node_agent.miniworkers import LIVE, MwHandle, MwState, Spawner
 from node_agent.pool import PoolManager
 from node_agent.status import StatusServer
 from node_agent.tickets import Ticket
@@ -413,7 +413,8 @@ class Agent:
         before that number that this node neither holds nor answered (dropped on the way, or its result was)."""
         warm: dict[str, int] = {}
         for h in self.broker.mws.values():
-            if h.function is not None and h.state in LIVE:
+            # Started and loaded only: one still starting is a cold start (warm-first placement counts these).
+            if h.function is not None and h.state in (MwState.IDLE, MwState.BUSY):
                 warm[h.function] = warm.get(h.function, 0) + 1
         status: dict[str, Any] = {"node_id": self.config.node_id, "draining": self.draining, "warm": warm,
                                   "running": len(self.broker.running),

@@ -209,3 +209,16 @@ def test_a_function_whose_containers_will_not_start_here_gives_its_calls_back(ag
     assert kinds.index((Msg.FUNCTION_STATE, "failed")) < kinds.index((Msg.RESULT, None))  # said before the call
     agent.retry_failed(fn.retry_at)
     assert fn.state == FnState.READY
+
+
+def test_a_miniworker_still_starting_is_not_reported_warm(agent: Agent, tmp_path: Path) -> None:
+    """Warm-first placement took a node whose container was still starting for one with a warm one."""
+    from types import SimpleNamespace
+
+    from node_agent.miniworkers import MwHandle, MwState
+    proc: Any = SimpleNamespace(poll=lambda: 0, send_signal=lambda sig: None)
+    for mw_id, state in (("starting", MwState.STARTING), ("idle", MwState.IDLE), ("busy", MwState.BUSY)):
+        agent.broker.mws[mw_id] = MwHandle(mw_id, "bound", "rt", "f@1", proc, state=state)
+    agent.send_status()
+    [status] = [h for m, h in agent.sent if m == Msg.STATUS]  # type: ignore[attr-defined]
+    assert status["warm"] == {"f@1": 2}
