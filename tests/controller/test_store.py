@@ -47,6 +47,28 @@ def test_call_numbers_are_unique_and_in_order_across_blocks_and_restarts(server:
     assert second[0] > first[-1]
 
 
+def test_a_controller_stopping_gives_back_the_call_numbers_it_did_not_hand_out(server: RedisServer) -> None:
+    """callNum jumped by up to a block (256) at every restart."""
+    async def scenario() -> list[list[int]]:
+        await Redis.from_url(server.url, decode_responses=True).delete(keys.CALL_NUM)
+        lifetimes: list[list[int]] = []
+        for _ in range(2):
+            store = Store(Redis.from_url(server.url, decode_responses=True), 60, server.url)
+            store.start()
+            lifetimes.append([await store.next_call_num() for _ in range(3)])
+            await store.close()
+        # Another controller took numbers meanwhile: nothing is given back (they would be handed out twice).
+        first = Store(Redis.from_url(server.url, decode_responses=True), 60, server.url)
+        other = Store(Redis.from_url(server.url, decode_responses=True), 60, server.url)
+        lifetimes.append([await first.next_call_num(), await other.next_call_num()])
+        await first.close()
+        lifetimes.append([await other.next_call_num()])
+        await other.close()
+        return lifetimes
+
+    assert asyncio.run(scenario()) == [[1, 2, 3], [4, 5, 6], [7, 263], [264]]
+
+
 def test_a_batch_of_calls_is_stored_with_every_index_in_one_write(server: RedisServer) -> None:
     async def scenario() -> tuple[Any, ...]:
         r = Redis.from_url(server.url, decode_responses=True)
