@@ -82,6 +82,7 @@ class Broker:
         self.spawn_blocked_until: dict[str, float] = {}
         self.failures: dict[str, int] = {}
         self.run_s: dict[str, float] = {}  # moving average of each function's run time (seconds)
+        self.start_s: dict[str, float] = {}  # moving average of each pool's miniworker start (spawn to ready)
         self.draining = False  # set by the agent: calls that would wait here go back to the controller
         #: Told when a function fails to load in LOAD_FAILURES_MAX miniworkers in a row (key, reason).
         self.on_load_failures: Callable[[str, str], None] | None = None
@@ -350,6 +351,8 @@ class Broker:
             return
         h.container_id = msg.header["container_id"]
         self.failures.pop(h.pool_key, None)
+        took, last = time.monotonic() - h.spawned, self.start_s.get(h.pool_key)
+        self.start_s[h.pool_key] = took if last is None else 0.8 * last + 0.2 * took
         fn = self.registry.functions.get(h.function) if h.function else None
         if fn is not None:
             fn.start_failures = 0

@@ -104,11 +104,14 @@ class PoolManager:
             self.log.info("slot_claimed", mw_id=victim.mw_id, pool=victim.pool_key, for_pool=wanted)
 
     def _drains_soon(self, key: str, queued: int, serving: int) -> bool:
-        """Whether ``serving`` miniworkers of a short function drain ``queued`` calls within SCALE_UP_AFTER_S."""
+        """Whether ``serving`` miniworkers of a short function drain ``queued`` calls before a new one could help:
+        within SCALE_UP_AFTER_S, or the time its miniworkers take to start, as measured (a burst of a 3 ms
+        function started containers that were ready after it was over, and then held their slots)."""
         run = self.broker.run_s.get(key)
         if run is None or run >= self.config.pipeline_max_run or serving <= 0:
             return False
-        return queued * max(run, CALL_OVERHEAD_S) / serving < SCALE_UP_AFTER_S
+        starts_in = max(SCALE_UP_AFTER_S, self.broker.start_s.get(key, 0.0))
+        return queued * max(run, CALL_OVERHEAD_S) / serving < starts_in
 
     def reconcile(self) -> None:
         if self.draining:

@@ -179,3 +179,12 @@ def test_a_held_call_starts_when_its_miniworker_says_not_when_the_previous_resul
         assert held.started_at == started
     else:
         assert handed <= held.started_at <= after
+
+
+def test_how_long_miniworkers_take_to_start_is_measured_per_pool(rig: Rig) -> None:
+    h = rig.handle("r1")
+    h.spawned = time.monotonic() - 0.3
+    rig.broker._on_ready(h, protocol.decode(protocol.encode(Msg.MW_READY, {
+        "v": protocol.PROTOCOL_VERSION, "mw_id": "r1", "container_id": "c", "function": "f@1", "mode": "bound",
+        "pid": 1})))
+    assert h.state == MwState.IDLE and 0.3 <= rig.broker.start_s["f@1"] < 60

@@ -22,8 +22,8 @@ from tests.node_agent.helpers import close_rig
 from tests.node_agent.test_broker import Rig
 
 
-def manager(run_s: dict[str, float]) -> PoolManager:
-    stub: Any = SimpleNamespace(node_id="n1", run_s=run_s, pipeline_max_run=0.005)
+def manager(run_s: dict[str, float], start_s: dict[str, float] | None = None) -> PoolManager:
+    stub: Any = SimpleNamespace(node_id="n1", run_s=run_s, start_s=start_s or {}, pipeline_max_run=0.005)
     return PoolManager(stub, stub, stub, stub, lambda key: stub)
 
 
@@ -35,6 +35,9 @@ def test_a_short_functions_queue_that_drains_before_a_container_could_start_star
     assert not pool._drains_soon("slow@1", queued=1, serving=4)  # not short: demand starts miniworkers
     assert not pool._drains_soon("new@1", queued=1, serving=1)  # no run seen yet: as before
     assert not pool._drains_soon("echo@1", queued=1, serving=0)  # nothing serving it
+    # Its miniworkers take 0.5 s to start (measured): a queue of 0.2 s is gone before one would be ready.
+    assert manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", queued=400, serving=1)
+    assert not manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", queued=1200, serving=1)
 
 
 def test_a_miniworker_the_kernel_will_not_start_backs_its_pool_off_instead_of_ending_the_agent() -> None:
