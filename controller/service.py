@@ -45,6 +45,7 @@ class Service:
         self.verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
         self.uploading = 0
         self.collecting = asyncio.Lock()
+        self.collect_pending = False
         self.background: set[asyncio.Task[int]] = set()
 
     # ---- runtimes ------------------------------------------------------------------------------
@@ -153,7 +154,11 @@ class Service:
         return cancelled
 
     def collect_blobs_soon(self) -> None:
-        """Collect archives no version names any more, in the background (a delete answers at once)."""
+        """Collect archives no version names any more, in the background (a delete answers at once). One
+        collection not begun yet serves every delete made meanwhile (a script deleting many functions)."""
+        if self.collect_pending:
+            return
+        self.collect_pending = True
         task = asyncio.get_running_loop().create_task(self.collect_blobs())
         self.background.add(task)
         task.add_done_callback(self._collected)
@@ -173,6 +178,7 @@ class Service:
         recorded), except those being sent to a node and those written within BLOB_GRACE_S (an upload in
         progress records its version a moment after its blob is in place). Returns how many."""
         async with self.collecting:
+            self.collect_pending = False  # a delete from now on needs a collection after this one
             keep = await self.store.referenced_shas()
             keep |= {sha for _, sha in self.hub.archives.transfers}
             removed = await asyncio.to_thread(self.blobs.collect, keep, time.time() - BLOB_GRACE_S)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from docker.errors import NotFound
 
 from miniworker.container import ENGINE_ERRORS, Container
 from miniworker.errors import ContainerError, LoadError, MiniworkerError, RunnerError
@@ -494,14 +495,18 @@ class Miniworker:
         assert self.container.id is not None
         deadline = time.monotonic() + RUNNER_EXIT_WAIT
         while True:
+            slice_end = min(time.monotonic() + self.spec.heartbeat, deadline)
             try:
-                self.container.api.wait(self.container.id, timeout=max(0.1, min(self.spec.heartbeat,
-                                                                               deadline - time.monotonic())))
+                self.container.api.wait(self.container.id, timeout=max(0.1, slice_end - time.monotonic()))
                 return
+            except NotFound:
+                return  # removed from outside: exit_reason says so
             except ENGINE_ERRORS as exc:
                 if time.monotonic() >= deadline:
                     self.log.debug("container_wait_failed", error=str(exc))
                     return
+                # The engine refused at once (restarting): not asked again before the slice is over.
+                time.sleep(max(0.0, slice_end - time.monotonic()))
             self.send(Msg.MW_HEARTBEAT, {})
 
     def on_runner_gone(self, reason: str | None = None) -> None:

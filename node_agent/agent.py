@@ -471,6 +471,7 @@ class Agent:
             return
         fn.code_dir, fn.wheels_dir = result
         fn.state = FnState.READY
+        fn.retries = 0  # its passing failures start counting anew (they used to add up over the node's life)
         self.log.info("function_ready", function=fn.key)
         self.report_function(fn)
         self.broker.pump()

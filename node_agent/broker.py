@@ -83,6 +83,9 @@ class Broker:
         self.failures: dict[str, int] = {}
         self.run_s: dict[str, float] = {}  # moving average of each function's run time (seconds)
         self.start_s: dict[str, float] = {}  # moving average of each pool's miniworker start (spawn to ready)
+        # Pool key -> the pool that claimed its next slot (see PoolManager): the first of its miniworkers whose
+        # call ends (none held after it) is stopped, and none of them is given a call to hold meanwhile.
+        self.yield_from: dict[str, str] = {}
         self.draining = False  # set by the agent: calls that would wait here go back to the controller
         #: Told when a function fails to load in LOAD_FAILURES_MAX miniworkers in a row (key, reason).
         self.on_load_failures: Callable[[str, str], None] | None = None
@@ -166,7 +169,8 @@ class Broker:
         best: MwHandle | None = None
         for h in self.mws.values():
             if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
-                    and not h.yield_slot and h.ticket is not None and h.mode != ONESHOT and not self.stuck(h, now)
+                    and h.pool_key not in self.yield_from and h.ticket is not None and h.mode != ONESHOT
+                    and not self.stuck(h, now)
                     and (best is None or h.ticket.dispatched < best.ticket.dispatched)):  # type: ignore[union-attr]
                 best = h
         return best
@@ -286,8 +290,10 @@ class Broker:
         """A function version is no longer known here: what the broker kept about it goes too."""
         self.fail_queued(key, {"type": "UnknownFunction", "message": f"{key} was deleted"})
         self.run_s.pop(key, None)
+        self.start_s.pop(key, None)
         self.failures.pop(key, None)
         self.spawn_blocked_until.pop(key, None)
+        self.yield_from.pop(key, None)
 
     def fail_queued(self, key: str, error: dict[str, Any], status: str = "FAILED") -> None:
         queue = self.queues.pop(key, None)
@@ -395,7 +401,8 @@ class Broker:
             h.state = MwState.STOPPING
         elif h.state == MwState.STOPPING:
             pass  # it is on its way out: nothing more is handed to it
-        elif h.yield_slot and h.ticket is None:
+        elif h.ticket is None and h.ahead is None and h.pool_key in self.yield_from:
+            del self.yield_from[h.pool_key]
             self.stop(h)  # its slot goes to a function that has no miniworker (see PoolManager)
         elif h.ticket is None:
             if h.ahead is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from node_agent.errors import FetchError
-from shoal.archive import ArchiveLimits, extract_archive
+from shoal.archive import ArchiveLimits, extract_archive, sha256_file
 from shoal.errors import ValidationError
 from shoal.logs import get_logger
 from shoal.models import SHA256_RE, Runtime
@@ -91,19 +91,17 @@ class NodeCache:
         the agent takes as passing: it fetches it again), where its extraction would fail the function for good
         (a bad archive) or, from a tree cut short, run part of its code."""
         dest = self.root / "code" / sha
-        with self.trust_lock:
-            if sha not in self.trusted:
-                blob = self.blob_path(sha)
-                digest = hashlib.sha256()
-                with open(blob, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-                remove_path(dest)
-                if digest.hexdigest() != sha:
-                    blob.unlink(missing_ok=True)
-                    raise FetchError(f"the archive {sha[:12]} kept here is damaged (from before a restart); it is "
-                                     "fetched again")
-                self.trusted.add(sha)
+        if sha not in self.trusted:
+            blob = self.blob_path(sha)
+            digest = sha256_file(blob)  # (outside the lock: other archives are not held up by this one)
+            with self.trust_lock:
+                if sha not in self.trusted:
+                    remove_path(dest)
+                    if digest != sha:
+                        blob.unlink(missing_ok=True)
+                        raise FetchError(f"the archive {sha[:12]} kept here is damaged (from before a restart); "
+                                         "it is fetched again")
+                    self.trusted.add(sha)
         if not dest.is_dir():
             extract_archive(self.blob_path(sha), dest, self.limits)
         return dest

@@ -52,7 +52,6 @@ class MwHandle:
     ahead: Ticket | None = None  # a call it holds to run next (pipelined; not started)
     loading: bool = False  # the current call also starts a container or loads the function
     reason: str = ""
-    yield_slot: bool = False  # stopped once its current call ends: another function, with none, wants its slot
 
     @property
     def pool_key(self) -> str:

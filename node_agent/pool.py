@@ -7,8 +7,8 @@ Run after every event and on a timer, it compares what is live with what is want
    ``max_warm`` and the node's capacity; when the node is full, the least recently used idle miniworker
    of another pool makes room (for a function that has miniworkers already, only one idle for
    ``ROOM_IDLE_S``: two functions sharing a full node under load do not take each other's containers between
-   calls), and a function that has none while every slot is busy gets the next slot that frees (a busy
-   miniworker of the largest other pool is stopped when its call ends: ``yield_slot``). Not while the
+   calls), and a function that has none while every slot is busy gets the next slot that frees in the
+   largest other pool (its first miniworker whose call ends is stopped: ``Broker.yield_from``). Not while the
    function's pool is backing off failed starts (a container stopped for it would only start again). Not when
    the queue will be gone before a new container could help: a short function's queue (see the broker's
    pipelining) that its running miniworkers drain within ``SCALE_UP_AFTER_S`` starts none (a container takes longer
@@ -91,26 +91,33 @@ class PoolManager:
         return True
 
     def _claim_next_slot(self, wanted: str, live: list[MwHandle]) -> None:
-        """Every slot busy and ``wanted`` has no miniworker: a busy one of the largest other pool is stopped once
-        its call ends (one at a time). Without it, a function with a backlog took each freed miniworker's next
+        """Every slot busy and ``wanted`` has no miniworker: the largest other pool gives up its next slot that
+        frees (one claim at a time). Without it, a function with a backlog took each freed miniworker's next
         call and the other function waited as long as that backlog lasted."""
-        if any(h.yield_slot for h in live):
+        if self.broker.yield_from:
             return
-        sizes = Tally(h.pool_key for h in live)
-        busy = [h for h in live if h.state == MwState.BUSY and h.pool_key != wanted]
-        if busy:
-            victim = max(busy, key=lambda h: (sizes[h.pool_key], -h.spawned))
-            victim.yield_slot = True
-            self.log.info("slot_claimed", mw_id=victim.mw_id, pool=victim.pool_key, for_pool=wanted)
+        sizes = Tally(h.pool_key for h in live if h.state == MwState.BUSY and h.pool_key != wanted)
+        if sizes:
+            victim = max(sizes, key=lambda pool: sizes[pool])
+            self.broker.yield_from[victim] = wanted
+            self.log.info("slot_claimed", pool=victim, for_pool=wanted)
 
-    def _drains_soon(self, key: str, queued: int, serving: int) -> bool:
+    def _drop_stale_claims(self, by_pool: Tally[str]) -> None:
+        """A claim whose function has a miniworker now, or no call waiting (cancelled, given back), is dropped:
+        a warm container would be stopped for nobody."""
+        for victim, wanted in list(self.broker.yield_from.items()):
+            if by_pool[wanted] > 0 or not any(self.broker.queues.get(key) for key in self.registry.functions
+                                              if wanted in self.broker.candidates(key)):
+                del self.broker.yield_from[victim]
+
+    def _drains_soon(self, key: str, pool: str, queued: int, serving: int) -> bool:
         """Whether ``serving`` miniworkers of a short function drain ``queued`` calls before a new one could help:
         within SCALE_UP_AFTER_S, or the time its miniworkers take to start, as measured (a burst of a 3 ms
         function started containers that were ready after it was over, and then held their slots)."""
         run = self.broker.run_s.get(key)
         if run is None or run >= self.config.pipeline_max_run or serving <= 0:
             return False
-        starts_in = max(SCALE_UP_AFTER_S, self.broker.start_s.get(key, 0.0))
+        starts_in = max(SCALE_UP_AFTER_S, self.broker.start_s.get(pool, 0.0))
         return queued * max(run, CALL_OVERHEAD_S) / serving < starts_in
 
     def reconcile(self) -> None:
@@ -125,13 +132,14 @@ class PoolManager:
         # 1. demand
         now = time.monotonic()
         oneshot_demand = 0
+        self._drop_stale_claims(by_pool)
         # Functions with no miniworker first (a slot freed for one must not go to a busier one), then the one
         # whose oldest call has waited longest.
         waiting = sorted(((key, queue) for key, queue in self.broker.queues.items() if queue),
-                         key=lambda item: (by_pool[item[0]] > 0 or starting[item[0]] > 0, item[1][0].received))
+                         key=lambda item: (by_pool[item[0]] > 0, item[1][0].received))
         for key, queue in waiting:
             fn = self.registry.functions.get(key)
-            if not queue or fn is None or fn.state != FnState.READY or fn.spec.runtime not in self.registry.runtimes:
+            if fn is None or fn.state != FnState.READY or fn.spec.runtime not in self.registry.runtimes:
                 continue
             policy = self.registry.policy_of(fn)
             if policy == Policy.NONE:
@@ -140,7 +148,7 @@ class PoolManager:
             pool = key if policy == Policy.FUNCTION else generic_key(fn.spec.runtime)
             if now < self.broker.spawn_blocked_until.get(pool, 0.0):
                 continue  # backing off failed starts: a container stopped for it now would only start again
-            if self._drains_soon(key, len(queue), self.broker.serving(key, now)):
+            if self._drains_soon(key, pool, len(queue), self.broker.serving(key, now)):
                 continue
             need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
             for _ in range(max(0, need)):

@@ -105,7 +105,9 @@ async def invoke(request: web.Request) -> web.Response:
     wait = args["wait"] if args["wait"] is not None else min(float(call["timeout"]) + 5.0,
                                                               svc.config.sync_timeout)
     with cancelled_if_client_leaves(request) as client_there:
-        done = await svc.wait(pending, call["id"], wait if client_there else 0.0)
+        if not client_there:
+            return accepted(request, call)  # nobody to answer: the call goes on
+        done = await svc.wait(pending, call["id"], wait)
     if done is None or done["status"] not in ("DONE", "FAILED", "TIMEOUT", "CANCELLED"):
         return accepted(request, done or call)
     return json_response(render_call(done))

@@ -29,15 +29,15 @@ def manager(run_s: dict[str, float], start_s: dict[str, float] | None = None) ->
 
 def test_a_short_functions_queue_that_drains_before_a_container_could_start_starts_none() -> None:
     pool = manager({"echo@1": 0.0002, "slow@1": 1.5})
-    assert pool._drains_soon("echo@1", queued=16, serving=1)  # ~8 ms of work for the running miniworker
-    assert not pool._drains_soon("echo@1", queued=400, serving=1)  # ~200 ms: another container helps
-    assert pool._drains_soon("echo@1", queued=300, serving=2)
-    assert not pool._drains_soon("slow@1", queued=1, serving=4)  # not short: demand starts miniworkers
-    assert not pool._drains_soon("new@1", queued=1, serving=1)  # no run seen yet: as before
-    assert not pool._drains_soon("echo@1", queued=1, serving=0)  # nothing serving it
+    assert pool._drains_soon("echo@1", "echo@1", queued=16, serving=1)  # ~8 ms of work for the running miniworker
+    assert not pool._drains_soon("echo@1", "echo@1", queued=400, serving=1)  # ~200 ms: another container helps
+    assert pool._drains_soon("echo@1", "echo@1", queued=300, serving=2)
+    assert not pool._drains_soon("slow@1", "slow@1", queued=1, serving=4)  # not short: demand starts miniworkers
+    assert not pool._drains_soon("new@1", "new@1", queued=1, serving=1)  # no run seen yet: as before
+    assert not pool._drains_soon("echo@1", "echo@1", queued=1, serving=0)  # nothing serving it
     # Its miniworkers take 0.5 s to start (measured): a queue of 0.2 s is gone before one would be ready.
-    assert manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", queued=400, serving=1)
-    assert not manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", queued=1200, serving=1)
+    assert manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", "echo@1", queued=400, serving=1)
+    assert not manager({"echo@1": 0.0005}, {"echo@1": 0.5})._drains_soon("echo@1", "echo@1", queued=1200, serving=1)
 
 
 def test_a_miniworker_the_kernel_will_not_start_backs_its_pool_off_instead_of_ending_the_agent() -> None:
@@ -138,13 +138,27 @@ def test_a_function_with_no_miniworker_gets_the_next_slot_that_frees_on_a_busy_f
         broker.submit(Ticket(f"a{n + 3}", "f@1", None, 30.0))  # f's backlog
     broker.submit(Ticket("b1", "g@1", None, 30.0))
     sharing.pool.reconcile()
-    assert sharing.spawned == [] and [h.mw_id for h in (first, second) if h.yield_slot] == ["f1"]
+    assert sharing.spawned == [] and broker.yield_from == {"f@1": "g@1"}
+    assert broker.take_pipelined("f@1", time.monotonic()) is None  # no call is held by a pool that yields
     sharing.pool.reconcile()  # one slot claimed at a time
-    assert not second.yield_slot
-    broker._on_result(first, done("a1"))  # its call ends: stopped, not handed f's next call
-    assert first.state == MwState.STOPPING and first.ticket is None
+    assert broker.yield_from == {"f@1": "g@1"}
+    broker._on_result(second, done("a2"))  # the first of f's calls to end: its slot goes, not f's next call
+    assert second.state == MwState.STOPPING and second.ticket is None and first.state == MwState.BUSY
+    assert broker.yield_from == {}
     sharing.pool.reconcile()
     assert sharing.spawned == ["g@1"]
+
+
+def test_a_claimed_slot_is_not_taken_once_nobody_waits_for_it(sharing: Sharing) -> None:
+    broker = sharing.rig.broker
+    sharing.busy("f1", "f@1", "a1")
+    sharing.busy("f2", "f@1", "a2")
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    sharing.pool.reconcile()
+    assert broker.yield_from == {"f@1": "g@1"}
+    assert broker.cancel("b1")  # g's call is cancelled while it waits
+    sharing.pool.reconcile()
+    assert broker.yield_from == {}
 
 
 def test_a_backlog_takes_a_slot_idle_for_a_while_not_one_idle_between_calls(sharing: Sharing) -> None:
@@ -184,3 +198,21 @@ def test_miniworkers_that_fail_to_start_fail_their_function_here_for_a_while(sha
         broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "image missing"})))
     assert failed == [("g@1", "3 miniworkers failed to start: image missing")]
     assert sharing.rig.outcomes == []  # its calls are the agent's to give back (see test_prepare_retry)
+
+
+def test_a_miniworker_that_holds_a_call_runs_it_before_it_yields_its_slot(sharing: Sharing) -> None:
+    """The held call starts as the miniworker sends the previous result: stopped then, it was run a second time."""
+    broker = sharing.rig.broker
+    broker.run_s["f@1"] = 0.001  # short: the next calls are held by the busy miniworkers
+    first, second = sharing.busy("f1", "f@1", "a1"), sharing.busy("f2", "f@1", "a2")
+    broker.submit(Ticket("a3", "f@1", None, 30.0))
+    broker.submit(Ticket("a4", "f@1", None, 30.0))
+    assert first.ahead is not None and second.ahead is not None
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    sharing.pool.reconcile()
+    assert broker.yield_from == {"f@1": "g@1"}
+    held = second.ahead
+    broker._on_result(second, done("a2"))
+    assert second.state == MwState.BUSY and second.ticket is held  # it runs the call it held
+    broker._on_result(second, done(held.call_id))
+    assert second.state == MwState.STOPPING and broker.yield_from == {}

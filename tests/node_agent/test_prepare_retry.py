@@ -84,6 +84,7 @@ def test_a_preparation_that_failed_for_a_passing_reason_is_tried_again(agent: Ag
     agent.retry_failed(fn.retry_at)
     assert fn.state == FnState.READY and fn.error == "" and fn.wheels_dir == tmp_path / "wheels"
     assert states(agent, key) == ["failed", "failed", "ready"]  # the controller learns it can place calls again
+    assert fn.retries == 0  # ready: its next passing failures count anew (they added up over the node's life)
 
 
 def test_retries_are_bounded_and_a_hostile_archive_is_not_tried_again(agent: Agent, tmp_path: Path) -> None:
