@@ -16,20 +16,27 @@ from shoal import protocol
 from shoal.protocol import Msg
 
 
+def broker_and_spec(tmp_path: Path, mw_id: str, **fields: Any) -> tuple[zmq.Context[Any], zmq.Socket[Any],
+                                                                          MiniworkerSpec]:
+    """A broker's ROUTER on ipc, and a oneshot miniworker's spec pointing at it (its engine is nowhere)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    url = f"ipc://{tmp_path}/broker.ipc"
+    broker.bind(url)
+    spec = MiniworkerSpec(mw_id=mw_id, node_id="n", broker_url=url, docker_url=f"unix://{tmp_path}/none.sock",
+                          docker_api_version="1.41", mode="oneshot", image="x", runtime_path="/ws",
+                          workdir=str(tmp_path / "mw"), src_dirs={}, **fields)
+    return ctx, broker, spec
+
+
 def refuse() -> None:
     raise ContainerError("cannot remove container 0123456789ab: engine refused")
 
 
 @pytest.mark.parametrize(("remove", "code"), [(lambda: None, 0), (refuse, EXIT_CONTAINER_LEFT)])
 def test_a_container_the_miniworker_could_not_remove_is_its_exit_code(tmp_path: Path, remove: Any, code: int) -> None:
-    ctx: zmq.Context[Any] = zmq.Context()
-    broker = ctx.socket(zmq.ROUTER)
-    broker.setsockopt(zmq.LINGER, 0)
-    url = f"ipc://{tmp_path}/broker.ipc"
-    broker.bind(url)
-    spec = MiniworkerSpec(mw_id="mw-t", node_id="n", broker_url=url, docker_url=f"unix://{tmp_path}/none.sock",
-                          docker_api_version="1.41", mode="oneshot", image="x", runtime_path="/ws",
-                          workdir=str(tmp_path / "mw"), src_dirs={})
+    ctx, broker, spec = broker_and_spec(tmp_path, "mw-t")
     mw = Miniworker(spec)
     try:
         mw.container.remove = remove  # type: ignore[method-assign]
@@ -55,14 +62,7 @@ def test_the_wait_for_a_gone_runners_container_neither_hammers_the_engine_nor_go
     from miniworker import worker as worker_module
 
     monkeypatch.setattr(worker_module, "RUNNER_EXIT_WAIT", 0.5)
-    ctx: zmq.Context[Any] = zmq.Context()
-    broker = ctx.socket(zmq.ROUTER)
-    broker.setsockopt(zmq.LINGER, 0)
-    url = f"ipc://{tmp_path}/broker.ipc"
-    broker.bind(url)
-    spec = MiniworkerSpec(mw_id="mw-w", node_id="n", broker_url=url, docker_url=f"unix://{tmp_path}/none.sock",
-                          docker_api_version="1.41", mode="oneshot", image="x", runtime_path="/ws",
-                          workdir=str(tmp_path / "mw"), src_dirs={}, heartbeat=0.1)
+    ctx, broker, spec = broker_and_spec(tmp_path, "mw-w", heartbeat=0.1)
     mw = Miniworker(spec)
     asked: list[float] = []
 
