@@ -24,6 +24,8 @@ from shoal.logs import get_logger
 
 log = get_logger("controller")
 PRUNE_EVERY = 600.0
+STOP_READ_SECONDS = 2.0  # at stop, what the nodes sent is read for at most this long
+STOP_SETTLE_SECONDS = 5.0  # ... and the store's writes waited for at most this long
 
 
 async def _prune_loop(store: Store) -> None:
@@ -76,6 +78,10 @@ def create_app(config: ControllerConfig) -> web.Application:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        # Results the nodes sent are read and stored before the link closes (unread, their calls would run again
+        # after the restart), and so is every dispatch.
+        hub.catch_up(STOP_READ_SECONDS)
+        await dispatcher.stop(STOP_SETTLE_SECONDS)
         await hub.close()
         await store.close()
 

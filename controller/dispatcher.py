@@ -3,7 +3,8 @@
 * ``submit`` stores the call (QUEUED, in the durable ``active`` set) before its id is given out, then
   queues it; beyond ``queue_limit`` waiting calls the API answers 429.
 * ``kick`` places waiting calls on nodes (the placement policy chooses among alive nodes where the
-  function is ready and that have room) and marks them DISPATCHED. That write waits ``DISPATCH_WRITE_AFTER``:
+  function is ready and that have room; functions with calls waiting take turns, a call each) and marks them
+  DISPATCHED. That write waits ``DISPATCH_WRITE_AFTER``:
   a warm call usually ends sooner, and its DISPATCHED stamp and node then go in its terminal write (one
   write per call instead of two; a restart re-queues calls that are active in the store either way).
 * Nodes report RUNNING and results; a result for a call that is not in flight on that node (a late
@@ -19,6 +20,12 @@
   elsewhere until the node has said HELLO without it, or ``liveness + 1`` heartbeats have passed without a
   HELLO; a node that lists it keeps it, and a result it sends before its HELLO (it held the result while the
   controller was away) ends it. Otherwise the first node to say HELLO would be given the calls the others run.
+  A call recorded as waiting may be on a node too (its DISPATCHED write had not landed): those are kept until
+  every node recorded as up has said HELLO (or the same grace has passed).
+* A node taken for lost that is heard from again is asked to say HELLO (it may have missed messages); a result
+  it sends for a call it was running when taken for lost is that call's outcome (a run placed since is
+  cancelled).
+* At stop, placement ends, the nodes' messages are read, and the store's writes are waited for (bounded).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 from controller.callqueue import CallQueue
 from controller.config import ControllerConfig
-from controller.errors import Busy
+from controller.errors import Busy, StoreError
 from controller.hub import Hub
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
@@ -45,6 +52,8 @@ from shoal.protocol import Msg
 STATUSES = {s.value: s for s in (CallStatus.DONE, CallStatus.FAILED, CallStatus.TIMEOUT, CallStatus.CANCELLED)}
 #: Seconds after its dispatch that a call still in flight gets its DISPATCHED write (see the module doc).
 DISPATCH_WRITE_AFTER = 0.02
+#: ``reserved`` key of recovered calls kept until every node that was up has said HELLO (see ``recover``).
+ANY_NODE = "*"
 #: Seconds before a terminal write that failed is tried again (doubling, at most 10 s).
 RETRY_WRITE_AFTER = 0.25
 
@@ -81,10 +90,18 @@ class Pending:
     seq: int = 0  # the sequence number of its CALL to the node it is on (see the module doc)
     reserved_for: str = ""  # recovered, and recorded as on this node: kept for it (see the module doc)
     queued: bool = False  # waiting in the queue (set by CallQueue)
+    lost_on: set[str] = field(default_factory=set)  # nodes taken for lost while it was on them (may still run it)
 
     @property
     def key(self) -> str:
         return f"{self.function}@{self.version}"
+
+    @property
+    def status(self) -> str:
+        """Where it stands now (not yet ended)."""
+        if self.node_id is None:
+            return CallStatus.QUEUED.value
+        return (CallStatus.RUNNING if "RUNNING" in self.stamps else CallStatus.DISPATCHED).value
 
 
 class Dispatcher:
@@ -106,6 +123,13 @@ class Dispatcher:
         # being deleted) ends CANCELLED instead of waiting for a node that will never have it.
         self.deleted: dict[str, int] = {}
         self.reserved: dict[str, set[str]] = {}  # node -> recovered calls kept for it until its HELLO
+        self.awaiting_hello: set[str] = set()  # nodes up before a restart that have not said HELLO since
+        self.unstored: set[str] = set()  # calls ended whose terminal write has not landed yet
+        self.stopping = False  # the controller is stopping: nothing is placed any more
+        self._lane_turn = 0  # where the next placement round starts among the waiting functions
+        # Function -> version -> calls held of it: whether a deleted function still has calls is asked at every
+        # one of its calls' ends, and a walk of ``calls`` (100,000 of them) each time stalled the loop.
+        self._versions_held: dict[str, dict[int, int]] = {}
 
     # ---- submitting ----------------------------------------------------------------------------
     def queued(self) -> int:
@@ -116,8 +140,25 @@ class Dispatcher:
             raise Busy(f"{len(self.queue)} calls are waiting for a node (at most {self.config.queue_limit});"
                        " retry later", retry_after=1)
 
+    def _hold(self, pending: Pending) -> None:
+        if pending.call_id not in self.calls:
+            self.calls[pending.call_id] = pending
+            counts = self._versions_held.setdefault(pending.function, {})
+            counts[pending.version] = counts.get(pending.version, 0) + 1
+
+    def _let_go(self, call_id: str) -> Pending | None:
+        pending = self.calls.pop(call_id, None)
+        if pending is not None:
+            counts = self._versions_held[pending.function]
+            counts[pending.version] -= 1
+            if not counts[pending.version]:
+                del counts[pending.version]
+                if not counts:
+                    del self._versions_held[pending.function]
+        return pending
+
     def enqueue(self, pending: Pending, front: bool = False) -> None:
-        self.calls[pending.call_id] = pending
+        self._hold(pending)
         self.queue.append(pending, front)
         self.kick()
 
@@ -139,35 +180,53 @@ class Dispatcher:
             asyncio.get_running_loop().call_soon(self._place)
 
     def _place(self) -> None:
+        """One round of placement. Functions take turns, a call each, and the function that goes first changes
+        from one round to the next: walked lane by lane, a function with a standing backlog took every slot a
+        result freed, and another function's calls waited for that whole backlog."""
         self._kick_scheduled = False
-        if not self.queue:
+        if not self.queue or self.stopping:
             return
         if self.deleted:
             self._cancel_deleted_lanes()
         nodes = [n for n in self.hub.nodes.values() if n.alive()]
         if not nodes:
             return
-        limit = self.config.node_oversubscribe
-        for key in self.queue.lanes():
+        lanes = self.queue.lanes()
+        self._lane_turn = (self._lane_turn + 1) % max(1, len(lanes))
+        lanes = lanes[self._lane_turn:] + lanes[:self._lane_turn]
+        for key in list(lanes):
             if all(key in n.failed for n in nodes):
                 self._fail_lane(key, nodes)
-                continue
-            while (pending := self.queue.head(key)) is not None:
-                if pending.cancelled or pending.node_id is not None:  # (discarded when that happened)
-                    self.log.error("stale_queue_entry", call_id=pending.call_id, node_id=pending.node_id)
-                    self.queue.popleft(key)
-                    continue
-                node = self.placement.choose(key, [n for n in nodes if key in n.ready and n.has_room(key, limit)])
-                if node is None:
-                    break  # no node takes this function now: its later calls wait too
-                if not self._dispatch(pending, node):
-                    # The node's socket refused (it went away): this round places around it; its liveness
-                    # check will mark it lost, and that places its calls again.
-                    nodes = [n for n in nodes if n is not node]
-                    if not nodes:
-                        return
-                    continue
+                lanes.remove(key)
+        while lanes and nodes:
+            for key in list(lanes):
+                placed, nodes = self._place_head(key, nodes)
+                if not placed:
+                    lanes.remove(key)  # empty, or no node takes this function now: its later calls wait too
+                if not nodes:
+                    return
+
+    def _place_head(self, key: str, nodes: list[NodeState]) -> tuple[bool, list[NodeState]]:
+        """Place the call at the head of lane ``key``; returns whether one was placed, and the nodes left to
+        place on (without one whose socket refused: it went away; its liveness check will mark it lost, and
+        that places its calls again)."""
+        limit = self.config.node_oversubscribe
+        while (pending := self.queue.head(key)) is not None:
+            if pending.cancelled or pending.node_id is not None:  # (discarded when that happened)
+                self.log.error("stale_queue_entry", call_id=pending.call_id, node_id=pending.node_id)
                 self.queue.popleft(key)
+                continue
+            node = self.placement.choose(key, [n for n in nodes if key in n.ready and n.has_room(key, limit)])
+            if node is None:
+                return False, nodes
+            if not self._dispatch(pending, node):
+                nodes = [n for n in nodes if n is not node]
+                if not nodes:
+                    return False, nodes
+                continue
+            self.queue.popleft(key)
+            return True, nodes
+        return False, nodes
 
     def _cancel_deleted_lanes(self) -> None:
         for key in self.queue.lanes():
@@ -256,6 +315,10 @@ class Dispatcher:
     def on_result(self, node: NodeState, h: dict[str, Any]) -> None:
         call_id = h["call_id"]
         pending = self.calls.get(call_id)
+        if (pending is not None and pending.node_id != node.node_id and node.node_id in pending.lost_on
+                and h["status"] != REJECTED):
+            self._result_from_lost(pending, node, h)
+            return
         if pending is None or pending.node_id != node.node_id:
             self.log.info("late_result_ignored", call_id=call_id, node_id=node.node_id)
             if call_id in node.inflight:  # (never meant to happen) the node's slot is not kept for it
@@ -268,11 +331,25 @@ class Dispatcher:
         node.done += 1
         self._take_result(pending, h, node.node_id)
 
+    def _result_from_lost(self, pending: Pending, node: NodeState, h: dict[str, Any]) -> None:
+        """A result from a node that was taken for lost while it ran the call (it was only slow to be heard):
+        the call ran, so this is its outcome. If it was placed again meanwhile, that run is cancelled."""
+        self.log.info("result_from_node_taken_for_lost", call_id=pending.call_id, node_id=node.node_id,
+                      placed_again_on=pending.node_id)
+        if pending.node_id is not None:
+            self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": pending.call_id})
+            self._release(pending)
+            self.kick()
+        pending.last_node = node.node_id
+        pending.dispatch_unwritten = True  # its stored node is the one that ran it
+        node.done += 1
+        self._take_result(pending, h, node.node_id)
+
     def on_result_before_hello(self, node_id: str, h: dict[str, Any]) -> None:
         """A result from a node that has not said HELLO to this controller yet: it ran the call while the
         controller was away (restarting). Taken if the call was recovered as on that node; else ignored."""
         pending = self.calls.get(h["call_id"])
-        if pending is None or pending.node_id is not None or pending.reserved_for != node_id:
+        if pending is None or pending.node_id is not None or pending.reserved_for not in (node_id, ANY_NODE):
             self.log.info("late_result_ignored", call_id=h["call_id"], node_id=node_id)
             return
         self._unreserve(pending)
@@ -298,7 +375,7 @@ class Dispatcher:
         self.finish(pending, status, fields)
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
-        self.calls.pop(pending.call_id, None)
+        self._let_go(pending.call_id)
         self.queue.discard(pending)
         if pending.function in self.gone:
             self._announce_gone(pending.function)
@@ -313,6 +390,7 @@ class Dispatcher:
         outcome.update({f"t_{k}": v for k, v in pending.stamps.items()})
         outcome.update(fields)
         outcome.update(status=status.value, node=pending.last_node, attempts=pending.attempts)
+        self.unstored.add(pending.call_id)
         self._store_outcome(pending, status, fields, outcome, RETRY_WRITE_AFTER)
 
     def _store_outcome(self, pending: Pending, status: CallStatus, fields: dict[str, Any], outcome: dict[str, Any],
@@ -331,6 +409,7 @@ class Dispatcher:
                                                       outcome, min(retry_after * 2, 10.0))
                 return
             pending.outcome = outcome
+            self.unstored.discard(pending.call_id)
             for fut in pending.waiters:
                 if not fut.done():
                     fut.set_result(outcome)
@@ -351,6 +430,8 @@ class Dispatcher:
         """``node`` was lost with ``pending`` on it (or, ``dropped``, it is alive but no longer holds the call):
         placed again, or FAILED past ``max_attempts`` dispatches (at-least-once, bounded)."""
         self._release(pending)
+        if not dropped:
+            pending.lost_on.add(node.node_id)
         what = "dropped it" if dropped else "was lost while running it"
         if pending.attempts >= self.config.max_attempts:
             self.finish(pending, CallStatus.FAILED, {"error": {
@@ -419,6 +500,7 @@ class Dispatcher:
             if (pending := self.calls.get(call_id)) is not None and pending.node_id is None and not pending.cancelled:
                 pending.reserved_for = ""
                 self.queue.append(pending)
+        self._heard_from(node.node_id)
         self.kick()
 
     def on_function_state(self, node: NodeState, key: str, state: str) -> None:
@@ -448,7 +530,7 @@ class Dispatcher:
         self._announce_gone(name)
 
     def has_calls(self, name: str, up_to: int) -> bool:
-        return any(p.function == name and p.version <= up_to for p in self.calls.values())
+        return any(version <= up_to for version in self._versions_held.get(name, {}))
 
     def _announce_gone(self, name: str) -> None:
         up_to = self.gone.get(name)
@@ -469,7 +551,8 @@ class Dispatcher:
             return False
         if pending.node_id is None:
             if pending.reserved_for:  # recovered as on that node, which may be running it: told, if it is there
-                self.hub.send(pending.reserved_for, Msg.CANCEL, {"call_id": call_id})
+                for node_id in self.hub.nodes if pending.reserved_for == ANY_NODE else (pending.reserved_for,):
+                    self.hub.send(node_id, Msg.CANCEL, {"call_id": call_id})
                 self._unreserve(pending)
             pending.cancelled = True
             self.finish(pending, CallStatus.CANCELLED, {"error": {"type": "Cancelled",
@@ -483,7 +566,7 @@ class Dispatcher:
         """Forget a call whose creation was not stored: its caller gets an error, not an id, so nothing about
         it is written and it is not counted. If it was already sent to a node, the node is asked to cancel it
         and its result will be ignored."""
-        pending = self.calls.pop(call_id, None)
+        pending = self._let_go(call_id)
         if pending is None:
             return
         pending.cancelled = True
@@ -498,6 +581,8 @@ class Dispatcher:
         """Queue again every call the store holds as not finished (after a controller restart)."""
         count = 0
         exists: dict[tuple[str, int], bool] = {}  # function versions (deleted while the calls waited: cancelled)
+        self.awaiting_hello = {node_id for node_id, info in (await self.store.list_nodes()).items()
+                               if info.get("state") != "lost" and node_id not in self.hub.nodes}
         for call in sorted(await self.store.active_calls(), key=lambda c: c.get("created") or 0):
             if call["id"] in self.calls:
                 continue
@@ -509,7 +594,7 @@ class Dispatcher:
             version = (pending.function, pending.version)
             if version not in exists:
                 exists[version] = await self.store.get_version(*version) is not None
-            self.calls[pending.call_id] = pending
+            self._hold(pending)
             if not exists[version]:
                 self.finish(pending, CallStatus.CANCELLED, {"error": {
                     "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
@@ -517,8 +602,12 @@ class Dispatcher:
             node_id = call.get("node") or ""
             node = self.hub.nodes.get(node_id)
             if call.get("status") in ("DISPATCHED", "RUNNING") and node_id and (node is None or not node.alive()):
-                pending.reserved_for = node_id
-                self.reserved.setdefault(node_id, set()).add(pending.call_id)
+                self._reserve(pending, node_id)
+            elif self.awaiting_hello:
+                # Recorded as waiting, it may still be on a node: its DISPATCHED write waits a moment after the
+                # dispatch (or did not land), and a call placed again after a lost node is recorded as waiting
+                # until its next dispatch is. Kept until every node that was up has said which calls it holds.
+                self._reserve(pending, ANY_NODE)
             else:
                 self.queue.append(pending)
             count += 1
@@ -530,7 +619,24 @@ class Dispatcher:
         if self.reserved:
             grace = self.config.heartbeat * (self.config.liveness + 1)
             asyncio.get_running_loop().call_later(grace, self.release_reserved)
+        else:
+            self.awaiting_hello.clear()
         return count
+
+    def _reserve(self, pending: Pending, node_id: str) -> None:
+        pending.reserved_for = node_id
+        self.reserved.setdefault(node_id, set()).add(pending.call_id)
+
+    def _heard_from(self, node_id: str) -> None:
+        """``node_id`` said HELLO after a restart: once every node that was up has, the recovered calls no node
+        claimed are placed."""
+        self.awaiting_hello.discard(node_id)
+        if not self.awaiting_hello and ANY_NODE in self.reserved:
+            for call_id in self.reserved.pop(ANY_NODE):
+                if (pending := self.calls.get(call_id)) is not None and pending.node_id is None \
+                        and not pending.cancelled:
+                    pending.reserved_for = ""
+                    self.queue.append(pending)
 
     def _unreserve(self, pending: Pending) -> None:
         if pending.reserved_for:
@@ -545,9 +651,29 @@ class Dispatcher:
                 if pending is not None and pending.node_id is None and not pending.cancelled:
                     pending.reserved_for = ""
                     self.queue.append(pending)
+        self.awaiting_hello.clear()
         if self.reserved:
             self.reserved.clear()
             self.kick()
+
+    # ---- stopping ------------------------------------------------------------------------------
+    async def stop(self, timeout: float) -> None:
+        """The controller is stopping: nothing is placed any more, the DISPATCHED writes that wait are made now,
+        and the outcomes not stored yet are waited for (at most ``timeout`` seconds; a failed write is retried
+        meanwhile). Left unwritten, a call ended here would be recovered as active at the next start and run
+        again; a call on a node with no DISPATCHED write would be placed on another node as well."""
+        self.stopping = True
+        self._flush_dispatched()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.unstored and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(self.store.settled(), max(0.0, deadline - loop.time()))
+        except (TimeoutError, StoreError) as exc:
+            self.log.warning("writes_not_settled_at_stop", error=repr(exc))
+        if self.unstored:
+            self.log.warning("outcomes_not_stored_at_stop", calls=len(self.unstored))
 
     def snapshot(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "active": len(self.calls),

@@ -29,6 +29,7 @@ from shoal.nodelink import bind_router
 from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
+CATCH_UP_SECONDS = 1.0  # read from the socket at most this long before judging the nodes' liveness
 SYNC_RETRY_FIRST = 0.5  # seconds before a node's sync the store failed is tried again, doubling
 SYNC_RETRY_MAX = 10.0
 
@@ -176,8 +177,12 @@ class Hub:
             return
         node.last_seen = time.monotonic()
         if node.lost:
+            # Back from being taken for lost: it may have missed what was sent to the others meanwhile (functions,
+            # deletions), and its calls were placed again. Its HELLO brings it up to date and says which calls it
+            # still holds (those not placed elsewhere yet stay with it).
             self.log.info("node_back", node_id=node_id)
             node.lost = False
+            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": node.call_seq})
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise ProtocolError(f"{msg.name} is not a node-to-controller message")
@@ -338,21 +343,34 @@ class Hub:
     async def _liveness_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat)
-            for node in self.check_liveness(time.monotonic()):
+            # What the nodes sent is read before they are judged: a controller behind on its socket (a burst of
+            # results, a stalled loop) took their heartbeats, unread, for silence, and ran their calls again.
+            caught_up = self.catch_up(CATCH_UP_SECONDS)
+            for node in self.check_liveness(time.monotonic(), judge=caught_up):
                 try:
                     await self.store.save_node(node.node_id, node.to_dict())
                 except RedisError as exc:  # only the record of it: the loop must go on (it is the only one)
                     self.log.error("node_state_not_saved", node_id=node.node_id, error=str(exc))
 
-    def check_liveness(self, now: float) -> list[NodeState]:
+    def catch_up(self, budget: float) -> bool:
+        """Handle what the socket holds, for at most ``budget`` seconds; whether it was all read."""
+        deadline = time.monotonic() + budget
+        while zmq_readable(self.sock):
+            if time.monotonic() >= deadline:
+                return False
+            self._drain()
+        return True
+
+    def check_liveness(self, now: float, judge: bool = True) -> list[NodeState]:
         """Heartbeat the nodes that are alive; mark lost those silent for ``liveness`` heartbeats (their calls
-        go back to the dispatcher) and return them."""
+        go back to the dispatcher) and return them. Not ``judge``: what they sent is not all read yet, so their
+        silence says nothing; only heartbeats go out."""
         silence = self.config.heartbeat * self.config.liveness
         lost: list[NodeState] = []
         for node in list(self.nodes.values()):
             if node.lost:
                 continue
-            if now - node.last_seen > silence:
+            if judge and now - node.last_seen > silence:
                 node.lost = True
                 self.archives.forget(node.node_id)
                 self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),

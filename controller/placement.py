@@ -33,17 +33,28 @@ class WarmFirst:
 
 
 class RoundRobin:
+    """Each function's calls go to its nodes in turn: the node after (by id) the one its last call went to.
+
+    The turn is kept per function: one counter for all of them tied each function to one node as soon as
+    calls of two functions alternated (A's calls took the odd turns, B's the even ones). A node that has no
+    room is skipped without shifting the others' turns."""
+
     name = "round-robin"
+    KEEP = 4096  # functions whose last node is remembered (the oldest forgotten first)
 
     def __init__(self) -> None:
-        self.turn = 0
+        self.last: dict[str, str] = {}  # function version -> node its last call went to
 
     def choose(self, key: str, nodes: Sequence[NodeState]) -> NodeState | None:
         if not nodes:
             return None
-        ordered = sorted(nodes, key=lambda n: n.node_id)
-        self.turn += 1
-        return ordered[self.turn % len(ordered)]
+        last = self.last.pop(key, "")
+        after = [n for n in nodes if n.node_id > last]
+        chosen = min(after or nodes, key=lambda n: n.node_id)
+        self.last[key] = chosen.node_id
+        if len(self.last) > self.KEEP:
+            del self.last[next(iter(self.last))]
+        return chosen
 
 
 def make_placement(name: str) -> Placement:

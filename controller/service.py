@@ -203,6 +203,17 @@ class Service:
                 self.hub.broadcast(Msg.FUNCTION, function_message(record))
         return record, timeout if timeout is not None else float(record.get("timeout") or 30.0)
 
+    async def _recheck_room(self, count: int, idempotency_key: str | None, claimed: str, batch: bool = False) -> None:
+        """The queue bound, checked again once the request's waits are over (other requests queued calls
+        meanwhile: checked only before them, the bound was passed by as many requests as waited at once). A
+        refusal gives back the idempotency key this request claimed. Nothing is awaited unless it refuses."""
+        try:
+            self.dispatcher.check_room(count)
+        except Busy:
+            if idempotency_key is not None:
+                await self._release_key(idempotency_key, claimed, batch=batch)
+            raise
+
     @staticmethod
     def _check_key(idempotency_key: str) -> None:
         if not 1 <= len(idempotency_key) <= 200 or not idempotency_key.isascii() or not idempotency_key.isprintable():
@@ -250,6 +261,7 @@ class Service:
             if existing is not None:
                 return await self._replayed(existing)
         # No await from the claim to the queueing: a replay that finds the key finds the call in the dispatcher.
+        await self._recheck_room(1, idempotency_key, call_id)
         idem = keys.idempotency(idempotency_key) if idempotency_key is not None else ""
         call, pending = self._new_call(record, params, timeout, call_id, num, time.time(), idem)
         try:
@@ -287,7 +299,7 @@ class Service:
         await self._settle_claim()
         pending = self.dispatcher.calls.get(call_id)
         if pending is not None:
-            return pending.record, pending
+            return dict(pending.record, status=pending.status), pending
         call = await self.store.get_call(call_id)
         if call is None:
             raise Conflict("this Idempotency-Key was given to a call that could not be stored; use a new key")
@@ -299,7 +311,7 @@ class Service:
         statuses = await self.store.call_statuses(call_ids)
         for entry in statuses:
             if entry["status"] == "UNKNOWN" and (pending := self.dispatcher.calls.get(entry["id"])) is not None:
-                entry["status"] = pending.record["status"]
+                entry["status"] = pending.status
         if any(entry["status"] == "UNKNOWN" for entry in statuses):
             raise Conflict("this Idempotency-Key was given to a batch that could not be stored, or that is no "
                            "longer kept; use a new key")
@@ -325,6 +337,7 @@ class Service:
             if existing is not None:
                 return await self._replayed_batch(existing.split(","))
         # No await from the claim to the queueing (see _settle_claim).
+        await self._recheck_room(len(params), idempotency_key, ",".join(ids), batch=True)
         now = time.time()
         idem = keys.batch_idempotency(idempotency_key) if idempotency_key is not None else ""
         made = [self._new_call(record, p, timeout, call_id, num, now, idem)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,6 +12,7 @@ from controller.dispatcher import Dispatcher, Pending
 from controller.errors import StoreError
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
+from shoal.models import REJECTED
 from shoal.protocol import Msg
 
 
@@ -50,6 +52,7 @@ class FakeStore:
         self.failing = 0  # this many writes fail next
         self.active: list[dict[str, Any]] = []  # what active_calls() returns (calls of a previous lifetime)
         self.deleted: set[tuple[str, int]] = set()  # function versions get_version does not find
+        self.nodes: dict[str, dict[str, Any]] = {}  # what list_nodes() returns (nodes of a previous lifetime)
 
     def update_call(self, call_id: str, status: Any, fields: dict[str, Any],
                     record: dict[str, Any] | None = None) -> asyncio.Future[None]:
@@ -68,6 +71,12 @@ class FakeStore:
 
     async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
         return None if (name, version) in self.deleted else {"name": name, "version": version}
+
+    async def list_nodes(self) -> dict[str, dict[str, Any]]:
+        return self.nodes
+
+    async def settled(self) -> None:
+        pass
 
 
 def make_dispatcher(nodes: tuple[str, ...] = ("n1",)) -> tuple[Dispatcher, FakeHub, FakeStore, ControllerMetrics]:
@@ -517,5 +526,163 @@ def test_an_old_version_a_node_retired_is_sent_back_to_it_while_calls_of_it_wait
         d.enqueue(Pending("c1", "f", 1, None, 5.0))  # not ready anywhere: it waits
         d.on_function_state(n1, "f@1", "retired")
         assert hub.resent == [("n1", "f@1")]
+
+    asyncio.run(scenario())
+
+
+def test_functions_with_calls_waiting_take_turns_for_the_slots_that_free() -> None:
+    """A function with a standing backlog took every slot a result freed (lanes were walked in order): another
+    function's calls waited for the whole backlog."""
+
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1",))
+        d.config = dataclasses.replace(d.config, node_oversubscribe=1)
+        ready(hub, "a@1")
+        ready(hub, "b@1")
+        for n in range(20):
+            d.enqueue(Pending(f"a{n}", "a", 1, None, 1.0))
+        for n in range(3):
+            d.enqueue(Pending(f"b{n}", "b", 1, None, 1.0))
+        await asyncio.sleep(0)
+        node = hub.nodes["n1"]
+        order = list(hub.placed)
+        for _ in range(8):  # a result frees one slot at a time
+            finished = next(call_id for call_id in order if call_id in node.inflight)
+            d.on_result(node, {"call_id": finished, "status": "DONE", "result": None})
+            await asyncio.sleep(0)
+            order = list(hub.placed)
+        assert [c for c in order if c.startswith("b")] == ["b0", "b1", "b2"]  # not after a0..a19
+        assert order.index("b2") < 8
+
+    asyncio.run(scenario())
+
+
+def test_round_robin_alternates_each_functions_calls_over_the_nodes() -> None:
+    """One turn counter for all functions: with calls of a and b alternating, a's went to one node, b's to the
+    other."""
+    from controller.placement import RoundRobin
+
+    nodes = [NodeState(n, {"v": 1, "node_id": n}, capacity=4) for n in ("n1", "n2")]
+    rr = RoundRobin()
+    picks: dict[str, list[str]] = {"a@1": [], "b@1": []}
+    for _ in range(4):
+        for key in picks:
+            chosen = rr.choose(key, nodes)
+            assert chosen is not None
+            picks[key].append(chosen.node_id)
+    assert picks == {"a@1": ["n1", "n2", "n1", "n2"], "b@1": ["n1", "n2", "n1", "n2"]}
+    assert rr.choose("a@1", nodes[:1]) is nodes[0]  # the node whose turn it is has no room: the next one
+
+
+def test_a_result_from_a_node_taken_for_lost_is_the_calls_outcome() -> None:
+    """n1 was only slow to be heard (its heartbeats sat unread): its calls were placed again, and the result it
+    sent for one of them was ignored as late; the call ran twice."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        hub.nodes["n2"].lost = True
+        d.enqueue(Pending("x", "f", 1, None, 1.0))
+        d.enqueue(Pending("y", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert hub.placed == {"x": ["n1"], "y": ["n1"]}
+        hub.nodes["n1"].lost = True
+        d.on_node_lost(hub.nodes["n1"])
+        hub.nodes["n2"].lost = False
+        d.kick()
+        await asyncio.sleep(0)
+        assert hub.placed == {"x": ["n1", "n2"], "y": ["n1", "n2"]}
+        hub.nodes["n1"].lost = False
+        d.on_result(hub.nodes["n1"], {"call_id": "x", "status": "DONE", "result": 1})
+        await asyncio.sleep(0)
+        assert status_of(store, "x") == "DONE" and store.fields["x"]["node"] == "n1"
+        assert (Msg.CANCEL, "x") in hub.sent and "x" not in hub.nodes["n2"].inflight  # the second run is stopped
+        d.on_result(hub.nodes["n2"], {"call_id": "x", "status": "CANCELLED"})  # its answer: ignored
+        assert status_of(store, "x") == "DONE"
+        d.on_result(hub.nodes["n1"], {"call_id": "y", "status": REJECTED})  # never ran there: stays on n2
+        assert d.calls["y"].node_id == "n2"
+
+    asyncio.run(scenario())
+
+
+def test_recovered_waiting_calls_wait_for_every_node_that_was_up_to_say_hello() -> None:
+    """A call the store records as waiting may be running: its DISPATCHED write had not landed when the
+    controller died. Placed at the first HELLO, it ran on n2 while n1, which said HELLO next, was running it."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        d.config = dataclasses.replace(d.config, heartbeat=60.0)  # (no release by the grace timer meanwhile)
+        store.nodes = {"n1": {"state": "ready"}, "n2": {"state": "ready"}, "n3": {"state": "lost"}}
+        store.active = [stored_call("c0", status="QUEUED", attempts=0), stored_call("c1", status="QUEUED")]
+        hub.nodes = {}  # no node has said HELLO to this controller yet
+        assert await d.recover() == 2 and len(d.queue) == 0
+        hub.nodes = FakeHub(("n1", "n2")).nodes
+        ready(hub)
+        d.on_node_hello(hub.nodes["n2"], set())
+        await asyncio.sleep(0)
+        assert hub.placed == {}  # n1 may hold them
+        d.on_result_before_hello("n1", {"call_id": "c1", "status": "DONE", "result": 1})  # held while we were away
+        assert status_of(store, "c1") == "DONE"
+        d.on_node_hello(hub.nodes["n1"], {"c0"})
+        await asyncio.sleep(0)
+        assert hub.placed == {} and d.calls["c0"].node_id == "n1" and d.reserved == {} and not d.awaiting_hello
+
+    asyncio.run(scenario())
+
+
+def test_recovered_waiting_calls_are_placed_once_every_node_said_hello() -> None:
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        store.nodes = {"n1": {"state": "ready"}}
+        store.active = [stored_call("c0", status="QUEUED", attempts=0)]
+        hub.nodes = {}
+        assert await d.recover() == 1
+        hub.nodes = FakeHub(("n1",)).nodes
+        ready(hub)
+        d.on_node_hello(hub.nodes["n1"], set())
+        await asyncio.sleep(0)
+        assert hub.placed == {"c0": ["n1"]}
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_dispatcher_places_nothing_and_writes_what_waits() -> None:
+    """At stop, the DISPATCHED writes that waited were dropped (a restart placed those calls on another node as
+    well), and outcomes whose write was being retried were never stored (their calls ran again)."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        ready(hub)
+        d.enqueue(Pending("x", "f", 1, None, 1.0))
+        d.enqueue(Pending("y", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        store.failing = 1
+        d.on_result(hub.nodes["n1"], {"call_id": "y", "status": "DONE", "result": 1})  # its first write fails
+        assert d.unstored == {"y"}
+        await d.stop(5.0)
+        assert ("x", "DISPATCHED") in store.writes and status_of(store, "y") == "DONE" and not d.unstored
+        d.enqueue(Pending("z", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert "z" not in hub.placed
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_functions_calls_are_counted_not_searched() -> None:
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1",))
+        ready(hub)
+        for n in range(3):
+            d.enqueue(Pending(f"x{n}", "f", 1, None, 1.0))
+        d.enqueue(Pending("new", "f", 2, None, 1.0))
+        await asyncio.sleep(0)
+        assert d.has_calls("f", 1) and d.has_calls("f", 2) and not d.has_calls("g", 9)
+        d.forget_when_idle("f", 1)
+        for n in range(2):
+            d.on_result(hub.nodes["n1"], {"call_id": f"x{n}", "status": "DONE", "result": None})
+        assert d.gone == {"f": 1}
+        await asyncio.sleep(0)  # x2 placed (the node had room for two calls of f@1)
+        d.on_result(hub.nodes["n1"], {"call_id": "x2", "status": "DONE", "result": None})
+        assert d.gone == {} and d.has_calls("f", 2) and not d.has_calls("f", 1)
 
     asyncio.run(scenario())

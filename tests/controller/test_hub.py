@@ -18,7 +18,7 @@ from controller.nodestate import NodeState
 from shoal import protocol
 from shoal.blobs import BlobStore
 from shoal.models import Runtime
-from shoal.protocol import Msg, ProtocolError
+from shoal.protocol import Msg, ProtocolError, zmq_readable
 
 
 class UnreachableStore:
@@ -279,3 +279,50 @@ def test_a_joining_node_is_told_to_forget_what_was_deleted_while_it_was_away(tmp
         (Msg.RUNTIME, {"name": "rt"}), (Msg.RUNTIME_GONE, {"name": "old-rt"}),
         (Msg.FUNCTION, {"name": "f"}), (Msg.FUNCTION_GONE, {"name": "g", "up_to": 2})]
     assert calls.later == [("h", 1)]  # its calls end first
+
+
+def test_nodes_are_judged_only_after_what_they_sent_is_read(tmp_path: Path) -> None:
+    """A controller behind on its socket (a burst of results, a stalled loop) took the heartbeats it had not
+    read yet for silence: the node was marked lost and its calls ran again. A node taken for lost that is heard
+    from again is asked to say HELLO (it may have missed broadcasts meanwhile)."""
+    import zmq
+
+    async def scenario() -> None:
+        config = ControllerConfig(zmq_bind="tcp://127.0.0.1:0", heartbeat=0.05, liveness=2)
+        hub = Hub(config, UnreachableStore(), BlobStore(tmp_path), ControllerMetrics())  # type: ignore[arg-type]
+        lost = Lost()
+        hub.dispatcher = lost  # type: ignore[assignment]
+        ctx = zmq.Context()
+        node = ctx.socket(zmq.DEALER)
+        node.setsockopt(zmq.IDENTITY, b"n1")
+        node.connect(hub.url)
+        try:
+            hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1, last_seen=time.monotonic() - 10)
+            node.send_multipart(protocol.encode(Msg.HEARTBEAT, {}))  # unread: the hub does not read on its own here
+            deadline = time.monotonic() + 10
+            while not zmq_readable(hub.sock):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert hub.catch_up(1.0)
+            assert hub.check_liveness(time.monotonic()) == [] and lost.nodes == []
+
+            hub.nodes["n1"].last_seen = time.monotonic() - 10
+            node.send_multipart(protocol.encode(Msg.HEARTBEAT, {}))
+            while not zmq_readable(hub.sock):
+                await asyncio.sleep(0.01)
+            assert hub.check_liveness(time.monotonic(), judge=False) == []  # not all read: no verdict
+            assert [n.node_id for n in hub.check_liveness(time.monotonic())] == ["n1"] and hub.nodes["n1"].lost
+            hub.catch_up(1.0)  # the heartbeat of a node taken for lost
+            assert not hub.nodes["n1"].lost
+            answers = []
+            while node.poll(2000):
+                answers.append(protocol.decode(node.recv_multipart()))
+                if answers[-1].type == Msg.WELCOME:
+                    break
+            assert answers[-1].type == Msg.WELCOME and answers[-1].header["hello"] is True
+        finally:
+            node.close(0)
+            ctx.term()
+            await hub.close()
+
+    asyncio.run(scenario())
