@@ -16,6 +16,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,20 @@ def port_free(port: int) -> bool:
     return True
 
 
-TOKEN_FILES = ("SHOAL_API_TOKEN_FILE", "SHOAL_NODE_TOKEN_FILE")  # a caller's, e.g. exported for the CLI
+def child_env(own: dict[str, str], *overrides: dict[str, str],
+              environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a cluster's child: the caller's (``os.environ``) without any ``SHOAL_*`` setting, then
+    ``own`` (what the cluster sets), then each of ``overrides`` (``controller_env``, ``agent_env``, ...).
+
+    A caller's settings are for the cluster it deploys or talks to, not this one: ``SHOAL_HOST=0.0.0.0`` would
+    serve this cluster on every interface, ``SHOAL_ZMQ_ADVERTISE`` would send its agents to another controller,
+    ``SHOAL_API_TOKEN_FILE`` (exported for the CLI) would replace its tokens."""
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if not k.startswith("SHOAL_")}
+    env.update(own)
+    for extra in overrides:
+        env.update(extra)
+    return env
 
 
 class ClusterError(RuntimeError):
@@ -103,14 +118,7 @@ class LocalCluster:
         for port, what in ((self.port, "HTTP"), (self.zmq_port, "ZMQ")):
             if not port_free(port):  # else a controller already there would answer as if it were ours
                 raise ClusterError(f"the controller's {what} port {port} is in use (another cluster is up?)")
-        env = dict(os.environ, SHOAL_REDIS_URL=self.redis_url, SHOAL_PORT=str(self.port),
-                   SHOAL_ZMQ_BIND=f"tcp://127.0.0.1:{self.zmq_port}", SHOAL_BLOB_DIR=str(self.base / "blobs"),
-                   SHOAL_PLACEMENT=self.placement, SHOAL_HEARTBEAT=str(self.heartbeat),
-                   SHOAL_LIVENESS=str(self.liveness), SHOAL_LOG_LEVEL=self.log_level, SHOAL_API_TOKEN=self.api_token,
-                   SHOAL_NODE_TOKEN=self.node_token)
-        for name in TOKEN_FILES:  # this cluster's tokens are the ones above
-            env.pop(name, None)
-        env.update(self.controller_env)
+        env = child_env(self.controller_variables(), self.controller_env)
         self.controller = subprocess.Popen([sys.executable, "-m", "controller"], env=env, stdin=subprocess.DEVNULL,
                                            start_new_session=self.detach, **self._output("controller"))
         deadline = time.monotonic() + 30
@@ -124,6 +132,21 @@ class LocalCluster:
             except (OSError, ClusterError):
                 time.sleep(0.05)
         raise ClusterError("the controller did not answer within 30 s")
+
+    def controller_variables(self) -> dict[str, str]:
+        """What the cluster sets for its controller (over the caller's environment, without its ``SHOAL_*``)."""
+        assert self.base is not None and self.redis_url is not None
+        return {"SHOAL_HOST": "127.0.0.1", "SHOAL_PORT": str(self.port),
+                "SHOAL_ZMQ_BIND": f"tcp://127.0.0.1:{self.zmq_port}", "SHOAL_REDIS_URL": self.redis_url,
+                "SHOAL_BLOB_DIR": str(self.base / "blobs"), "SHOAL_PLACEMENT": self.placement,
+                "SHOAL_HEARTBEAT": str(self.heartbeat), "SHOAL_LIVENESS": str(self.liveness),
+                "SHOAL_LOG_LEVEL": self.log_level, "SHOAL_API_TOKEN": self.api_token,
+                "SHOAL_NODE_TOKEN": self.node_token}
+
+    def agent_variables(self) -> dict[str, str]:
+        """What the cluster sets for its agents (the rest of their settings are on their command line)."""
+        return {"DOCKER_HOST": self.docker_url, "SHOAL_AGENT_HEARTBEAT": str(self.heartbeat),
+                "SHOAL_AGENT_LIVENESS": str(self.liveness), "SHOAL_NODE_TOKEN": self.node_token}
 
     def stop_controller(self, sig: int = signal.SIGTERM) -> None:
         if self.controller is not None and self.controller.poll() is None:
@@ -139,12 +162,7 @@ class LocalCluster:
         """Start one agent (``env``: its own variables, over the cluster's)."""
         assert self.base is not None
         state = self.base / "agents"
-        variables = dict(os.environ, DOCKER_HOST=self.docker_url, SHOAL_AGENT_HEARTBEAT=str(self.heartbeat),
-                         SHOAL_AGENT_LIVENESS=str(self.liveness), SHOAL_NODE_TOKEN=self.node_token)
-        for name in TOKEN_FILES:
-            variables.pop(name, None)
-        variables.update(self.agent_env)
-        variables.update(env or {})
+        variables = child_env(self.agent_variables(), self.agent_env, env or {})
         proc = subprocess.Popen(
             [sys.executable, "-m", "node_agent", "--controller", self.url, "--node-id", node_id,
              "--state-dir", str(state), "--status", "127.0.0.1:0", "--policy", self.policy,
@@ -192,15 +210,25 @@ class LocalCluster:
                 "redis_port": self._redis.port, "redis_dir": str(self._redis.directory), "base": str(self.base)}
 
     def stop(self) -> None:
-        for node_id in list(self.nodes):
-            self.stop_agent(node_id)
-        self.stop_controller()
-        if self._redis is not None:
-            self._redis.stop(remove=True)
-            self._redis = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        """Stop the agents, the controller and Redis, and remove the temporary directory: each step runs even if
+        one before it raised (an agent that would not stop, Ctrl-C); what raised is raised at the end (the last
+        error, the ones before it chained as its context)."""
+        with ExitStack() as steps:  # (callbacks run last registered first)
+            steps.callback(self._remove_tmp)
+            steps.callback(self._stop_redis)
+            steps.callback(self.stop_controller)
+            for node_id in reversed(list(self.nodes)):
+                steps.callback(self.stop_agent, node_id)
+
+    def _stop_redis(self) -> None:
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            redis.stop(remove=True)
+
+    def _remove_tmp(self) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            tmp.cleanup()
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -115,6 +115,20 @@ def running_dockerd(root: Path) -> int | None:
     return None
 
 
+def remove_stale_pidfile(root: Path) -> bool:
+    """Remove the private engine's pid file if no dockerd of ``root`` runs (True then). Call with the users'
+    lock held, before starting one: a dockerd killed (SIGKILL after its stop timed out, a reboot) leaves its pid
+    file behind, and a new dockerd refuses to start while the pid it names is a running process, whatever that
+    process is by then."""
+    if running_dockerd(root) is not None:
+        return False
+    try:
+        (root / "dockerd.pid").unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 #: How long an engine named by $DOCKER_HOST may take to answer (a busy engine is slow, not absent).
 EXPLICIT_ENGINE_WAIT = 60.0
 
@@ -146,6 +160,7 @@ def ensure_engine() -> DockerEngine:
             return DockerEngine(url=private, lease=lease, root=root)
         users.add(lease)  # before the start: a daemon is never left without a lease on it
         try:
+            remove_stale_pidfile(root)
             proc = _start_dockerd(root, private)
         except BaseException:
             users.remove(lease)

@@ -110,7 +110,7 @@ def release(tmp: Path, version: str) -> Path:
 def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_client: docker.DockerClient,
                                                      tmp_path: Path) -> None:
     ssh_rig = rig()
-    already_up = ssh_rig.pidfile.exists()
+    already_up = ssh_rig.running() is not None
     key = ssh_rig.start().key
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"), SHOAL_RIG_KEY=str(key),
                DOCKER_HOST=docker_url, ANSIBLE_NOCOLOR="1", SHOAL_SECRETS_DIR=str(tmp_path / "secrets"))

@@ -1,11 +1,16 @@
-"""The local infrastructure's command line (no engine or Redis started: ``up`` itself is a stand-in here)."""
+"""The local infrastructure (no engine started: ``up`` itself and dockerd are stand-ins here; the Redis and sshd
+tests start their own, on ports of their own)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,3 +208,200 @@ def test_up_refuses_a_holder_that_does_not_run_and_down_of_an_unknown_lease_is_h
     victim.write_text("kept")
     devenv.down("../../victim")  # not a lease name: never a path out of the lease directory
     assert victim.read_text() == "kept"
+
+
+def test_a_stale_dockerd_pid_file_is_removed_only_when_no_dockerd_of_ours_runs(daemon: Any, tmp_path: Path) -> None:
+    """dockerd refuses to start while the pid in its pid file is a running process: one SIGKILLed (its stop
+    timed out) or a reboot left the file, its pid went to something else, and the engine never started again."""
+    from shoal.devenv.docker_engine import remove_stale_pidfile
+
+    root, proc = daemon
+    assert not remove_stale_pidfile(root) and (root / "dockerd.pid").read_text() == str(proc.pid)  # ours runs
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (root / "dockerd.pid").write_text(str(other.pid))  # the pid went to another process
+        assert remove_stale_pidfile(root) and not (root / "dockerd.pid").exists() and other.poll() is None
+        assert not remove_stale_pidfile(root)  # (no file: nothing to do)
+        (root / "dockerd.pid").write_text("999999999")  # a process that is no more
+        assert remove_stale_pidfile(root) and not (root / "dockerd.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_stale_pid_file_does_not_stop_the_private_engine_from_starting(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shoal.devenv.docker_engine as docker_engine
+
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.setattr(docker_engine, "_answers", lambda url: False)  # no engine answers, the system's neither
+    root = (tmp_path / "docker").resolve()
+    root.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    (root / "dockerd.pid").write_text(str(other.pid))
+    started: list[bool] = []
+    done = subprocess.Popen(["true"])
+    done.wait()
+
+    def start(root_: Path, private: str) -> subprocess.Popen[bytes]:
+        started.append((root_ / "dockerd.pid").exists())
+        return done
+
+    monkeypatch.setattr(docker_engine, "_start_dockerd", start)
+    try:
+        engine = docker_engine.ensure_engine()
+        engine.stop()
+        assert started == [False] and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+redis_installed = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+
+@redis_installed
+def test_a_redis_already_on_the_port_is_not_taken_for_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours could not listen, exited, and the start answered with the other server: two clusters on one Redis."""
+    from shoal.devenv import redis_server
+    from shoal.devenv.redis_server import RedisPortTaken, RedisServer, start_redis
+
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    first = start_redis("first")
+    try:
+        assert first._proc is not None and redis_server._server_pid(first.port) == first._proc.pid
+        assert (first.directory / "redis.pid").read_text().strip() == str(first._proc.pid)
+        with pytest.raises(RedisPortTaken):
+            RedisServer(port=first.port, directory=tmp_path / "second").start()
+        assert not (tmp_path / "second").exists()  # made by the start: removed
+        kept = tmp_path / "kept"
+        kept.mkdir()
+        (kept / "appendonly.aof").write_text("data")
+        with pytest.raises(RedisPortTaken):
+            RedisServer(port=first.port, directory=kept).start()
+        assert (kept / "appendonly.aof").read_text() == "data"  # a directory it did not make keeps its data
+        # start_redis draws another port when the one drawn is taken meanwhile.
+        drawn, free_port = [first.port], redis_server.free_port
+        monkeypatch.setattr(redis_server, "free_port", lambda: drawn.pop() if drawn else free_port())
+        other = start_redis("third")
+        try:
+            assert other.port != first.port and other._proc is not None
+            assert redis_server._server_pid(other.port) == other._proc.pid
+            assert len(list((tmp_path / "third").iterdir())) == 1  # the failed attempt's directory is gone
+        finally:
+            other.stop(remove=True)
+        assert redis_server._server_pid(first.port) == first._proc.pid  # untouched all along
+    finally:
+        first.stop(remove=True)
+    assert not first.directory.exists()
+
+
+@redis_installed
+def test_an_interrupted_redis_start_leaves_no_server_and_no_directory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from shoal.devenv import procs, redis_server
+    from shoal.devenv.redis_server import RedisServer, free_port
+
+    real = redis_server._server_pid
+    seen: list[int] = []
+
+    def interrupted(port: int) -> int | None:
+        pid = real(port)
+        if pid is not None:
+            seen.append(pid)
+            raise KeyboardInterrupt  # Ctrl-C once the server runs
+        return pid
+
+    monkeypatch.setattr(redis_server, "_server_pid", interrupted)
+    server = RedisServer(port=free_port(), directory=tmp_path / "redis")
+    with pytest.raises(KeyboardInterrupt):
+        server.start()
+    assert seen and procs.start_time(seen[0]) is None and not (tmp_path / "redis").exists()
+    assert real(server.port) is None
+
+
+def test_the_rig_stops_only_its_own_sshd(tmp_path: Path) -> None:
+    """A pid file that outlived its sshd named a process that was then SIGTERMed, whatever it was."""
+    from shoal.devenv import procs
+    from shoal.devenv.sshrig import SshRig
+
+    rig = SshRig(tmp_path / "rig")
+    rig.root.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        rig.pidfile.write_text(str(other.pid))  # no record: not an sshd of our config
+        assert rig.running() is None
+        rig.stop()
+        assert other.poll() is None and not rig.pidfile.exists()
+        rig.pidfile.write_text(str(other.pid))
+        rig.record.write_text(json.dumps({"pid": other.pid, "start": procs.identity(other.pid)["start"] - 1}))
+        assert rig.running() is None  # the recorded sshd is gone; its pid is another process's now
+        rig.stop()
+        assert other.poll() is None and not rig.pidfile.exists() and not rig.record.exists()
+    finally:
+        other.kill()
+        other.wait()
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "sshd", "-f", str(rig.config)])
+    try:
+        deadline = time.monotonic() + 30
+        while b"sshd" not in Path(f"/proc/{ours.pid}/cmdline").read_bytes():  # (the exec may be under way)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rig.pidfile.write_text(str(ours.pid))  # started before there were records: known by its config
+        assert rig.running() == procs.identity(ours.pid)
+        rig.stop()
+        assert ours.wait(30) == -15
+    finally:
+        ours.kill()
+        ours.wait()
+
+
+def _fake_ssh_server() -> tuple[socket.socket, int]:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-NotOurs\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, port
+
+
+def test_an_sshd_that_is_not_the_rigs_does_not_count_as_the_rig_up(tmp_path: Path) -> None:
+    from shoal.devenv.sshrig import RigError, SshRig
+
+    if shutil.which("ssh-keygen") is None or not Path(shutil.which("sshd") or "/usr/sbin/sshd").exists():
+        pytest.skip("openssh is not installed")
+    server, port = _fake_ssh_server()
+    try:
+        rig = SshRig(tmp_path / "rig", addresses=("127.0.0.1",), port=port)
+        rig.root.mkdir()
+        rig.pidfile.write_text(str(os.getpid()))  # stale: names a live process that is no sshd
+        with pytest.raises(RigError, match="not the rig's sshd"):
+            rig.start()
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists(), reason="sshd needs root here")
+def test_the_rig_starts_once_and_stops_its_sshd(tmp_path: Path) -> None:
+    from shoal.devenv import procs
+    from shoal.devenv.redis_server import free_port
+    from shoal.devenv.sshrig import SshRig
+
+    rig = SshRig(tmp_path / "rig", addresses=("127.0.0.1",), port=free_port())
+    try:
+        rig.start()
+        who = rig.running()
+        assert who is not None and json.loads(rig.record.read_text()) == who and procs.alive(who)
+        assert rig.start().running() == who  # already up: the same sshd
+    finally:
+        rig.stop()
+    assert who is not None and not procs.alive(who) and not rig.pidfile.exists() and not rig.record.exists()
