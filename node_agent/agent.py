@@ -306,6 +306,8 @@ class Agent:
                 return
 
     def drain_inbox(self) -> None:
+        """Run the callables other threads posted. One that raises is logged with its traceback and the next
+        runs: a bug in one completion (a pool job's, a status ask's) must not end the agent and its calls."""
         try:
             while os.read(self.wake_r, 4096):
                 pass
@@ -316,7 +318,11 @@ class Agent:
                 fn = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            fn()
+            try:
+                fn()
+            except Exception as exc:
+                self.log.error("inbox_callback_failed", callback=getattr(fn, "__qualname__", repr(fn)),
+                               error=repr(exc), exc_info=True)
 
     def request_stop(self, *_: Any) -> None:
         """SIGTERM / SIGINT: stop taking work, finish what is here (with a deadline), then exit."""

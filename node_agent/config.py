@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,61 @@ from shoal.envconfig import env_choice, env_float, env_int, env_str
 from shoal.errors import ConfigError
 from shoal.models import NAME_RE, Policy
 from shoal.protocol import UNIX_PATH_MAX
+
+ENV_PREFIX = "SHOAL_AGENT_"
+
+#: The bounds of every numeric setting, checked by ``AgentConfig.__post_init__`` whatever built the config (the
+#: environment, the command line, a caller), and used by ``from_env`` to read the variables.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "status_port": (0, 65535),
+    "capacity": (1, 1024),
+    "min_warm": (0, 1024),
+    "runtime_warm": (0, 1024),
+    "oneshot_spares": (0, 1024),
+    "queue_limit": (1, 1_000_000),
+    "liveness": (1, 100),
+    "retries_on_loss": (0, 10),
+}
+FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
+    "keepalive": (0.0, 7 * 86400.0),
+    "pipeline_max_run": (0.0, 3600.0),
+    "heartbeat": (0.05, 60.0),
+    "start_timeout": (1.0, 86400.0),
+    "drain_timeout": (0.0, 86400.0),
+    "orphan_sweep": (0.1, 86400.0),
+    "retire_after": (0.1, 365 * 86400.0),
+}
+#: ContainerLimits' numeric fields (SHOAL_AGENT_CONTAINER_*).
+LIMIT_INT_BOUNDS: dict[str, tuple[int, int]] = {"pids": (8, 1_000_000), "disk_mb": (1, 1 << 30)}
+LIMIT_FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"cpus": (0.01, 256.0)}
+#: Settings the command line can give (the rest come from the environment only).
+CLI_OPTIONS = {
+    "status_port": "--status", "capacity": "--capacity", "min_warm": "--min-warm", "runtime_warm": "--runtime-warm",
+    "oneshot_spares": "--oneshot-spares", "keepalive": "--keepalive", "heartbeat": "--heartbeat",
+    "drain_timeout": "--drain-timeout",
+}
+NO_ENV = {"start_timeout"}  # set by callers only
+
+
+def setting_name(name: str) -> str:
+    """How a message names a setting: its field, with its command-line option and variable, e.g.
+    ``heartbeat (--heartbeat, SHOAL_AGENT_HEARTBEAT)``."""
+    sources = [CLI_OPTIONS[name]] if name in CLI_OPTIONS else []
+    if name not in NO_ENV:
+        sources.append(ENV_PREFIX + name.upper())
+    return f"{name} ({', '.join(sources)})" if sources else name
+
+
+def check_number(label: str, value: object, kind: type[int] | type[float], low: float, high: float) -> None:
+    """Refuse ``value`` unless it is a finite ``kind`` (an int for a float too; never a bool) in [low, high]."""
+    accepted: tuple[type, ...] = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    assert isinstance(value, (int, float))
+    if not math.isfinite(value):
+        raise ConfigError(f"{label} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{label} must be in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,12 +110,33 @@ class AgentConfig:
             raise ConfigError(
                 f"controller must be http://host:port (registers over HTTP) or a ZMQ endpoint tcp://host:port, "
                 f"got {self.controller!r}")
-        if not 0 <= self.status_port <= 65535:
-            raise ConfigError(f"status port must be in [0, 65535], got {self.status_port}")
-        if self.capacity < 1:
-            raise ConfigError("capacity must be at least 1")
+        self.validate()
+
+    def validate(self) -> None:
+        """Every numeric setting within its bounds (finite), and the warm counts within capacity where they are
+        used; a ConfigError naming the setting otherwise. Run for every config (``__post_init__``, so
+        ``dataclasses.replace`` and ``with_`` too), not only for one read from the environment."""
+        for name, (ilow, ihigh) in INT_BOUNDS.items():
+            check_number(setting_name(name), getattr(self, name), int, ilow, ihigh)
+        for name, (flow, fhigh) in FLOAT_BOUNDS.items():
+            check_number(setting_name(name), getattr(self, name), float, flow, fhigh)
+        for name, (ilow, ihigh) in LIMIT_INT_BOUNDS.items():
+            check_number(f"limits.{name} ({ENV_PREFIX}CONTAINER_{name.upper()})", getattr(self.limits, name), int,
+                         ilow, ihigh)
+        for name, (flow, fhigh) in LIMIT_FLOAT_BOUNDS.items():
+            check_number(f"limits.{name} ({ENV_PREFIX}CONTAINER_{name.upper()})", getattr(self.limits, name), float,
+                         flow, fhigh)
+        # Per pool: more than the node holds could never be started. min_warm applies to any function whose
+        # policy is `function` (a function can ask for it on any node); runtime_warm and oneshot_spares only matter
+        # under their node policy (their defaults, 2, must not refuse a node of capacity 1 that never uses them).
         if self.min_warm > self.capacity:
-            raise ConfigError("min_warm must not exceed capacity")
+            raise ConfigError(f"{setting_name('min_warm')} must not exceed capacity ({self.capacity}), "
+                              f"got {self.min_warm}")
+        for name, policy in (("runtime_warm", Policy.RUNTIME), ("oneshot_spares", Policy.NONE)):
+            value = getattr(self, name)
+            if self.policy == policy and value > self.capacity:
+                raise ConfigError(f"{setting_name(name)} must not exceed capacity ({self.capacity}) under the "
+                                  f"{policy.value} policy, got {value}")
 
     @property
     def node_dir(self) -> Path:
@@ -76,36 +153,36 @@ class AgentConfig:
 
     @classmethod
     def from_env(cls, **overrides: object) -> AgentConfig:
-        p = "SHOAL_AGENT_"
+        p = ENV_PREFIX
         values: dict[str, object] = {
             "controller": env_str(p + "CONTROLLER", "tcp://127.0.0.1:5555"),
             "node_id": env_str(p + "NODE_ID", socket.gethostname().split(".")[0]),
             "state_dir": Path(env_str(p + "STATE_DIR", "/var/tmp/shoal/agents")),
             "status_host": env_str(p + "STATUS_HOST", "127.0.0.1"),
-            "status_port": env_int(p + "STATUS_PORT", 9100, 0, 65535),
+            "status_port": env_int(p + "STATUS_PORT", 9100, *INT_BOUNDS["status_port"]),
             "policy": Policy(env_choice(p + "POLICY", "function", [x.value for x in Policy])),
             "docker_url": env_str("DOCKER_HOST", "unix:///var/run/docker.sock"),
-            "capacity": env_int(p + "CAPACITY", 8, 1, 1024),
-            "min_warm": env_int(p + "MIN_WARM", 1, 0, 1024),
-            "runtime_warm": env_int(p + "RUNTIME_WARM", 2, 0, 1024),
-            "oneshot_spares": env_int(p + "ONESHOT_SPARES", 2, 0, 1024),
-            "keepalive": env_float(p + "KEEPALIVE", 600.0, 0.0, 7 * 86400.0),
-            "queue_limit": env_int(p + "QUEUE_LIMIT", 256, 1, 1_000_000),
-            "pipeline_max_run": env_float(p + "PIPELINE_MAX_RUN", 0.005, 0.0, 3600.0),
-            "heartbeat": env_float(p + "HEARTBEAT", 1.0, 0.05, 60.0),
-            "liveness": env_int(p + "LIVENESS", 3, 1, 100),
-            "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, 0, 10),
-            "drain_timeout": env_float(p + "DRAIN_TIMEOUT", 60.0, 0.0, 86400.0),
-            "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, 0.1, 86400.0),
-            "retire_after": env_float(p + "RETIRE_AFTER", 3600.0, 0.1, 365 * 86400.0),
+            "capacity": env_int(p + "CAPACITY", 8, *INT_BOUNDS["capacity"]),
+            "min_warm": env_int(p + "MIN_WARM", 1, *INT_BOUNDS["min_warm"]),
+            "runtime_warm": env_int(p + "RUNTIME_WARM", 2, *INT_BOUNDS["runtime_warm"]),
+            "oneshot_spares": env_int(p + "ONESHOT_SPARES", 2, *INT_BOUNDS["oneshot_spares"]),
+            "keepalive": env_float(p + "KEEPALIVE", 600.0, *FLOAT_BOUNDS["keepalive"]),
+            "queue_limit": env_int(p + "QUEUE_LIMIT", 256, *INT_BOUNDS["queue_limit"]),
+            "pipeline_max_run": env_float(p + "PIPELINE_MAX_RUN", 0.005, *FLOAT_BOUNDS["pipeline_max_run"]),
+            "heartbeat": env_float(p + "HEARTBEAT", 1.0, *FLOAT_BOUNDS["heartbeat"]),
+            "liveness": env_int(p + "LIVENESS", 3, *INT_BOUNDS["liveness"]),
+            "retries_on_loss": env_int(p + "RETRIES_ON_LOSS", 1, *INT_BOUNDS["retries_on_loss"]),
+            "drain_timeout": env_float(p + "DRAIN_TIMEOUT", 60.0, *FLOAT_BOUNDS["drain_timeout"]),
+            "orphan_sweep": env_float(p + "ORPHAN_SWEEP", 60.0, *FLOAT_BOUNDS["orphan_sweep"]),
+            "retire_after": env_float(p + "RETIRE_AFTER", 3600.0, *FLOAT_BOUNDS["retire_after"]),
             "log_level": env_choice(p + "LOG_LEVEL", "info", ["debug", "info", "warning", "error"]),
             "node_token": token_from_env("SHOAL_NODE_TOKEN"),  # the controller's name for it too
             "limits": ContainerLimits(
                 memory=env_str(p + "CONTAINER_MEMORY", "512m"),
-                cpus=env_float(p + "CONTAINER_CPUS", 1.0, 0.01, 256.0),
-                pids=env_int(p + "CONTAINER_PIDS", 256, 8, 1_000_000),
+                cpus=env_float(p + "CONTAINER_CPUS", 1.0, *LIMIT_FLOAT_BOUNDS["cpus"]),
+                pids=env_int(p + "CONTAINER_PIDS", 256, *LIMIT_INT_BOUNDS["pids"]),
                 user=env_str(p + "CONTAINER_USER", "65534:65534"),
-                disk_mb=env_int(p + "CONTAINER_DISK_MB", 1024, 1, 1 << 30),
+                disk_mb=env_int(p + "CONTAINER_DISK_MB", 1024, *LIMIT_INT_BOUNDS["disk_mb"]),
             ),
         }
         values.update(overrides)
