@@ -143,7 +143,7 @@ class Agent:
                     return  # answered as stopping, or the asker gave up (setting it would raise, on the loop)
             try:
                 fut.set_result(self.snapshot(what))
-            except (ShoalError, OSError, KeyError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to the status server, which logs it and answers 503
                 fut.set_exception(exc)
 
         if self.stopping:

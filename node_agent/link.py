@@ -21,6 +21,7 @@ from shoal.logs import get_logger
 from shoal.protocol import Message, Msg
 
 HWM = 1_000_000
+CLOSE_LINGER_MS = 3000  # at close, what is still queued for the controller may take this long to go out
 
 
 class ControllerLink:
@@ -89,5 +90,8 @@ class ControllerLink:
                        hint="the node token (SHOAL_NODE_TOKEN) must be the controller's, or neither has one")
 
     def close(self) -> None:
+        """Close the link; what is still queued for the controller (the last results, calls given back at a
+        drain's end) has ``CLOSE_LINGER_MS`` to go out first: closed at once (LINGER 0), it was dropped, and the
+        controller placed those calls again once it took this node for lost."""
         self.handshakes.close()
-        self.sock.close()
+        self.sock.close(linger=CLOSE_LINGER_MS)
