@@ -38,7 +38,7 @@ from node_agent.cache import NodeCache, remove_path
 from node_agent.config import AgentConfig
 from node_agent.deps import REQUIREMENTS, WheelhouseResolver
 from node_agent.errors import AgentError, AgentStopping
-from node_agent.fetcher import ArchiveFetcher
+from node_agent.fetcher import ArchiveFetcher, ThreadDisk
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.link import ControllerLink
 from node_agent.metrics import AgentMetrics
@@ -89,7 +89,7 @@ class Agent:
         self.broker.on_start_failures = self.on_start_failures
         self.spawner = Spawner(config, self.cache)
         self.pool = PoolManager(config, self.registry, self.broker, self.spawner, self.load_for)
-        self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive)
+        self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive, ThreadDisk(self.post))
         self.resolver = WheelhouseResolver(self.cache.root / "wheels")
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-work")
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -252,7 +252,7 @@ class Agent:
         next_retire = 0.0
         try:
             while not self.stopping:
-                wait = 0 if self.fetcher.backlog else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
+                wait = int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
                 events = dict(poller.poll(wait))
                 if self.broker.sock in events:
                     self.drain_socket(self.broker.sock, self.broker.on_frames)
@@ -261,8 +261,6 @@ class Agent:
                     self.drain_socket(self.link.sock, self.on_controller_frames, copy=False)
                 if self.wake_r in events:
                     self.drain_inbox()
-                if self.fetcher.backlog:  # archive chunks received: written and hashed between the sockets' turns
-                    self.fetcher.work(DRAIN_SECONDS)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -294,9 +292,10 @@ class Agent:
 
     def drain_socket(self, sock: zmq.Socket[Any], handle: Callable[[list[Any]], None], copy: bool = True) -> None:
         """Handle what ``sock`` holds, within bounds (``DRAIN_MESSAGES``, ``DRAIN_SECONDS``), so that one busy
-        socket cannot starve the other: an archive's chunks (a millisecond each, written and hashed) come in as
-        fast as they are acknowledged, and bounded by count alone a whole transfer ran before the broker's next
-        message (a warm call on the node waited 240 ms behind a 200 MB fetch)."""
+        socket cannot starve the other: an archive's chunks come in as fast as they are acknowledged, and bounded
+        by count alone a whole transfer ran before the broker's next message (a warm call on the node waited
+        240 ms behind a 200 MB fetch, when chunks were written and hashed here; the fetcher's disk thread does
+        that now)."""
         deadline = time.monotonic() + DRAIN_SECONDS
         for _ in range(DRAIN_MESSAGES):
             if not zmq_readable(sock):
@@ -366,6 +365,7 @@ class Agent:
         self.broker.close()
         self.link.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
         self.ctx.term()
         self.log.info("agent_stopped")
 

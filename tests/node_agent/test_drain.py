@@ -6,6 +6,7 @@ and hashed between the sockets' turns: a call behind them on the link is handled
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -79,14 +80,36 @@ def test_an_empty_socket_is_left_at_once(agent: Agent, clock: Clock) -> None:
 
 def test_a_call_behind_archive_chunks_on_the_link_does_not_wait_for_them(agent: Agent,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks are handed to the fetcher's disk thread (here held back: a disk that blocks); the call behind them
+    is answered at once, and the chunks are acknowledged only once written."""
     sent: list[tuple[bytes, dict[str, Any]]] = []
     monkeypatch.setattr(agent.link, "send", lambda mtype, header, *payload: sent.append((mtype, header)))
-    sha = "ab" * 32
+    monkeypatch.setattr(agent.fetcher, "send", agent.link.send)
+    jobs: list[tuple[Any, Any]] = []
+
+    class HeldDisk:
+        def submit(self, job: Any, done: Any) -> None:
+            jobs.append((job, done))
+
+        def close(self) -> None:
+            pass
+
+    agent.fetcher.disk.close()
+    agent.fetcher.disk = HeldDisk()
+    data = b"x" * (3 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    agent.fetcher.want(sha, len(data))
+    job, done = jobs.pop()
+    done(job(), None)  # the partial file opened: the transfer asks for the archive
+    assert [(m, h["offset"]) for m, h in sent] == [(Msg.FETCH, 0)]
+    sent.clear()
     for n in range(3):
-        agent.on_controller_frames(protocol.encode(Msg.CHUNK, {"sha256": sha, "offset": n << 20, "last": False},
-                                                   b"x" * (1 << 20)))
+        agent.on_controller_frames(protocol.encode(Msg.CHUNK, {"sha256": sha, "offset": n << 20, "last": n == 2},
+                                                   data[n << 20:(n + 1) << 20]))
     agent.on_controller_frames(protocol.encode(Msg.CALL, {"call_id": "c1", "function": "nowhere", "params": 1}))
     assert [(m, h["call_id"], h["status"]) for m, h in sent] == [(Msg.RESULT, "c1", "FAILED")]
-    assert len(agent.fetcher.backlog) == 3  # the chunks are still to be taken
-    agent.fetcher.work(60.0)  # (of no transfer this node wants: dropped)
-    assert not agent.fetcher.backlog and len(sent) == 1
+    assert len(jobs) == 3  # the chunks wait for the disk
+    for job, done in jobs:
+        done(job(), None)
+    assert [(m, h["offset"]) for m, h in sent[1:]] == [(Msg.FETCH, 1 << 20), (Msg.FETCH, 2 << 20)]
+    assert agent.cache.has_blob(sha)

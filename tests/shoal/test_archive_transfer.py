@@ -8,6 +8,8 @@ import errno
 import hashlib
 import mmap
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from node_agent.cache import NodeCache
-from node_agent.fetcher import CREDIT, MAX_STALLS, STALL_SECONDS, ArchiveFetcher
+from node_agent.fetcher import CREDIT, MAX_STALLS, STALL_SECONDS, ArchiveFetcher, InlineDisk, ThreadDisk
 from shoal.archive_server import ArchiveServer
 from shoal.blobs import BlobStore
 from shoal.protocol import Msg
@@ -83,12 +85,35 @@ def test_an_archive_arrives_exactly_with_credit_bounding_what_is_in_flight(tmp_p
     assert wire.server.bytes_sent == len(data) and wire.server.transfers == {}
 
 
-def test_chunks_received_are_written_hashed_and_acknowledged_only_when_taken(tmp_path: Path) -> None:
-    """The agent reads chunks off the link at once (``receive``) and takes them between its sockets' turns
-    (``work``): the acknowledgement waits for the take, so the credit still bounds what is held."""
+class ManualDisk:
+    """A disk whose jobs run when the test says (``run``): what the agent's loop sees while its disk thread is busy."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, Any]] = []
+
+    def submit(self, job: Any, done: Any) -> None:
+        self.jobs.append((job, done))
+
+    def run(self, count: int | None = None) -> None:
+        for _ in range(len(self.jobs) if count is None else count):
+            job, done = self.jobs.pop(0)
+            done(job(), None)
+
+    def close(self) -> None:
+        pass
+
+
+def test_chunks_are_acknowledged_only_once_the_disk_wrote_them(tmp_path: Path) -> None:
+    """The agent takes chunks off the link at once and hands them to its disk thread; the acknowledgement waits
+    for the write and the hash, so the credit still bounds what is held."""
     data = os.urandom(20 * CHUNK + 5)
     wire = Wire(tmp_path, data)
+    disk = ManualDisk()
+    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
+                                  lambda sha, err: wire.done.append((sha, err)), disk)
     wire.fetcher.want(wire.sha, wire.size)
+    assert wire.inbox == [] and len(disk.jobs) == 1  # the partial file is opened by the disk first
+    disk.run()
     most_held = 0
     while wire.inbox:
         for mtype, header in wire.inbox:
@@ -97,40 +122,74 @@ def test_chunks_received_are_written_hashed_and_acknowledged_only_when_taken(tmp
                 assert payload is not None
                 wire.fetcher.receive(ah, [payload])
         wire.inbox.clear()
-        most_held = max(most_held, len(wire.fetcher.backlog))
-        if not wire.fetcher.backlog:
+        most_held = max(most_held, len(disk.jobs))
+        if not disk.jobs:
             continue  # acknowledgements that came after the last chunk was sent
         written = wire.cache.partial(wire.sha).stat().st_size
-        assert wire.inbox == []  # nothing was written or acknowledged until now
-        wire.fetcher.work(60.0)
-        assert wire.done or wire.cache.partial(wire.sha).stat().st_size == written + CHUNK * len(wire.inbox)
-    assert wire.done == [(wire.sha, None)] and not wire.fetcher.backlog
+        assert wire.inbox == [] and wire.fetcher.transfers[wire.sha].offset == written  # nothing acknowledged yet
+        disk.run(1)
+        assert [h["offset"] for _, h in wire.inbox] == [written + CHUNK] or wire.done
+        disk.run()
+    assert wire.done == [(wire.sha, None)] and not disk.jobs
     assert wire.cache.blob_path(wire.sha).read_bytes() == data
     assert most_held == CREDIT
 
 
-def test_taking_received_chunks_stops_after_its_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_transfer_ended_with_writes_waiting_leaves_its_file_as_the_next_one_finds_it(tmp_path: Path) -> None:
+    """The disk works in order: a transfer cancelled (or failed) while chunks wait to be written skips them and
+    closes its file before a new transfer of the archive opens it and hashes what it holds."""
     data = os.urandom(20 * CHUNK)
     wire = Wire(tmp_path, data)
+    disk = ManualDisk()
+    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
+                                  lambda sha, err: wire.done.append((sha, err)), disk)
     wire.fetcher.want(wire.sha, wire.size)
+    disk.run()
     _, header = wire.inbox.pop()
     for _, ah, payload in wire.server.on_fetch("node-1", header):
         assert payload is not None
         wire.fetcher.receive(ah, [payload])
-    assert len(wire.fetcher.backlog) == CREDIT and wire.inbox == []
-    now = [100.0]
-    take = wire.fetcher.on_chunk
-
-    def slow_take(header: dict[str, Any], payload: list[Any]) -> None:
-        take(header, payload)
-        now[0] += 0.001  # each chunk takes a millisecond
-
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(wire.fetcher, "on_chunk", slow_take)
-    wire.fetcher.work(0.0025)
-    assert len(wire.fetcher.backlog) == CREDIT - 3
-    assert [h["offset"] for _, h in wire.inbox] == [CHUNK, 2 * CHUNK, 3 * CHUNK]  # each taken chunk acknowledged
+    disk.run(3)  # three written, five waiting
+    wire.fetcher.cancel(wire.sha)
+    wire.fetcher.want(wire.sha, wire.size)  # wanted again at once
+    wire.inbox.clear()
+    disk.run()
     assert wire.cache.partial(wire.sha).stat().st_size == 3 * CHUNK
+    assert [h["offset"] for _, h in wire.inbox] == [3 * CHUNK]  # resumed from what was written
+    wire.fetcher.disk = InlineDisk()
+    wire.run(wire.fetcher)
+    assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
+
+
+def test_a_threaded_disk_writes_in_order_and_reports_on_the_loop(tmp_path: Path) -> None:
+    """The agent's disk: a thread of its own, its outcomes run by the agent's loop (here, the test's)."""
+    data = os.urandom(50 * CHUNK + 17)
+    wire = Wire(tmp_path, data)
+    posted: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    disk = ThreadDisk(posted.put)
+    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
+                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    loop_thread = threading.current_thread()
+    seen: list[Any] = []
+    try:
+        wire.fetcher.want(wire.sha, wire.size)
+        deadline = time.monotonic() + 60
+        while not wire.done:
+            assert time.monotonic() < deadline
+            try:
+                posted.get(timeout=1)()  # the agent's loop running what the disk reports
+                seen.append(threading.current_thread())
+            except queue.Empty:
+                continue
+            while wire.inbox:
+                _, header = wire.inbox.pop(0)
+                for _, ah, payload in wire.server.on_fetch("node-1", header):
+                    assert payload is not None
+                    wire.fetcher.receive(ah, [payload])
+    finally:
+        wire.fetcher.close()
+    assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
+    assert set(seen) == {loop_thread} and not disk.thread.is_alive()
 
 
 def test_a_broken_transfer_resumes_from_its_partial_file(tmp_path: Path) -> None:
