@@ -210,7 +210,9 @@ class Hub:
         # anew (a restarted agent prepares them again; a failed one is prepared again on being sent again).
         node.failed = {}
         self.log.info("node_hello", node_id=node_id, capacity=node.capacity, ready=len(node.ready))
+        node.peer_silence = protocol.silence_of(h) or 0.0
         self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "seq": node.call_seq,
+                                         "heartbeat": self.config.heartbeat, "liveness": self.config.liveness,
                                          "max_archive_bytes": self.config.max_archive_bytes})
         self.background(self.sync_node(node_id, frozenset(runtimes), frozenset(functions)))
         if self.dispatcher is not None:
@@ -370,7 +372,9 @@ class Hub:
         for node in list(self.nodes.values()):
             if node.lost:
                 continue
-            if judge and now - node.last_seen > silence:
+            # A node that heartbeats less often than we do is judged by its own interval (the two are set apart:
+            # a node at 5 s judged by our 1 s x 3 was lost between any two of its heartbeats).
+            if judge and now - node.last_seen > max(silence, node.peer_silence):
                 node.lost = True
                 self.archives.forget(node.node_id)
                 self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),

@@ -27,6 +27,7 @@ class NodeState:
     done: int = 0
     call_seq: int = 0  # the sequence number of the last CALL sent to the node (its STATUS echoes what it saw)
     connected_at: float = field(default_factory=time.time)
+    peer_silence: float = 0.0  # how long the node says it may stay silent (its heartbeat x liveness, from HELLO)
 
     @property
     def queue_limit(self) -> int:

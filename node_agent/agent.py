@@ -785,6 +785,7 @@ class Agent:
         return {
             "v": protocol.PROTOCOL_VERSION, "node_id": self.config.node_id, "capacity": self.config.capacity,
             "queue_limit": self.config.queue_limit, "policy": self.config.policy.value, "version": __version__,
+            "heartbeat": self.config.heartbeat, "liveness": self.config.liveness,  # (how long we may be silent)
             "status_url": f"http://{self.config.status_host}:{self.status.port}",
             "runtimes": sorted(self.registry.runtimes),
             "functions": [fn.key for fn in self.registry.functions.values() if fn.state == FnState.READY],

@@ -46,6 +46,7 @@ class ControllerLink:
         self.next_hello = 0.0
         self.hello_backoff = 0.5
         self.dropped = 0
+        self.peer_silence = 0.0  # how long the controller says it may stay silent (from its WELCOME)
 
     def send(self, mtype: bytes, header: dict[str, Any], *payload: bytes) -> None:
         try:
@@ -62,6 +63,9 @@ class ControllerLink:
                 self.log.error("protocol_version_mismatch", controller=msg.header["v"],
                                ours=protocol.PROTOCOL_VERSION)
                 return
+            # A controller that heartbeats less often than we do is judged by its own interval (set apart, a
+            # controller at 5 s judged by our 1 s x 3 was silent between any two of its heartbeats: re-HELLO).
+            self.peer_silence = protocol.silence_of(msg.header) or self.peer_silence
             if not self.welcomed:
                 self.log.info("controller_welcomed", controller=self.config.controller)
             self.welcomed = True
@@ -75,7 +79,8 @@ class ControllerLink:
         if now >= self.next_heartbeat:
             self.send(Msg.HEARTBEAT, {})
             self.next_heartbeat = now + self.config.heartbeat
-        if self.welcomed and now - self.last_heard > self.config.heartbeat * self.config.liveness:
+        if self.welcomed and now - self.last_heard > max(self.config.heartbeat * self.config.liveness,
+                                                         self.peer_silence):
             self.welcomed = False
             self.log.warning("controller_silent", seconds=round(now - self.last_heard, 1))
             self.next_hello = now

@@ -158,6 +158,21 @@ SCHEMAS: dict[bytes, dict[str, tuple[type, ...]]] = {
     Msg.R_RESULT: {"call_id": _STR, "ok": _BOOL},
 }
 
+MAX_SILENCE = 600.0  # seconds: the longest silence a peer may announce it keeps between heartbeats (see silence_of)
+
+
+def silence_of(header: dict[str, Any]) -> float | None:
+    """How long the peer that sent ``header`` (a HELLO or a WELCOME) may stay silent before it counts as lost:
+    its ``heartbeat`` times its ``liveness``, if it announced them (positive finite numbers; at most
+    MAX_SILENCE)."""
+    heartbeat, liveness = header.get("heartbeat"), header.get("liveness")
+    for value in (heartbeat, liveness):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            return None
+    assert isinstance(heartbeat, int | float) and isinstance(liveness, int | float)
+    return min(float(heartbeat) * float(liveness), MAX_SILENCE)
+
+
 #: Message types that carry payload frames (all others must have none).
 PAYLOAD_TYPES = frozenset({Msg.CHUNK})
 

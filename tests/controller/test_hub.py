@@ -37,6 +37,9 @@ class Lost:
     def on_node_lost(self, node: NodeState) -> None:
         self.nodes.append(node.node_id)
 
+    def on_node_hello(self, node: NodeState, running: set[str]) -> None:
+        pass
+
 
 def test_a_store_failure_while_recording_a_lost_node_does_not_stop_the_liveness_check(tmp_path: Path) -> None:
     """The liveness loop is the only thing that marks nodes lost (and places their calls again): a Redis
@@ -323,6 +326,29 @@ def test_nodes_are_judged_only_after_what_they_sent_is_read(tmp_path: Path) -> N
         finally:
             node.close(0)
             ctx.term()
+            await hub.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_node_that_heartbeats_less_often_is_judged_by_its_own_interval(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = ControllerConfig(zmq_bind="tcp://127.0.0.1:0", heartbeat=1.0, liveness=3)
+        hub = Hub(config, UnreachableStore(), BlobStore(tmp_path), ControllerMetrics())  # type: ignore[arg-type]
+        lost = Lost()
+        hub.dispatcher = lost  # type: ignore[assignment]
+        hub.background = lambda work: work.close()  # type: ignore[method-assign]  # (no sync here)
+        try:
+            hub.on_hello("slow", protocol.Message(Msg.HELLO, {"v": protocol.PROTOCOL_VERSION, "node_id": "slow",
+                                                              "capacity": 1, "heartbeat": 5.0, "liveness": 3}, []))
+            hub.on_hello("fast", protocol.Message(Msg.HELLO, {"v": protocol.PROTOCOL_VERSION, "node_id": "fast",
+                                                              "capacity": 1}, []))
+            seen = time.monotonic()
+            for node in hub.nodes.values():
+                node.last_seen = seen
+            assert hub.check_liveness(seen + 10) == [hub.nodes["fast"]]  # the slow one has 15 s
+            assert hub.check_liveness(seen + 16) == [hub.nodes["slow"]]
+        finally:
             await hub.close()
 
     asyncio.run(scenario())
