@@ -68,14 +68,18 @@ ENGINE_ERRORS = (DockerException, requests.RequestException)
 
 
 RETIRE_CHECK_EVERY = 30.0  # seconds between looks for superseded function versions to drop (see retire_unused)
+REREGISTER_AFTER = 60.0  # seconds unwelcomed before an agent started with an http:// controller registers again
 ENGINE_CHECK_EVERY = 5.0  # seconds between pings of the Docker engine
 ENGINE_PING_LATE = 10.0  # a ping unanswered this long: the engine counts as unreachable (/readyz 503)
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, register_url: str = "") -> None:
         self.config = config
         self.log = get_logger("agent", node_id=config.node_id)
+        self.register_url = register_url  # the http:// controller registered with, if any (see check_registration)
+        self.reregistering = False
+        self.registered_at = time.monotonic()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.cache = NodeCache(config.node_dir)
         self.registry = Registry(config.policy, runtimes=self.cache.load_runtimes())
@@ -270,6 +274,7 @@ class Agent:
                     self.forget_gone()
                     self.collect_if_due(now)
                     self.link.tick(now)
+                    self.check_registration(now)
                     self.pool.reconcile()
                     self.update_gauges()
                     if self.draining:
@@ -341,6 +346,27 @@ class Agent:
                                     status=REJECTED)
         self.drain_deadline = time.monotonic() + self.config.drain_timeout
         self.send_status()
+
+    def check_registration(self, now: float) -> None:
+        """An agent started with an http:// controller that has not been welcomed for ``REREGISTER_AFTER``
+        seconds registers again: the controller may have come back on another ZMQ address (a new advertised
+        address, port or host), which the agent would otherwise try for ever. Off the loop (an HTTP request)."""
+        if not self.register_url or self.link.welcomed or self.reregistering \
+                or now - max(self.link.silent_since, self.registered_at) < REREGISTER_AFTER:
+            return
+        self.reregistering = True
+        config = self.config.with_(controller=self.register_url)
+
+        def registered(answer: AgentConfig | None, error: BaseException | None) -> None:
+            self.reregistering = False
+            self.registered_at = time.monotonic()
+            if error is not None:
+                self.log.warning("registration_failed", url=self.register_url, error=str(error))
+            elif answer is not None and answer.controller != self.link.url:
+                self.link.reconnect(answer.controller)
+                self.link.say_hello()
+
+        self.run_in_pool(lambda: register_over_http(config, attempts=1), registered)
 
     def check_drained(self, now: float) -> None:
         busy = self.broker.running or any(self.broker.queues.values())
@@ -868,7 +894,9 @@ def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
         try:
             with httpclient.urlopen(request, timeout=10) as resp:  # (a redirect would carry the credential)
                 answer = json.loads(resp.read())
-            task_url = str(answer["task_url"])
+            task_url = answer["task_url"]
+            if not isinstance(task_url, str) or not task_url.startswith("tcp://"):
+                raise ValueError(f"the controller answered a task_url that is not tcp://...: {task_url!r:.80}")
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
                 raise AgentError(f"{url} redirects to {exc.headers.get('Location')!r} ({exc.code}); give the "
@@ -878,7 +906,7 @@ def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
                                  + ("the node token (SHOAL_NODE_TOKEN) is not the controller's" if config.node_token
                                     else "the controller wants a node token (SHOAL_NODE_TOKEN)")) from None
             log.warning("registration_failed", url=url, attempt=attempt + 1, error=str(exc))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # (TypeError: an answer that is not an object)
             log.warning("registration_failed", url=url, attempt=attempt + 1, error=str(exc))
         else:
             if bool(answer.get("curve")) != bool(config.node_token):
@@ -901,13 +929,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("SHOAL_NODE_TOKEN", "SHOAL_NODE_TOKEN_FILE"):  # read: miniworkers need not inherit it
         os.environ.pop(name, None)
     configure(config.log_level)
+    register_url = ""
     if config.controller.startswith(("http://", "https://")):
+        register_url = config.controller
         try:
             config = register_over_http(config)
         except AgentError as exc:
             get_logger("agent", node_id=config.node_id).error("not_registered", error=str(exc))
             return 2
-    agent = Agent(config)
+    agent = Agent(config, register_url)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     return agent.run()

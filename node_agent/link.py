@@ -39,8 +39,10 @@ class ControllerLink:
         # A link whose security differs from the controller's fails every handshake in silence: say so (an agent
         # given a tcp:// URL skips /register, where the difference is otherwise caught).
         self.handshakes = HandshakeWatch(self.sock, self._handshake_failed)
-        self.sock.connect(config.controller)
+        self.url = config.controller
+        self.sock.connect(self.url)
         self.welcomed = False
+        self.silent_since = time.monotonic()  # since when the controller has not welcomed us
         self.last_heard = 0.0
         self.next_heartbeat = 0.0
         self.next_hello = 0.0
@@ -82,11 +84,20 @@ class ControllerLink:
         if self.welcomed and now - self.last_heard > max(self.config.heartbeat * self.config.liveness,
                                                          self.peer_silence):
             self.welcomed = False
+            self.silent_since = now
             self.log.warning("controller_silent", seconds=round(now - self.last_heard, 1))
             self.next_hello = now
         if not self.welcomed and now >= self.next_hello:
             self.say_hello()
             self.hello_backoff = min(self.hello_backoff * 2, 10.0)
+
+    def reconnect(self, url: str) -> None:
+        """Connect to the controller at ``url`` instead (it moved: a new address registered over HTTP)."""
+        self.log.warning("controller_moved", old=self.url, new=url)
+        self.sock.disconnect(self.url)
+        self.sock.connect(url)
+        self.url = url
+        self.silent_since = time.monotonic()
 
     def _handshake_failed(self, reason: str) -> None:
         """Called in the handshake watch's thread (at most once a minute)."""
