@@ -248,3 +248,39 @@ def test_archives_no_version_names_are_collected_and_a_delete_collects_its_own(s
         assert not blobs.has(named) and blobs.has(fresh) and blobs.has(sending)
 
     run(server, tmp_path, scenario)
+
+
+def test_the_queue_bound_holds_for_requests_that_waited_at_once(server: RedisServer, tmp_path: Path) -> None:
+    """The bound was checked before a request's awaits (its callNum, its idempotency claim) only: every request
+    waiting there at once passed it together. A request refused after its claim gives its key back."""
+    import dataclasses
+
+    from controller.errors import Busy
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("qb")
+        rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=5)  # no node: calls wait
+        outcomes = await asyncio.gather(*(rig.service.invoke("qb", n, idempotency_key=f"q-{n}") for n in range(30)),
+                                        return_exceptions=True)
+        accepted = [o for o in outcomes if isinstance(o, tuple)]
+        refused = [n for n, o in enumerate(outcomes) if isinstance(o, Busy)]
+        assert len(accepted) == 5 and len(refused) == 25 and len(rig.dispatcher.queue) == 5
+        for n in refused:  # their keys are free: a retry later makes the call
+            assert await rig.redis.get(f"shoal:idem:q-{n}") is None
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_replayed_key_answers_where_the_call_stands_now(server: RedisServer, tmp_path: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        await rig.start("rs")
+        call, _ = await rig.service.invoke("rs", 1, idempotency_key="where")
+        for node in rig.hub.nodes.values():
+            node.ready.add("rs@1")
+        rig.dispatcher.kick()
+        await asyncio.sleep(0)
+        assert rig.hub.placed == {call["id"]: ["n1"]}
+        again, _ = await rig.service.invoke("rs", 1, idempotency_key="where")
+        assert again["id"] == call["id"] and again["status"] == "DISPATCHED"  # it said QUEUED
+
+    run(server, tmp_path, scenario)
