@@ -342,12 +342,42 @@ def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
             "call_p50_ms": pct(ms, 0.50), "call_p99_ms": pct(ms, 0.99), "call_max_ms": ms[-1]}
 
 
-def bench_archive_one_node(docker_url: str, data: bytes) -> float:
+def bench_archive_one_node(docker_url: str, data: bytes) -> tuple[float, float]:
     """The same archive to a cluster of one node: what a node takes in when it does not share this machine's
-    two cores with a second node fetching at once."""
+    two cores with a second node fetching at once; and the disk's own rate just before (see disk_rate)."""
     with LocalCluster(docker_url, agents=1, name="bench-one", log_level="error") as cluster:
         cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
-        return next(iter(distribute(cluster, data, "big").values()))
+        assert cluster.base is not None
+        disk = disk_rate(cluster.base, data, 1)[0]
+        return next(iter(distribute(cluster, data, "big").values())), disk
+
+
+def disk_rate(where: Path, data: bytes, writers: int) -> list[float]:
+    """The baseline of an archive's distribution: ``writers`` threads each writing ``data`` at once, in 1 MiB
+    writes, to new files where the nodes keep their archives (buffered, no fsync: as a node writes), MB/s each.
+    A node cannot store an archive faster than its disk takes it; on this machine's virtual disk, buffered
+    writes slow down after a few hundred MB."""
+    import threading
+
+    rates = [0.0] * writers
+    files = [where / f"disk-baseline-{n}" for n in range(writers)]
+    view = memoryview(data)
+
+    def write(n: int) -> None:
+        t0 = time.perf_counter()
+        with open(files[n], "wb") as f:
+            for at in range(0, len(view), 1 << 20):
+                f.write(view[at:at + (1 << 20)])
+        rates[n] = len(data) / 2**20 / (time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for file in files:
+        file.unlink()
+    return rates
 
 
 def status_of(url: str) -> tuple[int, Any, dict[str, str]]:
@@ -490,9 +520,13 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         out["cold_p50_ms"] = statistics.median(cold) * 1000
         print("  shoal archive distribution...", flush=True)
         data = big_archive()
+        assert cluster.base is not None
+        disk_two = disk_rate(cluster.base, data, 2)
         out["archive"] = bench_archive(cluster, data)
+        out["archive"]["disk_mb_per_s_two_writers"] = disk_two
     print("  shoal archive to one node...", flush=True)
-    out["archive"]["mb_per_s_one_node"] = bench_archive_one_node(docker_url, data)
+    one, disk_one = bench_archive_one_node(docker_url, data)
+    out["archive"].update(mb_per_s_one_node=one, disk_mb_per_s_one_writer=disk_one)
     return out, peer
 
 
@@ -550,7 +584,11 @@ def report(r: dict[str, Any]) -> None:
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
         ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
                                + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())
-                               + f"; to one node alone {s['archive']['mb_per_s_one_node']:.0f} MB/s"
+                               + " (disk, 2 writers at once: "
+                               + ", ".join(f"{v:.0f}" for v in s["archive"]["disk_mb_per_s_two_writers"])
+                               + f" MB/s); to one node alone {s['archive']['mb_per_s_one_node']:.0f} MB/s (disk, "
+                               + f"one writer: {s['archive']['disk_mb_per_s_one_writer']:.0f} MB/s = "
+                               + f"{s['archive']['mb_per_s_one_node'] / s['archive']['disk_mb_per_s_one_writer']:.2f}x)"
                                + f"; {s['archive']['calls_during']} warm calls (one per 10 ms) during the upload and "
                                f"distribution: p50 "
                                f"{s['archive']['call_p50_ms']:.2f} ms, p99 {s['archive']['call_p99_ms']:.2f} ms, "
