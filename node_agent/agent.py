@@ -37,7 +37,7 @@ from node_agent.broker import Broker
 from node_agent.cache import NodeCache, remove_path
 from node_agent.config import AgentConfig
 from node_agent.deps import REQUIREMENTS, WheelhouseResolver
-from node_agent.errors import AgentError, AgentStopping
+from node_agent.errors import AgentError, AgentStopping, ControllerUnreachable
 from node_agent.fetcher import ArchiveFetcher, ThreadDisk
 from node_agent.functions import FnState, NodeFunction, Registry
 from node_agent.link import ControllerLink
@@ -917,7 +917,7 @@ def register_over_http(config: AgentConfig, attempts: int = 60) -> AgentConfig:
                      curve=bool(config.node_token))
             return config.with_(controller=task_url)
         time.sleep(min(5.0, 0.25 * 2**attempt))
-    raise AgentError(f"could not register with {url} after {attempts} attempts")
+    raise ControllerUnreachable(f"could not register with {url} after {attempts} attempts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -936,7 +936,8 @@ def main(argv: list[str] | None = None) -> int:
             config = register_over_http(config)
         except AgentError as exc:
             get_logger("agent", node_id=config.node_id).error("not_registered", error=str(exc))
-            return 2
+            # 2: refused, or misconfigured (a service manager does not restart it); 1: the controller never answered
+            return 1 if isinstance(exc, ControllerUnreachable) else 2
     agent = Agent(config, register_url)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

@@ -9,6 +9,10 @@ class AgentError(ShoalError):
     """Base of the node agent's errors."""
 
 
+class ControllerUnreachable(AgentError):
+    """The controller never answered /register: the agent exits 1 (worth another try), not 2 (refused)."""
+
+
 class DependencyError(AgentError):
     """A function's requirements could not be resolved into a wheelhouse on the host."""
 

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -34,13 +35,14 @@ AUTH: dict[str, str] = {}  # the deployed controller's API token, once the rollo
 ECHO = {"handler.py": "import time\ndef handler(p):\n    time.sleep(p.get('s', 0))\n    return p\n"}
 
 
-def playbook(name: str, env: dict[str, str], *args: str) -> tuple[float, dict[str, dict[str, int]], str]:
+def playbook(name: str, env: dict[str, str], *args: str,
+             ok: bool = True) -> tuple[float, dict[str, dict[str, int]], str]:
     t0 = time.monotonic()
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory/local",
                            f"playbooks/{name}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     took = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-8000:] + proc.stderr[-3000:]
     recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
              for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", proc.stdout, re.M)}
     return took, recap, proc.stdout
@@ -96,12 +98,16 @@ def submit_through_restarts(key: str) -> str:
         return str(body["id"])
 
 
-def release(tmp: Path, version: str) -> Path:
-    """A commit of this repo whose package says `version`: what an upgrade deploys."""
-    repo = tmp / "release"
+def release(tmp: Path, version: str, broken: bool = False) -> Path:
+    """A commit of this repo whose package says `version`: what an upgrade deploys (`broken`: whose controller
+    exits at once)."""
+    repo = tmp / f"release-{version}"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, timeout=120)
     init = repo / "shoal" / "__init__.py"
     init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text()))
+    if broken:
+        main = repo / "controller" / "__main__.py"
+        main.write_text(main.read_text().replace("sys.exit(main())", "sys.exit(3)"))
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@localhost"]
     subprocess.run([*git, "commit", "-qam", f"release {version}"], check=True, timeout=60)
     return repo
@@ -125,8 +131,12 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         print(f"\nrollout: {rollout_s:.1f} s")
         # The rollout made both tokens, readable by root only, on the control machine; the API wants one, and
         # the agents joined with the other (over CURVE: /register says so).
-        for name in ("api_token", "node_token"):
+        for name in ("api_token", "node_token", "redis_password"):
             assert (tmp_path / "secrets" / name).stat().st_mode & 0o777 == 0o600
+        redis_host, redis_port = REDIS.split(":")
+        with socket.create_connection((redis_host, int(redis_port)), timeout=10) as sock:  # Redis wants AUTH
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(100).startswith(b"-NOAUTH")
         token = (tmp_path / "secrets" / "api_token").read_text().strip()
         status, body = api("GET", "/v1/nodes")
         assert status == 401 and body["error"]["code"] == "unauthorized", body
@@ -139,6 +149,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         credential = registration_credential((tmp_path / "secrets" / "node_token").read_text().strip())
         assert api("POST", "/register", {"endpoint_id": "x"},
                    headers={"Authorization": f"Bearer {credential}"})[1]["curve"] is True
+        # An agent that exits 2 (its token refused) is not restarted; any other exit is.
+        agent_conf = Path(f"/var/tmp/shoal-local/{NODES[0]}/supervisor/programs/shoal-agent.conf").read_text()
+        assert "autorestart=unexpected\nexitcodes=2\n" in agent_conf, agent_conf
 
         # A function, invoked through the controller: calls land on all three nodes.
         assert api("POST", "/v1/runtimes", {"image": "pythonruntime", "name": "py"})[0] == 201
@@ -158,6 +171,25 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         # And a dry run (--check) of the rolled-out cluster passes and would change nothing.
         _, recap, out = playbook("site.yml", env, "--check")
         assert all(r["failed"] == 0 and r["changed"] == 0 for r in recap.values()), out[-6000:]
+
+        # An upgrade whose new controller does not start: the controller goes back to the venv it ran and is
+        # started again, and the upgrade fails there.
+        venv = Path("/var/tmp/shoal-local/shoal-ctl/venv")
+        running, version = os.readlink(venv), api("GET", "/version")[1]["version"]
+        _, recap, out = playbook("upgrade.yml", env, "--limit", "shoal-ctl", "-e",
+                                 f"shoal_install_source={release(tmp_path, '0.1.0+broken.test', broken=True)}",
+                                 ok=False)
+        assert recap["shoal-ctl"]["rescued"] == 1 and "controller was started again" in out, out[-6000:]
+        assert os.readlink(venv) == running
+
+        def version_now() -> str | None:
+            try:
+                return str(api("GET", "/version")[1]["version"])
+            except OSError:
+                return None
+
+        assert wait(version_now, 60, "the controller back") == version
+        wait(lambda: node_states() == {n: "ready" for n in NODES}, 60, "the nodes back")
 
         # An upgrade to a new commit (the controller, then the agents one at a time) while calls are submitted:
         # every part runs the new code after it, and no call is lost.

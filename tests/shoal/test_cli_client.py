@@ -5,6 +5,7 @@ points, and turn a POST into a GET that still carries it)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -108,6 +109,20 @@ def test_the_cli_says_so_in_one_line(elsewhere: Any) -> None:
     assert done.returncode == 2 and "redirects to" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert TOKEN not in done.stderr
     assert seen == []
+
+
+def test_a_node_whose_controller_never_answers_gives_up_as_worth_retrying(tmp_path: Any) -> None:
+    """Exit status 1, not 2: a service manager restarts it (2 is a refusal, which it does not)."""
+    from node_agent.agent import register_over_http
+    from node_agent.config import AgentConfig
+    from node_agent.errors import ControllerUnreachable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
+    config = AgentConfig(controller=url, node_id="n1", state_dir=tmp_path, node_token=TOKEN)
+    with pytest.raises(ControllerUnreachable, match="could not register"):
+        register_over_http(config, attempts=1)
 
 
 @pytest.mark.parametrize("code", [301, 302, 307])
