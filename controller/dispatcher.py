@@ -46,7 +46,7 @@ from controller.placement import make_placement
 from controller.store import Store
 from shoal.logs import get_logger
 from shoal.models import REJECTED, CallStatus
-from shoal.protocol import Msg
+from shoal.protocol import MAX_SILENCE, Msg
 
 #: Results a node may send and what they mean here.
 STATUSES = {s.value: s for s in (CallStatus.DONE, CallStatus.FAILED, CallStatus.TIMEOUT, CallStatus.CANCELLED)}
@@ -124,6 +124,7 @@ class Dispatcher:
         self.deleted: dict[str, int] = {}
         self.reserved: dict[str, set[str]] = {}  # node -> recovered calls kept for it until its HELLO
         self.awaiting_hello: set[str] = set()  # nodes up before a restart that have not said HELLO since
+        self.grace = 0.0  # seconds recovered calls are kept for the nodes that may hold them (see recover)
         self.unstored: set[str] = set()  # calls ended whose terminal write has not landed yet
         self.stopping = False  # the controller is stopping: nothing is placed any more
         self._lane_turn = 0  # where the next placement round starts among the waiting functions
@@ -358,7 +359,7 @@ class Dispatcher:
     def _take_result(self, pending: Pending, h: dict[str, Any], node_id: str) -> None:
         call_id = pending.call_id
         if h["status"] == REJECTED:
-            pending.attempts -= 1  # it never ran there
+            pending.attempts = max(0, pending.attempts - 1)  # it never ran there
             self._requeue(pending, "rejected")
             return
         status = STATUSES.get(h["status"])
@@ -581,8 +582,13 @@ class Dispatcher:
         """Queue again every call the store holds as not finished (after a controller restart)."""
         count = 0
         exists: dict[tuple[str, int], bool] = {}  # function versions (deleted while the calls waited: cancelled)
-        self.awaiting_hello = {node_id for node_id, info in (await self.store.list_nodes()).items()
-                               if info.get("state") != "lost" and node_id not in self.hub.nodes}
+        up = {node_id: info for node_id, info in (await self.store.list_nodes()).items()
+              if info.get("state") != "lost" and node_id not in self.hub.nodes}
+        self.awaiting_hello = set(up)
+        # A node that heartbeats less often than we do says HELLO that much later (its next heartbeat draws our
+        # WELCOME{hello}): the grace is the longest silence any of them announced, or ours.
+        longest = max([min(s, MAX_SILENCE) for info in up.values() if (s := timestamp(info.get("peer_silence")))],
+                      default=0.0)
         for call in sorted(await self.store.active_calls(), key=lambda c: c.get("created") or 0):
             if call["id"] in self.calls:
                 continue
@@ -616,9 +622,9 @@ class Dispatcher:
                           kept_for_their_nodes=sum(len(ids) for ids in self.reserved.values()))
             self.metrics.requeued.inc(count, reason="controller_restarted")
             self.kick()
+        self.grace = max(self.config.heartbeat * self.config.liveness, longest) + self.config.heartbeat
         if self.reserved:
-            grace = self.config.heartbeat * (self.config.liveness + 1)
-            asyncio.get_running_loop().call_later(grace, self.release_reserved)
+            asyncio.get_running_loop().call_later(self.grace, self.release_reserved)
         else:
             self.awaiting_hello.clear()
         return count

@@ -29,7 +29,7 @@ from shoal.nodelink import bind_router
 from shoal.protocol import Buffer, Message, Msg, ProtocolError, zmq_readable
 
 DRAIN_BATCH = 256
-CATCH_UP_SECONDS = 1.0  # read from the socket at most this long before judging the nodes' liveness
+CATCH_UP_SECONDS = 0.25  # read from the socket at most this long before judging the nodes' liveness
 SYNC_RETRY_FIRST = 0.5  # seconds before a node's sync the store failed is tried again, doubling
 SYNC_RETRY_MAX = 10.0
 
@@ -182,6 +182,7 @@ class Hub:
             # still holds (those not placed elsewhere yet stay with it).
             self.log.info("node_back", node_id=node_id)
             node.lost = False
+            node.awaiting_hello = True  # no calls until then: a CALL behind the WELCOME is not in its HELLO
             self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": node.call_seq})
         handler = self._handlers.get(msg.type)
         if handler is None:
@@ -204,6 +205,7 @@ class Hub:
             node = self.nodes[node_id] = NodeState(node_id, h, capacity=max(1, int(h["capacity"])))
         else:
             node.hello, node.capacity, node.lost, node.draining = h, max(1, int(h["capacity"])), False, False
+            node.awaiting_hello = False
         node.last_seen = time.monotonic()
         node.ready = functions
         # Failures reported before are stale: the functions are sent again below, and the node reports each
@@ -348,7 +350,7 @@ class Hub:
             # What the nodes sent is read before they are judged: a controller behind on its socket (a burst of
             # results, a stalled loop) took their heartbeats, unread, for silence, and ran their calls again.
             caught_up = self.catch_up(CATCH_UP_SECONDS)
-            for node in self.check_liveness(time.monotonic(), judge=caught_up):
+            for node in self.check_liveness(time.monotonic(), behind=not caught_up):
                 try:
                     await self.store.save_node(node.node_id, node.to_dict())
                 except RedisError as exc:  # only the record of it: the loop must go on (it is the only one)
@@ -363,18 +365,18 @@ class Hub:
             self._drain()
         return True
 
-    def check_liveness(self, now: float, judge: bool = True) -> list[NodeState]:
+    def check_liveness(self, now: float, behind: bool = False) -> list[NodeState]:
         """Heartbeat the nodes that are alive; mark lost those silent for ``liveness`` heartbeats (their calls
-        go back to the dispatcher) and return them. Not ``judge``: what they sent is not all read yet, so their
-        silence says nothing; only heartbeats go out."""
-        silence = self.config.heartbeat * self.config.liveness
+        go back to the dispatcher) and return them. ``behind``: what they sent is not all read yet (their
+        heartbeats may be among it), so they get twice the time (a node that died is still found, later)."""
+        silence = self.config.heartbeat * self.config.liveness * (2 if behind else 1)
         lost: list[NodeState] = []
         for node in list(self.nodes.values()):
             if node.lost:
                 continue
             # A node that heartbeats less often than we do is judged by its own interval (the two are set apart:
             # a node at 5 s judged by our 1 s x 3 was lost between any two of its heartbeats).
-            if judge and now - node.last_seen > max(silence, node.peer_silence):
+            if now - node.last_seen > max(silence, node.peer_silence * (2 if behind else 1)):
                 node.lost = True
                 self.archives.forget(node.node_id)
                 self.log.warning("node_lost", node_id=node.node_id, silent_s=round(now - node.last_seen, 1),

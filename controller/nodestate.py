@@ -28,6 +28,7 @@ class NodeState:
     call_seq: int = 0  # the sequence number of the last CALL sent to the node (its STATUS echoes what it saw)
     connected_at: float = field(default_factory=time.time)
     peer_silence: float = 0.0  # how long the node says it may stay silent (its heartbeat x liveness, from HELLO)
+    awaiting_hello: bool = False  # back from being taken for lost: no calls until its HELLO says what it holds
 
     @property
     def queue_limit(self) -> int:
@@ -48,7 +49,7 @@ class NodeState:
         return self.warm_pool.get(key, 0) - self.warm_busy.get(key, 0)
 
     def alive(self) -> bool:
-        return not self.lost and not self.draining
+        return not self.lost and not self.draining and not self.awaiting_hello
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,5 +60,5 @@ class NodeState:
             "status_url": self.hello.get("status_url"),
             "runtimes": self.hello.get("runtimes", []), "version": self.hello.get("version"),
             "policy": self.hello.get("policy"), "connected_at": self.connected_at,
-            "seen_s_ago": round(time.monotonic() - self.last_seen, 3),
+            "seen_s_ago": round(time.monotonic() - self.last_seen, 3), "peer_silence": self.peer_silence,
         }

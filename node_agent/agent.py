@@ -362,7 +362,7 @@ class Agent:
             self.registered_at = time.monotonic()
             if error is not None:
                 self.log.warning("registration_failed", url=self.register_url, error=str(error))
-            elif answer is not None and answer.controller != self.link.url:
+            elif answer is not None and answer.controller != self.link.url and not self.link.welcomed:
                 self.link.reconnect(answer.controller)
                 self.link.say_hello()
 

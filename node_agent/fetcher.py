@@ -46,6 +46,7 @@ log = get_logger("fetcher")
 CREDIT = 8  # chunks (MiB) in flight per transfer: the sender holds at most this much per node
 STALL_SECONDS = 10.0
 MAX_STALLS = 5
+DISK_STALL_SECONDS = 120.0  # chunks waiting for the disk this long with none written: the transfer fails
 
 Send = Callable[[bytes, dict[str, Any]], None]
 Job = Callable[[], Any]
@@ -117,6 +118,8 @@ class Transfer:
     first_offset: int = 0
     resynced_at: int = -1  # the offset a gap last made this transfer ask again from
     ended: bool = False  # failed or cancelled: what the disk still has of it is skipped
+    broken: bool = False  # (disk thread) a write failed: the chunks queued behind it must not be written
+    last_written: float = field(default_factory=time.monotonic)
 
 
 class ArchiveFetcher:
@@ -173,7 +176,7 @@ class ArchiveFetcher:
             self.on_done(t.sha, None)
             return
         t.received = t.offset
-        t.last_progress = time.monotonic()
+        t.last_progress = t.last_written = time.monotonic()
         self.send(Msg.FETCH, {"sha256": t.sha, "offset": t.offset, "credit": CREDIT, "restart": True})
 
     # ---- chunks --------------------------------------------------------------------------------
@@ -207,13 +210,22 @@ class ArchiveFetcher:
         GIL); the last one closes the file and commits the archive (verified). None if the transfer ended."""
         if t.ended or t.file is None:
             return None
+        if t.broken:  # a chunk before this one was not written (the loop has not heard yet): nor is this one
+            raise OSError(f"an earlier write of archive {t.sha[:12]} failed")
         hashed = self.hasher.submit(t.digest.update, data)
         try:
             t.file.write(data)
+            if last:
+                t.file.close()
+        except BaseException:
+            # Written in part, or not at all. The chunks after it must not be: the disk may have room again
+            # by then, and the last one would commit a file with a hole in it (the hash is of the chunks
+            # received, not of the file).
+            t.broken = True
+            raise
         finally:
             hashed.result()
         if last:
-            t.file.close()
             self.cache.commit(t.sha, t.digest)
         return len(data)
 
@@ -223,6 +235,7 @@ class ArchiveFetcher:
         if error is not None:
             if isinstance(error, FetchError):  # a failed verification (its .part file is removed)
                 self._end(t)
+                self._close_file(t, bad_bytes=True)
                 self.on_done(t.sha, str(error))
             elif isinstance(error, OSError):
                 self._fail(t, f"cannot store archive {t.sha[:12]}: {error}", bad_bytes=True)  # maybe cut short
@@ -232,7 +245,7 @@ class ArchiveFetcher:
             return
         assert written is not None  # (None: the transfer had ended, and the disk skipped the chunk)
         t.offset += written
-        t.last_progress = time.monotonic()
+        t.last_progress = t.last_written = time.monotonic()
         t.stalls = 0
         if t.offset < t.size:
             self.send(Msg.FETCH, {"sha256": t.sha, "offset": t.offset, "credit": CREDIT})
@@ -297,6 +310,12 @@ class ArchiveFetcher:
         for t in list(self.transfers.values()):
             if t.received < 0:
                 continue  # its file is being opened
+            if t.received > t.offset:
+                # Chunks wait for our own disk (slow, or busy hashing another transfer's partial file): not a
+                # stall of the link, and a request sent again would only bring more chunks to wait with them.
+                if now - t.last_written > DISK_STALL_SECONDS:
+                    self._fail(t, f"the disk wrote nothing of archive {t.sha[:12]} for {DISK_STALL_SECONDS:g} s")
+                continue
             if not connected:
                 t.last_progress = now  # the controller is away: waiting for it is not a stall
                 continue

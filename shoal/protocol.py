@@ -166,11 +166,18 @@ def silence_of(header: dict[str, Any]) -> float | None:
     its ``heartbeat`` times its ``liveness``, if it announced them (positive finite numbers; at most
     MAX_SILENCE)."""
     heartbeat, liveness = header.get("heartbeat"), header.get("liveness")
+    numbers: list[float] = []
     for value in (heartbeat, liveness):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float):
             return None
-    assert isinstance(heartbeat, int | float) and isinstance(liveness, int | float)
-    return min(float(heartbeat) * float(liveness), MAX_SILENCE)
+        try:
+            number = float(value)  # (an integer too large for a float raises)
+        except OverflowError:
+            return None
+        if not math.isfinite(number) or number <= 0:
+            return None
+        numbers.append(number)
+    return min(numbers[0] * numbers[1], MAX_SILENCE)
 
 
 #: Message types that carry payload frames (all others must have none).

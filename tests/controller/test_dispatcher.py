@@ -686,3 +686,19 @@ def test_a_deleted_functions_calls_are_counted_not_searched() -> None:
         assert d.gone == {} and d.has_calls("f", 2) and not d.has_calls("f", 1)
 
     asyncio.run(scenario())
+
+
+def test_recovered_calls_are_kept_as_long_as_the_slowest_node_may_take_to_say_hello() -> None:
+    """A node that heartbeats every 10 s says HELLO up to 10 s after a restart (its next heartbeat draws our
+    WELCOME{hello}): kept only for our own 4 s, its calls were placed elsewhere while it ran them."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1",))
+        store.nodes = {"n1": {"state": "ready", "peer_silence": 30.0}, "gone": {"state": "lost", "peer_silence": 99.0},
+                       "odd": {"state": "ready", "peer_silence": "soon"}}
+        store.active = [stored_call("c0", status="QUEUED", attempts=0)]
+        hub.nodes = {}
+        await d.recover()
+        assert d.grace == 30.0 + d.config.heartbeat and d.awaiting_hello == {"n1", "odd"}
+
+    asyncio.run(scenario())

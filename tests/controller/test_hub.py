@@ -309,20 +309,26 @@ def test_nodes_are_judged_only_after_what_they_sent_is_read(tmp_path: Path) -> N
             assert hub.catch_up(1.0)
             assert hub.check_liveness(time.monotonic()) == [] and lost.nodes == []
 
-            hub.nodes["n1"].last_seen = time.monotonic() - 10
             node.send_multipart(protocol.encode(Msg.HEARTBEAT, {}))
             while not zmq_readable(hub.sock):
                 await asyncio.sleep(0.01)
-            assert hub.check_liveness(time.monotonic(), judge=False) == []  # not all read: no verdict
-            assert [n.node_id for n in hub.check_liveness(time.monotonic())] == ["n1"] and hub.nodes["n1"].lost
+            now = time.monotonic()
+            hub.nodes["n1"].last_seen = now - 0.15  # silent past 0.1 s (2 x 0.05), within twice that
+            assert hub.check_liveness(now, behind=True) == []  # not all read: it gets twice the time
+            assert [n.node_id for n in hub.check_liveness(now)] == ["n1"] and hub.nodes["n1"].lost
             hub.catch_up(1.0)  # the heartbeat of a node taken for lost
-            assert not hub.nodes["n1"].lost
+            assert not hub.nodes["n1"].lost and not hub.nodes["n1"].alive()  # no calls until its HELLO
             answers = []
             while node.poll(2000):
                 answers.append(protocol.decode(node.recv_multipart()))
                 if answers[-1].type == Msg.WELCOME:
                     break
             assert answers[-1].type == Msg.WELCOME and answers[-1].header["hello"] is True
+            hub.background = lambda work: work.close()  # (no sync here)
+            lost.on_node_hello = lambda n, running: None
+            hub.on_hello("n1", protocol.Message(Msg.HELLO, {"v": protocol.PROTOCOL_VERSION, "node_id": "n1",
+                                                            "capacity": 1}, []))
+            assert hub.nodes["n1"].alive()
         finally:
             node.close(0)
             ctx.term()

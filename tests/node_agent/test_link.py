@@ -66,6 +66,7 @@ def test_a_controller_that_heartbeats_less_often_is_judged_by_its_own_interval(t
     ({"heartbeat": 1e9, "liveness": 3}, protocol.MAX_SILENCE),
     ({"heartbeat": float("nan"), "liveness": 3}, None),
     ({"heartbeat": True, "liveness": 3}, None),
+    ({"heartbeat": 10**400, "liveness": 3}, None),
     ({"heartbeat": -1, "liveness": 3}, None),
     ({"heartbeat": 1}, None),
     ({}, None),

@@ -94,10 +94,23 @@ class ManualDisk:
     def submit(self, job: Any, done: Any) -> None:
         self.jobs.append((job, done))
 
-    def run(self, count: int | None = None) -> None:
+    def run(self, count: int | None = None, ahead: bool = False) -> None:
+        """Run jobs, each one's ``done`` after it; ``ahead``: every job first, then the ``done``s (the disk's
+        thread ahead of the agent's loop)."""
+        outcomes = []
         for _ in range(len(self.jobs) if count is None else count):
             job, done = self.jobs.pop(0)
-            done(job(), None)
+            outcome: tuple[Any, Exception | None]
+            try:
+                outcome = (job(), None)
+            except Exception as exc:  # noqa: BLE001 - handed to `done`, as the agent's disk does
+                outcome = (None, exc)
+            if ahead:
+                outcomes.append((done, outcome))
+            else:
+                done(*outcome)
+        for done, outcome in outcomes:
+            done(*outcome)
 
     def close(self) -> None:
         pass
@@ -358,3 +371,82 @@ def test_stalls_are_not_counted_while_the_controller_is_away_and_a_stalled_trans
     assert wire.inbox[0][1]["offset"] == 7 * CHUNK
     wire.run(wire.fetcher)
     assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
+
+
+class FlakyDisk(NodeCache):
+    """A cache whose disk refuses one write (the ``fail_at``-th), then takes the rest again."""
+
+    def __init__(self, root: Path, fail_at: int) -> None:
+        super().__init__(root)
+        self.writes = 0
+        self.fail_at = fail_at
+
+    def open_for_append(self, sha: str, offset: int) -> Any:
+        real = super().open_for_append(sha, offset)
+        cache = self
+
+        class File:
+            closed = False
+
+            def write(self, data: Any) -> int:
+                cache.writes += 1
+                if cache.writes == cache.fail_at:
+                    raise OSError(errno.EIO, "Input/output error")
+                return real.write(data)
+
+            def close(self) -> None:
+                self.closed = True
+                real.close()
+
+        return File()
+
+
+def test_chunks_queued_behind_a_failed_write_are_not_written_nor_committed(tmp_path: Path) -> None:
+    """The write of chunk 3 failed, the disk took the chunks queued behind it, and the last one committed an
+    archive with a hole in it (the hash is of the chunks received, not of the file): trusted, and never
+    fetched again."""
+    data = os.urandom(6 * CHUNK)
+    wire = Wire(tmp_path, data)
+    wire.cache = FlakyDisk(tmp_path / "node", fail_at=3)
+    disk = ManualDisk()
+    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
+                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher.want(wire.sha, wire.size)
+    disk.run()
+    _, header = wire.inbox.pop()
+    for _, ah, payload in wire.server.on_fetch("node-1", header):  # all six chunks (credit 8)
+        assert payload is not None
+        wire.fetcher.receive(ah, [payload])
+    assert len(disk.jobs) == 6
+    disk.run(ahead=True)  # the disk thread runs every queued write before the loop hears of the failure
+    disk.run()  # the file's closing and removal, queued behind them
+    [(_, error)] = wire.done
+    assert "Input/output error" in str(error)
+    assert not wire.cache.has_blob(wire.sha) and not wire.cache.partial(wire.sha).exists()
+    assert wire.cache.writes == 3  # nothing written after the failure
+
+
+def test_chunks_waiting_for_a_slow_disk_are_not_a_stall_of_the_link(tmp_path: Path) -> None:
+    """A disk that fell behind looked like a stalled controller: each request sent again brought another credit
+    of chunks to wait in memory, and the transfer failed as 'stalled'."""
+    from node_agent.fetcher import DISK_STALL_SECONDS
+
+    wire = Wire(tmp_path, os.urandom(20 * CHUNK))
+    disk = ManualDisk()
+    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
+                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher.want(wire.sha, wire.size)
+    disk.run()
+    _, header = wire.inbox.pop()
+    for _, ah, payload in wire.server.on_fetch("node-1", header):
+        assert payload is not None
+        wire.fetcher.receive(ah, [payload])
+    now = time.monotonic()
+    for n in range(1, MAX_STALLS + 3):  # the disk writes nothing for a while
+        wire.fetcher.tick(now + STALL_SECONDS * n)
+    assert wire.inbox == [] and wire.done == []  # nothing asked again, nothing failed
+    disk.run(1)
+    assert [h["offset"] for _, h in wire.inbox] == [CHUNK]  # it goes on
+    wire.fetcher.tick(time.monotonic() + DISK_STALL_SECONDS + 1)
+    [(_, error)] = wire.done
+    assert error is not None and "the disk wrote nothing" in error
