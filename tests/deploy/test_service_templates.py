@@ -24,6 +24,7 @@ ENV = {"SHOAL_REDIS_URL": "redis://:p%40ss%22w0rd@127.0.0.1:6379/0", "QUOTED": '
 def render(name: str, **values: Any) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
+    env.filters["quote"] = shlex.quote  # Ansible's `quote` filter
     return env.get_template(name).render(ansible_managed="managed by Ansible", **values)
 
 
