@@ -286,12 +286,15 @@ def test_an_offset_past_the_end_is_refused_and_an_empty_archive_is_one_last_chun
     assert empty.done == [(hashlib.sha256(b"").hexdigest(), None)]
 
 
-class FullDisk(NodeCache):
-    """A cache whose disk fills up after ``room`` bytes of a download."""
+class RefusingDisk(NodeCache):
+    """A cache whose disk refuses a download's writes when ``refuse(data)`` names an error (it counts ``writes``)."""
 
-    def __init__(self, root: Path, room: int) -> None:
+    def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.room = room
+        self.writes = 0
+
+    def refuse(self, data: Any) -> OSError | None:
+        return None
 
     def open_for_append(self, sha: str, offset: int) -> Any:
         real = super().open_for_append(sha, offset)
@@ -301,9 +304,9 @@ class FullDisk(NodeCache):
             closed = False
 
             def write(self, data: Any) -> int:
-                if len(data) > cache.room:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                cache.room -= len(data)
+                cache.writes += 1
+                if (error := cache.refuse(data)) is not None:
+                    raise error
                 return real.write(data)
 
             def close(self) -> None:
@@ -311,6 +314,20 @@ class FullDisk(NodeCache):
                 real.close()
 
         return File()
+
+
+class FullDisk(RefusingDisk):
+    """A disk that fills up after ``room`` bytes of a download."""
+
+    def __init__(self, root: Path, room: int) -> None:
+        super().__init__(root)
+        self.room = room
+
+    def refuse(self, data: Any) -> OSError | None:
+        if len(data) > self.room:
+            return OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return None
 
 
 def test_a_full_disk_fails_the_transfer_with_its_reason_and_a_complete_part_file_is_committed(tmp_path: Path) -> None:
@@ -373,32 +390,15 @@ def test_stalls_are_not_counted_while_the_controller_is_away_and_a_stalled_trans
     assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
 
 
-class FlakyDisk(NodeCache):
-    """A cache whose disk refuses one write (the ``fail_at``-th), then takes the rest again."""
+class FlakyDisk(RefusingDisk):
+    """A disk that refuses one write (the ``fail_at``-th), then takes the rest again."""
 
     def __init__(self, root: Path, fail_at: int) -> None:
         super().__init__(root)
-        self.writes = 0
         self.fail_at = fail_at
 
-    def open_for_append(self, sha: str, offset: int) -> Any:
-        real = super().open_for_append(sha, offset)
-        cache = self
-
-        class File:
-            closed = False
-
-            def write(self, data: Any) -> int:
-                cache.writes += 1
-                if cache.writes == cache.fail_at:
-                    raise OSError(errno.EIO, "Input/output error")
-                return real.write(data)
-
-            def close(self) -> None:
-                self.closed = True
-                real.close()
-
-        return File()
+    def refuse(self, data: Any) -> OSError | None:
+        return OSError(errno.EIO, "Input/output error") if self.writes == self.fail_at else None
 
 
 def test_chunks_queued_behind_a_failed_write_are_not_written_nor_committed(tmp_path: Path) -> None:
