@@ -42,9 +42,19 @@ class Wire:
         self.fetches: list[dict[str, Any]] = []
         self.fetcher = self.new_fetcher()
 
-    def new_fetcher(self) -> ArchiveFetcher:
+    def new_fetcher(self, disk: Any = None) -> ArchiveFetcher:
         return ArchiveFetcher(self.cache, lambda mtype, h: self.inbox.append((mtype, h)),
-                              lambda sha, err: self.done.append((sha, err)))
+                              lambda sha, err: self.done.append((sha, err)), disk)
+
+    def answer(self, header: dict[str, Any]) -> None:
+        """Hand the fetcher every chunk the server sends for the FETCH ``header`` (none lost)."""
+        for _, ah, payload in self.server.on_fetch("node-1", header):
+            assert payload is not None
+            self.fetcher.receive(ah, [payload])
+
+    def answer_first_request(self) -> None:
+        _, header = self.inbox.pop()
+        self.answer(header)
 
     def run(self, fetcher: ArchiveFetcher, max_chunks: int | None = None, lose: set[int] | None = None) -> None:
         """Deliver until nothing is asked; ``lose``: offsets whose chunk is lost on the way, once each."""
@@ -122,8 +132,7 @@ def test_chunks_are_acknowledged_only_once_the_disk_wrote_them(tmp_path: Path) -
     data = os.urandom(20 * CHUNK + 5)
     wire = Wire(tmp_path, data)
     disk = ManualDisk()
-    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
-                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher = wire.new_fetcher(disk)
     wire.fetcher.want(wire.sha, wire.size)
     assert wire.inbox == [] and len(disk.jobs) == 1  # the partial file is opened by the disk first
     disk.run()
@@ -131,9 +140,7 @@ def test_chunks_are_acknowledged_only_once_the_disk_wrote_them(tmp_path: Path) -
     while wire.inbox:
         for mtype, header in wire.inbox:
             assert mtype == Msg.FETCH
-            for _, ah, payload in wire.server.on_fetch("node-1", header):
-                assert payload is not None
-                wire.fetcher.receive(ah, [payload])
+            wire.answer(header)
         wire.inbox.clear()
         most_held = max(most_held, len(disk.jobs))
         if not disk.jobs:
@@ -154,14 +161,10 @@ def test_a_transfer_ended_with_writes_waiting_leaves_its_file_as_the_next_one_fi
     data = os.urandom(20 * CHUNK)
     wire = Wire(tmp_path, data)
     disk = ManualDisk()
-    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
-                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher = wire.new_fetcher(disk)
     wire.fetcher.want(wire.sha, wire.size)
     disk.run()
-    _, header = wire.inbox.pop()
-    for _, ah, payload in wire.server.on_fetch("node-1", header):
-        assert payload is not None
-        wire.fetcher.receive(ah, [payload])
+    wire.answer_first_request()
     disk.run(3)  # three written, five waiting
     wire.fetcher.cancel(wire.sha)
     wire.fetcher.want(wire.sha, wire.size)  # wanted again at once
@@ -180,8 +183,7 @@ def test_a_threaded_disk_writes_in_order_and_reports_on_the_loop(tmp_path: Path)
     wire = Wire(tmp_path, data)
     posted: queue.SimpleQueue[Any] = queue.SimpleQueue()
     disk = ThreadDisk(posted.put)
-    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
-                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher = wire.new_fetcher(disk)
     loop_thread = threading.current_thread()
     seen: list[Any] = []
     try:
@@ -196,9 +198,7 @@ def test_a_threaded_disk_writes_in_order_and_reports_on_the_loop(tmp_path: Path)
                 continue
             while wire.inbox:
                 _, header = wire.inbox.pop(0)
-                for _, ah, payload in wire.server.on_fetch("node-1", header):
-                    assert payload is not None
-                    wire.fetcher.receive(ah, [payload])
+                wire.answer(header)
     finally:
         wire.fetcher.close()
     assert wire.done == [(wire.sha, None)] and wire.cache.blob_path(wire.sha).read_bytes() == data
@@ -409,14 +409,10 @@ def test_chunks_queued_behind_a_failed_write_are_not_written_nor_committed(tmp_p
     wire = Wire(tmp_path, data)
     wire.cache = FlakyDisk(tmp_path / "node", fail_at=3)
     disk = ManualDisk()
-    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
-                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher = wire.new_fetcher(disk)
     wire.fetcher.want(wire.sha, wire.size)
     disk.run()
-    _, header = wire.inbox.pop()
-    for _, ah, payload in wire.server.on_fetch("node-1", header):  # all six chunks (credit 8)
-        assert payload is not None
-        wire.fetcher.receive(ah, [payload])
+    wire.answer_first_request()  # all six chunks (credit 8)
     assert len(disk.jobs) == 6
     disk.run(ahead=True)  # the disk thread runs every queued write before the loop hears of the failure
     disk.run()  # the file's closing and removal, queued behind them
@@ -433,14 +429,10 @@ def test_chunks_waiting_for_a_slow_disk_are_not_a_stall_of_the_link(tmp_path: Pa
 
     wire = Wire(tmp_path, os.urandom(20 * CHUNK))
     disk = ManualDisk()
-    wire.fetcher = ArchiveFetcher(wire.cache, lambda mtype, h: wire.inbox.append((mtype, h)),
-                                  lambda sha, err: wire.done.append((sha, err)), disk)
+    wire.fetcher = wire.new_fetcher(disk)
     wire.fetcher.want(wire.sha, wire.size)
     disk.run()
-    _, header = wire.inbox.pop()
-    for _, ah, payload in wire.server.on_fetch("node-1", header):
-        assert payload is not None
-        wire.fetcher.receive(ah, [payload])
+    wire.answer_first_request()
     now = time.monotonic()
     for n in range(1, MAX_STALLS + 3):  # the disk writes nothing for a while
         wire.fetcher.tick(now + STALL_SECONDS * n)
