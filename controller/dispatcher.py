@@ -9,8 +9,10 @@
   write per call instead of two; a restart re-queues calls that are active in the store either way).
 * Nodes report RUNNING and results; a result for a call that is not in flight on that node (a late
   duplicate after a retry, a cancelled call) is ignored.
-* A lost node's calls go back to the queue (at-least-once) until ``max_attempts`` dispatches, then FAIL;
-  a node's REJECTED answer (queue full, draining) sends the call back to the queue as well.
+* A lost node's calls go back to the queue (at-least-once) until ``max_attempts`` dispatches; one lost on
+  its last attempt waits for that node (it may only have been slow to be heard) until its result or HELLO
+  settles it, or its timeout and one more liveness window have passed: then it FAILs ``NodeLost``.
+  A node's REJECTED answer (queue full, draining) sends the call back to the queue as well.
 * A live node can drop a call too (a connection reset loses what was in flight; its agent drops a result it
   cannot queue). Each CALL carries the node's next sequence number; every STATUS (once a heartbeat) echoes the
   last number the node received and lists the calls it holds. A call sent before that number that the node
@@ -91,6 +93,8 @@ class Pending:
     reserved_for: str = ""  # recovered, and recorded as on this node: kept for it (see the module doc)
     queued: bool = False  # waiting in the queue (set by CallQueue)
     lost_on: set[str] = field(default_factory=set)  # nodes taken for lost while it was on them (may still run it)
+    awaiting: str = ""  # lost with this node on its last attempt: waits for the node's word (see _await_node)
+    await_timer: asyncio.TimerHandle | None = None  # when waiting for that node ends (FAILED NodeLost)
 
     @property
     def key(self) -> str:
@@ -131,6 +135,7 @@ class Dispatcher:
         # Function -> version -> calls held of it: whether a deleted function still has calls is asked at every
         # one of its calls' ends, and a walk of ``calls`` (100,000 of them) each time stalled the loop.
         self._versions_held: dict[str, dict[int, int]] = {}
+        self.awaiting: dict[str, set[str]] = {}  # lost node -> calls lost with it on their last attempt
 
     # ---- submitting ----------------------------------------------------------------------------
     def queued(self) -> int:
@@ -320,6 +325,11 @@ class Dispatcher:
                 and h["status"] != REJECTED):
             self._result_from_lost(pending, node, h)
             return
+        if pending is not None and pending.awaiting == node.node_id:  # (REJECTED: it never ran there)
+            self._stop_awaiting(pending)
+            node.done += 1
+            self._take_result(pending, h, node.node_id)
+            return
         if pending is None or pending.node_id != node.node_id:
             self.log.info("late_result_ignored", call_id=call_id, node_id=node.node_id)
             if call_id in node.inflight:  # (never meant to happen) the node's slot is not kept for it
@@ -377,6 +387,7 @@ class Dispatcher:
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self._let_go(pending.call_id)
+        self._stop_awaiting(pending)
         self.queue.discard(pending)
         if pending.function in self.gone:
             self._announce_gone(pending.function)
@@ -435,6 +446,9 @@ class Dispatcher:
             pending.lost_on.add(node.node_id)
         what = "dropped it" if dropped else "was lost while running it"
         if pending.attempts >= self.config.max_attempts:
+            if not dropped and not pending.cancel_requested:
+                self._await_node(pending, node)
+                return
             self.finish(pending, CallStatus.FAILED, {"error": {
                 "type": "NodeDropped" if dropped else "NodeLost",
                 "message": f"node {node.node_id} {what}, after {pending.attempts} attempt(s)",
@@ -445,6 +459,48 @@ class Dispatcher:
         if not pending.cancel_requested:
             self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
         self._requeue(pending, "node_dropped" if dropped else "node_lost")
+
+    def _await_node(self, pending: Pending, node: NodeState) -> None:
+        """``pending`` was on ``node`` when the node was taken for lost, on its last attempt. A node taken for
+        lost may only be slow to be heard (a partition, a stalled host): its result would be the call's
+        outcome, and failing the call at once would throw a finished run away. So the call waits for the node:
+        its result, or its HELLO with or without the call, settles it. It fails ``NodeLost`` only once the
+        run could no longer be going on there (the call's timeout, counted from its start) and the node has
+        had one more liveness window to be heard."""
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        started = pending.stamps.get("RUNNING") or pending.stamps.get("DISPATCHED") or now
+        window = max(self.config.heartbeat * self.config.liveness, min(node.peer_silence, MAX_SILENCE))
+        wait = max(0.0, started + pending.timeout - now) + window + self.config.heartbeat
+        pending.awaiting = node.node_id
+        self.awaiting.setdefault(node.node_id, set()).add(pending.call_id)
+        pending.await_timer = loop.call_later(wait, self._give_up_on, pending.call_id, wait)
+        self.log.info("call_awaits_lost_node", call_id=pending.call_id, node_id=node.node_id,
+                      attempts=pending.attempts, wait_s=round(wait, 3))
+
+    def _stop_awaiting(self, pending: Pending) -> None:
+        if pending.awaiting:
+            calls = self.awaiting.get(pending.awaiting)
+            if calls is not None:
+                calls.discard(pending.call_id)
+                if not calls:
+                    del self.awaiting[pending.awaiting]
+            pending.awaiting = ""
+        if pending.await_timer is not None:
+            pending.await_timer.cancel()
+            pending.await_timer = None
+
+    def _fail_lost(self, pending: Pending, node_id: str, why: str) -> None:
+        self.finish(pending, CallStatus.FAILED, {"error": {
+            "type": "NodeLost",
+            "message": f"node {node_id} was lost while running it, after {pending.attempts} attempt(s); {why}",
+        }})
+
+    def _give_up_on(self, call_id: str, waited: float) -> None:
+        pending = self.calls.get(call_id)
+        if pending is not None and pending.awaiting:
+            pending.await_timer = None
+            self._fail_lost(pending, pending.awaiting, f"not heard from within {waited:.1f} s")
 
     def on_node_lost(self, node: NodeState) -> None:
         for call_id in list(node.inflight):
@@ -491,12 +547,16 @@ class Dispatcher:
             if pending is not None and pending.node_id is None and not pending.cancelled:
                 self.queue.discard(pending)  # it must not be placed a second time
                 self._unreserve(pending)
+                self._stop_awaiting(pending)
                 pending.node_id = pending.last_node = node.node_id
                 # Its sequence number, if any, was another node's: this one's numbering says nothing of it (as
                 # a recovered call, it counts as sent before anything this node has seen).
                 pending.seq = 0
                 node.inflight.add(call_id)
                 node.warm_busy[pending.key] = node.warm_busy.get(pending.key, 0) + 1
+        for call_id in list(self.awaiting.get(node.node_id, ())):  # lost with it on their last attempt: it has not
+            if (pending := self.calls.get(call_id)) is not None:  # them (their results would have come first)
+                self._fail_lost(pending, node.node_id, "it came back without the call")
         for call_id in self.reserved.pop(node.node_id, set()):  # kept for it, and it does not hold them
             if (pending := self.calls.get(call_id)) is not None and pending.node_id is None and not pending.cancelled:
                 pending.reserved_for = ""
@@ -550,7 +610,12 @@ class Dispatcher:
         pending = self.calls.get(call_id)
         if pending is None:
             return False
-        if pending.node_id is None:
+        if pending.awaiting:  # its node was lost with it, and may still be running it
+            self.hub.send(pending.awaiting, Msg.CANCEL, {"call_id": call_id})
+            pending.cancelled = True
+            self.finish(pending, CallStatus.CANCELLED, {"error": {
+                "type": "Cancelled", "message": f"cancelled while its node {pending.awaiting} was out of reach"}})
+        elif pending.node_id is None:
             if pending.reserved_for:  # recovered as on that node, which may be running it: told, if it is there
                 for node_id in self.hub.nodes if pending.reserved_for == ANY_NODE else (pending.reserved_for,):
                     self.hub.send(node_id, Msg.CANCEL, {"call_id": call_id})
@@ -572,6 +637,7 @@ class Dispatcher:
             return
         pending.cancelled = True
         self.queue.discard(pending)
+        self._stop_awaiting(pending)
         pending.dispatch_unwritten = False
         if pending.node_id is not None:
             self.hub.send(pending.node_id, Msg.CANCEL, {"call_id": call_id})
@@ -683,4 +749,5 @@ class Dispatcher:
 
     def snapshot(self) -> dict[str, Any]:
         return {"queued": len(self.queue), "active": len(self.calls),
+                "awaiting_lost_nodes": sum(len(ids) for ids in self.awaiting.values()),
                 "inflight": sum(len(n.inflight) for n in self.hub.nodes.values()), "time": time.time()}

@@ -88,6 +88,36 @@ def test_kill_9_of_an_agent_with_calls_in_flight_loses_no_call(make_cluster: Any
     assert m['shoal_controller_calls_finished_total{function="slow",status="DONE"}'] == 10
 
 
+def test_a_call_on_its_last_attempt_on_a_node_only_stalled_ends_with_that_nodes_result(make_cluster: Any) -> None:
+    """The node's host stalls (SIGSTOP) long enough to be taken for lost, while it runs a call on its last
+    attempt. When it is heard again, its run is the call's outcome: the call used to fail NodeLost at the loss,
+    and the result the node then sent was ignored as late."""
+    cluster: LocalCluster = make_cluster(agents=1, liveness=3, controller_env={"SHOAL_MAX_ATTEMPTS": "1"})
+    seed_runtime(cluster)
+    upload(cluster, "slow", SLOW, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    wait_ready(cluster, "slow", 1)
+    [node_id] = cluster.node_ids
+    call_id = submit(cluster, "slow", {"s": 4})
+    deadline = time.monotonic() + 30
+    while cluster.get(f"/v1/calls/{call_id}")["status"] != "RUNNING":
+        assert time.monotonic() < deadline, "the call never ran"
+        time.sleep(0.05)
+    agent = psutil.Process(cluster.nodes[node_id].proc.pid)
+    agent.suspend()  # its miniworker runs on; the agent says nothing
+    try:
+        deadline = time.monotonic() + 30
+        while cluster.get(f"/v1/nodes/{node_id}")["state"] != "lost":
+            assert time.monotonic() < deadline, "the stalled node was never taken for lost"
+            time.sleep(0.05)
+        assert cluster.get(f"/v1/calls/{call_id}")["status"] == "RUNNING"  # neither failed nor placed again
+        assert cluster.get("/v1/health")["awaiting_lost_nodes"] == 1
+    finally:
+        agent.resume()
+    call = wait_call(cluster, call_id, timeout=60)
+    assert (call["status"], call["result"], call["attempts"], call["node"]) == ("DONE", 4, 1, node_id), call
+    assert cluster.get("/v1/health")["awaiting_lost_nodes"] == 0
+
+
 def test_calls_lost_with_a_reset_link_to_a_live_node_run_again(make_cluster: Any) -> None:
     """A connection reset loses what was on its way to a node that stays alive (ZMQ reconnects underneath; its
     heartbeats barely paused). The calls run again: the node sees the gap in the numbers and says HELLO without

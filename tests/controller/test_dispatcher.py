@@ -702,3 +702,115 @@ def test_recovered_calls_are_kept_as_long_as_the_slowest_node_may_take_to_say_he
         assert d.grace == 30.0 + d.config.heartbeat and d.awaiting_hello == {"n1", "odd"}
 
     asyncio.run(scenario())
+
+
+def lost_on_last_attempt(nodes: tuple[str, ...] = ("n1", "n2"), timeout: float = 5.0,
+                         **config: Any) -> tuple[Dispatcher, FakeHub, FakeStore]:
+    """A dispatcher whose calls get one attempt, with call "x" (``timeout`` s) queued for n1."""
+    d, hub, store, _ = make_dispatcher(nodes)
+    d.config = dataclasses.replace(d.config, max_attempts=1, **config)
+    ready(hub)
+    for other in nodes[1:]:
+        hub.nodes[other].lost = True  # (so that x goes to n1)
+    d.enqueue(Pending("x", "f", 1, None, timeout))
+    return d, hub, store
+
+
+async def lose_n1(d: Dispatcher, hub: FakeHub) -> None:
+    await asyncio.sleep(0)
+    assert hub.placed == {"x": ["n1"]}
+    for node in hub.nodes.values():
+        node.lost = node.node_id == "n1"
+    d.on_node_lost(hub.nodes["n1"])
+    await asyncio.sleep(0.01)
+
+
+def test_a_call_lost_on_its_last_attempt_waits_for_its_node_and_takes_its_result() -> None:
+    """A node taken for lost may only have been slow to be heard: the call it ran on its last attempt is not
+    failed at once (its result, arriving later, used to be ignored as late), and is not placed again."""
+
+    async def scenario() -> None:
+        d, hub, store = lost_on_last_attempt()
+        await lose_n1(d, hub)
+        assert "x" in d.calls and d.calls["x"].awaiting == "n1" and hub.placed == {"x": ["n1"]}
+        assert "FAILED" not in [s for _, s in store.writes] and d.snapshot()["awaiting_lost_nodes"] == 1
+        d.on_result(hub.nodes["n1"], {"call_id": "x", "status": "DONE", "result": 42})
+        await asyncio.sleep(0.01)
+        assert status_of(store, "x") == "DONE" and store.fields["x"]["result"] == 42
+        assert "x" not in d.calls and d.awaiting == {} and d.calls == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_its_lost_node_is_settled_by_the_nodes_hello() -> None:
+    """The node back: a HELLO that lists the call keeps it there (its result then ends it); a HELLO without it
+    fails it NodeLost at once (a result would have come before the HELLO)."""
+
+    async def scenario() -> None:
+        d, hub, store = lost_on_last_attempt()
+        d.enqueue(Pending("y", "f", 1, None, 5.0))
+        await asyncio.sleep(0)
+        assert hub.placed == {"x": ["n1"], "y": ["n1"]}
+        for node in hub.nodes.values():
+            node.lost = node.node_id == "n1"
+        d.on_node_lost(hub.nodes["n1"])
+        await asyncio.sleep(0.01)
+        assert {d.calls["x"].awaiting, d.calls["y"].awaiting} == {"n1"}
+        hub.nodes["n1"].lost = False
+        d.on_node_hello(hub.nodes["n1"], {"y"})
+        await asyncio.sleep(0.01)
+        assert status_of(store, "x") == "FAILED" and store.fields["x"]["error"]["type"] == "NodeLost"
+        assert "came back without the call" in store.fields["x"]["error"]["message"]
+        assert d.calls["y"].node_id == "n1" and not d.calls["y"].awaiting and d.calls["y"].await_timer is None
+        assert hub.nodes["n1"].inflight == {"y"} and hub.placed["y"] == ["n1"]
+        d.on_result(hub.nodes["n1"], {"call_id": "y", "status": "DONE", "result": 1})
+        await asyncio.sleep(0.01)
+        assert status_of(store, "y") == "DONE" and d.awaiting == {} and d.calls == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_a_node_that_never_comes_back_fails_node_lost() -> None:
+    """Once its run could no longer be going on there (its timeout) and the node had one more liveness window
+    to be heard, the call fails with the reason."""
+
+    async def scenario() -> None:
+        d, hub, store = lost_on_last_attempt(timeout=0.05, heartbeat=0.05, liveness=1)
+        await lose_n1(d, hub)
+        assert d.calls["x"].awaiting == "n1"
+        for _ in range(100):
+            if "x" not in d.calls:
+                break
+            await asyncio.sleep(0.02)
+        assert status_of(store, "x") == "FAILED" and store.fields["x"]["error"]["type"] == "NodeLost"
+        assert "not heard from within" in store.fields["x"]["error"]["message"]
+        assert "after 1 attempt(s)" in store.fields["x"]["error"]["message"] and d.awaiting == {}
+        d.on_result(hub.nodes["n1"], {"call_id": "x", "status": "DONE", "result": 1})  # too late: ignored
+        await asyncio.sleep(0.01)
+        assert status_of(store, "x") == "FAILED"
+
+    asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_its_lost_node_can_be_cancelled_or_given_back() -> None:
+    """A cancel ends it at once and is sent to the node; a REJECTED from the node (it never ran there) places
+    it again, on a node that is up."""
+
+    async def scenario() -> None:
+        d, hub, store = lost_on_last_attempt()
+        d.enqueue(Pending("y", "f", 1, None, 5.0))
+        await asyncio.sleep(0)
+        for node in hub.nodes.values():
+            node.lost = node.node_id == "n1"
+        d.on_node_lost(hub.nodes["n1"])
+        await asyncio.sleep(0.01)
+        assert d.cancel("x")
+        await asyncio.sleep(0.01)
+        assert status_of(store, "x") == "CANCELLED" and (Msg.CANCEL, "x") in hub.sent
+        assert "out of reach" in store.fields["x"]["error"]["message"]
+        d.on_result(hub.nodes["n1"], {"call_id": "y", "status": REJECTED})
+        await asyncio.sleep(0.01)
+        assert hub.placed["y"] == ["n1", "n2"] and d.calls["y"].node_id == "n2" and not d.calls["y"].awaiting
+        assert d.calls["y"].attempts == 1 and d.awaiting == {}
+
+    asyncio.run(scenario())
