@@ -13,6 +13,7 @@ from docker.errors import APIError, DockerException, NotFound
 
 from miniworker.errors import ContainerError
 from miniworker.spec import MiniworkerSpec
+from shoal.fstree import TreeError, remove_tree
 
 LABEL_NODE = "org.shoal.node"
 LABEL_MW = "org.shoal.miniworker"
@@ -165,7 +166,10 @@ class Container:
             except ENGINE_ERRORS as exc:
                 raise ContainerError(f"cannot remove container {self.id[:12]}: {exc}") from None
             self.id = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            remove_tree(self.workdir)
+        except TreeError as exc:
+            raise ContainerError(f"cannot remove its directory: {exc}") from None
 
     def close(self) -> None:
         self.api.close()

@@ -36,6 +36,7 @@ from miniworker.container import ENGINE_ERRORS, Container
 from miniworker.errors import ContainerError, LoadError, MiniworkerError, RunnerError
 from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
+from shoal.fstree import TooDeep, tree_bytes
 from shoal.logs import configure, get_logger
 from shoal.protocol import (
     MAX_RESULT_MESSAGE,
@@ -475,7 +476,16 @@ class Miniworker:
         """The container's code and work directories are on the host's disk, with no quota (overlay2 has none):
         a function that writes more than the node allows there loses its container, and its call fails."""
         limit = self.spec.limits.disk_mb << 20
-        used = tree_bytes(Path(self.spec.workdir), stop_above=limit)
+        try:
+            used = tree_bytes(Path(self.spec.workdir), stop_above=limit)
+        except TooDeep as exc:  # made so that it cannot be measured: taken as over the limit
+            self.log.warning("disk_tree_too_deep", error=str(exc), call_id=self.call.call_id if self.call else None)
+            self._kill_and_end("FAILED", {
+                "type": "DiskLimit",
+                "message": "its directories are nested too deep to be measured against this node's disk limit; "
+                           "its container was replaced",
+            })
+            return
         if used <= limit:
             return
         self.log.warning("disk_limit_exceeded", used_mb=used >> 20, limit_mb=self.spec.limits.disk_mb,
@@ -521,27 +531,6 @@ class Miniworker:
             reason = self.container.exit_reason()
         self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
         self._end_call("FAILED", {"type": error_type, "message": reason})
-
-
-#: What an entry (a file, a directory, a link) counts for at least: an inode and a block are disk too (a million
-#: empty directories or files hold gigabytes of a filesystem's blocks, or all of its inodes).
-ENTRY_BYTES = 4096
-
-
-def tree_bytes(root: Path, stop_above: int | None = None) -> int:
-    """Disk space the entries under ``root`` take: allocated blocks (a sparse file counts for what it holds), at
-    least ENTRY_BYTES each. The walk stops once the total is over ``stop_above``: a tree of millions of entries
-    is known to be over the limit long before it is walked whole (the walk holds this process's loop)."""
-    total = 0
-    for dirpath, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            try:
-                total += max(ENTRY_BYTES, os.lstat(os.path.join(dirpath, name)).st_blocks * 512)
-            except FileNotFoundError:
-                continue  # removed while the tree was walked
-            if stop_above is not None and total > stop_above:
-                return total
-    return total
 
 
 def main(argv: list[str] | None = None) -> int:

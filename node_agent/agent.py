@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from node_agent.tickets import Ticket
 from shoal import __version__, httpclient, protocol
 from shoal.auth import bearer, registration_credential
 from shoal.errors import ConfigError, ShoalError, ValidationError
+from shoal.fstree import TreeError, remove_tree
 from shoal.logs import configure, get_logger
 from shoal.models import REJECTED, FunctionSpec, Runtime
 from shoal.protocol import Message, Msg, ProtocolError, zmq_readable
@@ -182,7 +182,10 @@ class Agent:
         except ENGINE_ERRORS as exc:
             self.log.error("orphan_cleanup_failed", error=str(exc))
             removed = 0
-        self.cache.clear_mw_dirs()
+        try:
+            self.cache.clear_mw_dirs()
+        except TreeError as exc:  # (a function made it so; the agent runs on, and its miniworkers get new ids)
+            self.log.error("miniworker_dirs_not_cleared", error=str(exc))
         return removed
 
     def remove_containers(self, label: str, value: str) -> int:
@@ -234,7 +237,7 @@ class Agent:
             except NotFound:
                 pass  # its miniworker or a lost miniworker's cleanup removed it meanwhile
             if mw_id:
-                shutil.rmtree(self.cache.mw_dir(mw_id), ignore_errors=True)
+                remove_tree(self.cache.mw_dir(mw_id))
         return removed
 
     def run(self) -> int:
@@ -778,7 +781,7 @@ class Agent:
 
         def cleanup() -> int:
             removed = self.remove_containers(LABEL_MW, mw_id)
-            shutil.rmtree(self.cache.mw_dir(mw_id), ignore_errors=True)
+            remove_tree(self.cache.mw_dir(mw_id))
             return removed
 
         def done(removed: Any, exc: BaseException | None) -> None:

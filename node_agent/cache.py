@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import BinaryIO
 from node_agent.errors import FetchError
 from shoal.archive import ArchiveLimits, extract_archive, sha256_file
 from shoal.errors import ValidationError
+from shoal.fstree import remove_tree
 from shoal.logs import get_logger
 from shoal.models import SHA256_RE, Runtime
 
@@ -153,13 +153,15 @@ class NodeCache:
         return self.root / "mw" / mw_id
 
     def clear_mw_dirs(self) -> None:
-        shutil.rmtree(self.root / "mw", ignore_errors=True)
+        """Remove every miniworker's directory (at start: none runs yet). Raises TreeError for what is left."""
         (self.root / "mw").mkdir(parents=True, exist_ok=True)
+        for path in (self.root / "mw").iterdir():
+            remove_path(path)
 
 
 def remove_path(path: Path) -> None:
     """Remove a file or a whole tree; what is already gone is no error."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     else:
         path.unlink(missing_ok=True)

@@ -13,13 +13,13 @@ refused archive leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import lzma
 import os
 import posixpath
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from shoal.errors import ArchiveError
+from shoal.fstree import TreeError, remove_tree
 
 _COPY_CHUNK = 1 << 20
 
@@ -67,8 +68,14 @@ def detect_format(head: bytes) -> str:
     raise ArchiveError("not a zip or tar(.gz) archive")
 
 
+#: Directories a member's path may go down. Deeper trees are refused: a function's code has no use for them, and
+#: a path thousands of directories deep broke Python's recursive tree functions (RecursionError).
+MAX_MEMBER_DEPTH = 128
+
+
 def safe_member_path(name: str) -> str:
-    """Normalised relative path of a member, or ArchiveError if it could escape the tree."""
+    """Normalised relative path of a member, or ArchiveError if it could escape the tree or is nested deeper
+    than MAX_MEMBER_DEPTH."""
     if "\0" in name:
         raise ArchiveError(f"member name contains NUL: {name!r}")
     cleaned = name.replace("\\", "/")
@@ -77,6 +84,9 @@ def safe_member_path(name: str) -> str:
     parts = [p for p in cleaned.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise ArchiveError(f"path traversal ('..') in archive: {name!r}")
+    if len(parts) > MAX_MEMBER_DEPTH:
+        raise ArchiveError(f"member path nested {len(parts)} levels deep (at most {MAX_MEMBER_DEPTH}): "
+                           f"{name[:80]!r}...")
     return "/".join(parts)
 
 
@@ -255,16 +265,20 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
             # A corrupt stream in a member, a file where the archive also has a directory, a name too long for
             # the filesystem, a full disk: the archive cannot be used here, and the reason says why.
             raise ArchiveError(f"archive cannot be extracted: {exc}") from None
+        except RecursionError:  # (links can nest what each member's depth bound keeps shallow)
+            raise ArchiveError("archive cannot be extracted: its tree is nested too deep") from None
         tmp.chmod(0o755)
         try:
             tmp.rename(dest)
         except OSError:
             if not dest.is_dir():  # a concurrent extraction of the same archive won: keep theirs
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(TreeError):  # (left to the sweep of .extract-* trees at the next start)
+                remove_tree(tmp)
         return dest
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(TreeError):  # (the same)
+            remove_tree(tmp)
         raise
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from shoal.errors import NotFound
+from shoal.fstree import remove_tree
 from shoal.models import SHA256_RE
 
 
@@ -97,7 +97,7 @@ class BlobStore:
         removed = 0
         for leftover in [*self.root.glob(".upload-*"), *self.root.glob(".verify-*")]:
             if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
             else:
                 leftover.unlink(missing_ok=True)
             removed += 1

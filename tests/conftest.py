@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import docker
 import pytest
@@ -68,3 +69,19 @@ def make_node(docker_url: str, docker_client: docker.DockerClient, request: pyte
         node.close()
         assert code == 0, f"agent {node.node_id} exited with {code}"
         assert node_containers(docker_client, node.node_id) == [], "the agent left containers behind"
+
+
+def deep_tree(root: Path, depth: int, name: str = "a") -> None:
+    """``depth`` nested directories under ``root`` and a file at the bottom, made as a function would (one level
+    at a time, relative to the last: no path is ever spelled out whole)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)

@@ -104,6 +104,7 @@ def test_an_upload_is_verified_before_it_is_kept(tmp_path: Path) -> None:
     (zip_link_member(flags=1), "encrypted"),  # RuntimeError: a 500
     (zip_lzma_corrupt(), "cannot read member"),  # lzma.LZMAError: a 500
     (climbing_links("tar"), "resolves outside the tree"),
+    (tar_of(("d/" * 1500 + "f.py", b"x")), "nested"),  # RecursionError: a 500
 ])
 def test_a_refused_archive_is_a_clear_error_and_leaves_nothing(tmp_path: Path, data: bytes, needle: str) -> None:
     svc = make_service(tmp_path)

@@ -20,8 +20,8 @@ SLOW = {
     )
 }
 
-# Misbehaves on request: raise, _exit, sleep, fill its directory, a result nested n levels deep or n bytes
-# long, print.
+# Misbehaves on request: raise, _exit, sleep, fill its directory, nest directories deep, a result nested n levels
+# deep or n bytes long, print.
 CHAOS = {
     "handler.py": (
         "import os, sys, time\n"
@@ -41,6 +41,16 @@ CHAOS = {
         "        for i in range(params['n']):\n"
         "            os.mkdir('d%d' % i)\n"
         "        time.sleep(params['s'])\n"
+        "    if what == 'nest':\n"
+        "        fd = os.open('.', os.O_RDONLY)\n"
+        "        for _ in range(params['n']):\n"
+        "            os.mkdir('n', dir_fd=fd)\n"
+        "            inner = os.open('n', os.O_RDONLY, dir_fd=fd)\n"
+        "            os.close(fd)\n"
+        "            fd = inner\n"
+        "        os.close(fd)\n"
+        "        time.sleep(params['s'])\n"
+        "        return 'nested'\n"
         "    if what == 'big':\n"
         "        return 'x' * params['n']\n"
         "    if what == 'deep':\n"

@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from miniworker.container import LABEL_MW, LABEL_NODE
+from miniworker.worker import DISK_CHECK_EVERY
 from shoal.localnode import SEED_RUNTIME, LocalNode
 from shoal.models import Runtime
 from shoal.protocol import MAX_JSON_DEPTH, PROTOCOL_VERSION, Msg, pack_runner
@@ -579,6 +580,21 @@ def test_a_function_that_fills_its_directory_past_the_nodes_limit_loses_its_cont
     # Empty directories hold no data blocks, but they are disk (blocks, inodes): they used to count for nothing.
     filled = node.call("chaos", {"do": "dirs", "n": 6000, "s": 60}, timeout=120)
     assert filled["status"] == "FAILED" and filled["error"]["type"] == "DiskLimit", filled
+
+
+def test_a_function_that_nests_directories_deep_runs_once_and_its_directory_goes(make_node) -> None:
+    """1,500 directories deep: the miniworker's disk check (os.walk) raised RecursionError, the miniworker died,
+    the call ran again, and the directory stayed (shutil.rmtree raised the same); the agent's next start failed."""
+    node = make_node("function")
+    node.deploy("chaos", CHAOS, entrypoint="handler:handler", min_warm=1, max_warm=1)
+    nested = node.call("chaos", {"do": "nest", "n": 1500, "s": DISK_CHECK_EVERY + 1}, timeout=120)
+    assert (nested["status"], nested["result"], nested["attempts"]) == ("DONE", "nested", 1), nested
+    (served,) = miniworkers(node, "chaos@1")
+    workdir = node.state_dir / node.node_id / "mw" / served["id"]
+    assert workdir.is_dir()
+    assert node.stop() == 0  # its miniworker removes its container and directory
+    assert not workdir.exists()
+    node.start()  # (and the fixture stops it again)
 
 
 def test_what_a_function_does_to_its_runner_fails_its_call_once_with_the_reason(make_node) -> None:

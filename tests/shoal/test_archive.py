@@ -140,6 +140,9 @@ HOSTILE = [
         (zip_link_member(flags=1), "encrypted"),
         (zip_link_member(method=99), "compression method"),
         (zip_lzma_corrupt(), "Corrupt input"),
+        # Thousands of directories deep: pathlib's mkdir recursed per level (RecursionError: a 500 on upload).
+        (tar_with([member("d/" * 1500 + "f", size=1)], {"d/" * 1500 + "f": b"x"}), "nested 1501 levels"),
+        (zip_with({"d/" * 200 + "f": b"x"}), "nested 201 levels"),
 ]
 
 
