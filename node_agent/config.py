@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,8 @@ from shoal.models import NAME_RE, Policy
 from shoal.protocol import UNIX_PATH_MAX
 
 ENV_PREFIX = "SHOAL_AGENT_"
+CONTAINER_USER_RE = re.compile(r"[0-9]{1,10}(:[0-9]{1,10})?")
+CONTAINER_MEMORY_RE = re.compile(r"[1-9][0-9]{0,15}[bkmgBKMG]?")
 
 #: The bounds of every numeric setting, checked by ``AgentConfig.__post_init__`` whatever built the config (the
 #: environment, the command line, a caller), and used by ``from_env`` to read the variables.
@@ -126,6 +129,15 @@ class AgentConfig:
         for name, (flow, fhigh) in LIMIT_FLOAT_BOUNDS.items():
             check_number(f"limits.{name} ({ENV_PREFIX}CONTAINER_{name.upper()})", getattr(self.limits, name), float,
                          flow, fhigh)
+        # The container's user and memory go to the engine as they are: a name would need the image's passwd
+        # (the workdir is chowned by number: a name became uid 0, a root-owned workdir the function cannot write),
+        # and a bad size fails every container start, not the agent's.
+        if not CONTAINER_USER_RE.fullmatch(self.limits.user):
+            raise ConfigError(f"limits.user ({ENV_PREFIX}CONTAINER_USER) must be UID or UID:GID in numbers, "
+                              f"got {self.limits.user!r}")
+        if not CONTAINER_MEMORY_RE.fullmatch(self.limits.memory):
+            raise ConfigError(f"limits.memory ({ENV_PREFIX}CONTAINER_MEMORY) must be a size such as 512m or 2g, "
+                              f"got {self.limits.memory!r}")
         # Per pool: more than the node holds could never be started. min_warm applies to any function whose
         # policy is `function` (a function can ask for it on any node); runtime_warm and oneshot_spares only matter
         # under their node policy (their defaults, 2, must not refuse a node of capacity 1 that never uses them).

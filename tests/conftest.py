@@ -8,7 +8,7 @@ missing itself and stops it at the end.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -17,6 +17,7 @@ import pytest
 from miniworker.container import LABEL_NODE
 from shoal.devenv.docker_engine import API_VERSION
 from shoal.devenv.stack import Infra, start_infra
+from shoal.fstree import remove_tree
 from shoal.localnode import LocalNode
 
 
@@ -71,7 +72,7 @@ def make_node(docker_url: str, docker_client: docker.DockerClient, request: pyte
         assert node_containers(docker_client, node.node_id) == [], "the agent left containers behind"
 
 
-def deep_tree(root: Path, depth: int, name: str = "a") -> None:
+def make_deep_tree(root: Path, depth: int, name: str = "a") -> None:
     """``depth`` nested directories under ``root`` and a file at the bottom, made as a function would (one level
     at a time, relative to the last: no path is ever spelled out whole)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -85,3 +86,18 @@ def deep_tree(root: Path, depth: int, name: str = "a") -> None:
         os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def deep_tree() -> Iterator[Callable[..., None]]:
+    """make_deep_tree, and the trees made removed at teardown whatever the test did: pytest's own removal of
+    old temporary directories recurses per level, and a tree a failed test left would break later sessions."""
+    made: list[Path] = []
+
+    def make(root: Path, depth: int, name: str = "a") -> None:
+        made.append(root)
+        make_deep_tree(root, depth, name)
+
+    yield make
+    for root in made:
+        remove_tree(root)

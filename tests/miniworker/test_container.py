@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from miniworker.container import Container
 from miniworker.spec import MiniworkerSpec
-from tests.conftest import deep_tree
 
 
-def test_a_containers_directory_a_function_nested_deep_is_removed(tmp_path: Path) -> None:
+def test_a_containers_directory_a_function_nested_deep_is_removed(tmp_path: Path,
+        deep_tree: Callable[..., None]) -> None:
     """It raised RecursionError out of the miniworker's teardown: the process died with a traceback, the
     directory stayed, and its call ran again."""
     spec = MiniworkerSpec(mw_id="mw-t", node_id="n", broker_url="ipc:///nowhere", docker_url="unix:///nowhere.sock",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from node_agent.cache import NodeCache
-from tests.conftest import deep_tree
 
 
-def test_miniworker_directories_nested_deep_are_cleared_at_start(tmp_path: Path) -> None:
+def test_miniworker_directories_nested_deep_are_cleared_at_start(tmp_path: Path,
+        deep_tree: Callable[..., None]) -> None:
     """The agent clears them before it runs: a RecursionError there ended it (exit 1), its service manager
     restarted it, and it failed again until someone removed the tree by hand."""
     cache = NodeCache(tmp_path / "cache")

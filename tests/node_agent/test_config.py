@@ -21,7 +21,10 @@ def test_env_and_args_build_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("var", "value", "needle"),
     [("SHOAL_AGENT_CAPACITY", "lots", "integer"), ("SHOAL_AGENT_CAPACITY", "0", r"\[1, 1024\]"),
-     ("SHOAL_AGENT_POLICY", "sometimes", "one of"), ("SHOAL_AGENT_HEARTBEAT", "-1", "in")],
+     ("SHOAL_AGENT_POLICY", "sometimes", "one of"), ("SHOAL_AGENT_HEARTBEAT", "-1", "in"),
+     # A user name became uid 0 (a root-owned workdir); a bad size failed every container start instead.
+     ("SHOAL_AGENT_CONTAINER_USER", "nobody", "UID or UID:GID"), ("SHOAL_AGENT_CONTAINER_USER", "1:x", "UID"),
+     ("SHOAL_AGENT_CONTAINER_MEMORY", "lots", "512m"), ("SHOAL_AGENT_CONTAINER_MEMORY", "0", "512m")],
 )
 def test_bad_values_fail_loudly(monkeypatch: pytest.MonkeyPatch, var: str, value: str, needle: str) -> None:
     monkeypatch.setenv(var, value)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from shoal.fstree import ENTRY_BYTES, TooDeep, remove_tree, tree_bytes
-from tests.conftest import deep_tree
 
 
-def test_a_tree_deeper_than_pythons_stack_is_measured_and_removed(tmp_path: Path) -> None:
+def test_a_tree_deeper_than_pythons_stack_is_measured_and_removed(tmp_path: Path,
+        deep_tree: Callable[..., None]) -> None:
     """Python 3.11's os.walk and shutil.rmtree recurse per level: RecursionError (ignore_errors covers OSError
     only), out of a miniworker's disk check and container removal, and out of the agent's start."""
     root = tmp_path / "mw"
@@ -22,7 +23,8 @@ def test_a_tree_deeper_than_pythons_stack_is_measured_and_removed(tmp_path: Path
     remove_tree(root)  # already gone: no error
 
 
-def test_a_tree_whose_paths_are_too_long_to_name_is_too_deep_to_measure_and_still_removed(tmp_path: Path) -> None:
+def test_a_tree_whose_paths_are_too_long_to_name_is_too_deep_to_measure_and_still_removed(tmp_path: Path,
+        deep_tree: Callable[..., None]) -> None:
     root = tmp_path / "mw"
     deep_tree(root, 900, name="d" * 8)  # 8,100 bytes of path: past PATH_MAX (4,096)
     with pytest.raises(TooDeep, match="too long to walk"):
