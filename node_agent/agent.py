@@ -375,6 +375,11 @@ class Agent:
         busy = self.broker.running or any(self.broker.queues.values())
         if busy and now < self.drain_deadline:
             return
+        if self.broker.running:
+            given = self.broker.give_back_running(
+                f"node {self.config.node_id} stopped at its drain timeout ({self.config.drain_timeout:g} s) while "
+                "the call ran; it is placed again")
+            self.log.warning("drain_timed_out", calls_given_back=given)
         for h in list(self.broker.mws.values()):
             self.broker.stop(h, give_back=True)
         self.stopping = True

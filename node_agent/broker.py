@@ -241,6 +241,19 @@ class Broker:
         ticket.queued = True
         self.queues.setdefault(ticket.key, deque()).appendleft(ticket)
 
+    def give_back_running(self, why: str) -> int:
+        """The node stops with calls still running (its drain timed out): each goes back to the controller now,
+        to be placed on another node, instead of waiting there until this node is taken for lost (and, on its
+        last attempt, until its timeout has passed). Their miniworkers are told to stop, which ends the runs."""
+        given = 0
+        for h in list(self.mws.values()):
+            ticket = h.ticket
+            if ticket is None:
+                continue
+            self.finish(h, ticket, {"status": REJECTED, "error": {"type": "Draining", "message": why}})
+            given += 1
+        return given
+
     def requeue_ahead(self, h: MwHandle) -> None:
         """The held call did not start (its miniworker ended or gave it back): queue it again, unless it was
         cancelled meanwhile, which then ends it."""

@@ -273,6 +273,19 @@ def test_a_call_lost_twice_fails_with_a_clear_reason(make_node) -> None:
     assert "after 2 attempt(s)" in failed["error"]["message"]
 
 
+def test_a_call_still_running_at_the_drain_timeout_goes_back_to_the_controller(make_node) -> None:
+    """The agent stopped without a word about it: the controller learnt only by taking the node for lost."""
+    node = make_node("function", env={"SHOAL_AGENT_DRAIN_TIMEOUT": "1"})
+    node.deploy("slow", SLOW, entrypoint="handler:handler")
+    call_id = node.submit("slow", {"s": 60})
+    running_miniworker(node, call_id)
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    given_back = node.link.result(call_id, timeout=60)
+    assert given_back["status"] == "REJECTED" and given_back["error"]["type"] == "Draining", given_back
+    assert "drain timeout (1 s)" in given_back["error"]["message"]
+
+
 def test_runtime_policy_starts_containers_ahead_and_puts_code_in_at_first_use(make_node) -> None:
     node = make_node("runtime")
     wait_until(node, lambda: len(miniworkers(node, state="idle")) == 2, what="2 started-ahead containers")

@@ -121,6 +121,26 @@ def test_while_draining_a_call_that_would_wait_again_goes_back_to_the_controller
     assert rig.outcomes == [("c1", "REJECTED", "Draining")] and not any(rig.broker.queues.values())
 
 
+def test_calls_still_running_at_the_drain_timeout_go_back_to_the_controller(rig: Rig) -> None:
+    """The agent then stops: its miniworkers' exits are never read, so these calls were left unanswered until the
+    controller took the node for lost (on a call's last attempt, until the call's timeout had passed too)."""
+    busy = rig.handle("r1", state=MwState.IDLE)
+    rig.broker.make_idle(busy)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))
+    rig.broker.run_s["f@1"] = 0.001  # short: the next call is held by the same miniworker (pipelined)
+    rig.broker.submit(Ticket("c2", "f@1", 1, 5.0))
+    assert busy.ticket is not None and busy.ahead is not None and busy.ahead.call_id == "c2"
+    rig.broker.draining = True
+    assert rig.broker.give_back_running("drain timed out") == 1
+    for h in list(rig.broker.mws.values()):
+        rig.broker.stop(h, give_back=True)
+    assert sorted(rig.outcomes) == [("c1", "REJECTED", "Draining"), ("c2", "REJECTED", "Draining")]
+    assert rig.broker.running == {} and busy.ticket is None and (Msg.MW_STOP, {}) in rig.sent
+    late = protocol.decode(protocol.encode(Msg.MW_RESULT, {"call_id": "c1", "status": "DONE", "result": 1}))
+    rig.broker._on_result(busy, late)  # its run ended after all: answered already, ignored
+    assert len(rig.outcomes) == 2
+
+
 def test_a_short_functions_hung_call_neither_holds_the_next_call_nor_counts_as_serving(rig: Rig) -> None:
     """One hung call of a 2 ms function: 20 calls waited behind it (no new miniworker: "the running one drains
     them within 100 ms"), and the next call was pipelined onto it."""
