@@ -38,6 +38,7 @@ from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
 from shoal.logs import configure, get_logger
 from shoal.protocol import (
+    MAX_HEADER_BYTES,
     MAX_RESULT_MESSAGE,
     MAX_RUNNER_MESSAGE,
     UNIX_PATH_MAX,
@@ -55,6 +56,10 @@ RUNNER_SEND_TIMEOUT = 30.0
 DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
+#: The largest header this process sends: what the broker takes (MAX_HEADER_BYTES), less room for the fields the
+#: agent adds when it passes an outcome on to the controller, which takes no more. Half the room a runner's result
+#: leaves (MAX_RESULT_MESSAGE): a runner's honest message and this process's own fields fit well under it.
+MAX_SENT_HEADER = MAX_HEADER_BYTES - 32 * 1024
 
 
 def bind_unix(sock: socket.socket, path: str) -> None:
@@ -106,7 +111,35 @@ class Miniworker:
 
     # ---- wire helpers --------------------------------------------------------------------------
     def send(self, mtype: bytes, header: dict[str, Any]) -> None:
-        self.sock.send_multipart(protocol.encode(mtype, header))
+        """Send to the broker a message it takes: one whose header, encoded, is over MAX_SENT_HEADER would be
+        dropped there (the call would wait for its timeout, and run again), so it goes as :meth:`oversized`."""
+        frames = protocol.encode(mtype, header)
+        # (only these two carry what the runner sent; the others hold a few fields of this process's own)
+        if len(frames[1]) > MAX_SENT_HEADER and mtype in (Msg.MW_RESULT, Msg.MW_FAILED):
+            frames = protocol.encode(mtype, self.oversized(mtype, header, len(frames[1])))
+        self.sock.send_multipart(frames)
+
+    def oversized(self, mtype: bytes, header: dict[str, Any], size: int) -> dict[str, Any]:
+        """An MW_RESULT or MW_FAILED ``header`` without what the runner sent (a result, logs, an error's text), which
+        made it ``size`` bytes encoded.
+
+        A runner's message is bounded by its length (MAX_RESULT_MESSAGE), but its text is re-encoded here: the
+        function's code shares the runner's process and can write its own messages to the socket, in raw UTF-8,
+        and a document orjson refuses (a lone surrogate, an integer beyond 64 bits) is written by the standard
+        library, every other character escaped: three times as long for emoji. Only the encoded size says."""
+        self.log.error("message_too_large", type=mtype.decode(), size=size, call_id=header.get("call_id"))
+        if mtype == Msg.MW_RESULT:
+            kept = {name: value for name, value in header.items() if name not in ("result", "error", "logs")}
+            return dict(kept, status="FAILED", error={
+                "type": "ResultTooLarge",
+                "message": f"the call's outcome (result, error, logs) takes {size} bytes as JSON, more than the "
+                           f"{MAX_SENT_HEADER} its node passes on",
+            })
+        reason = f"its failure's report (the runner's) takes {size} bytes as JSON, more than the {MAX_SENT_HEADER} " \
+                 "a miniworker sends"
+        if "error" in header:  # the function's load failed: it still is its function's failure
+            return {"reason": reason, "error": {"type": "LoadReportTooLarge", "message": reason}}
+        return {"reason": reason}
 
     def runner_send(self, mtype: bytes, header: dict[str, Any]) -> None:
         """Send one message whole. The socket is non-blocking once the function is loaded, and a message larger
