@@ -51,8 +51,6 @@ from shoal.protocol import (
     zmq_readable,
 )
 
-#: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
-RUNNER_SEND_TIMEOUT = 30.0
 DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
@@ -141,26 +139,74 @@ class Miniworker:
             return {"reason": reason, "error": {"type": "LoadReportTooLarge", "message": reason}}
         return {"reason": reason}
 
-    def runner_send(self, mtype: bytes, header: dict[str, Any]) -> None:
-        """Send one message whole. The socket is non-blocking once the function is loaded, and a message larger
-        than its buffer (a call's params of a few MB) would stop half-way: the send blocks meanwhile, with a
-        bound. The runner is reading (a call is only sent to an idle runner), so it takes what the copy takes."""
+    def runner_send(self, mtype: bytes, header: dict[str, Any], deadline: float) -> None:
+        """Send one message whole by ``deadline`` (TimeoutError past it). Until the function is loaded the socket
+        blocks: a load's message is small, and the broker does not judge a loading miniworker's silence. Then it
+        is non-blocking, and a message larger than its buffer (a call's params of a few MB) stops half-way when
+        the runner does not read: a function that wrote an early result of its own runs on, or a thread of it
+        holds the GIL. The rest goes as the runner takes it (:meth:`wait_writable`: heartbeats meanwhile), and a
+        stop ends the wait with the message unsent (its container goes with this miniworker)."""
         assert self.conn is not None
-        data: bytes | memoryview = pack_runner(mtype, header)
+        data = pack_runner(mtype, header)
         previous = self.conn.gettimeout()
-        if previous == 0.0:  # non-blocking: most messages go whole at once, with no mode switch
+        if previous != 0.0:
+            self.conn.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                sent = self.conn.send(data)
+                self.conn.sendall(data)
+            finally:
+                self.conn.settimeout(previous)
+            return
+        try:  # most messages go whole at once, with no mode switch
+            sent = self.conn.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        rest = memoryview(data)[sent:]  # (the rest, not a copy of it)
+        while rest and self.wait_writable(deadline):
+            try:
+                rest = rest[self.conn.send(rest):]
             except BlockingIOError:
-                sent = 0
-            if sent == len(data):
+                continue
+
+    def wait_writable(self, deadline: float) -> bool:
+        """Wait until the runner's socket takes more: True then, False once this miniworker is told to stop,
+        TimeoutError at ``deadline``. The broker is heard meanwhile (a cancel is a stop; a call to hold may come)
+        and told MW_HEARTBEAT every heartbeat: silent past its liveness, this miniworker would be taken for lost
+        and the call, which never started, run again."""
+        assert self.conn is not None
+        fd = self.conn.fileno()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(fd, zmq.POLLOUT)
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError("the runner did not take the message in time")
+            self.heartbeat_if_due(now)
+            events = dict(poller.poll(int(max(0.0, min(self.next_heartbeat, deadline) - now) * 1000)))
+            if self.sock in events:
+                self.read_broker()
+            if fd in events and not self.stopping:
+                return True
+        return False
+
+    def heartbeat_if_due(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self.send(Msg.MW_HEARTBEAT, {})
+            self.next_heartbeat = now + self.spec.heartbeat
+
+    def read_broker(self) -> None:
+        """Take what the broker sent, until told to stop."""
+        self.last_heard = time.monotonic()
+        while zmq_readable(self.sock):
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.on_broker(protocol.decode(frames))
+            except ProtocolError as exc:
+                self.log.error("protocol_error", source="broker", error=str(exc))
+            if self.stopping:
                 return
-            data = memoryview(data)[sent:]  # (the rest, not a copy of it)
-        self.conn.settimeout(RUNNER_SEND_TIMEOUT)
-        try:
-            self.conn.sendall(data)
-        finally:
-            self.conn.settimeout(previous)
 
     def runner_recv(self, deadline: float) -> Message:
         """Blocking read of one runner message (used while booting and loading only)."""
@@ -226,11 +272,13 @@ class Miniworker:
     def load(self, load: LoadSpec, put: bool = True, deadline: float | None = None) -> str:
         if put:
             self.container.put_function(load.code_dir, load.wheels_dir)
+        if deadline is None:
+            deadline = time.monotonic() + self.spec.start_timeout
         self.runner_send(Msg.R_LOAD, {
             "path": load.path, "style": load.style, "entrypoint": load.entrypoint,
             "dependencies": load.dependencies, "run": load.run,
-        })
-        answer = self.runner_recv(deadline if deadline is not None else time.monotonic() + self.spec.start_timeout)
+        }, deadline)
+        answer = self.runner_recv(deadline)
         if answer.type != Msg.R_LOADED:
             raise RunnerError(f"expected the load's outcome, got {answer.name}")
         if not answer.header["ok"]:
@@ -303,23 +351,17 @@ class Miniworker:
                 wake = min(wake, self.call.deadline)
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.sock in events:
-                self.last_heard = time.monotonic()
-                while zmq_readable(self.sock):
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    try:
-                        self.on_broker(protocol.decode(frames))
-                    except ProtocolError as exc:
-                        self.log.error("protocol_error", source="broker", error=str(exc))
-                    if self.stopping:
-                        return 0
+                self.read_broker()
+                if self.stopping:
+                    return 0
             if fd is not None and fd in events:
                 self.on_runner_readable()
+                if self.stopping:
+                    return 0  # (a stop may come while a held call is sent to the runner: not timed out then)
             now = time.monotonic()
             if self.call is not None and now >= self.call.deadline:
                 self.on_timeout()
-            if now >= self.next_heartbeat:
-                self.send(Msg.MW_HEARTBEAT, {})
-                self.next_heartbeat = now + self.spec.heartbeat
+            self.heartbeat_if_due(now)
             if now >= self.next_disk_check and not self.stopping:
                 self.next_disk_check = now + DISK_CHECK_EVERY
                 self.check_disk()
@@ -392,9 +434,10 @@ class Miniworker:
         self.last_heard = time.monotonic()  # a cold load blocked the loop: see run()
         self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
         try:
-            self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
+            self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]}, self.call.deadline)
         except TimeoutError:
-            self.on_runner_gone(f"the runner did not take the call within {RUNNER_SEND_TIMEOUT:g} s")
+            self.log.warning("runner_did_not_take_call", call_id=call_id)  # (busy: see runner_send)
+            self.on_timeout()
         except OSError as exc:
             # The container died while this miniworker was idle: the call never reached it (a runner does not
             # act on part of a message), so the broker queues it again, not as an attempt.

@@ -59,8 +59,8 @@ def loaded_miniworker(tmp_path: Path, **fields: Any) -> Iterator[tuple[Miniworke
         ctx.term()
 
 
-def received(broker: zmq.Socket[Any], skip: bytes = Msg.MW_HEARTBEAT) -> Message:
-    """The next message the broker's ROUTER gets (but ``skip``'s), decoded as the broker does."""
+def received(broker: zmq.Socket[Any], skip: bytes | None = Msg.MW_HEARTBEAT) -> Message:
+    """The next message the broker's ROUTER gets (but ``skip``'s type), decoded as the broker does."""
     while True:
         assert broker.poll(10_000), "nothing came to the broker"
         _, *frames = broker.recv_multipart()
@@ -173,3 +173,36 @@ def test_a_load_failure_whose_report_is_too_large_still_reaches_the_broker(tmp_p
         assert msg.type == Msg.MW_FAILED
         assert msg.header["error"]["type"] == "LoadReportTooLarge"
         assert "18000" in msg.header["reason"] and len(msg.header["reason"]) < 1000  # its size, not its text
+
+
+def test_a_call_the_runner_does_not_take_heartbeats_the_broker_and_times_out(tmp_path: Path) -> None:
+    """Params larger than the socket's buffer, to a runner that does not read (a function that wrote an early
+    result of its own runs on): the send blocked up to 30 s, silent (the broker took the miniworker for lost and ran
+    the call again), and ended RunnerProtocolError past the call's timeout. Now the broker hears heartbeats while it
+    waits, and the call ends TIMEOUT at its deadline, its container killed."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        mw.on_call({"call_id": "c1", "params": "p" * (8 << 20), "timeout": 0.5})
+        heartbeats = 0
+        while (msg := received(broker, skip=None)).type == Msg.MW_HEARTBEAT:
+            heartbeats += 1
+        assert msg.type == Msg.MW_RESULT
+        assert (msg.header["call_id"], msg.header["status"], msg.header["retire"]) == ("c1", "TIMEOUT", True)
+        assert heartbeats >= 2  # one each 0.1 s of the 0.5 s wait
+        assert mw.stopping and mw.call is None
+
+
+def test_a_stop_ends_the_wait_for_a_runner_that_does_not_take_the_call(tmp_path: Path) -> None:
+    """The broker is heard while the send waits: a call to hold is held (and given back at the stop, as it never
+    started), and a stop (a cancel) ends the wait at once instead of after 30 s."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        sending = threading.Thread(target=mw.on_call, args=({"call_id": "c1", "params": "p" * (8 << 20),
+                                                              "timeout": 60.0},))
+        sending.start()
+        assert received(broker, skip=None).type == Msg.MW_HEARTBEAT  # it waits for the runner
+        broker.send_multipart([b"mw-s", *protocol.encode(Msg.MW_CALL, {"call_id": "c2", "params": 1, "timeout": 5})])
+        broker.send_multipart([b"mw-s", *protocol.encode(Msg.MW_STOP, {})])
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c2", "REJECTED")
+        sending.join(10)
+        assert not sending.is_alive()
+        assert mw.stopping and mw.held is None
