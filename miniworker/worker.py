@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -533,9 +534,16 @@ class Miniworker:
         self.stopping = True
 
     def _kill_and_end(self, status: str, error: dict[str, Any]) -> None:
-        """The container is killed (the miniworker retires with it) and the call, if any, ends ``status``."""
+        """The container is killed (the miniworker retires with it) and the call, if any, ends ``status``. The kill
+        is the engine's, a blocking call a loaded engine can hold for up to its client's 60 s: it runs on a thread
+        while this one says MW_HEARTBEAT every heartbeat (the ZMQ socket is this thread's only), or the broker would
+        take this miniworker for lost and run again a call that has ended here."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="container-kill") as pool:
+            killing = pool.submit(self.container.kill)
+            while not wait([killing], timeout=max(0.0, self.next_heartbeat - time.monotonic())).done:
+                self.heartbeat_if_due(time.monotonic())
         try:
-            self.container.kill()
+            killing.result()
         except ContainerError as exc:
             self.log.error("container_kill_failed", error=str(exc))
         self._end_call(status, error)

@@ -206,3 +206,25 @@ def test_a_stop_ends_the_wait_for_a_runner_that_does_not_take_the_call(tmp_path:
         sending.join(10)
         assert not sending.is_alive()
         assert mw.stopping and mw.held is None
+
+
+def test_a_slow_kill_of_a_timed_out_call_heartbeats_the_broker_and_reports_timeout(tmp_path: Path) -> None:
+    """The engine's kill blocks (up to its client's 60 s on a loaded engine): the miniworker was silent meanwhile,
+    the broker took it for lost and ran again a call that had timed out. The kill stands in for a slow engine here:
+    it returns once the broker has heard three heartbeats (at most 10 s), and the call ends TIMEOUT after."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        heard: list[bytes] = []
+
+        def kill() -> None:  # (the ROUTER is this thread's until the kill returns)
+            while len(heard) < 3 and broker.poll(10_000):
+                _, *frames = broker.recv_multipart()
+                heard.append(protocol.decode(frames).type)
+
+        mw.container.kill = kill  # type: ignore[method-assign]
+        mw.next_heartbeat = time.monotonic() + 0.1  # (one was just sent)
+        mw.call = ActiveCall("c1", time.monotonic(), 0.5, time.monotonic() - 0.5, cold=False)
+        mw.on_timeout()
+        assert heard == [Msg.MW_HEARTBEAT] * 3
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "TIMEOUT")
+        assert msg.header["retire"] and mw.stopping
