@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from shoal import protocol
 from shoal.fstree import TooDeep, tree_bytes
 from shoal.logs import configure, get_logger
 from shoal.protocol import (
+    MAX_HEADER_BYTES,
     MAX_RESULT_MESSAGE,
     MAX_RUNNER_MESSAGE,
     UNIX_PATH_MAX,
@@ -51,11 +53,13 @@ from shoal.protocol import (
     zmq_readable,
 )
 
-#: Seconds a message to the runner may take to be sent whole (see Miniworker.runner_send).
-RUNNER_SEND_TIMEOUT = 30.0
 DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
+#: The largest header this process sends: what the broker takes (MAX_HEADER_BYTES), less room for the fields the
+#: agent adds when it passes an outcome on to the controller, which takes no more. Half the room a runner's result
+#: leaves (MAX_RESULT_MESSAGE): a runner's honest message and this process's own fields fit well under it.
+MAX_SENT_HEADER = MAX_HEADER_BYTES - 32 * 1024
 
 
 def bind_unix(sock: socket.socket, path: str) -> None:
@@ -107,28 +111,104 @@ class Miniworker:
 
     # ---- wire helpers --------------------------------------------------------------------------
     def send(self, mtype: bytes, header: dict[str, Any]) -> None:
-        self.sock.send_multipart(protocol.encode(mtype, header))
+        """Send to the broker a message it takes: one whose header, encoded, is over MAX_SENT_HEADER would be
+        dropped there (the call would wait for its timeout, and run again), so it goes as :meth:`oversized`."""
+        frames = protocol.encode(mtype, header)
+        # (only these two carry what the runner sent; the others hold a few fields of this process's own)
+        if len(frames[1]) > MAX_SENT_HEADER and mtype in (Msg.MW_RESULT, Msg.MW_FAILED):
+            frames = protocol.encode(mtype, self.oversized(mtype, header, len(frames[1])))
+        self.sock.send_multipart(frames)
 
-    def runner_send(self, mtype: bytes, header: dict[str, Any]) -> None:
-        """Send one message whole. The socket is non-blocking once the function is loaded, and a message larger
-        than its buffer (a call's params of a few MB) would stop half-way: the send blocks meanwhile, with a
-        bound. The runner is reading (a call is only sent to an idle runner), so it takes what the copy takes."""
+    def oversized(self, mtype: bytes, header: dict[str, Any], size: int) -> dict[str, Any]:
+        """An MW_RESULT or MW_FAILED ``header`` without what the runner sent (a result, logs, an error's text), which
+        made it ``size`` bytes encoded.
+
+        A runner's message is bounded by its length (MAX_RESULT_MESSAGE), but its text is re-encoded here: the
+        function's code shares the runner's process and can write its own messages to the socket, in raw UTF-8,
+        and a document orjson refuses (a lone surrogate, an integer beyond 64 bits) is written by the standard
+        library, every other character escaped: three times as long for emoji. Only the encoded size says."""
+        self.log.error("message_too_large", type=mtype.decode(), size=size, call_id=header.get("call_id"))
+        if mtype == Msg.MW_RESULT:
+            kept = {name: value for name, value in header.items() if name not in ("result", "error", "logs")}
+            return dict(kept, status="FAILED", error={
+                "type": "ResultTooLarge",
+                "message": f"the call's outcome (result, error, logs) takes {size} bytes as JSON, more than the "
+                           f"{MAX_SENT_HEADER} its node passes on",
+            })
+        reason = f"its failure's report (the runner's) takes {size} bytes as JSON, more than the {MAX_SENT_HEADER} " \
+                 "a miniworker sends"
+        if "error" in header:  # the function's load failed: it still is its function's failure
+            return {"reason": reason, "error": {"type": "LoadReportTooLarge", "message": reason}}
+        return {"reason": reason}
+
+    def runner_send(self, mtype: bytes, header: dict[str, Any], deadline: float) -> None:
+        """Send one message whole by ``deadline`` (TimeoutError past it). Until the function is loaded the socket
+        blocks: a load's message is small, and the broker does not judge a loading miniworker's silence. Then it
+        is non-blocking, and a message larger than its buffer (a call's params of a few MB) stops half-way when
+        the runner does not read: a function that wrote an early result of its own runs on, or a thread of it
+        holds the GIL. The rest goes as the runner takes it (:meth:`wait_writable`: heartbeats meanwhile), and a
+        stop ends the wait with the message unsent (its container goes with this miniworker)."""
         assert self.conn is not None
-        data: bytes | memoryview = pack_runner(mtype, header)
+        data = pack_runner(mtype, header)
         previous = self.conn.gettimeout()
-        if previous == 0.0:  # non-blocking: most messages go whole at once, with no mode switch
+        if previous != 0.0:
+            self.conn.settimeout(max(0.001, deadline - time.monotonic()))
             try:
-                sent = self.conn.send(data)
+                self.conn.sendall(data)
+            finally:
+                self.conn.settimeout(previous)
+            return
+        try:  # most messages go whole at once, with no mode switch
+            sent = self.conn.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        rest = memoryview(data)[sent:]  # (the rest, not a copy of it)
+        while rest and self.wait_writable(deadline):
+            try:
+                rest = rest[self.conn.send(rest):]
             except BlockingIOError:
-                sent = 0
-            if sent == len(data):
+                continue
+
+    def wait_writable(self, deadline: float) -> bool:
+        """Wait until the runner's socket takes more: True then, False once this miniworker is told to stop,
+        TimeoutError at ``deadline``. The broker is heard meanwhile (a cancel is a stop; a call to hold may come)
+        and told MW_HEARTBEAT every heartbeat: silent past its liveness, this miniworker would be taken for lost
+        and the call, which never started, run again."""
+        assert self.conn is not None
+        fd = self.conn.fileno()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(fd, zmq.POLLOUT)
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError("the runner did not take the message in time")
+            self.heartbeat_if_due(now)
+            events = dict(poller.poll(int(max(0.0, min(self.next_heartbeat, deadline) - now) * 1000)))
+            if self.sock in events:
+                self.read_broker()
+            if fd in events and not self.stopping:
+                return True
+        return False
+
+    def heartbeat_if_due(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            self.send(Msg.MW_HEARTBEAT, {})
+            self.next_heartbeat = now + self.spec.heartbeat
+
+    def read_broker(self) -> None:
+        """Take what the broker sent, until told to stop."""
+        self.last_heard = time.monotonic()
+        while zmq_readable(self.sock):
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.on_broker(protocol.decode(frames))
+            except ProtocolError as exc:
+                self.log.error("protocol_error", source="broker", error=str(exc))
+            if self.stopping:
                 return
-            data = memoryview(data)[sent:]  # (the rest, not a copy of it)
-        self.conn.settimeout(RUNNER_SEND_TIMEOUT)
-        try:
-            self.conn.sendall(data)
-        finally:
-            self.conn.settimeout(previous)
 
     def runner_recv(self, deadline: float) -> Message:
         """Blocking read of one runner message (used while booting and loading only)."""
@@ -194,11 +274,13 @@ class Miniworker:
     def load(self, load: LoadSpec, put: bool = True, deadline: float | None = None) -> str:
         if put:
             self.container.put_function(load.code_dir, load.wheels_dir)
+        if deadline is None:
+            deadline = time.monotonic() + self.spec.start_timeout
         self.runner_send(Msg.R_LOAD, {
             "path": load.path, "style": load.style, "entrypoint": load.entrypoint,
             "dependencies": load.dependencies, "run": load.run,
-        })
-        answer = self.runner_recv(deadline if deadline is not None else time.monotonic() + self.spec.start_timeout)
+        }, deadline)
+        answer = self.runner_recv(deadline)
         if answer.type != Msg.R_LOADED:
             raise RunnerError(f"expected the load's outcome, got {answer.name}")
         if not answer.header["ok"]:
@@ -271,23 +353,17 @@ class Miniworker:
                 wake = min(wake, self.call.deadline)
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.sock in events:
-                self.last_heard = time.monotonic()
-                while zmq_readable(self.sock):
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    try:
-                        self.on_broker(protocol.decode(frames))
-                    except ProtocolError as exc:
-                        self.log.error("protocol_error", source="broker", error=str(exc))
-                    if self.stopping:
-                        return 0
+                self.read_broker()
+                if self.stopping:
+                    return 0
             if fd is not None and fd in events:
                 self.on_runner_readable()
+                if self.stopping:
+                    return 0  # (a stop may come while a held call is sent to the runner: not timed out then)
             now = time.monotonic()
             if self.call is not None and now >= self.call.deadline:
                 self.on_timeout()
-            if now >= self.next_heartbeat:
-                self.send(Msg.MW_HEARTBEAT, {})
-                self.next_heartbeat = now + self.spec.heartbeat
+            self.heartbeat_if_due(now)
             if now >= self.next_disk_check and not self.stopping:
                 self.next_disk_check = now + DISK_CHECK_EVERY
                 self.check_disk()
@@ -360,9 +436,10 @@ class Miniworker:
         self.last_heard = time.monotonic()  # a cold load blocked the loop: see run()
         self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
         try:
-            self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]})
+            self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]}, self.call.deadline)
         except TimeoutError:
-            self.on_runner_gone(f"the runner did not take the call within {RUNNER_SEND_TIMEOUT:g} s")
+            self.log.warning("runner_did_not_take_call", call_id=call_id)  # (busy: see runner_send)
+            self.on_timeout()
         except OSError as exc:
             # The container died while this miniworker was idle: the call never reached it (a runner does not
             # act on part of a message), so the broker queues it again, not as an attempt.
@@ -458,9 +535,16 @@ class Miniworker:
         self.stopping = True
 
     def _kill_and_end(self, status: str, error: dict[str, Any]) -> None:
-        """The container is killed (the miniworker retires with it) and the call, if any, ends ``status``."""
+        """The container is killed (the miniworker retires with it) and the call, if any, ends ``status``. The kill
+        is the engine's, a blocking call a loaded engine can hold for up to its client's 60 s: it runs on a thread
+        while this one says MW_HEARTBEAT every heartbeat (the ZMQ socket is this thread's only), or the broker would
+        take this miniworker for lost and run again a call that has ended here."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="container-kill") as pool:
+            killing = pool.submit(self.container.kill)
+            while not wait([killing], timeout=max(0.0, self.next_heartbeat - time.monotonic())).done:
+                self.heartbeat_if_due(time.monotonic())
         try:
-            self.container.kill()
+            killing.result()
         except ContainerError as exc:
             self.log.error("container_kill_failed", error=str(exc))
         self._end_call(status, error)

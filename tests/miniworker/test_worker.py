@@ -1,8 +1,16 @@
-"""The miniworker's exit code tells its agent whether its container may be left behind (the agent then removes
-it by label). The engine's refusal is stood in for: a real engine cannot be made to refuse on cue."""
+"""The miniworker against a ROUTER standing in for its broker, its engine stood in for (a real engine cannot be
+made to refuse, or be slow, on cue) and a socketpair as its runner's connection where a call runs: its exit code
+(whether its container may be left behind), what it sends the broker whatever the runner sends or does."""
 
 from __future__ import annotations
 
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +19,9 @@ import zmq
 
 from miniworker.errors import ContainerError
 from miniworker.spec import MiniworkerSpec
-from miniworker.worker import EXIT_CONTAINER_LEFT, Miniworker
+from miniworker.worker import EXIT_CONTAINER_LEFT, ActiveCall, Miniworker
 from shoal import protocol
-from shoal.protocol import Msg
+from shoal.protocol import MAX_HEADER_BYTES, MAX_RESULT_MESSAGE, Message, Msg
 
 
 def broker_and_spec(tmp_path: Path, mw_id: str, **fields: Any) -> tuple[zmq.Context[Any], zmq.Socket[Any],
@@ -24,10 +32,41 @@ def broker_and_spec(tmp_path: Path, mw_id: str, **fields: Any) -> tuple[zmq.Cont
     broker.setsockopt(zmq.LINGER, 0)
     url = f"ipc://{tmp_path}/broker.ipc"
     broker.bind(url)
+    fields = {"mode": "oneshot", **fields}
     spec = MiniworkerSpec(mw_id=mw_id, node_id="n", broker_url=url, docker_url=f"unix://{tmp_path}/none.sock",
-                          docker_api_version="1.41", mode="oneshot", image="x", runtime_path="/ws",
-                          workdir=str(tmp_path / "mw"), src_dirs={}, **fields)
+                          docker_api_version="1.41", image="x", runtime_path="/ws", workdir=str(tmp_path / "mw"),
+                          src_dirs={}, **fields)
     return ctx, broker, spec
+
+
+@contextmanager
+def loaded_miniworker(tmp_path: Path, **fields: Any) -> Iterator[tuple[Miniworker, zmq.Socket[Any], socket.socket]]:
+    """A bound miniworker whose function is loaded, its runner's connection one end of a socketpair (non-blocking,
+    as after a load), and the other end (the runner's); no container (a kill or a removal is a no-op)."""
+    ctx, broker, spec = broker_and_spec(tmp_path, "mw-s", mode="bound", **fields)
+    mw = Miniworker(spec)
+    mw.conn, runner = socket.socketpair()
+    mw.conn.setblocking(False)
+    mw.loaded = "f@1"
+    try:
+        yield mw, broker, runner
+    finally:
+        runner.close()
+        mw.conn.close()
+        mw.sock.close(linger=0)
+        mw.container.close()
+        broker.close()
+        ctx.term()
+
+
+def received(broker: zmq.Socket[Any], skip: bytes | None = Msg.MW_HEARTBEAT) -> Message:
+    """The next message the broker's ROUTER gets (but ``skip``'s type), decoded as the broker does."""
+    while True:
+        assert broker.poll(10_000), "nothing came to the broker"
+        _, *frames = broker.recv_multipart()
+        msg = protocol.decode(frames)
+        if msg.type != skip:
+            return msg
 
 
 def refuse() -> None:
@@ -94,3 +133,98 @@ def test_the_wait_for_a_gone_runners_container_neither_hammers_the_engine_nor_go
         mw.container.close()
         broker.close()
         ctx.term()
+
+
+def test_a_result_that_grows_when_encoded_again_fails_its_call_instead_of_being_dropped_by_the_broker(
+        tmp_path: Path) -> None:
+    """The function's code shares the runner's process and can write its own R_RESULT: raw UTF-8 emoji and one
+    escaped lone surrogate, within MAX_RESULT_MESSAGE. orjson refuses the surrogate, the standard library escapes
+    every emoji (12 bytes for 4): the MW_RESULT took 46.8 MB, the broker dropped it (over MAX_HEADER_BYTES), and the
+    call waited for its timeout and ran again. Now it fails, ResultTooLarge, in a message the broker takes."""
+    with loaded_miniworker(tmp_path) as (mw, broker, runner):
+        mw.call = ActiveCall("c1", time.monotonic() + 60, 60.0, time.monotonic(), cold=False)
+        text = '{"call_id":"c1","ok":true,"stdout":"","stderr":"","result":"' + "\U0001f600" * 3_900_000 + '\\ud800"}'
+        body = b"RRESULT\0" + text.encode()
+        assert len(body) <= MAX_RESULT_MESSAGE  # within what the miniworker's stream takes
+        writer = threading.Thread(target=runner.sendall, args=(struct.pack("!I", len(body)) + body,))
+        writer.start()
+        conn = mw.conn
+        assert conn is not None
+        while mw.call is not None:
+            assert select.select([conn], [], [], 10)[0]
+            mw.on_runner_readable()
+        writer.join()
+        msg = received(broker)
+        assert msg.type == Msg.MW_RESULT
+        assert (msg.header["call_id"], msg.header["status"]) == ("c1", "FAILED")
+        assert msg.header["error"]["type"] == "ResultTooLarge"
+        assert "result" not in msg.header
+        size = int(msg.header["error"]["message"].split(" takes ")[1].split()[0])
+        assert size > MAX_HEADER_BYTES  # what it would have taken, said
+
+
+def test_a_load_failure_whose_report_is_too_large_still_reaches_the_broker(tmp_path: Path) -> None:
+    """An import error's text comes whole from the runner (up to a result's bound), and MW_FAILED carried it twice
+    (reason, error): 18 MB, dropped by the broker, and the function's failure to load was not reported as such."""
+    with loaded_miniworker(tmp_path) as (mw, broker, _):
+        text = "x" * 9_000_000
+        mw.send(Msg.MW_FAILED, {"reason": text, "error": {"type": "ImportError", "message": text}, "logs": ""})
+        msg = received(broker)
+        assert msg.type == Msg.MW_FAILED
+        assert msg.header["error"]["type"] == "LoadReportTooLarge"
+        assert "18000" in msg.header["reason"] and len(msg.header["reason"]) < 1000  # its size, not its text
+
+
+def test_a_call_the_runner_does_not_take_heartbeats_the_broker_and_times_out(tmp_path: Path) -> None:
+    """Params larger than the socket's buffer, to a runner that does not read (a function that wrote an early
+    result of its own runs on): the send blocked up to 30 s, silent (the broker took the miniworker for lost and ran
+    the call again), and ended RunnerProtocolError past the call's timeout. Now the broker hears heartbeats while it
+    waits, and the call ends TIMEOUT at its deadline, its container killed."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        mw.on_call({"call_id": "c1", "params": "p" * (8 << 20), "timeout": 0.5})
+        heartbeats = 0
+        while (msg := received(broker, skip=None)).type == Msg.MW_HEARTBEAT:
+            heartbeats += 1
+        assert msg.type == Msg.MW_RESULT
+        assert (msg.header["call_id"], msg.header["status"], msg.header["retire"]) == ("c1", "TIMEOUT", True)
+        assert heartbeats >= 2  # one each 0.1 s of the 0.5 s wait
+        assert mw.stopping and mw.call is None
+
+
+def test_a_stop_ends_the_wait_for_a_runner_that_does_not_take_the_call(tmp_path: Path) -> None:
+    """The broker is heard while the send waits: a call to hold is held (and given back at the stop, as it never
+    started), and a stop (a cancel) ends the wait at once instead of after 30 s."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        sending = threading.Thread(target=mw.on_call, args=({"call_id": "c1", "params": "p" * (8 << 20),
+                                                              "timeout": 60.0},))
+        sending.start()
+        assert received(broker, skip=None).type == Msg.MW_HEARTBEAT  # it waits for the runner
+        broker.send_multipart([b"mw-s", *protocol.encode(Msg.MW_CALL, {"call_id": "c2", "params": 1, "timeout": 5})])
+        broker.send_multipart([b"mw-s", *protocol.encode(Msg.MW_STOP, {})])
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c2", "REJECTED")
+        sending.join(10)
+        assert not sending.is_alive()
+        assert mw.stopping and mw.held is None
+
+
+def test_a_slow_kill_of_a_timed_out_call_heartbeats_the_broker_and_reports_timeout(tmp_path: Path) -> None:
+    """The engine's kill blocks (up to its client's 60 s on a loaded engine): the miniworker was silent meanwhile,
+    the broker took it for lost and ran again a call that had timed out. The kill stands in for a slow engine here:
+    it returns once the broker has heard three heartbeats (at most 10 s), and the call ends TIMEOUT after."""
+    with loaded_miniworker(tmp_path, heartbeat=0.1) as (mw, broker, _):
+        heard: list[bytes] = []
+
+        def kill() -> None:  # (the ROUTER is this thread's until the kill returns)
+            while len(heard) < 3 and broker.poll(10_000):
+                _, *frames = broker.recv_multipart()
+                heard.append(protocol.decode(frames).type)
+
+        mw.container.kill = kill  # type: ignore[method-assign]
+        mw.next_heartbeat = time.monotonic() + 0.1  # (one was just sent)
+        mw.call = ActiveCall("c1", time.monotonic(), 0.5, time.monotonic() - 0.5, cold=False)
+        mw.on_timeout()
+        assert heard == [Msg.MW_HEARTBEAT] * 3
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "TIMEOUT")
+        assert msg.header["retire"] and mw.stopping
