@@ -284,7 +284,12 @@ class Miniworker:
         if answer.type != Msg.R_LOADED:
             raise RunnerError(f"expected the load's outcome, got {answer.name}")
         if not answer.header["ok"]:
-            raise LoadError(answer.header.get("error") or {}, answer.header.get("logs", ""))
+            error, logs = answer.header.get("error"), answer.header.get("logs", "")
+            # (the function's module code runs in the runner's process during the load, and can write this
+            # message itself: an error that is not an object crashed this process on reading it)
+            if not isinstance(error, dict) or not all(isinstance(error.get(k), str) for k in ("type", "message")):
+                error = {"type": "LoadError", "message": f"the runner's load report is malformed: {error!r:.200}"}
+            raise LoadError(error, logs if isinstance(logs, str) else "")
         self.loaded = load.key
         self.conn.setblocking(False)  # type: ignore[union-attr]
         return str(answer.header.get("logs", ""))

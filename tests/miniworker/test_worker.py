@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import zmq
 
-from miniworker.errors import ContainerError
-from miniworker.spec import MiniworkerSpec
+from miniworker.errors import ContainerError, LoadError
+from miniworker.spec import LoadSpec, MiniworkerSpec
 from miniworker.worker import EXIT_CONTAINER_LEFT, ActiveCall, Miniworker
 from shoal import protocol
-from shoal.protocol import MAX_HEADER_BYTES, MAX_RESULT_MESSAGE, Message, Msg
+from shoal.protocol import MAX_HEADER_BYTES, MAX_RESULT_MESSAGE, Message, Msg, pack_runner
 
 
 def broker_and_spec(tmp_path: Path, mw_id: str, **fields: Any) -> tuple[zmq.Context[Any], zmq.Socket[Any],
@@ -173,6 +173,22 @@ def test_a_load_failure_whose_report_is_too_large_still_reaches_the_broker(tmp_p
         assert msg.type == Msg.MW_FAILED
         assert msg.header["error"]["type"] == "LoadReportTooLarge"
         assert "18000" in msg.header["reason"] and len(msg.header["reason"]) < 1000  # its size, not its text
+
+
+@pytest.mark.parametrize("error", ["not an object", ["a", "list"], {"type": 3}, None])
+def test_a_forged_load_report_is_a_load_failure_with_the_reason(tmp_path: Path, error: Any) -> None:
+    """The function's module code runs in the runner's process during the load and can write the report itself: an
+    error that was not an object crashed the miniworker (AttributeError), seen by the broker as a failed start."""
+    with loaded_miniworker(tmp_path) as (mw, _, runner):
+        mw.conn.setblocking(True)  # type: ignore[union-attr]  # (as while loading)
+        mw.loaded = None
+        runner.sendall(pack_runner(Msg.R_LOADED, {"ok": False, "error": error, "logs": 7}))
+        load = LoadSpec(key="f@1", image="x", path="/ws", code_dir="", wheels_dir="", style="handler",
+                        entrypoint="handler:handler", dependencies="", run="")
+        with pytest.raises(LoadError) as raised:
+            mw.load(load, put=False, deadline=time.monotonic() + 10)
+        assert raised.value.error["type"] == "LoadError" and "malformed" in raised.value.error["message"]
+        assert raised.value.logs == "" and mw.loaded is None
 
 
 def test_a_call_the_runner_does_not_take_heartbeats_the_broker_and_times_out(tmp_path: Path) -> None:
