@@ -514,7 +514,8 @@ class Broker:
             self.requeue_ahead(h)
         self.send(h, Msg.MW_STOP, {})
 
-    def lose(self, h: MwHandle, reason: str) -> None:
+    def lose(self, h: MwHandle, reason: str, outcome: dict[str, Any] | None = None) -> None:
+        """``h`` is gone or wedged: killed, and its call retried (``retries_on_loss``), or ended ``outcome``."""
         if h.state == MwState.FAILED:
             return
         self.log.warning("miniworker_lost", mw_id=h.mw_id, pool=h.pool_key, reason=reason,
@@ -534,7 +535,9 @@ class Broker:
             h.ticket = None
             self.running.pop(ticket.call_id, None)
             ticket.attempts += 1
-            if ticket.attempts <= self.config.retries_on_loss and self.draining:
+            if outcome is not None:
+                self.on_outcome(ticket, outcome)
+            elif ticket.attempts <= self.config.retries_on_loss and self.draining:
                 self.on_outcome(ticket, {"status": REJECTED, "error": {
                     "type": "Draining", "message": f"node {self.config.node_id} is draining"}})
             elif ticket.attempts <= self.config.retries_on_loss:
@@ -578,7 +581,13 @@ class Broker:
             elif h.state == MwState.BUSY and h.ticket is not None:
                 allowance = h.ticket.timeout + OVERRUN_GRACE + (cfg.start_timeout if h.loading else 0.0)
                 if now - h.ticket.dispatched > allowance:
-                    self.lose(h, "overran its call's timeout without answering")
+                    # The call had its time: it ends TIMEOUT (run again, it waited out a whole timeout once more;
+                    # its miniworker heartbeats while it kills a timed-out call's container, and a loaded engine
+                    # can take that long).
+                    self.lose(h, "overran its call's timeout without answering", {"status": "TIMEOUT", "error": {
+                        "type": "Timeout",
+                        "message": f"call exceeded its timeout of {h.ticket.timeout:g} s, and its miniworker did not "
+                                   f"answer within {OVERRUN_GRACE:g} s more; its container was removed"}})
                 elif not h.loading and now - h.last_seen > silence:
                     self.lose(h, f"silent for {now - h.last_seen:.1f} s")
             elif h.state == MwState.IDLE and now - h.last_seen > silence:

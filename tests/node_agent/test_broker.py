@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from node_agent.broker import LOAD_FAILURES_MAX, Broker
+from node_agent.broker import LOAD_FAILURES_MAX, OVERRUN_GRACE, Broker
 from node_agent.config import AgentConfig
 from node_agent.functions import FnState, Registry
 from node_agent.metrics import AgentMetrics
@@ -119,6 +119,20 @@ def test_while_draining_a_call_that_would_wait_again_goes_back_to_the_controller
     rig.broker.draining = True
     rig.broker.lose(h, "miniworker process exited with code 1")  # its call would be retried here
     assert rig.outcomes == [("c1", "REJECTED", "Draining")] and not any(rig.broker.queues.values())
+
+
+def test_a_call_whose_miniworker_overran_its_timeout_ends_timeout_and_is_not_run_again(rig: Rig) -> None:
+    """Its miniworker, heartbeating, was still killing the timed-out call's container (a loaded engine) or wedged:
+    the call was run again, to wait out a whole timeout once more."""
+    h = rig.handle("o1", state=MwState.IDLE)
+    rig.broker.make_idle(h)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 2.0))
+    assert h.ticket is not None
+    now = h.ticket.dispatched + 2.0 + OVERRUN_GRACE + 0.5
+    h.last_seen = now  # it heartbeats
+    rig.broker.tick(now)
+    assert rig.outcomes == [("c1", "TIMEOUT", "Timeout")] and h.state == MwState.FAILED
+    assert "c1" not in rig.broker.running and not any(rig.broker.queues.values())
 
 
 def test_calls_still_running_at_the_drain_timeout_go_back_to_the_controller(rig: Rig) -> None:
