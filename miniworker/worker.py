@@ -53,6 +53,8 @@ from shoal.protocol import (
     zmq_readable,
 )
 
+#: Results for no call it runs a runner may send (while a call runs, or between calls) before it is taken as broken.
+STRAY_RESULTS_MAX = 100
 DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
@@ -108,6 +110,7 @@ class Miniworker:
         self.next_heartbeat = 0.0
         self.next_disk_check = time.monotonic() + DISK_CHECK_EVERY
         self.stopping = False
+        self.strays = 0  # results the runner sent for no call it runs, since the last call started
 
     # ---- wire helpers --------------------------------------------------------------------------
     def send(self, mtype: bytes, header: dict[str, Any]) -> None:
@@ -440,6 +443,7 @@ class Miniworker:
             return
         self.last_heard = time.monotonic()  # a cold load blocked the loop: see run()
         self.call = ActiveCall(call_id, time.monotonic() + timeout, timeout, started, cold, load_seconds)
+        self.strays = 0
         try:
             self.runner_send(Msg.R_CALL, {"call_id": call_id, "params": h["params"]}, self.call.deadline)
         except TimeoutError:
@@ -490,7 +494,14 @@ class Miniworker:
     def on_result(self, h: dict[str, Any]) -> None:
         call = self.call
         if call is None or h["call_id"] != call.call_id:
-            self.log.error("stray_runner_result", call_id=h.get("call_id"))
+            # Only the function's code makes these (it shares the runner's process): ignored, but a flood of them
+            # (each one a log line on the host) breaks the protocol, and the container goes.
+            self.strays += 1
+            if self.strays == 1:
+                self.log.error("stray_runner_result", call_id=str(h["call_id"])[:64])
+            if self.strays > STRAY_RESULTS_MAX:
+                self.on_runner_gone(f"the runner sent more than {STRAY_RESULTS_MAX} results for calls it was not "
+                                    "running: it broke the protocol")
             return
         self.call = None
         retire = self.spec.mode == "oneshot"

@@ -19,7 +19,7 @@ import zmq
 
 from miniworker.errors import ContainerError, LoadError
 from miniworker.spec import LoadSpec, MiniworkerSpec
-from miniworker.worker import EXIT_CONTAINER_LEFT, ActiveCall, Miniworker
+from miniworker.worker import EXIT_CONTAINER_LEFT, STRAY_RESULTS_MAX, ActiveCall, Miniworker
 from shoal import protocol
 from shoal.protocol import MAX_HEADER_BYTES, MAX_RESULT_MESSAGE, Message, Msg, pack_runner
 
@@ -189,6 +189,26 @@ def test_a_forged_load_report_is_a_load_failure_with_the_reason(tmp_path: Path, 
             mw.load(load, put=False, deadline=time.monotonic() + 10)
         assert raised.value.error["type"] == "LoadError" and "malformed" in raised.value.error["message"]
         assert raised.value.logs == "" and mw.loaded is None
+
+
+def test_a_flood_of_stray_results_fails_the_call_once_and_is_logged_once(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A well-formed result for another call is ignored (the call's own result follows), but each one was a log line
+    on the host: a function writing them in a loop flooded the node's logs."""
+    with loaded_miniworker(tmp_path) as (mw, broker, runner):
+        mw.on_call({"call_id": "c1", "params": None, "timeout": 30})
+        assert runner.recv(1 << 16)  # (its R_CALL)
+        stray = {"call_id": "someone-else", "ok": True, "result": "forged"}
+        for _ in range(STRAY_RESULTS_MAX):
+            mw.on_result(stray)
+        assert mw.call is not None and not mw.stopping  # tolerated so far
+        mw.on_result(stray)
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "FAILED")
+        assert msg.header["error"]["type"] == "RunnerProtocolError"
+        assert "results for calls it was not running" in msg.header["error"]["message"]
+        captured = capsys.readouterr()
+        assert mw.stopping and (captured.out + captured.err).count("stray_runner_result") == 1
 
 
 def test_a_call_the_runner_does_not_take_heartbeats_the_broker_and_times_out(tmp_path: Path) -> None:
