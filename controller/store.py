@@ -79,6 +79,9 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
 
 
 PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
+#: Bytes of call records one listing page holds at most (at least one call): params and results can be MBs each,
+#: and a page of 1,000 of them took GBs of the controller's memory and its loop's time.
+LIST_BYTES_MAX = 8 << 20
 LIST_SCAN_MAX = 10_000  # calls one listing request reads at most (a status filter reads past non-matching ones)
 
 
@@ -328,26 +331,40 @@ class Store:
         last call of the previous page, and the position returned is the next page's (None: no more). Calls
         created in the same millisecond (a whole batch is) are all listed, across pages. A request reads at most
         about LIST_SCAN_MAX calls: with a status filter that matches few, a page may be short (even empty) with
-        a position to go on from."""
+        a position to go on from. A page also ends once it holds LIST_BYTES_MAX of call records (with at least
+        one call), and only the status of calls a status filter leaves out is read."""
         index = keys.calls_of(function) if function else keys.CALLS
         out: list[dict[str, Any]] = []
         position: tuple[int, str] | None = None
-        examined = 0
+        examined = size = 0
         async for chunk in self._walk(index, after, max(limit, 100)):
             if examined >= LIST_SCAN_MAX and position is not None:
                 return out, position  # a filter that matches few: a short page, and where to go on from
             examined += len(chunk)
+            if status:  # only the status is read of the calls the filter leaves out (a call can hold MBs)
+                pipe = self.redis.pipeline(transaction=False)
+                for call_id, _ in chunk:
+                    pipe.hget(keys.call(call_id), "status")
+                statuses = await pipe.execute()
+            else:
+                statuses = [status] * len(chunk)
+            wanted = [call_id for (call_id, _), found in zip(chunk, statuses, strict=True) if found == status]
             pipe = self.redis.pipeline(transaction=False)
-            for call_id, _ in chunk:
+            for call_id in wanted:
                 pipe.hgetall(keys.call(call_id))
-            rows = await pipe.execute()
-            for (call_id, score), raw in zip(chunk, rows, strict=True):
+            rows = dict(zip(wanted, await pipe.execute(), strict=True))
+            for call_id, score in chunk:
+                raw = rows.get(call_id)
+                if raw:
+                    size += sum(len(k) + len(v) for k, v in raw.items())
+                    if out and size > LIST_BYTES_MAX:
+                        return out, position  # a page of large calls ends early; the next one starts here
                 position = (score, call_id)
                 if not raw:
-                    continue
+                    continue  # filtered out, or expired since the index was read
                 call = decode_call(raw)
                 if status and call.get("status") != status:
-                    continue
+                    continue  # (its state changed between the two reads)
                 out.append(call)
                 if len(out) >= limit:
                     return out, position

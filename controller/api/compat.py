@@ -3,8 +3,9 @@
 Main seed: POST /registerRuntime, POST /registerFunction/:runtime/:funcName (multipart field `module`),
 POST /invokeFunction, GET /runtimes, /functions, /calls, /call/:callNum, with its shapes: integer
 `callNum`, `"c1"` keys, status strings (PENDING until a call starts, RUNNING, then DONE, FAILED, TIMEOUT or
-CANCELLED), `result` a string ("" until done). GET /calls lists the newest SEED_CALLS_LIMIT calls (the seed
-kept every call in one document; all of them, paged, are on GET /v1/calls).
+CANCELLED), `result` a string ("" until done). GET /calls lists the newest SEED_CALLS_LIMIT calls, fewer if
+they hold more than the store's LIST_BYTES_MAX (the seed kept every call in one document; all of them, paged, are
+on GET /v1/calls).
 Forwarder seed: POST /register, GET /list_endpoints, GET /ping -> pong, GET /version.
 """
 

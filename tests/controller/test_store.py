@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from controller import keys
-from controller.store import Store
+from controller.store import LIST_BYTES_MAX, Store
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.models import CallStatus
 
@@ -152,6 +152,39 @@ def test_paging_lists_every_call_once_when_many_share_a_millisecond(server: Redi
     pages, done, expected = asyncio.run(scenario())
     assert pages == expected
     assert done == [i for i in expected if i.startswith("p") and int(i[1:]) % 3 == 0]
+
+
+def test_listing_large_calls_is_bounded_in_bytes_and_a_filter_reads_only_statuses(server: RedisServer) -> None:
+    """Every examined call was read whole (params, result, logs): `?status=DONE` read up to 10,000 full records to
+    return a few, and a page of 1,000 calls of MBs each took GBs of the controller's memory."""
+
+    async def scenario() -> None:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        store.start()
+        now = time.time()
+        big = [dict(call(n, "big", 7000 + n), id=f"b{n:03d}", created=now - n / 1000, params={"x": "y" * (1 << 20)})
+               for n in range(30)]
+        big[17]["status"] = "DONE"
+        await store.create_calls(big)
+        pages: list[list[str]] = []
+        after = None
+        while True:
+            found, after = await store.list_calls("big", None, after, 100)
+            pages.append([c["id"] for c in found])
+            if after is None:
+                break
+        assert [i for page in pages for i in page] == [f"b{n:03d}" for n in range(30)]  # each once, in order
+        assert len(pages) >= 4 and all(len(page) * (1 << 20) <= LIST_BYTES_MAX for page in pages)
+        sent = int((await r.info("stats"))["total_net_output_bytes"])
+        found, after = await store.list_calls("big", "DONE", None, 100)
+        read = int((await r.info("stats"))["total_net_output_bytes"]) - sent
+        assert [c["id"] for c in found] == ["b017"] and after is None
+        assert read < 3 << 20, read  # the one DONE call, not 30 MB
+        await store.close()
+        await r.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_retention_counts_from_a_calls_end_and_pruning_keeps_calls_still_waiting(server: RedisServer) -> None:

@@ -187,7 +187,7 @@ def test_a_forged_load_report_is_a_load_failure_with_the_reason(tmp_path: Path, 
                         entrypoint="handler:handler", dependencies="", run="")
         with pytest.raises(LoadError) as raised:
             mw.load(load, put=False, deadline=time.monotonic() + 10)
-        assert raised.value.error["type"] == "LoadError" and "malformed" in raised.value.error["message"]
+        assert raised.value.error["type"] == "LoadError" and "malformed" in str(raised.value.error["message"])
         assert raised.value.logs == "" and mw.loaded is None
 
 
