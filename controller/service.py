@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -30,6 +31,26 @@ from shoal.models import FunctionSpec, Runtime, check_name
 from shoal.protocol import Msg
 
 log = get_logger("service")
+
+
+def request_fingerprint(name: str, version: int | None, timeout: float | None, params: Any) -> str:
+    """What an invoke request asked, as an Idempotency-Key is bound to it (the version and timeout as asked: a
+    retry after a new version was uploaded is still the same request)."""
+    text = json.dumps([name, version, timeout, params], sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def bound_ids(bound: str, fingerprint: str) -> str:
+    """The call id(s) an Idempotency-Key is bound to, if it was bound by the same request (a Conflict if not). A
+    key bound before requests were fingerprinted is taken as is."""
+    made_by, sep, ids = bound.partition(" ")
+    if not sep:
+        return bound
+    if made_by and made_by != fingerprint:
+        raise Conflict("this Idempotency-Key was used for another request (another function, version, timeout or "
+                       "params); use a new key")
+    return ids
 
 
 class Service:
@@ -253,25 +274,37 @@ class Service:
 
     async def invoke(self, name: str, params: Any, *, timeout: float | None = None, version: int | None = None,
                      idempotency_key: str | None = None) -> tuple[dict[str, Any], Pending | None]:
-        """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key."""
+        """Store a new call (QUEUED) and queue it; return (call, pending). Existing call on a replayed key (the
+        same request: a key used for another one is a 409)."""
+        fingerprint = ""
+        if idempotency_key is not None:  # a replay is answered first: whatever happened since (the function
+            self._check_key(idempotency_key)  # deleted, the queue full), the call it made stands
+            fingerprint = request_fingerprint(name, version, timeout, params)
+            if (bound := await self.store.get_idempotency(idempotency_key)) is not None:
+                return await self._replayed(bound_ids(bound, fingerprint))
         record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room()
         call_id = new_call_id()
         num = await self.store.next_call_num()
+        claimed = f"{fingerprint} {call_id}"
         if idempotency_key is not None:
-            self._check_key(idempotency_key)
-            existing = await self.store.claim_idempotency(idempotency_key, call_id)
-            if existing is not None:
-                return await self._replayed(existing)
+            existing = await self.store.claim_idempotency(idempotency_key, claimed)
+            if existing is not None:  # claimed meanwhile by a request like this one
+                self.store.give_back_call_nums([num])
+                return await self._replayed(bound_ids(existing, fingerprint))
         # No await from the claim to the queueing: a replay that finds the key finds the call in the dispatcher.
-        await self._recheck_room(1, idempotency_key, call_id)
+        try:
+            await self._recheck_room(1, idempotency_key, claimed)
+        except Busy:
+            self.store.give_back_call_nums([num])
+            raise
         idem = keys.idempotency(idempotency_key) if idempotency_key is not None else ""
         call, pending = self._new_call(record, params, timeout, call_id, num, time.time(), idem)
         try:
             await self._store_and_queue([(call, pending)])
         except StoreError:
             if idempotency_key is not None:
-                await self._release_key(idempotency_key, call_id)
+                await self._release_key(idempotency_key, claimed)
             raise
         return call, pending
 
@@ -330,17 +363,28 @@ class Service:
                            version: int | None = None, idempotency_key: str | None = None) -> list[dict[str, Any]]:
         """Store and queue one call per entry of ``params`` (all or none: one write); return them as stored, in
         order. A replayed key returns the calls of its first batch, as they stand now."""
+        fingerprint = ""
+        if idempotency_key is not None:  # (see invoke)
+            self._check_key(idempotency_key)
+            fingerprint = request_fingerprint(name, version, timeout, params)
+            if (bound := await self.store.get_idempotency(idempotency_key, batch=True)) is not None:
+                return await self._replayed_batch(bound_ids(bound, fingerprint).split(","))
         record, timeout = await self._callable(name, version, timeout)
         self.dispatcher.check_room(len(params))
         ids = [new_call_id() for _ in params]
         nums = await self.store.next_call_nums(len(params))
+        claimed = f"{fingerprint} {','.join(ids)}"
         if idempotency_key is not None:
-            self._check_key(idempotency_key)
-            existing = await self.store.claim_idempotency(idempotency_key, ",".join(ids), batch=True)
+            existing = await self.store.claim_idempotency(idempotency_key, claimed, batch=True)
             if existing is not None:
-                return await self._replayed_batch(existing.split(","))
+                self.store.give_back_call_nums(nums)
+                return await self._replayed_batch(bound_ids(existing, fingerprint).split(","))
         # No await from the claim to the queueing (see _settle_claim).
-        await self._recheck_room(len(params), idempotency_key, ",".join(ids), batch=True)
+        try:
+            await self._recheck_room(len(params), idempotency_key, claimed, batch=True)
+        except Busy:
+            self.store.give_back_call_nums(nums)
+            raise
         now = time.time()
         idem = keys.batch_idempotency(idempotency_key) if idempotency_key is not None else ""
         made = [self._new_call(record, p, timeout, call_id, num, now, idem)
@@ -349,7 +393,7 @@ class Service:
             await self._store_and_queue(made)
         except StoreError:
             if idempotency_key is not None:  # a retry with the key must store the batch, not name this one
-                await self._release_key(idempotency_key, ",".join(ids), batch=True)
+                await self._release_key(idempotency_key, claimed, batch=True)
             raise
         return [call for call, _ in made]
 

@@ -9,6 +9,7 @@ once its call is stored).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import time
 from collections.abc import AsyncIterator
@@ -96,6 +97,7 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._num_next = 0
         self._num_end = 0
+        self._num_returned: list[int] = []  # handed out and given back (a heap): handed out again first
         self._num_lock = asyncio.Lock()
         # Latest record per function: this controller is the only writer, so it can answer from memory.
         self._functions: dict[str, dict[str, Any] | None] = {}
@@ -232,10 +234,18 @@ class Store:
     async def next_call_num(self) -> int:
         return (await self.next_call_nums(1))[0]
 
+    def give_back_call_nums(self, nums: list[int]) -> None:
+        """Numbers handed out for calls that were never made (their request found its Idempotency-Key taken, or
+        the queue full): handed out again first, so that the seed API's callNum has no gap."""
+        for num in nums:
+            heapq.heappush(self._num_returned, num)
+
     async def next_call_nums(self, count: int) -> list[int]:
         """The seed API's integer callNums: reserved from Redis in blocks, handed out in order."""
         async with self._num_lock:
             nums: list[int] = []
+            while self._num_returned and len(nums) < count:
+                nums.append(heapq.heappop(self._num_returned))
             while len(nums) < count:
                 if self._num_next >= self._num_end:
                     block = max(256, count - len(nums))
@@ -245,6 +255,10 @@ class Store:
                 nums.extend(range(self._num_next, self._num_next + take))
                 self._num_next += take
             return nums
+
+    async def get_idempotency(self, key: str, batch: bool = False) -> str | None:
+        """What ``key`` is bound to, if anything."""
+        return await self.redis.get(keys.batch_idempotency(key) if batch else keys.idempotency(key)) or None
 
     async def claim_idempotency(self, key: str, value: str, batch: bool = False) -> str | None:
         """Bind ``key`` to ``value`` (a call id, or a batch's ids); return what it was already bound to, if

@@ -33,6 +33,14 @@ def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": NAME}
 
 
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Makes a retry safe: the same request with the same key answers with the call(s) the first one "
+                   "made. The key is bound to that request (function, version and timeout as asked, params): used "
+                   "for another one, it is a 409.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
+
 INVOKE_BODY = {
     "required": True,
     "content": {"application/json": {"schema": {
@@ -117,23 +125,20 @@ DOCUMENT: dict[str, Any] = {
                        "responses": {"204": _resp("Deleted"), **_errors(404)}},
         },
         "/v1/functions/{name}/invoke": {
-            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
-                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "parameters": [_path_param("name"), IDEMPOTENCY_KEY],
             "post": {"summary": "Invoke and wait for the outcome", "requestBody": INVOKE_BODY,
                      "responses": {"200": _resp("The call, ended", {"$ref": "#/components/schemas/Call"}),
                                    "202": _resp("Still running", {"$ref": "#/components/schemas/Accepted"}),
                                    **_errors(400, 404, 409, 413, 429, 503)}},
         },
         "/v1/functions/{name}/invoke-async": {
-            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
-                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "parameters": [_path_param("name"), IDEMPOTENCY_KEY],
             "post": {"summary": "Invoke without waiting", "requestBody": INVOKE_BODY,
                      "responses": {"202": _resp("Accepted", {"$ref": "#/components/schemas/Accepted"}),
                                    **_errors(400, 404, 409, 413, 429, 503)}},
         },
         "/v1/functions/{name}/invoke-batch": {
-            "parameters": [_path_param("name"), {"name": "Idempotency-Key", "in": "header", "required": False,
-                                                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+            "parameters": [_path_param("name"), IDEMPOTENCY_KEY],
             "post": {"summary": "Invoke many times without waiting: every call stored (one write) and queued",
                      "requestBody": BATCH_BODY,
                      "responses": {"202": _resp("Accepted, in the order given", {

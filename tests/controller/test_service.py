@@ -284,3 +284,53 @@ def test_a_replayed_key_answers_where_the_call_stands_now(server: RedisServer, t
         assert again["id"] == call["id"] and again["status"] == "DISPATCHED"  # it said QUEUED
 
     run(server, tmp_path, scenario)
+
+
+def test_a_key_used_for_another_request_is_a_conflict_and_a_replay_comes_first(server: RedisServer,
+                                                                                tmp_path: Path) -> None:
+    """A key answered with whatever call it was first given: another function's (its result as if this one's),
+    other params. A replay also reserved a callNum (the seed's listing showed gaps) and was checked against the
+    queue bound first (a retry got 429 instead of its call)."""
+    import dataclasses
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("ik")
+        await rig.store.add_version({"name": "other", "runtime": "rt", "sha256": "0" * 64, "size": 1})
+        rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=2)  # no node: calls wait
+        first, _ = await rig.service.invoke("ik", {"a": 1}, idempotency_key="k")
+        for name, params, timeout in (("other", {"a": 1}, None), ("ik", {"a": 2}, None), ("ik", {"a": 1}, 5.0)):
+            with pytest.raises(Conflict, match="another request"):
+                await rig.service.invoke(name, params, timeout=timeout, idempotency_key="k")
+        batch = await rig.service.invoke_batch("ik", [1], idempotency_key="b")
+        assert len(rig.dispatcher.queue) == 2  # full
+        again, _ = await rig.service.invoke("ik", {"a": 1}, idempotency_key="k")
+        assert again["id"] == first["id"]  # not a 429
+        assert await rig.service.invoke_batch("ik", [1], idempotency_key="b") == [
+            {"id": batch[0]["id"], "status": "QUEUED"}]
+        with pytest.raises(Conflict, match="another request"):
+            await rig.service.invoke_batch("ik", [2], idempotency_key="b")
+        rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=10)
+        later, _ = await rig.service.invoke("ik", {"a": 3})
+        assert [first["num"], batch[0]["num"], later["num"]] == [first["num"] + n for n in range(3)]  # no gap
+
+    run(server, tmp_path, scenario)
+
+
+def test_numbers_of_requests_refused_after_their_claim_are_handed_out_again(server: RedisServer,
+                                                                             tmp_path: Path) -> None:
+    import dataclasses
+
+    from controller.errors import Busy
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("gb")
+        rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=3)
+        outcomes = await asyncio.gather(*(rig.service.invoke("gb", n, idempotency_key=f"g-{n}") for n in range(12)),
+                                        return_exceptions=True)
+        nums = [o[0]["num"] for o in outcomes if isinstance(o, tuple)]
+        assert len(nums) == 3 and sum(isinstance(o, Busy) for o in outcomes) == 9
+        rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=10)
+        more = [(await rig.service.invoke("gb", n))[0]["num"] for n in range(3)]
+        assert sorted(nums + more) == list(range(min(nums), min(nums) + 6))  # the refused ones' numbers reused
+
+    run(server, tmp_path, scenario)
