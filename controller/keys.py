@@ -11,6 +11,7 @@ ACTIVE = f"{PREFIX}:active"  # zset: call id -> created (ms); calls not yet term
 CALL_NUM = f"{PREFIX}:callnum"  # counter behind the seed API's integer callNum
 NODES = f"{PREFIX}:nodes"  # hash: node id -> last known node JSON
 ENDPOINTS = f"{PREFIX}:endpoints"  # hash: endpoint id -> when it last registered (POST /register), unix seconds
+ENDPOINTS_BY_TIME = f"{PREFIX}:endpoints:by-time"  # zset: the same, by that time (the oldest are forgotten first)
 
 
 def versions(function: str) -> str:

@@ -34,8 +34,19 @@ JSON_FIELDS = ("params", "result", "error", "logs", "timings")
 log = get_logger("store")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 # Record an endpoint's registration unless the registry is full (one already in it is always recorded again).
-_REGISTER = ("if redis.call('hexists', KEYS[1], ARGV[1]) == 1 or redis.call('hlen', KEYS[1]) < tonumber(ARGV[3]) "
-             "then redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) return 1 end return 0")
+# Record an endpoint's registration; past ARGV[3] endpoints, those that registered longest ago are forgotten (a full
+# registry refused every new node: anyone who can reach /register filled it once, for good).
+_REGISTER = """
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+redis.call('zadd', KEYS[2], ARGV[2], ARGV[1])
+local over = redis.call('zcard', KEYS[2]) - tonumber(ARGV[3])
+if over > 0 then
+  local old = redis.call('zrange', KEYS[2], 0, over - 1)
+  redis.call('zremrangebyrank', KEYS[2], 0, over - 1)
+  redis.call('hdel', KEYS[1], unpack(old))
+end
+return over > 0 and over or 0
+"""
 MAX_ENDPOINTS = 10_000
 _GIVE_BACK = ("if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end "
               "return 0")  # endpoints /register records (a node registers as itself each time it starts)
@@ -447,9 +458,11 @@ class Store:
         raw = await self.redis.hgetall(keys.NODES)
         return {k: json.loads(v) for k, v in raw.items()}
 
-    async def register_endpoint(self, endpoint_id: str, at: float) -> bool:
-        """Record that ``endpoint_id`` registered (the forwarder seed's mapping); False if the registry is full."""
-        return bool(await self.redis.eval(_REGISTER, 1, keys.ENDPOINTS, endpoint_id, repr(at), MAX_ENDPOINTS))
+    async def register_endpoint(self, endpoint_id: str, at: float, keep: int = MAX_ENDPOINTS) -> int:
+        """Record that ``endpoint_id`` registered (the forwarder seed's mapping), keeping the ``keep`` endpoints
+        that registered last; returns how many older ones were forgotten."""
+        return int(await self.redis.eval(_REGISTER, 2, keys.ENDPOINTS, keys.ENDPOINTS_BY_TIME, endpoint_id, repr(at),
+                                         keep))
 
     async def list_endpoints(self) -> dict[str, float]:
         """Every registered endpoint and when it last registered."""

@@ -26,11 +26,14 @@ from controller.api.common import (
     service,
     upload_name,
 )
-from controller.errors import BadRequest, Busy, Missing
+from controller.errors import BadRequest, Missing
 from controller.service import Service
 from controller.store import MAX_ENDPOINTS
 from shoal import __version__
+from shoal.logs import get_logger
 from shoal.models import check_name
+
+log = get_logger("compat")
 
 SEED_STATUS = {"QUEUED": "PENDING", "DISPATCHED": "PENDING", "RUNNING": "RUNNING"}
 SEED_CALLS_LIMIT = 1000
@@ -110,8 +113,8 @@ async def register_endpoint(request: web.Request) -> web.Response:
         raise BadRequest("endpoint_id must be a string")
     check_name(endpoint, "endpoint_id")
     svc = service(request)
-    if not await svc.store.register_endpoint(endpoint, time.time()):
-        raise Busy(f"{MAX_ENDPOINTS} endpoints are registered already; no more are recorded", retry_after=60)
+    if forgotten := await svc.store.register_endpoint(endpoint, time.time()):
+        log.warning("endpoints_forgotten", count=forgotten, keep=MAX_ENDPOINTS)
     # `curve`: the link is encrypted with keys derived from the node token (shoal/auth.py).
     return json_response({"endpoint_id": endpoint, **link_urls(svc), "curve": bool(svc.config.node_token)})
 

@@ -242,3 +242,22 @@ def test_a_status_filter_that_matches_few_gives_short_pages_and_a_way_on(server:
 
     sizes = asyncio.run(scenario())
     assert len(sizes) > 2 and sum(sizes) == 2  # short pages, each bounded, until the end
+
+
+def test_the_endpoint_registry_keeps_the_latest_and_never_refuses(server: RedisServer) -> None:
+    """Full (10,000), it refused every new node's /register with 429 for good: anyone who could reach the route
+    (open without a node token) filled it once, and the agents then gave up and exited."""
+
+    async def scenario() -> None:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        await r.delete(keys.ENDPOINTS, keys.ENDPOINTS_BY_TIME)
+        forgotten = [await store.register_endpoint(f"e{n}", 1000.0 + n, keep=3) for n in range(5)]
+        assert forgotten == [0, 0, 0, 1, 1]
+        assert await store.list_endpoints() == {"e2": 1002.0, "e3": 1003.0, "e4": 1004.0}
+        assert await store.register_endpoint("e2", 2000.0, keep=3) == 0  # registered again: the newest now
+        assert await store.register_endpoint("node-new", 2001.0, keep=3) == 1
+        assert await store.list_endpoints() == {"e4": 1004.0, "e2": 2000.0, "node-new": 2001.0}
+        await r.aclose()
+
+    asyncio.run(scenario())
