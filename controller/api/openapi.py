@@ -20,7 +20,8 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 404: "Not found", 408: "The body stalled (nothing of it came for 30 s)",
+    text = {400: "Bad request", 401: "A token is set and the request does not carry it (Authorization: Bearer)",
+            404: "Not found", 408: "The body stalled (nothing of it came for 30 s)",
             409: "Conflict", 413: "Body or archive too large",
             415: "Unsupported media type",
             429: "Busy: the queue, or the uploads being received, are full (see Retry-After)",
@@ -40,6 +41,17 @@ IDEMPOTENCY_KEY = {
                    "for another one, it is a 409.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
+
+#: A function upload's options (query parameters, or form fields before the file): name, schema, description.
+UPLOAD_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("entrypoint", {"type": "string"}, "handler style: module:function (none: command style, the runtime's run)"),
+    ("timeout", {"type": "number"}, "seconds a call may run (default 30)"),
+    ("preload", {"type": "string", "enum": ["none", "runtime", "function"]},
+     "what nodes keep ready for it (default: each node's own policy)"),
+    ("min_warm", {"type": "integer", "minimum": 0}, "warm containers each node keeps for it"),
+    ("max_warm", {"type": "integer", "minimum": 0}, "warm containers a node may have for it"),
+    ("keepalive", {"type": "number"}, "seconds an idle warm container above min_warm is kept"),
+]
 
 INVOKE_BODY = {
     "required": True,
@@ -105,14 +117,23 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     {"name": "runtime", "in": "query", "required": False, "schema": NAME,
                      "description": "required: here, or as a form field before the archive (multipart)"},
-                    {"name": "entrypoint", "in": "query", "required": False, "schema": {"type": "string"}},
-                    {"name": "timeout", "in": "query", "required": False, "schema": {"type": "number"}},
+                    *({"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+                      for name, schema, text in UPLOAD_OPTIONS),
                 ],
                 "requestBody": {"required": True, "content": {
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    "multipart/form-data": {"schema": {"type": "object", "properties": {
-                        "archive": {"type": "string", "format": "binary"}, "runtime": NAME}}},
-                }},
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "properties": {
+                            "runtime": NAME,
+                            **{name: schema for name, schema, _ in UPLOAD_OPTIONS},
+                            "archive": {"type": "string", "format": "binary"},
+                            "module": {"type": "string", "format": "binary",
+                                       "description": "the archive, under the main seed's field name"}}},
+                        "encoding": {"archive": {"contentType": "application/octet-stream"}},
+                    },
+                }, "description": "The archive as the raw body (options in the query), or multipart: the form fields "
+                                  "(runtime, options) first, then the file part `archive` (or `module`); fields after "
+                                  "the file are not read."},
                 "responses": {"201": _resp("Stored", {"type": "object"}),
                               **_errors(400, 404, 408, 413, 415, 429, 503, 507)},
             },
@@ -209,6 +230,29 @@ DOCUMENT: dict[str, Any] = {
             "timestamps": {"type": "object"}}},
     }},
 }
+
+
+#: Operations that answer without the store (Redis): everything else answers 503 when it is unavailable.
+STORELESS = frozenset({("/v1/nodes", "get"), ("/v1/nodes/{id}", "get"), ("/metrics", "get")})
+
+
+def _add_common_errors(document: dict[str, Any]) -> None:
+    """The statuses every operation can answer besides its own: 401 (a token is set and the request has not got
+    it), 503 (the store is unavailable), 408 (a body that stalls)."""
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            codes = [401]
+            if (path, method) not in STORELESS:
+                codes.append(503)
+            if "requestBody" in operation:
+                codes.append(408)
+            for code, response in _errors(*codes).items():
+                operation["responses"].setdefault(code, response)
+
+
+_add_common_errors(DOCUMENT)
 
 
 async def openapi(request: web.Request) -> web.Response:

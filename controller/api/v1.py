@@ -59,6 +59,9 @@ async def upload_function(request: web.Request) -> web.Response:
         part, fields = await multipart_file(request, ("archive", "module"))
         options = dict(request.query, **fields)
         runtime = options.get("runtime") or ""
+        if not runtime:
+            raise BadRequest("no runtime: give it as the `runtime` query parameter, or as a form field before the "
+                             "file part (fields after the file are not read)")
         record = await svc.upload_function(name, check_name(runtime, "runtime"), part_chunks(part),
                                            parse_options(options), upload_name(part))
     else:

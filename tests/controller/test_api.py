@@ -261,6 +261,12 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
                         "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
 
 
+RUNTIME_AFTER_THE_FILE = {
+    "data": b'--x\r\nContent-Disposition: form-data; name="archive"; filename="a.tgz"\r\n\r\n' + ECHO_TGZ
+            + b'\r\n--x\r\nContent-Disposition: form-data; name="runtime"\r\n\r\npythonruntime\r\n--x--\r\n',
+    "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status"),
     [
@@ -312,6 +318,7 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
         ("POST", "/registerFunction/nope/dice", multipart("module"), 404),
         ("POST", "/registerFunction/pythonruntime/dice", multipart("other"), 400),
         ("POST", "/v1/functions/f", BAD_MULTIPART_HEADER, 400),
+        ("POST", "/v1/functions/f", RUNTIME_AFTER_THE_FILE, 400),  # (the message says where it goes)
         ("POST", "/invokeFunction", {"body": {"funcName": 5}}, 400),
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": {}}}, 404),
         ("GET", "/call/abc", {}, 400),
