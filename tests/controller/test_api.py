@@ -193,11 +193,15 @@ def test_a_batch_of_calls_is_stored_and_queued_in_one_request(cluster: LocalClus
     assert [c["result"] for c in calls] == [{"echo": i} for i in range(40)]  # each its own params, in order
     assert {c["status"] for c in calls} == {"DONE"} and {c["timeout"] for c in calls} == {20}
     assert len({c["num"] for c in calls}) == 40  # each has its seed-API number too
-    # A retried batch (same key) creates nothing: the first batch's calls, as they stand now.
+    # A retried batch (same key, same request) creates nothing: the first batch's calls, as they stand now.
     status, again, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch",
-                                       {"calls": [{"params": i} for i in range(40)]}, headers=key)
+                                       {"calls": [{"params": i} for i in range(40)], "timeout": 20}, headers=key)
     assert status == 202 and [c["id"] for c in again["calls"]] == [c["id"] for c in batch["calls"]]
     assert {c["status"] for c in again["calls"]} == {"DONE"}
+    # The key with another request (here, no timeout) is refused: it names the first batch's calls.
+    status, other, _ = cluster.request("POST", "/v1/functions/echo/invoke-batch",
+                                       {"calls": [{"params": i} for i in range(40)]}, headers=key)
+    assert status == 409 and "another request" in other["error"]["message"], other
 
 
 def test_versions_runtimes_and_deletes(cluster: LocalCluster) -> None:
