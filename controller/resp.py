@@ -83,6 +83,8 @@ class RespConnection:
         """
         try:
             async with asyncio.timeout(self.timeout):
+                if self._reader is not None and self._reader.at_eof():
+                    await self.close()  # Redis closed it while idle (restarted, its idle timeout, CLIENT KILL)
                 if self._writer is None or self._writer.is_closing():
                     await self._connect()
                 return await self._roundtrip(commands)

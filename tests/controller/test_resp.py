@@ -62,6 +62,28 @@ def test_a_dropped_connection_raises_once_and_the_next_batch_reconnects(server: 
     admin.close()
 
 
+def test_a_connection_redis_closed_while_idle_is_not_used_again(server: RedisServer) -> None:
+    """Closed by Redis between two batches (a restart, its idle `timeout`, CLIENT KILL): the next batch was written
+    to the dead socket and failed (a 503, a DISPATCHED write lost) though nothing had been sent."""
+    admin = redis.Redis(port=server.port)
+
+    async def run() -> list[object]:
+        conn = RespConnection(server.url)
+        try:
+            assert await conn.execute([("PING",)]) == [b"PONG"]
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            for _ in range(500):  # until the close has reached this end
+                if conn._reader is None or conn._reader.at_eof():
+                    break
+                await asyncio.sleep(0.01)
+            return await conn.execute([("SET", "idle-closed", "1")])
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == [b"OK"]
+    admin.close()
+
+
 def test_password_and_database_from_the_url_and_a_wrong_password_is_a_store_error(server: RedisServer) -> None:
     admin = redis.Redis(port=server.port)
     admin.config_set("requirepass", "s3cret")
