@@ -289,16 +289,22 @@ class Store:
 
     def create_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
         """Store new calls in one write (they are in the durable queue, ``ACTIVE``, once it is done); the
-        indexes take the whole batch in one command each."""
+        indexes take the whole batch in one command each. The keys that lead to a call (its number, its
+        idempotency key) are kept as long as the call: their retention starts at its end, with its own (they
+        expired a retention after the call's creation, or the key's claim, even while it still waited)."""
         write: Write = []
         scored: list[Any] = []
         by_function: dict[str, list[Any]] = {}
+        idems: set[str] = set()
         for call in calls:
             call_id, created_ms = call["id"], int(call["created"] * 1000)
             write.append(("HSET", keys.call(call_id), *_flat(encode_call(call))))
-            write.append(("SET", keys.call_by_num(call["num"]), call_id, "EX", self.retention))
+            write.append(("SET", keys.call_by_num(call["num"]), call_id))
+            if call.get("idem"):
+                idems.add(str(call["idem"]))
             scored += (created_ms, call_id)
             by_function.setdefault(call["function"], []).extend((created_ms, call_id))
+        write += [("PERSIST", idem) for idem in sorted(idems)]
         write.append(("ZADD", keys.CALLS, *scored))
         write += [("ZADD", keys.calls_of(function), *members) for function, members in by_function.items()]
         write.append(("ZADD", keys.ACTIVE, *scored))

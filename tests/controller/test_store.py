@@ -215,6 +215,27 @@ def test_retention_counts_from_a_calls_end_and_pruning_keeps_calls_still_waiting
     asyncio.run(scenario())
 
 
+def test_a_calls_number_and_idempotency_key_live_while_it_waits(server: RedisServer) -> None:
+    """They expired a retention after the key's claim or the call's creation: a call still waiting past it (a
+    short retention, a long backlog) could no longer be found by its number, and a replay of its key made a
+    second call."""
+
+    async def scenario() -> None:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 2, server.url)
+        store.start()
+        assert await store.claim_idempotency("live", "fp w1") is None
+        waiting = dict(call(1, "lw", 8100), id="w1", idem=keys.idempotency("live"))
+        await store.create_calls([waiting])
+        assert await r.ttl(keys.idempotency("live")) == -1 and await r.ttl(keys.call_by_num(8100)) == -1
+        await store.update_call("w1", CallStatus.DONE, {"result": 1}, waiting)
+        assert 0 < await r.ttl(keys.idempotency("live")) <= 2 and 0 < await r.ttl(keys.call_by_num(8100)) <= 2
+        await store.close()
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_a_status_filter_that_matches_few_gives_short_pages_and_a_way_on(server: RedisServer,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("controller.store.LIST_SCAN_MAX", 150)
