@@ -94,7 +94,14 @@ PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
 #: Bytes of call records one listing page holds at most (at least one call): params and results can be MBs each,
 #: and a page of 1,000 of them took GBs of the controller's memory and its loop's time.
 LIST_BYTES_MAX = 8 << 20
-LIST_SCAN_MAX = 10_000  # calls one listing request reads at most (a status filter reads past non-matching ones)
+LIST_SCAN_MAX = 10_000
+#: Bytes of commands one pipeline of the writer carries at most (one write larger than that goes alone).
+WRITE_BATCH_BYTES = 8 << 20  # calls one listing request reads at most (a status filter reads past non-matching ones)
+
+
+def write_size(write: Write) -> int:
+    """About how many bytes a write's commands take on the wire (its arguments' lengths)."""
+    return sum(len(arg) if isinstance(arg, str | bytes) else 8 for command in write for arg in command)
 
 
 class Store:
@@ -135,8 +142,12 @@ class Store:
         while True:
             batch = [await self._writes.get()]
             await asyncio.sleep(0)  # one loop turn: the handlers ready now add their writes to this batch
-            while not self._writes.empty() and len(batch) < 1024:
+            size = write_size(batch[0][0])
+            # Bounded in writes and in bytes: one pipeline of 40 batches of MBs of params took over the 10 s a
+            # command may take, and every write in it failed (a 503 for calls Redis had stored), GBs held meanwhile.
+            while not self._writes.empty() and len(batch) < 1024 and size < WRITE_BATCH_BYTES:
                 batch.append(self._writes.get_nowait())
+                size += write_size(batch[-1][0])
             commands = [command for write, _ in batch for command in write]
             try:
                 replies = await self._conn.execute(commands)

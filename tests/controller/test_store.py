@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from controller import keys
-from controller.store import LIST_BYTES_MAX, Store
+from controller.store import LIST_BYTES_MAX, WRITE_BATCH_BYTES, Store, write_size
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.models import CallStatus
 
@@ -282,3 +282,30 @@ def test_the_endpoint_registry_keeps_the_latest_and_never_refuses(server: RedisS
         await r.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_writer_bounds_a_pipeline_in_bytes(server: RedisServer) -> None:
+    """Every queued write went into one pipeline (up to 1,024 of them): 40 batches of MBs of params at once took
+    over a command's 10 s, and every write in it failed, though Redis had stored the calls."""
+
+    async def scenario() -> list[int]:
+        r = Redis.from_url(server.url, decode_responses=True)
+        store = Store(r, 60, server.url)
+        sizes: list[int] = []
+        real = store._conn.execute
+
+        async def execute(commands: list[Any]) -> list[object]:
+            sizes.append(sum(write_size([c]) for c in commands))
+            return await real(commands)
+
+        store._conn.execute = execute  # type: ignore[method-assign]
+        store.start()
+        big = "x" * (3 << 20)
+        writes = [store.write([("SET", f"big-{n}", big)]) for n in range(5)]
+        await asyncio.gather(*writes)
+        assert await r.strlen("big-4") == 3 << 20
+        await store.close()
+        return sizes
+
+    sizes = asyncio.run(scenario())
+    assert len(sizes) == 2 and all(size <= WRITE_BATCH_BYTES + (3 << 20) for size in sizes), sizes  # (5 in 1)
