@@ -99,11 +99,6 @@ LIST_SCAN_MAX = 10_000
 WRITE_BATCH_BYTES = 8 << 20  # calls one listing request reads at most (a status filter reads past non-matching ones)
 
 
-def write_size(write: Write) -> int:
-    """About how many bytes a write's commands take on the wire (its arguments' lengths)."""
-    return sum(len(arg) if isinstance(arg, str | bytes) else 8 for command in write for arg in command)
-
-
 class Store:
     def __init__(self, redis: Redis, retention: float, url: str, metrics: ControllerMetrics | None = None,
                  timeout: float = 10.0) -> None:
@@ -111,7 +106,8 @@ class Store:
         self.retention = int(retention)
         self._conn = RespConnection(url, timeout)
         self.metrics = metrics if metrics is not None else ControllerMetrics()
-        self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
+        # Writes to make, each with its future and about how many bytes its calls' fields take (see write()).
+        self._writes: asyncio.Queue[tuple[Write, asyncio.Future[None], int]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._num_next = 0
         self._num_end = 0
@@ -142,24 +138,24 @@ class Store:
         while True:
             batch = [await self._writes.get()]
             await asyncio.sleep(0)  # one loop turn: the handlers ready now add their writes to this batch
-            size = write_size(batch[0][0])
+            size = batch[0][2]
             # Bounded in writes and in bytes: one pipeline of 40 batches of MBs of params took over the 10 s a
             # command may take, and every write in it failed (a 503 for calls Redis had stored), GBs held meanwhile.
             while not self._writes.empty() and len(batch) < 1024 and size < WRITE_BATCH_BYTES:
                 batch.append(self._writes.get_nowait())
-                size += write_size(batch[-1][0])
-            commands = [command for write, _ in batch for command in write]
+                size += batch[-1][2]
+            commands = [command for write, _, _ in batch for command in write]
             try:
                 replies = await self._conn.execute(commands)
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure; the writer lives on
                 log.error("store_write_failed", error=str(exc), writes=len(batch))
                 self.metrics.store_write_failures.inc(len(batch))
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(StoreError(f"redis is unavailable: {exc}"))
                 continue
             at = 0
-            for write, fut in batch:
+            for write, fut, _ in batch:
                 errors = [r for r in replies[at:at + len(write)] if isinstance(r, hiredis.ReplyError)]
                 at += len(write)
                 if fut.done():
@@ -171,9 +167,11 @@ class Store:
                 else:
                     fut.set_result(None)
 
-    def write(self, write: Write) -> asyncio.Future[None]:
+    def write(self, write: Write, size: int = 0) -> asyncio.Future[None]:
+        """Queue ``write`` for the writer; ``size``: about how many bytes its calls' fields take (params, results:
+        what can be large; the rest of a write is small), which bounds how many writes go in one pipeline."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait((write, fut))
+        self._writes.put_nowait((write, fut, size))
         return fut
 
     # ---- runtimes ------------------------------------------------------------------------------
@@ -307,9 +305,12 @@ class Store:
         scored: list[Any] = []
         by_function: dict[str, list[Any]] = {}
         idems: set[str] = set()
+        size = 0
         for call in calls:
             call_id, created_ms = call["id"], int(call["created"] * 1000)
-            write.append(("HSET", keys.call(call_id), *_flat(encode_call(call))))
+            mapping = encode_call(call)
+            size += sum(map(len, mapping.values()))
+            write.append(("HSET", keys.call(call_id), *_flat(mapping)))
             write.append(("SET", keys.call_by_num(call["num"]), call_id))
             if call.get("idem"):
                 idems.add(str(call["idem"]))
@@ -319,7 +320,7 @@ class Store:
         write.append(("ZADD", keys.CALLS, *scored))
         write += [("ZADD", keys.calls_of(function), *members) for function, members in by_function.items()]
         write.append(("ZADD", keys.ACTIVE, *scored))
-        return self.write(write)
+        return self.write(write, size)
 
     def uncreate_calls(self, calls: list[dict[str, Any]]) -> asyncio.Future[None]:
         """Remove what ``create_calls`` may have stored of ``calls`` (its answer was an error or never came, yet
@@ -357,7 +358,7 @@ class Store:
                     write.append(("EXPIRE", keys.call_by_num(record["num"]), self.retention))
                 if record.get("idem"):
                     write.append(("EXPIRE", str(record["idem"]), self.retention))
-        return self.write(write)
+        return self.write(write, sum(map(len, mapping.values())))
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(keys.call(call_id))

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from controller import keys
-from controller.store import LIST_BYTES_MAX, WRITE_BATCH_BYTES, Store, write_size
+from controller.store import LIST_BYTES_MAX, WRITE_BATCH_BYTES, Store
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.models import CallStatus
 
@@ -291,21 +291,21 @@ def test_the_writer_bounds_a_pipeline_in_bytes(server: RedisServer) -> None:
     async def scenario() -> list[int]:
         r = Redis.from_url(server.url, decode_responses=True)
         store = Store(r, 60, server.url)
-        sizes: list[int] = []
+        batches: list[int] = []
         real = store._conn.execute
 
         async def execute(commands: list[Any]) -> list[object]:
-            sizes.append(sum(write_size([c]) for c in commands))
+            batches.append(sum(1 for c in commands if c[0] == "HSET"))
             return await real(commands)
 
         store._conn.execute = execute  # type: ignore[method-assign]
         store.start()
-        big = "x" * (3 << 20)
-        writes = [store.write([("SET", f"big-{n}", big)]) for n in range(5)]
-        await asyncio.gather(*writes)
-        assert await r.strlen("big-4") == 3 << 20
+        big = [dict(call(n, "wb", 8200 + n), id=f"wb{n}", params="x" * (3 << 20)) for n in range(5)]
+        await asyncio.gather(*(store.create_calls([c]) for c in big))
+        assert await r.hget(keys.call("wb4"), "function") == "wb"
         await store.close()
-        return sizes
+        return batches
 
-    sizes = asyncio.run(scenario())
-    assert len(sizes) == 2 and all(size <= WRITE_BATCH_BYTES + (3 << 20) for size in sizes), sizes  # (5 in 1)
+    batches = asyncio.run(scenario())
+    assert batches == [3, 2], batches  # (all 5 in one before) up to the first write past WRITE_BATCH_BYTES
+    assert 2 * (3 << 20) < WRITE_BATCH_BYTES < 3 * (3 << 20)
