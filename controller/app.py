@@ -81,6 +81,7 @@ def create_app(config: ControllerConfig) -> web.Application:
         # Results the nodes sent are read and stored before the link closes (unread, their calls would run again
         # after the restart), and so is every dispatch.
         hub.catch_up(STOP_READ_SECONDS)
+        await service.settle_undos(STOP_SETTLE_SECONDS)
         await dispatcher.stop(STOP_SETTLE_SECONDS)
         await hub.close()
         await store.close()

@@ -68,6 +68,7 @@ class Service:
         self.collecting = asyncio.Lock()
         self.collect_pending = False
         self.background: set[asyncio.Task[int]] = set()
+        self.undoing: set[str] = set()  # calls whose creation (maybe applied, no id given) is still being undone
 
     # ---- runtimes ------------------------------------------------------------------------------
     async def register_runtime(self, data: Any) -> Runtime:
@@ -312,6 +313,9 @@ class Service:
         """Undo a creation write that failed as far as we know, until the undo lands: a timeout or a lost
         connection does not say whether Redis applied the write."""
 
+        ids = [call["id"] for call in calls]
+        self.undoing.update(ids)
+
         def landed(write: asyncio.Future[None]) -> None:
             if write.cancelled():
                 return  # the controller is stopping
@@ -319,8 +323,20 @@ class Service:
                 log.warning("creation_not_undone", calls=len(calls), retry_in_s=retry_after,
                             error=str(write.exception()))
                 asyncio.get_running_loop().call_later(retry_after, self._uncreate, calls, min(retry_after * 2, 10.0))
+                return
+            self.undoing.difference_update(ids)
 
         self.store.uncreate_calls(calls).add_done_callback(landed)
+
+    async def settle_undos(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the undos still being retried: at stop, one left undone would leave its
+        call in the store's active set, and the next start would run a call whose client got a 503 and no id."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.undoing and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.undoing:
+            log.error("creations_not_undone_at_stop", calls=len(self.undoing))
 
     async def _settle_claim(self) -> None:
         """Wait until the request that claimed a replayed key has stored its calls or given up: the first wait
@@ -330,9 +346,17 @@ class Service:
         await self.store.settled()
         await self.store.settled()
 
+    def _check_not_undoing(self, call_ids: list[str]) -> None:
+        """A replayed key whose call(s) could not be stored and are being removed (the creation may have landed
+        although it failed here): not named as if they stood, as they are about to go (a 503: try again)."""
+        if any(call_id in self.undoing for call_id in call_ids):
+            raise StoreError("the call this Idempotency-Key names could not be stored and is being removed; "
+                             "retry in a moment")
+
     async def _replayed(self, call_id: str) -> tuple[dict[str, Any], Pending | None]:
         """The call a replayed Idempotency-Key names, as it stands now."""
         await self._settle_claim()
+        self._check_not_undoing([call_id])
         pending = self.dispatcher.calls.get(call_id)
         if pending is not None:
             return dict(pending.record, status=pending.status), pending
@@ -344,6 +368,7 @@ class Service:
     async def _replayed_batch(self, call_ids: list[str]) -> list[dict[str, Any]]:
         """The calls of the batch a replayed Idempotency-Key names (``{id, status}``), as they stand now."""
         await self._settle_claim()
+        self._check_not_undoing(call_ids)
         statuses = await self.store.call_statuses(call_ids)
         for entry in statuses:
             if entry["status"] == "UNKNOWN" and (pending := self.dispatcher.calls.get(entry["id"])) is not None:

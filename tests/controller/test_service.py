@@ -334,3 +334,47 @@ def test_numbers_of_requests_refused_after_their_claim_are_handed_out_again(serv
         assert sorted(nums + more) == list(range(min(nums), min(nums) + 6))  # the refused ones' numbers reused
 
     run(server, tmp_path, scenario)
+
+
+def test_a_key_naming_a_call_being_undone_is_not_answered_with_it(server: RedisServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The creation landed but its answer was lost (503), its undo and the key's release failed: the client's
+    retry was answered 202 with that call, which never ran and was deleted by the undo a moment later. And a
+    controller stopping before the undo landed left the call to run at the next start."""
+    from redis.exceptions import RedisError
+
+    monkeypatch.setattr(service_module, "UNCREATE_RETRY_FIRST", 0.05)
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("ud")
+        real_uncreate, real_release = rig.store.uncreate_calls, rig.store.release_idempotency
+        failing = {"undo": 2, "release": 1}
+
+        def uncreate_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+            if failing["undo"]:
+                failing["undo"] -= 1
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                fut.set_exception(StoreError("redis is down"))
+                return fut
+            return real_uncreate(calls)
+
+        async def release_idempotency(key: str, value: str, batch: bool = False) -> None:
+            if failing["release"]:
+                failing["release"] -= 1
+                raise RedisError("redis is down")
+            await real_release(key, value, batch)
+
+        rig.store.uncreate_calls = uncreate_calls  # type: ignore[method-assign]
+        rig.store.release_idempotency = release_idempotency  # type: ignore[method-assign]
+        rig.landing_unanswered = 1
+        with pytest.raises(StoreError):
+            await rig.service.invoke("ud", 1, idempotency_key="k-undo")
+        call_id = rig.created[0]["id"]
+        assert await rig.store.get_call(call_id) is not None  # (applied, and not undone yet)
+        with pytest.raises(StoreError, match="being removed"):
+            await rig.service.invoke("ud", 1, idempotency_key="k-undo")  # the client's retry
+        await rig.service.settle_undos(10)  # (as the controller does when it stops)
+        assert not rig.service.undoing and await rig.store.get_call(call_id) is None
+        assert [c for c in await rig.store.active_calls() if c["function"] == "ud"] == []
+
+    run(server, tmp_path, scenario)
