@@ -266,10 +266,14 @@ class Service:
         created = self.store.create_calls([call for call, _ in made])
         try:
             await created
-        except StoreError:
+        except StoreError as exc:
+            reached = [call["id"] for call, pending in made if pending.node_id is not None]
             for call, _ in made:
                 self.dispatcher.withdraw(call["id"])
             self._uncreate([call for call, _ in made], UNCREATE_RETRY_FIRST)
+            if reached:  # (the write and the dispatch start together: a short function may have run already)
+                raise StoreError(f"{exc}; not accepted (no id), but {len(reached)} of the calls had reached a node, "
+                                 "which was asked to cancel them: they may have run") from None
             raise
         self.metrics.accepted.inc(len(made), function=made[0][1].function)
 

@@ -378,3 +378,20 @@ def test_a_key_naming_a_call_being_undone_is_not_answered_with_it(server: RedisS
         assert [c for c in await rig.store.active_calls() if c["function"] == "ud"] == []
 
     run(server, tmp_path, scenario)
+
+
+def test_a_503_for_a_call_that_had_reached_a_node_says_it_may_have_run(server: RedisServer, tmp_path: Path) -> None:
+    """The write and the dispatch start together: a short function can run before the creation's failure is known.
+    The 503 said only that Redis was unavailable, inviting a retry as if nothing had happened."""
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("mr")
+        for node in rig.hub.nodes.values():
+            node.ready.add("mr@1")
+        rig.landing_unanswered = 1
+        with pytest.raises(StoreError, match="may have run"):
+            await rig.service.invoke("mr", 1)
+        assert rig.hub.placed and (b"CANCEL", rig.created[0]["id"]) in rig.hub.sent
+        await rig.service.settle_undos(10)
+
+    run(server, tmp_path, scenario)
