@@ -2,7 +2,7 @@
 
     shoal runtime create --image pythonruntime --run "python3 test.py" [--name N] [--path /ws] [--dependencies CMD]
     shoal function upload dice ./examples/runtimes/python/dice --runtime pythonruntime [--entrypoint mod:fn]
-    shoal invoke dice --params '{"roll": "4d6"}' [--async] [--timeout S]
+    shoal invoke dice --params '{"roll": "4d6"}' [--async] [--timeout S] [--idempotency-key K]
     shoal invoke dice --batch params.jsonl     (one JSON params per line; all accepted, none awaited)
     shoal calls list [--function F] [--status S] | calls get ID | calls wait ID | calls cancel ID
     shoal nodes list | nodes get ID
@@ -12,23 +12,38 @@
 Every command takes ``--url`` (default ``$SHOAL_URL`` or http://127.0.0.1:3000) and ``--json`` (machine
 output); without ``--json`` it prints tables and shows progress for uploads and long waits. A controller
 with an API token wants it in ``$SHOAL_API_TOKEN`` (or in the file ``$SHOAL_API_TOKEN_FILE`` names).
+
+``invoke`` submits the call (``invoke-async``: the controller answers at once with its id) and then polls it,
+so that no request waits on the call: a call longer than any HTTP timeout is still waited for, and Ctrl-C (or
+SIGTERM, or a wait that ends without the outcome) always has the call's full id to report, with
+``shoal calls wait ID`` to pick it up again (under ``--json`` as a JSON object on stdout). Every invoke request
+carries an ``Idempotency-Key`` (``--idempotency-key K``, else one the CLI makes): the CLI retries a request whose
+fate it does not know with the same key, and the same command rerun with the key it reports makes nothing twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import http.client
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -47,8 +62,58 @@ console = Console(stderr=False)
 errors = Console(stderr=True)
 
 
+HTTP_TIMEOUT = 300.0  # seconds a request may take (no request of `invoke` waits on the call: see cmd_invoke)
+POLL_TIMEOUT = 30.0  # seconds a GET of a call may take (the controller's Redis commands are bounded at 10 s)
+POST_RETRIES = (0.5, 1.5)  # pauses before sending an invoke request again whose outcome is not known
+POLL_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)  # pauses before polling again: ~30 s, a controller restarting
+POLL_MIN, POLL_MAX = 0.01, 0.25  # seconds between polls: a tenth of the time waited so far, within these
+INVOKE_WAIT = 86400.0  # how long `invoke` waits for a call (its timeout is at most a day; it may queue first)
+
+
 class CliError(Exception):
-    pass
+    """One line for the user (exit code 2). ``status``: the HTTP status that gave it, if any; ``unsure``: the
+    request may or may not have been acted on (the connection broke or timed out once it was made, or a 5xx);
+    ``refused``: the request went nowhere (nothing listened, no such host); ``timed_out``: no answer in time.
+    A bad URL is none of these."""
+
+    def __init__(self, message: str, status: int | None = None, unsure: bool = False, refused: bool = False,
+                 timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.unsure, self.refused, self.timed_out = status, unsure, refused, timed_out
+
+
+class Unfinished(Exception):
+    """Calls the command leaves going without their outcome: interrupted, a wait that timed out, the controller
+    lost during a wait. ``main`` reports each one's full id (or the idempotency key it was sent with, when the
+    answer never came) and how to pick it up again: under --json as JSON on stdout, else on stderr."""
+
+    def __init__(self, calls: list[Tracked], *, interrupted: int = 0, reason: str = "", batch: bool = False,
+                 rerun_key: str | None = None, unsure: str = "") -> None:
+        super().__init__(reason or "interrupted")
+        self.calls = calls
+        self.interrupted = interrupted  # the signal that stopped the command (SIGINT, SIGTERM), else 0
+        self.reason = reason  # why it ended, if not interrupted
+        self.batch = batch  # the calls of `invoke --batch` (a list under --json, even of one)
+        self.rerun_key = rerun_key  # the --idempotency-key that makes the same command make nothing twice
+        self.unsure = unsure  # a request whose answer never came: what it may have made
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM while calls are waited for (``timeout 60 shoal invoke ...``): reported as Ctrl-C is."""
+
+    signum = signal.SIGTERM
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    raise Stopped()
+
+
+@dataclass
+class Tracked:
+    """A call the command made or waits for, as far as it knows it (what an interrupted command reports)."""
+
+    id: str | None = None
+    status: str | None = None
 
 
 def q(name: str) -> str:
@@ -69,7 +134,7 @@ class Client:
         self.auth = bearer(token)  # the controller's API token ($SHOAL_API_TOKEN or the file $SHOAL_API_TOKEN_FILE)
 
     def request(self, method: str, path: str, body: Any = None, data: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 300) -> Any:
+                headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> Any:
         hdrs = {**self.auth, **(headers or {})}
         if body is not None:
             data = json.dumps(body).encode()
@@ -87,9 +152,16 @@ class Client:
                 message = json.loads(raw)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = raw.decode("utf-8", "replace")[:500]
-            raise CliError(f"{method} {path}: HTTP {err.code}: {message}") from None
+            raise CliError(f"{method} {path}: HTTP {err.code}: {message}", status=err.code,
+                           unsure=err.code in (500, 502, 503, 504)) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:  # unreachable, not HTTP, a bad URL
-            raise CliError(f"cannot reach the controller at {self.url}: {exc}") from None
+            cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            bad_url = not isinstance(cause, OSError | http.client.HTTPException) or isinstance(
+                cause, http.client.InvalidURL)
+            refused = isinstance(cause, ConnectionRefusedError | FileNotFoundError | socket.gaierror) or (
+                isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH))
+            raise CliError(f"cannot reach the controller at {self.url}: {exc}", refused=refused,
+                           timed_out=isinstance(cause, TimeoutError), unsure=not bad_url and not refused) from None
         if status == 204 or not raw:
             return None
         return parse_json(raw, f"{method} {path}")
@@ -214,21 +286,85 @@ def cmd_function(args: argparse.Namespace, c: Client) -> None:
 CALL_COLS = ["id", "function", "version", "status", "node", "result", "error"]
 
 
-def wait_for(c: Client, call_id: str, human: bool, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=errors, disable=not human,
-                  transient=True) as progress:
-        task = progress.add_task(f"call {call_id[:12]}: waiting")
+def retrying(send: Callable[[], Any], pauses: Sequence[float], again: Callable[[CliError], bool]) -> Any:
+    """``send()``, sent again after each pause while it fails in a way ``again`` accepts."""
+    for pause in (*pauses, None):
+        try:
+            return send()
+        except CliError as exc:
+            if pause is None or not again(exc):
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def post_again(exc: CliError) -> bool:
+    """An invoke request is sent again (with its Idempotency-Key: the controller makes nothing twice) when the
+    connection broke after it went out or a proxy or the store failed (502/503/504); not when nothing listens
+    (the controller is down: say so at once), after a whole HTTP timeout, or on a 500 (it would fail again)."""
+    return exc.unsure and not exc.timed_out and exc.status != 500
+
+
+def poll_again(exc: CliError) -> bool:
+    """A poll of a call is sent again through any outage (a controller restarting refuses connections for a
+    while), not on an answer that says no (404, 401)."""
+    return exc.unsure or exc.refused
+
+
+def get_call(c: Client, call_id: str, again: Callable[[CliError], bool]) -> dict[str, Any]:
+    path = f"/v1/calls/{q(call_id)}"
+    call = retrying(lambda: c.request("GET", path, timeout=POLL_TIMEOUT), POLL_RETRIES, again)
+    if not isinstance(call, dict) or not isinstance(call.get("status"), str):
+        raise CliError(f"GET {path}: the answer is not a call: {str(call)[:200]!r}")
+    return call
+
+
+def wait_for(c: Client, tracked: Tracked, human: bool, timeout: float) -> Any:
+    """Poll the call until it ends (every POLL_MIN to POLL_MAX s: a quick call is seen ended within
+    milliseconds, a long one costs a few requests a second); ``tracked.status`` follows it. Unfinished if
+    ``timeout`` passes first. Until the controller has answered once (``tracked.status`` is None: `calls wait`
+    with a wrong URL) a refused connection is an error at once; after, it is an outage to wait through."""
+    assert tracked.id is not None
+    start = time.monotonic()
+    deadline = start + timeout
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=errors,
+                  disable=not human or not errors.is_terminal, transient=True) as progress:
+        task = progress.add_task(f"call {tracked.id}: {tracked.status or 'waiting'}")
         while True:
-            call = c.request("GET", f"/v1/calls/{q(call_id)}")
-            if not isinstance(call, dict) or not isinstance(call.get("status"), str):
-                raise CliError(f"GET /v1/calls/{q(call_id)}: the answer is not a call: {str(call)[:200]!r}")
-            progress.update(task, description=f"call {call_id[:12]}: {call['status']}")
+            call = get_call(c, tracked.id, poll_again if tracked.status is not None else lambda exc: exc.unsure)
+            tracked.status = call["status"]
+            progress.update(task, description=f"call {tracked.id}: {call['status']}")
             if call["status"] in TERMINAL:
                 return call
-            if time.monotonic() > deadline:
-                raise CliError(f"call {call_id} still {call['status']} after {timeout:g} s")
-            time.sleep(0.1)
+            now = time.monotonic()
+            if now >= deadline:
+                raise Unfinished([tracked], reason=f"call {tracked.id} still {call['status']} after {timeout:g} s")
+            time.sleep(min(max(POLL_MIN, (now - start) / 10), POLL_MAX, deadline - now))
+
+
+def idempotency_key(args: argparse.Namespace) -> str:
+    key: str | None = args.idempotency_key
+    if key is None:
+        return f"shoal-cli-{uuid.uuid4().hex}"
+    if not 1 <= len(key) <= 190 or not key.isascii() or not key.isprintable():
+        raise CliError("--idempotency-key must be 1-190 printable ASCII characters")
+    return key
+
+
+def submit(c: Client, path: str, body: dict[str, Any], key: str) -> Any:
+    """POST an invoke request with its Idempotency-Key, again (same key) if its fate is not known."""
+    return retrying(lambda: c.request("POST", path, body, headers={"Idempotency-Key": key}), POST_RETRIES,
+                    post_again)
+
+
+def accepted_call(answer: Any, what: str) -> dict[str, Any]:
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str) or not answer["id"]:
+        raise CliError(f"{what}: the answer is not an accepted call: {str(answer)[:200]!r}")
+    return answer
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    return int(exc.signum) if isinstance(exc, Stopped) else int(signal.SIGINT)
 
 
 BATCH_MAX = 1000  # calls per invoke-batch request (the controller's bound)
@@ -256,27 +392,53 @@ def read_params_lines(path: str) -> list[Any]:
 
 
 def cmd_invoke_batch(args: argparse.Namespace, c: Client) -> None:
+    """BATCH_MAX calls per request, request N with the Idempotency-Key ``KEY-N``: rerun with the same
+    --idempotency-key, the requests already accepted answer with their calls again and only the rest are made."""
     if args.params is not None or args.async_:
         raise CliError("--batch reads each call's params from its file and does not wait: no --params/--async")
     params = read_params_lines(args.batch)
+    key = idempotency_key(args)
+    path = f"/v1/functions/{q(args.name)}/invoke-batch"
+    requests = -(-len(params) // BATCH_MAX)
     accepted: list[dict[str, Any]] = []
-    for start in range(0, len(params), BATCH_MAX):
-        body: dict[str, Any] = {"calls": [{"params": p} for p in params[start:start + BATCH_MAX]]}
-        if args.timeout is not None:
-            body["timeout"] = args.timeout
-        try:
-            accepted += c.request("POST", f"/v1/functions/{q(args.name)}/invoke-batch", body)["calls"]
-        except CliError as exc:
-            if not accepted:
-                raise
-            # The earlier requests' calls are queued and will run: say which, so that a rerun does not repeat them.
-            show(args, accepted, ["id", "status", "location"], f"{len(accepted)} calls accepted")
-            raise CliError(f"only the first {len(accepted)} of {len(params)} calls were accepted (listed): {exc}") \
-                from None
+    in_flight = ""  # the request sent whose answer has not come
+    try:
+        for number, start in enumerate(range(0, len(params), BATCH_MAX), 1):
+            chunk = params[start:start + BATCH_MAX]
+            body: dict[str, Any] = {"calls": [{"params": p} for p in chunk]}
+            if args.timeout is not None:
+                body["timeout"] = args.timeout
+            in_flight = (f"request {number} of {requests} ({len(chunk)} call{'s' * (len(chunk) != 1)}) may have "
+                         "been accepted")
+            answer = submit(c, path, body, f"{key}-{number}")
+            made = answer.get("calls") if isinstance(answer, dict) else None
+            if not isinstance(made, list) or len(made) != len(chunk):
+                raise CliError(f"POST {path}: the answer does not list the {len(chunk)} calls sent: "
+                               f"{str(answer)[:200]!r}")
+            accepted += [accepted_call(call, f"POST {path}") for call in made]
+            in_flight = ""
+    except KeyboardInterrupt as exc:
+        raise Unfinished(listed(accepted), interrupted=signal_of(exc), batch=True, rerun_key=key, unsure=in_flight,
+                         reason=f"{len(accepted)} of {len(params)} calls accepted") from None
+    except CliError as exc:
+        if not accepted and not exc.unsure:
+            raise  # nothing was made
+        # The calls accepted are queued and will run: say which, and how to finish without repeating them.
+        reason = f"only the first {len(accepted)} of {len(params)} calls were accepted: {exc}" if accepted else str(exc)
+        raise Unfinished(listed(accepted), batch=True, rerun_key=key, unsure=in_flight if exc.unsure else "",
+                         reason=reason) from None
     show(args, accepted, ["id", "status", "location"], f"{len(accepted)} calls accepted")
 
 
+def listed(calls: list[dict[str, Any]]) -> list[Tracked]:
+    return [Tracked(call["id"], call.get("status")) for call in calls]
+
+
 def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
+    """Submit (invoke-async: the id comes at once), then poll the call: no request waits on the call, so its
+    length meets no HTTP timeout, and from the moment the POST is answered an interrupt has the id to report.
+    (The sync route would give a quick call's outcome a poll sooner, a few milliseconds; an interrupt during it
+    would have no id to give.)"""
     if args.batch is not None:
         cmd_invoke_batch(args, c)
         return
@@ -287,15 +449,69 @@ def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
     body: dict[str, Any] = {"params": params}
     if args.timeout is not None:
         body["timeout"] = args.timeout
-    if args.async_:
-        show(args, c.request("POST", f"/v1/functions/{q(args.name)}/invoke-async", body))
-        return
-    answer = c.request("POST", f"/v1/functions/{q(args.name)}/invoke", body)
-    if answer.get("status") not in TERMINAL:
-        answer = wait_for(c, answer["id"], not args.json, 86400)
-    show(args, answer, CALL_COLS)
-    if answer["status"] != "DONE":
+    key = idempotency_key(args)
+    path = f"/v1/functions/{q(args.name)}/invoke-async"
+    tracked = Tracked()
+    try:
+        answer = accepted_call(submit(c, path, body, key), f"POST {path}")
+        tracked.id, tracked.status = answer["id"], answer.get("status")
+        if args.async_:
+            show(args, answer)
+            return
+        call = wait_for(c, tracked, not args.json, INVOKE_WAIT)
+    except KeyboardInterrupt as exc:
+        raise Unfinished([tracked], interrupted=signal_of(exc), rerun_key=key,
+                         unsure="" if tracked.id else "the call may have been made") from None
+    except Unfinished as exc:
+        exc.rerun_key = key
+        raise
+    except CliError as exc:
+        if tracked.id is None and not exc.unsure:
+            raise  # nothing was made
+        raise Unfinished([tracked], reason=str(exc), rerun_key=key,
+                         unsure="" if tracked.id else "the call may have been made") from None
+    show(args, call, CALL_COLS)
+    if call["status"] != "DONE":
         sys.exit(1)
+
+
+def report(args: argparse.Namespace, exc: Unfinished) -> None:
+    """The calls an unfinished command leaves, each with its full id, and how to pick them up again: under
+    --json a JSON object on stdout (a list for a batch), always one line on stderr (and the ids above it)."""
+    if args.json:
+        entries: list[dict[str, Any]] = []
+        for call in exc.calls:
+            entry: dict[str, Any] = {"id": call.id, "status": call.status, "interrupted": bool(exc.interrupted)}
+            if exc.batch and call.id is not None:
+                entry["location"] = f"/v1/calls/{call.id}"
+            if exc.rerun_key is not None:
+                entry["idempotency_key"] = exc.rerun_key
+            if not exc.interrupted:
+                entry["error"] = exc.reason
+            entries.append(entry)
+        print(json.dumps(entries if exc.batch else entries[0]), flush=True)
+    elif exc.batch:  # plain lines: a table would cut ids to the terminal's width
+        for call in exc.calls:
+            print(f"{call.id} {call.status}", file=sys.stderr)
+    head = f"interrupted ({signal.Signals(exc.interrupted).name})" if exc.interrupted else "error"
+    if exc.batch:
+        what = f"{exc.reason}{' (listed)' if exc.calls else ''}"
+        if exc.unsure:
+            what += f"; {exc.unsure}"
+        hint = (f"rerun the same command with --idempotency-key {exc.rerun_key}: the requests already accepted "
+                "are not made again (their calls are listed again), the rest are sent")
+    elif (call_id := exc.calls[0].id) is not None:
+        state = f"call {call_id} ({exc.calls[0].status or 'status unknown'}) goes on"
+        gone_on = "it goes on" if call_id in exc.reason else state
+        what = state if exc.interrupted else f"{exc.reason}; {gone_on}"
+        hint = f"`shoal calls wait {call_id}` waits for it again" + (
+            f", `shoal calls cancel {call_id}` stops it" if exc.interrupted else "")
+    else:
+        what = "before the controller answered" if exc.interrupted else exc.reason
+        what += f"; {exc.unsure}" if exc.unsure else ""
+        hint = (f"rerun the same command with --idempotency-key {exc.rerun_key}: it makes the call only if it was "
+                "not made, and gives its id")
+    errors.print(Text.assemble((f"{head}: ", "red"), f"{what}: {hint}"), soft_wrap=True)
 
 
 def cmd_calls(args: argparse.Namespace, c: Client) -> None:
@@ -318,7 +534,15 @@ def cmd_calls(args: argparse.Namespace, c: Client) -> None:
     elif args.action == "get":
         show(args, c.request("GET", f"/v1/calls/{q(args.id)}"))
     elif args.action == "wait":
-        call = wait_for(c, args.id, not args.json, args.timeout)
+        tracked = Tracked(args.id)
+        try:
+            call = wait_for(c, tracked, not args.json, args.timeout)
+        except KeyboardInterrupt as exc:
+            raise Unfinished([tracked], interrupted=signal_of(exc)) from None
+        except CliError as exc:
+            if tracked.status is None or not poll_again(exc):
+                raise  # never reached, or an answer that says no: no such call, not allowed, not a call
+            raise Unfinished([tracked], reason=str(exc)) from None  # the controller lost for a while
         show(args, call, CALL_COLS)
         if call["status"] != "DONE":
             sys.exit(1)  # as `invoke` does: a script can tell a failed call
@@ -503,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--async", dest="async_", action="store_true")
     inv.add_argument("--batch", metavar="FILE",
                      help="many calls without waiting: one JSON params per line ('-': stdin)")
+    inv.add_argument("--idempotency-key", dest="idempotency_key", metavar="KEY",
+                     help="the same command rerun with the same KEY makes nothing twice: it answers with the call "
+                     "(or, with --batch, the calls) the first run made; without it the CLI makes a key, and "
+                     "reports it when a run is cut short")
 
     calls = sub.add_parser("calls", help="calls").add_subparsers(dest="action", required=True)
     lst = calls.add_parser("list")
@@ -552,7 +780,12 @@ COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invo
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    own_signals = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if own_signals else {}
     try:
+        if own_signals and args.command in ("invoke", "calls"):
+            # SIGTERM (`timeout 60 shoal invoke ...`, a CI job cancelled) is reported as Ctrl-C is.
+            signal.signal(signal.SIGTERM, _stop)
         try:
             token = token_from_env("SHOAL_API_TOKEN")
         except ConfigError as exc:
@@ -562,9 +795,18 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever the terminal's width, and the message as written (no rich markup in it).
         errors.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        errors.print("interrupted")  # a call being waited for goes on: `shoal calls wait ID` picks it up again
-        return 130
+    except Unfinished as exc:
+        if own_signals:  # a second Ctrl-C must not cut the report short
+            for sig in handlers:
+                signal.signal(sig, signal.SIG_IGN)
+        report(args, exc)
+        return 128 + exc.interrupted if exc.interrupted else 2
+    except KeyboardInterrupt as exc:
+        errors.print("interrupted")
+        return 128 + signal_of(exc)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
