@@ -13,12 +13,13 @@ Every command takes ``--url`` (default ``$SHOAL_URL`` or http://127.0.0.1:3000) 
 output); without ``--json`` it prints tables and shows progress for uploads and long waits. A controller
 with an API token wants it in ``$SHOAL_API_TOKEN`` (or in the file ``$SHOAL_API_TOKEN_FILE`` names).
 
-``invoke`` submits the call (``invoke-async``: the controller answers at once with its id) and then polls it,
-so that no request waits on the call: a call longer than any HTTP timeout is still waited for, and Ctrl-C (or
-SIGTERM, or a wait that ends without the outcome) always has the call's full id to report, with
-``shoal calls wait ID`` to pick it up again (under ``--json`` as a JSON object on stdout). Every invoke request
-carries an ``Idempotency-Key`` (``--idempotency-key K``, else one the CLI makes): the CLI retries a request whose
-fate it does not know with the same key, and the same command rerun with the key it reports makes nothing twice.
+``invoke`` submits the call (``invoke-async``: the controller answers at once with its id), then waits on it by
+replaying the request to the sync route with an explicit ``wait`` below the HTTP timeout, as many times as it
+takes: a call longer than any HTTP timeout is still waited for, and Ctrl-C (or SIGTERM, or a wait that ends
+without the outcome) always has the call's full id to report, with ``shoal calls wait ID`` to pick it up again
+(under ``--json`` as a JSON object on stdout). Every invoke request carries an ``Idempotency-Key``
+(``--idempotency-key K``, else one the CLI makes): the CLI sends a request whose fate it does not know again
+with the same key, and the same command rerun with the key it reports makes nothing twice.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ console = Console(stderr=False)
 errors = Console(stderr=True)
 
 
-HTTP_TIMEOUT = 300.0  # seconds a request may take (no request of `invoke` waits on the call: see cmd_invoke)
+HTTP_TIMEOUT = 300.0  # seconds a request may take (`invoke`'s waits are SYNC_WAIT each: see cmd_invoke)
 POLL_TIMEOUT = 30.0  # seconds a GET of a call may take (the controller's Redis commands are bounded at 10 s)
 POST_RETRIES = (0.5, 1.5)  # pauses before sending an invoke request again whose outcome is not known
 POLL_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)  # pauses before polling again: ~30 s, a controller restarting
 POLL_MIN, POLL_MAX = 0.01, 0.25  # seconds between polls: a tenth of the time waited so far, within these
+SYNC_WAIT = 50.0  # seconds `invoke` asks the sync route to wait per request: below HTTP_TIMEOUT, and below the
+# 60 s a proxy in front of the controller commonly allows a response to take
 INVOKE_WAIT = 86400.0  # how long `invoke` waits for a call (its timeout is at most a day; it may queue first)
 
 
@@ -319,11 +322,16 @@ def get_call(c: Client, call_id: str, again: Callable[[CliError], bool]) -> dict
     return call
 
 
-def wait_for(c: Client, tracked: Tracked, human: bool, timeout: float) -> Any:
-    """Poll the call until it ends (every POLL_MIN to POLL_MAX s: a quick call is seen ended within
-    milliseconds, a long one costs a few requests a second); ``tracked.status`` follows it. Unfinished if
-    ``timeout`` passes first. Until the controller has answered once (``tracked.status`` is None: `calls wait`
-    with a wrong URL) a refused connection is an error at once; after, it is an outage to wait through."""
+def wait_for(c: Client, tracked: Tracked, human: bool, timeout: float,
+             replay: Callable[[float], Any] | None = None) -> Any:
+    """Wait for the call until it ends; ``tracked.status`` follows it. Unfinished if ``timeout`` passes first.
+
+    ``replay(wait)``: the request that made the call, sent again with its Idempotency-Key to the sync route, which
+    answers with the call as it stands and waits up to ``wait`` s for its outcome (`invoke`: the outcome comes as
+    soon as it is stored). Without it, or once the controller refuses it (a 4xx), the call is polled: every
+    POLL_MIN to POLL_MAX s, a quick call is seen ended within milliseconds and a long one costs a few requests a
+    second. Until the controller has answered once (``tracked.status`` is None: `calls wait` with a wrong URL) a
+    refused connection is an error at once; after, it is an outage to wait through."""
     assert tracked.id is not None
     start = time.monotonic()
     deadline = start + timeout
@@ -331,15 +339,29 @@ def wait_for(c: Client, tracked: Tracked, human: bool, timeout: float) -> Any:
                   disable=not human or not errors.is_terminal, transient=True) as progress:
         task = progress.add_task(f"call {tracked.id}: {tracked.status or 'waiting'}")
         while True:
-            call = get_call(c, tracked.id, poll_again if tracked.status is not None else lambda exc: exc.unsure)
+            began = time.monotonic()
+            call = None
+            if replay is not None:
+                try:
+                    call = replay(max(0.0, min(SYNC_WAIT, deadline - began)))
+                except CliError as exc:
+                    if exc.status is None or exc.status >= 500:
+                        raise
+                    replay = None  # the route will not wait on it (409, an older controller's 404 or 429): poll
+            if call is None:
+                call = get_call(c, tracked.id, poll_again if tracked.status is not None else lambda exc: exc.unsure)
+            elif not isinstance(call, dict) or call.get("id") != tracked.id or not isinstance(call.get("status"), str):
+                raise CliError(f"the sync invoke replayed for call {tracked.id} answered: {str(call)[:200]!r}")
             tracked.status = call["status"]
             progress.update(task, description=f"call {tracked.id}: {call['status']}")
             if call["status"] in TERMINAL:
-                return call
+                # (a 202 naming a call that ended meanwhile has no outcome in it)
+                return call if "function" in call else get_call(c, tracked.id, poll_again)
             now = time.monotonic()
             if now >= deadline:
                 raise Unfinished([tracked], reason=f"call {tracked.id} still {call['status']} after {timeout:g} s")
-            time.sleep(min(max(POLL_MIN, (now - start) / 10), POLL_MAX, deadline - now))
+            if replay is None or now - began < SYNC_WAIT / 2:  # a poll, or a wait the controller cut short
+                time.sleep(min(max(POLL_MIN, (now - start) / 10), POLL_MAX, deadline - now))
 
 
 def idempotency_key(args: argparse.Namespace) -> str:
@@ -435,10 +457,11 @@ def listed(calls: list[dict[str, Any]]) -> list[Tracked]:
 
 
 def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
-    """Submit (invoke-async: the id comes at once), then poll the call: no request waits on the call, so its
-    length meets no HTTP timeout, and from the moment the POST is answered an interrupt has the id to report.
-    (The sync route would give a quick call's outcome a poll sooner, a few milliseconds; an interrupt during it
-    would have no id to give.)"""
+    """Submit (invoke-async: the id comes at once), then wait on the call through the sync route, the same
+    request replayed with its Idempotency-Key and an explicit ``wait`` (SYNC_WAIT, well within the HTTP timeout),
+    as many times as the call takes: the outcome comes as soon as it is stored, however long the call, and from
+    the moment the first POST is answered an interrupt has the id to report. (The sync route alone would save a
+    quick call one request, about a millisecond; an interrupt during it would have no id to give.)"""
     if args.batch is not None:
         cmd_invoke_batch(args, c)
         return
@@ -458,7 +481,13 @@ def cmd_invoke(args: argparse.Namespace, c: Client) -> None:
         if args.async_:
             show(args, answer)
             return
-        call = wait_for(c, tracked, not args.json, INVOKE_WAIT)
+        sync = f"/v1/functions/{q(args.name)}/invoke"
+
+        def replay(wait: float) -> Any:
+            return retrying(lambda: c.request("POST", sync, {**body, "wait": wait}, headers={"Idempotency-Key": key},
+                                              timeout=wait + POLL_TIMEOUT), POLL_RETRIES, poll_again)
+
+        call = wait_for(c, tracked, not args.json, INVOKE_WAIT, replay)
     except KeyboardInterrupt as exc:
         raise Unfinished([tracked], interrupted=signal_of(exc), rerun_key=key,
                          unsure="" if tracked.id else "the call may have been made") from None

@@ -28,21 +28,24 @@ GUARD = 60  # seconds to wait for the CLI to get somewhere before the test gives
 class Rig:
     """What the stand-in controller does and what it saw.
 
-    ``statuses``: what GET /v1/calls/ID answers in turn (the last one for ever); ``hold_from``: the POSTs from
-    this one on (1-based) are held unanswered until the test ends; ``drop_first``: the first POST is acted on
-    (its calls are made) but the connection closes without an answer; ``fail_polls``: the polls (1-based) that
-    get a 503; ``sync_holds``: a sync invoke without ``wait`` is held (a call longer than the client waits),
-    else it answers 202 at once, as when its wait has passed."""
+    A wait is a GET /v1/calls/ID or a sync invoke that says how long to wait (``wait``): ``statuses`` is what the
+    waits see in turn (the last one for ever); a sync invoke answers 200 with the call once it sees it ended, else
+    202 at once (the controller would hold it up to ``wait``: time runs faster here). ``hold_from``: the POSTs
+    from this one on (1-based) are held unanswered until the test ends; ``drop_first``: the first POST is acted on
+    (its calls are made) but the connection closes without an answer; ``fail_waits``: the waits (1-based) that get
+    a 503; ``refuse_sync``: the status a sync invoke that says how long to wait gets instead (409: a controller
+    that will not replay it); ``sync_holds``: a sync invoke that does not say how long to wait is held (a call
+    longer than the client waits), else it answers 202 at once, as when its wait has passed."""
 
     def __init__(self, statuses: tuple[str, ...] = ("QUEUED",), hold_from: int = 0, drop_first: bool = False,
-                 fail_polls: tuple[int, ...] = (), sync_holds: bool = False) -> None:
+                 fail_waits: tuple[int, ...] = (), refuse_sync: int = 0, sync_holds: bool = False) -> None:
         self.statuses, self.hold_from, self.drop_first = statuses, hold_from, drop_first
-        self.fail_polls, self.sync_holds = fail_polls, sync_holds
+        self.fail_waits, self.refuse_sync, self.sync_holds = fail_waits, refuse_sync, sync_holds
         self.posts: list[tuple[str, dict[str, str], Any]] = []
         self.made: dict[str | None, list[str]] = {}  # idempotency key -> the ids it made (None: no key)
-        self.polls = 0
+        self.waits: list[str] = []  # "GET" or "sync", in turn
         self.lock = threading.Lock()
-        # polled: a second poll came (an answer to the first arrived); held: a POST is held unanswered
+        # polled: a second wait came (an answer to the first arrived); held: a POST is held unanswered
         self.polled, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
 
     def make(self, key: str | None, count: int) -> list[str]:
@@ -52,6 +55,15 @@ class Rig:
             ids = [secrets.token_hex(16) for _ in range(count)]
             self.made.setdefault(key, []).extend(ids)
             return ids
+
+    def wait(self, kind: str) -> tuple[int, str]:
+        """A wait of ``kind`` comes: its number (1-based) and the status it sees."""
+        with self.lock:
+            self.waits.append(kind)
+            number = len(self.waits)
+        if number >= 2:
+            self.polled.set()
+        return number, self.statuses[min(number, len(self.statuses)) - 1]
 
 
 def controller(rig: Rig) -> type[BaseHTTPRequestHandler]:
@@ -63,6 +75,13 @@ def controller(rig: Rig) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
             self.wfile.write(raw)
+
+        def error(self, status: int, message: str) -> None:
+            self.answer(status, {"error": {"code": str(status), "message": message}})
+
+        def call(self, call_id: str, status: str) -> dict[str, Any]:
+            return {"id": call_id, "function": "f", "status": status,
+                    "result": {"ok": True} if status == "DONE" else None}
 
         def hold(self) -> None:
             rig.held.set()
@@ -77,15 +96,25 @@ def controller(rig: Rig) -> type[BaseHTTPRequestHandler]:
             if rig.hold_from and number >= rig.hold_from:
                 return self.hold()
             key = self.headers.get("Idempotency-Key")
+            sync = self.path.endswith("/invoke")
+            if sync and "wait" in body and rig.refuse_sync:
+                return self.error(rig.refuse_sync, "not replayed here")
+            if sync and "wait" not in body and rig.sync_holds:
+                return self.hold()
             if self.path.endswith("/invoke-batch"):
                 ids = rig.make(key, len(body["calls"]))
                 calls = [{"id": i, "status": "QUEUED", "location": f"/v1/calls/{i}"} for i in ids]
                 answer: tuple[int, Any] = (202, {"count": len(calls), "calls": calls})
-            elif self.path.endswith("/invoke") and "wait" not in body and rig.sync_holds:
-                return self.hold()
             else:
                 call_id = rig.make(key, 1)[0]
-                answer = (202, {"id": call_id, "status": "QUEUED", "location": f"/v1/calls/{call_id}"})
+                status = "QUEUED"
+                if sync and "wait" in body:
+                    waited, status = rig.wait("sync")
+                    if waited in rig.fail_waits:
+                        return self.error(503, "the store is failing")
+                    if status in ("DONE", "FAILED"):
+                        return self.answer(200, self.call(call_id, status))
+                answer = (202, {"id": call_id, "status": status, "location": f"/v1/calls/{call_id}"})
             if rig.drop_first and number == 1:
                 self.close_connection = True  # acted on, but the answer is lost
                 return None
@@ -93,19 +122,12 @@ def controller(rig: Rig) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             call_id = self.path.rsplit("/", 1)[-1]
-            with rig.lock:
-                rig.polls += 1
-                poll = rig.polls
-                known = any(call_id in ids for ids in rig.made.values())
-            if poll >= 2:
-                rig.polled.set()  # the CLI has had an answer to a poll
-            if poll in rig.fail_polls:
-                return self.answer(503, {"error": {"code": "unavailable", "message": "the store is failing"}})
-            if not known:
-                return self.answer(404, {"error": {"code": "not_found", "message": f"no call {call_id!r}"}})
-            status = rig.statuses[min(poll, len(rig.statuses)) - 1]
-            return self.answer(200, {"id": call_id, "function": "f", "status": status,
-                                     "result": {"ok": True} if status == "DONE" else None})
+            waited, status = rig.wait("GET")
+            if waited in rig.fail_waits:
+                return self.error(503, "the store is failing")
+            if not any(call_id in ids for ids in rig.made.values()):
+                return self.error(404, f"no call {call_id!r}")
+            return self.answer(200, self.call(call_id, status))
 
         def log_message(self, *_: Any) -> None:
             pass
@@ -206,7 +228,7 @@ def test_an_invoke_interrupted_before_its_answer_gives_the_key_to_rerun_with(sta
     rig.statuses = ("DONE",)
     done = run(url, "--json", "invoke", "f", "--params", "1", "--idempotency-key", key)
     assert done.returncode == 0, done.stderr
-    assert keys_sent(rig) == [key, key] and json.loads(done.stdout)["id"] in rig.made[key]
+    assert set(keys_sent(rig)) == {key} and rig.made[key] == [json.loads(done.stdout)["id"]]
 
 
 @pytest.mark.parametrize("json_out", [True, False])
@@ -241,23 +263,31 @@ def test_a_batch_interrupted_lists_the_calls_accepted(start: Any, tmp_path: Path
     assert keys_sent(rig)[2:] == [first, second]
 
 
-def test_every_invoke_request_carries_its_own_idempotency_key(start: Any, tmp_path: Path) -> None:
-    """And none is one the controller may hold as long as the call runs: a sync invoke would have to say how long
-    it waits (``wait``), below the CLI's HTTP timeout."""
+def test_every_invoke_request_carries_an_idempotency_key_and_a_wait_below_the_http_timeout(start: Any,
+                                                                                         tmp_path: Path) -> None:
+    """One key per call (the waits on it replay its request: the same key) and per batch request; a sync invoke
+    always says how long to wait, within the CLI's HTTP timeout (else the controller may hold it past that)."""
     lines = tmp_path / "params.jsonl"
     lines.write_text("".join(f"{i}\n" for i in range(1500)))  # two requests
     rig = Rig(statuses=("QUEUED", "RUNNING", "DONE"))
     url = start(rig)
+    keys: list[list[str | None]] = []
     for args in (["invoke", "f"], ["invoke", "f", "--async"], ["invoke", "f", "--batch", str(lines)],
                  ["invoke", "f", "--params", "[1]"]):
+        before = len(rig.posts)
         done = run(url, "--json", *args)
         assert done.returncode == 0, done.stderr
-    keys = keys_sent(rig)
-    assert len(keys) == 5 and all(keys) and len(set(keys)) == 5, keys
+        keys.append(keys_sent(rig)[before:])
+    assert all(key for command in keys for key in command), keys
+    invoked, submitted, batch, again = keys
+    assert len(set(invoked)) == len(set(again)) == 1 and len(submitted) == 1 and len(set(batch)) == len(batch) == 2
+    assert len({*invoked, *submitted, *batch, *again}) == 5
     from shoal import cli
 
     for path, _, body in rig.posts:
         assert not path.endswith("/invoke") or 0 <= body.get("wait", cli.HTTP_TIMEOUT) < cli.HTTP_TIMEOUT, body
+    # The outcome came from the sync route (no poll), and the last call's from the last of its waits.
+    assert "GET" not in rig.waits and json.loads(done.stdout)["status"] == "DONE"
 
 
 def test_a_call_that_outlives_the_http_timeout_is_waited_for(start: Any) -> None:
@@ -277,15 +307,27 @@ def test_a_call_that_outlives_the_http_timeout_is_waited_for(start: Any) -> None
 
 
 def test_a_request_whose_answer_was_lost_is_sent_again_with_the_same_key(start: Any) -> None:
-    """The first POST is acted on but its connection closes unanswered, and a poll meets a 503: the CLI sends the
-    POST again with the same key (the controller answers with the call already made) and polls on."""
-    rig = Rig(statuses=("QUEUED", "RUNNING", "DONE"), drop_first=True, fail_polls=(2,))
+    """The first POST is acted on but its connection closes unanswered, and a wait meets a 503: the CLI sends the
+    POST again with the same key (the controller answers with the call already made) and waits on."""
+    rig = Rig(statuses=("QUEUED", "RUNNING", "DONE"), drop_first=True, fail_waits=(2,))
     url = start(rig)
     done = run(url, "--json", "invoke", "f")
     assert done.returncode == 0, done.stderr
-    first, second = keys_sent(rig)
-    assert first and first == second and len(rig.made) == 1
+    first, second, *waits = keys_sent(rig)
+    assert first and first == second and set(waits) == {first} and len(rig.made) == 1
     assert json.loads(done.stdout)["id"] == rig.made[first][0]
+    assert rig.waits == ["sync", "sync", "sync"]  # the second got the 503
+
+
+def test_a_controller_that_will_not_replay_the_request_is_polled(start: Any) -> None:
+    """A sync invoke replayed with the key refused (409 here; a controller from before keys were bound to their
+    request answered a deleted function's or a full queue's replay with a 404 or a 429): the CLI polls the call."""
+    rig = Rig(statuses=("RUNNING", "RUNNING", "DONE"), refuse_sync=409)
+    url = start(rig)
+    done = run(url, "--json", "invoke", "f")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "DONE" and rig.waits == ["GET", "GET", "GET"]
+    assert [path.rsplit("/", 1)[1] for path, _, _ in rig.posts] == ["invoke-async", "invoke"]
 
 
 def test_a_wait_that_times_out_gives_the_id_as_json(start: Any) -> None:
