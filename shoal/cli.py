@@ -75,7 +75,8 @@ INVOKE_WAIT = 86400.0  # how long `invoke` waits for a call (its timeout is at m
 
 class CliError(Exception):
     """One line for the user (exit code 2). ``status``: the HTTP status that gave it, if any; ``unsure``: the
-    request may or may not have been acted on (the connection broke or timed out once it was made, or a 5xx);
+    request may or may not have been acted on (the connection broke or timed out once it was made, a 500, or a
+    proxy's 502/504);
     ``refused``: the request went nowhere (nothing listened, no such host); ``timed_out``: no answer in time.
     A bad URL is none of these."""
 
@@ -155,8 +156,9 @@ class Client:
                 message = json.loads(raw)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = raw.decode("utf-8", "replace")[:500]
+            # (a 503 is the controller's own "not accepted": its store failed, and it says if the call may have run)
             raise CliError(f"{method} {path}: HTTP {err.code}: {message}", status=err.code,
-                           unsure=err.code in (500, 502, 503, 504)) from None
+                           unsure=err.code in (500, 502, 504)) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:  # unreachable, not HTTP, a bad URL
             cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             bad_url = not isinstance(cause, OSError | http.client.HTTPException) or isinstance(
@@ -303,15 +305,16 @@ def retrying(send: Callable[[], Any], pauses: Sequence[float], again: Callable[[
 
 def post_again(exc: CliError) -> bool:
     """An invoke request is sent again (with its Idempotency-Key: the controller makes nothing twice) when the
-    connection broke after it went out or a proxy or the store failed (502/503/504); not when nothing listens
-    (the controller is down: say so at once), after a whole HTTP timeout, or on a 500 (it would fail again)."""
+    connection broke after it went out or a proxy in front failed (502/504); not when nothing listens (the
+    controller is down: say so at once), after a whole HTTP timeout, on a 500 (it would fail again), nor on the
+    controller's 503 (not accepted, but a call that had reached a node may have run: the user decides)."""
     return exc.unsure and not exc.timed_out and exc.status != 500
 
 
 def poll_again(exc: CliError) -> bool:
-    """A poll of a call is sent again through any outage (a controller restarting refuses connections for a
-    while), not on an answer that says no (404, 401)."""
-    return exc.unsure or exc.refused
+    """A wait on a call is sent again through any outage (a controller restarting refuses connections for a
+    while, its store fails: 503), not on an answer that says no (404, 401)."""
+    return exc.unsure or exc.refused or exc.status == 503
 
 
 def get_call(c: Client, call_id: str, again: Callable[[CliError], bool]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ class Rig:
                  fail_waits: tuple[int, ...] = (), refuse_sync: int = 0, sync_holds: bool = False) -> None:
         self.statuses, self.hold_from, self.drop_first = statuses, hold_from, drop_first
         self.fail_waits, self.refuse_sync, self.sync_holds = fail_waits, refuse_sync, sync_holds
+        self.refuse_posts = 0  # the status every POST gets instead, if set
         self.posts: list[tuple[str, dict[str, str], Any]] = []
         self.made: dict[str | None, list[str]] = {}  # idempotency key -> the ids it made (None: no key)
         self.waits: list[str] = []  # "GET" or "sync", in turn
@@ -95,6 +96,8 @@ def controller(rig: Rig) -> type[BaseHTTPRequestHandler]:
                 number = len(rig.posts)
             if rig.hold_from and number >= rig.hold_from:
                 return self.hold()
+            if rig.refuse_posts:
+                return self.error(rig.refuse_posts, "not accepted")
             key = self.headers.get("Idempotency-Key")
             sync = self.path.endswith("/invoke")
             if sync and "wait" in body and rig.refuse_sync:
@@ -350,3 +353,9 @@ def test_an_unknown_call_or_function_is_one_error_line_not_a_report(start: Any) 
     assert done.returncode == 2 and "cannot reach" in done.stderr and done.stdout == ""
     done = run(url, "invoke", "f", "--idempotency-key", "é")
     assert done.returncode == 2 and "--idempotency-key must be" in done.stderr and rig.posts == []
+    # The controller's 503 on an invoke is its "not accepted" (and it says when a call may have run anyway): said
+    # as it is, not sent again.
+    rig.refuse_posts = 503
+    done = run(url, "--json", "invoke", "f")
+    assert done.returncode == 2 and "HTTP 503: not accepted" in done.stderr and done.stdout == ""
+    assert len(rig.posts) == 1
