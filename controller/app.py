@@ -8,6 +8,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from controller.api import compat, openapi, v1
@@ -48,8 +51,11 @@ def create_app(config: ControllerConfig) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # Every command is bounded: a Redis that stops answering (paused, a network that drops packets) is an
         # unavailable store (503, retried writes), not requests and the liveness check waiting for ever.
+        # A pooled connection Redis closed (it restarted) fails the command sent on it: tried once more, on a new
+        # connection (each of them answered a 503 after a restart). Not after a timeout: that command may have run.
         redis = Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=config.redis_timeout,
-                               socket_connect_timeout=config.redis_timeout)
+                               socket_connect_timeout=config.redis_timeout, retry=Retry(NoBackoff(), 1),
+                               retry_on_error=[RedisConnectionError])
         await redis.ping()
         store = Store(redis, config.retention, config.redis_url, metrics, timeout=config.redis_timeout)
         store.start()

@@ -294,7 +294,8 @@ class Service:
         claimed = f"{fingerprint} {call_id}"
         if idempotency_key is not None:
             existing = await self.store.claim_idempotency(idempotency_key, claimed)
-            if existing is not None:  # claimed meanwhile by a request like this one
+            if existing is not None and existing != claimed:  # claimed meanwhile by a request like this one
+                # (our own value: the claim was tried again after a lost connection, and had landed)
                 self.store.give_back_call_nums([num])
                 return await self._replayed(bound_ids(existing, fingerprint))
         # No await from the claim to the queueing: a replay that finds the key finds the call in the dispatcher.
@@ -405,7 +406,7 @@ class Service:
         claimed = f"{fingerprint} {','.join(ids)}"
         if idempotency_key is not None:
             existing = await self.store.claim_idempotency(idempotency_key, claimed, batch=True)
-            if existing is not None:
+            if existing is not None and existing != claimed:  # (see invoke)
                 self.store.give_back_call_nums(nums)
                 return await self._replayed_batch(bound_ids(existing, fingerprint).split(","))
         # No await from the claim to the queueing (see _settle_claim).

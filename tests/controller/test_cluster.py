@@ -12,6 +12,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -308,6 +309,28 @@ def test_redis_down_answers_503_and_calls_are_taken_again_once_it_is_back(make_c
             break
         time.sleep(0.2)
     assert status == 200 and body["status"] == "DONE" and body["result"] == {"echo": 3}, body
+
+
+def test_after_a_redis_restart_no_request_fails_on_a_connection_it_closed(make_cluster: Any) -> None:
+    """Each connection the controller held to the old server failed the first command sent on it: up to 21
+    requests answered 503 after a restart, though Redis was back."""
+    cluster: LocalCluster = make_cluster(agents=1)
+    seed_runtime(cluster)
+    upload(cluster, "echo", ECHO, entrypoint="handler:handler")
+    wait_ready(cluster, "echo", 1)
+    call_id = submit(cluster, "echo", 1)
+    assert wait_call(cluster, call_id)["status"] == "DONE"
+    with ThreadPoolExecutor(8) as pool:  # several connections in the controller's pool, each used once
+        assert set(pool.map(lambda _: cluster.request("GET", f"/v1/calls/{call_id}")[0], range(32))) == {200}
+    redis = cluster._redis
+    assert redis is not None
+    redis.stop()
+    redis.start()  # (same port, same directory: the calls are back from its AOF)
+    statuses = [cluster.request("GET", path)[0] for _ in range(8)
+                for path in (f"/v1/calls/{call_id}", "/v1/runtimes", "/v1/functions")]
+    assert statuses == [200] * len(statuses)
+    status, body, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 2})
+    assert status == 200 and body["result"] == {"echo": 2}, body
 
 
 def test_calls_waiting_for_room_on_a_node_are_placed_as_its_calls_end(make_cluster: Any) -> None:
