@@ -114,58 +114,144 @@ def echo(params):
 """
 
 
-CELERY_CLIENT = """
-import sys, threading, time
-from celery_bench_app import echo
-threads, seconds = int(sys.argv[1]), float(sys.argv[2])
-echo.delay(0).get(timeout=60)
-done = [0] * threads
-start = time.monotonic()
-stop = start + seconds
-def client(i):
-    while time.monotonic() < stop:
-        echo.delay(1).get(timeout=30)
-        done[i] += 1
-workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
-for w in workers: w.start()
-for w in workers: w.join()
-print(sum(done), time.monotonic() - start)
+CLIENT = r"""
+# A load client: THREADS threads, each making calls one after another from START_AT (a wall-clock time, the same
+# for every client process of a run, so that they all start together after their imports and warm-up) for
+# SECONDS. Prints one JSON line: calls done and failed (a failure is counted, its reason kept, and the process
+# exits 1), the seconds from START_AT to its last call's end, and its CPU seconds (user + system) meanwhile.
+# MODE: celery-sync (delay().get()), celery-submit (delay()), shoal-sync (POST invoke on a keep-alive
+# connection, 200 and DONE checked), shoal-async (POST invoke-async, 202 checked).
+import http.client, json, resource, sys, threading, time
+from urllib.parse import urlsplit
+
+mode, threads, start_at, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+if mode.startswith("celery"):
+    from celery_bench_app import echo
+
+    if mode == "celery-sync":
+        echo.delay(0).get(timeout=60)  # warm-up: the connections, and the worker is there
+
+        def make():
+            def call():
+                if echo.delay(1).get(timeout=30) != 1:
+                    raise RuntimeError("wrong result")
+            return call
+    else:
+        echo.delay(0)  # warm-up: one task, left in the queue (counted by the caller)
+
+        def make():
+            return lambda: echo.delay(1)
+else:
+    url = urlsplit(sys.argv[5])
+    body, headers = b'{"params": 1}', {"Content-Type": "application/json"}
+    expect = 200 if mode == "shoal-sync" else 202
+
+    def make():
+        conn = [http.client.HTTPConnection(url.hostname, url.port, timeout=60)]
+
+        def call():
+            try:
+                conn[0].request("POST", url.path, body, headers)
+                resp = conn[0].getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException):
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                raise
+            if resp.status != expect:
+                raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+            out = json.loads(data)
+            if expect == 200 and (out.get("status") != "DONE" or out.get("result") != 1):
+                raise RuntimeError(f"not DONE with the result: {out}")
+            if expect == 202 and not out.get("id"):
+                raise RuntimeError(f"no call id: {out}")
+
+        conn[0].request("GET", "/ping")  # warm-up: the connection is open (and makes no call)
+        conn[0].getresponse().read()
+        return call
+
+calls = [make() for _ in range(threads)]
+margin = start_at - time.time()
+if margin < 0:
+    print(json.dumps({"error": f"ready {-margin:.2f} s after the common start time"}), flush=True)
+    sys.exit(3)
+done, failed, errors = [0] * threads, [0] * threads, []
+stop = start_at + seconds
+
+
+def run(i):
+    time.sleep(max(0.0, start_at - time.time()))
+    while time.time() < stop:
+        try:
+            calls[i]()
+        except Exception as exc:
+            failed[i] += 1
+            if len(errors) < 5:
+                errors.append(repr(exc)[:300])
+        else:
+            done[i] += 1
+
+
+cpu0 = cpu()
+workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+print(json.dumps({"done": sum(done), "failed": sum(failed), "errors": errors, "elapsed": time.time() - start_at,
+                  "cpu_s": cpu() - cpu0, "margin_s": margin}), flush=True)
+sys.exit(1 if sum(failed) else 0)
 """
 
 
-CELERY_SUBMITTER = """
-import sys, time
-from celery_bench_app import echo
-seconds = float(sys.argv[1])
-echo.delay(0)
-done = 0
-start = time.monotonic()
-stop = start + seconds
-while time.monotonic() < stop:
-    echo.delay(1)
-    done += 1
-print(done, time.monotonic() - start)
-"""
+def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[str, str], workdir: Path,
+                target: str = "") -> dict[str, Any]:
+    """``procs`` client processes of ``threads`` threads running :data:`CLIENT` in ``mode``, all from one common
+    start time (a few seconds ahead: their imports and warm-up are not in the figure). Calls/s over all of them,
+    and their CPU per call. A client that failed a call, started late or did not end is an error, not a figure
+    (the processes left are killed)."""
+    start_at = time.time() + 2.0 + 0.75 * procs  # time to import and warm up, for every process at once
+    clients = [subprocess.Popen([sys.executable, "-c", CLIENT, mode, str(threads), repr(start_at), str(seconds),
+                                 target], env=env, cwd=workdir, stdout=subprocess.PIPE, text=True)
+               for _ in range(procs)]
+    deadline = start_at + seconds + 120
+    outputs = []
+    try:
+        for c in clients:
+            out = c.communicate(timeout=max(1.0, deadline - time.time()))[0]
+            lines = out.strip().splitlines()
+            result = json.loads(lines[-1]) if lines else {}
+            if c.returncode or "error" in result:
+                raise RuntimeError(f"a {mode} client ({procs}x{threads}) exited {c.returncode}: "
+                                   f"{result or 'no output'}")
+            outputs.append(result)
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    calls = sum(o["done"] for o in outputs)
+    elapsed = max(o["elapsed"] for o in outputs)
+    cpu = sum(o["cpu_s"] for o in outputs)
+    return {"per_s": calls / elapsed, "calls": calls, "seconds": elapsed, "client_cpu_s": cpu,
+            "client_cpu_us_per_call": cpu / max(calls, 1) * 1e6, "start_margin_s": min(o["margin_s"] for o in outputs)}
 
 
-def run_clients(script: str, args: list[str], env: dict[str, str], workdir: Path, procs: int,
-                timeout: float) -> float:
-    """Tasks/s over ``procs`` client processes running ``script``; each prints "<tasks> <seconds>"."""
-    clients = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=workdir,
-                                stdout=subprocess.PIPE, text=True) for _ in range(procs)]
-    outputs = [c.communicate(timeout=timeout)[0].split() for c in clients]
-    return sum(int(done) for done, _ in outputs) / max(float(elapsed) for _, elapsed in outputs)
-
-
-def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> float:
+def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> dict[str, Any]:
     """Tasks/s sent with ``delay()`` (results not awaited) by ``procs`` client processes."""
-    return run_clients(CELERY_SUBMITTER, [str(seconds)], env, workdir, procs, seconds + 120)
+    return run_clients("celery-submit", procs, 1, seconds, env, workdir)
 
 
-def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> float:
-    """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched (each
-    client counts from its first task on, after its imports, so start-up is not in the figure)."""
-    return run_clients(CELERY_CLIENT, [str(threads), str(seconds)], env, workdir, procs, seconds + 120)
+def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> dict[str, Any]:
+    """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched."""
+    return run_clients("celery-sync", procs, threads, seconds, env, workdir)
 
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
@@ -245,7 +331,7 @@ class CeleryPeer:
             samples.append(time.perf_counter() - t0)
         return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000}
 
-    def saturation(self) -> dict[str, float]:
+    def saturation(self) -> dict[str, dict[str, Any]]:
         """Tasks/s with results fetched. The client must not be what limits Celery: one process of 32 threads
         and 4 processes of 8 threads (the GIL) are tried, and Celery's better figure is its figure."""
         return {f"{procs}x{threads}": celery_clients(self.env, self.workdir, procs, threads, self.seconds)
@@ -263,12 +349,12 @@ class CeleryPeer:
         try:
             for procs in (1, 2):
                 flush.flushdb()
-                submits[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))
+                submits[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))["per_s"]
             stop_group(self.worker)
             self.worker = None
             for procs in (1, 2):
                 flush.flushdb()
-                alone[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))
+                alone[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))["per_s"]
         finally:
             flush.close()
         return {"submits_per_s": max(submits.values()), "submits_by_procs": submits,
@@ -483,9 +569,9 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
                            "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,
                            "p99_ms": max(first["p99_ms"], second["p99_ms"]), "non_2xx": 0,
                            "requests": first["requests"] + second["requests"], "rounds": [first, second]}
-        best = [max(r.values()) for r in rounds]
+        best = [max(r["per_s"] for r in rnd.values()) for rnd in rounds]
         peer.update(rps_saturation=sum(best) / 2, rounds=rounds,
-                    clients=max(rounds[0], key=lambda k: rounds[0][k] + rounds[1][k]),
+                    clients=max(rounds[0], key=lambda k: rounds[0][k]["per_s"] + rounds[1][k]["per_s"]),
                     ratio_by_round=[first["rps"] / best[0], second["rps"] / best[1]])
         out["sync_c32_pool4"] = sync_run("sync c=32, 2-4 containers per node",
                                          cluster.url + "/v1/functions/echo4/invoke", 32)
