@@ -54,31 +54,52 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ---- wrk ---------------------------------------------------------------------------------------
-def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
+SLOW_MS = 5  # the c=1 p99 target: calls slower than this are counted
+
+
+def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, Any]:
+    """wrk's figures, its latency tail from its whole histogram (max, and calls over SLOW_MS), and its own CPU
+    per request (the client's cost, for comparison with the Python clients')."""
+    import resource
+
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     with script:
         script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                      'wrk.headers["Content-Type"] = "application/json"\n'
                      "done = function(summary, latency, requests)\n"
+                     "  local slow = 0\n"
+                     "  for i = 1, #latency do\n"  # each distinct latency (us) recorded, and its count
+                     "    local us, count = latency(i)\n"
+                     f"    if us > {SLOW_MS * 1000} then slow = slow + count end\n"
+                     "  end\n"
                      "  io.write(string.format('P50 %d\\nP99 %d\\n', latency:percentile(50), latency:percentile(99)))\n"
+                     "  io.write(string.format('MAX %d\\nSLOW %d\\n', latency.max, slow))\n"
                      "  io.write(string.format('NON2XX %d\\n', summary.errors.status))\n"
                      "end\n")
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # --timeout: a slow answer is counted (as a socket timeout, which fails the run), not dropped from the
         # latency histogram as wrk's default 2 s would.
         out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout",
                               "60s", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
     finally:
         os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = int(re.search(r"P50 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
-    p99 = int(re.search(r"P99 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
-    non2xx = int(re.search(r"NON2XX (\d+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def field(pattern: str) -> str:
+        found = re.search(pattern, out)
+        if found is None:
+            raise RuntimeError(f"wrk's output has no {pattern!r}: {out}")
+        return found.group(1)
+
+    requests = int(field(r"(\d+) requests in"))
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    socket_errors = sum(int(n) for n in errors.groups()) if errors else 0
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx, "requests": requests,
-            "socket_errors": socket_errors}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"rps": float(field(r"Requests/sec:\s+([\d.]+)")), "p50_ms": int(field(r"P50 (\d+)")) / 1000,
+            "p99_ms": int(field(r"P99 (\d+)")) / 1000, "max_ms": int(field(r"MAX (\d+)")) / 1000,
+            "over_slow_ms": int(field(r"SLOW (\d+)")), "non_2xx": int(field(r"NON2XX (\d+)")), "requests": requests,
+            "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0, "client_cpu_s": cpu,
+            "client_cpu_us_per_call": cpu / max(requests, 1) * 1e6}
 
 
 def outcomes(cluster: LocalCluster) -> dict[str, float]:
@@ -96,8 +117,8 @@ def verified(cluster: LocalCluster, what: str, before: dict[str, float], res: di
     after = outcomes(cluster)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     done = sum(v for k, v in delta.items() if k.endswith(":DONE"))
-    if any(not k.endswith(":DONE") for k in delta) or res["non_2xx"] or res["socket_errors"] or done < calls:
-        raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; wrk: {res}); no figure")
+    if any(not k.endswith(":DONE") for k in delta) or res.get("non_2xx") or res.get("socket_errors") or done < calls:
+        raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; client: {res}); no figure")
 
 
 # ---- celery ------------------------------------------------------------------------------------
@@ -211,8 +232,8 @@ sys.exit(1 if sum(failed) else 0)
 """
 
 
-def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[str, str], workdir: Path,
-                target: str = "") -> dict[str, Any]:
+def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[str, str] | None = None,
+                workdir: Path | None = None, target: str = "") -> dict[str, Any]:
     """``procs`` client processes of ``threads`` threads running :data:`CLIENT` in ``mode``, all from one common
     start time (a few seconds ahead: their imports and warm-up are not in the figure). Calls/s over all of them,
     and their CPU per call. A client that failed a call, started late or did not end is an error, not a figure
@@ -242,6 +263,19 @@ def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[s
     cpu = sum(o["cpu_s"] for o in outputs)
     return {"per_s": calls / elapsed, "calls": calls, "seconds": elapsed, "client_cpu_s": cpu,
             "client_cpu_us_per_call": cpu / max(calls, 1) * 1e6, "start_margin_s": min(o["margin_s"] for o in outputs)}
+
+
+CLIENT_SHAPES = ((1, 32), (4, 8))  # client processes x threads at saturation (more processes: less of the GIL)
+
+
+def best_of_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One system's figure from rounds that each tried every client shape: the mean of each round's best rate,
+    the shape that did best over the rounds, and that shape's client CPU per call."""
+    best = [max(r["per_s"] for r in rnd.values()) for rnd in rounds]
+    shape = max(rounds[0], key=lambda k: sum(rnd[k]["per_s"] for rnd in rounds))
+    return {"per_s": statistics.fmean(best), "best_by_round": best, "clients": shape,
+            "client_cpu_us_per_call": statistics.fmean(rnd[shape]["client_cpu_us_per_call"] for rnd in rounds),
+            "rounds": rounds}
 
 
 def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> dict[str, Any]:
@@ -329,13 +363,18 @@ class CeleryPeer:
             t0 = time.perf_counter()
             self.task.delay(i).get(timeout=10)
             samples.append(time.perf_counter() - t0)
-        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000}
+        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000,
+                "max_ms": max(samples) * 1000, "over_slow_ms": sum(x * 1000 > SLOW_MS for x in samples),
+                "requests": len(samples)}
 
-    def saturation(self) -> dict[str, dict[str, Any]]:
-        """Tasks/s with results fetched. The client must not be what limits Celery: one process of 32 threads
-        and 4 processes of 8 threads (the GIL) are tried, and Celery's better figure is its figure."""
-        return {f"{procs}x{threads}": celery_clients(self.env, self.workdir, procs, threads, self.seconds)
-                for procs, threads in ((1, 32), (4, 8))}
+    def saturation(self, label: str) -> dict[str, dict[str, Any]]:
+        """Tasks/s with results fetched, for each of CLIENT_SHAPES (processes x threads): the client must not be
+        what limits Celery, and its better figure is its figure."""
+        out = {}
+        for procs, threads in CLIENT_SHAPES:
+            print(f"  celery delay().get() at saturation, {procs}x{threads} clients ({label})...", flush=True)
+            out[f"{procs}x{threads}"] = celery_clients(self.env, self.workdir, procs, threads, self.seconds)
+        return out
 
     def submissions(self) -> dict[str, Any]:
         """``delay()`` submissions/s, each run on an empty queue: with the worker running the tasks on the same
@@ -553,26 +592,42 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
             verified(cluster, label, before, res, int(res["requests"]))
             return res
 
-        # In turns with the peer: latency, Shoal then Celery; saturation in the order Shoal, Celery, Celery,
-        # Shoal, so that a steady change in the host's speed weighs on both alike.
+        def python_run(label: str) -> dict[str, dict[str, Any]]:
+            """Shoal driven as Celery is: the same client shapes, each thread making sync invokes one after another
+            on its keep-alive connection (http.client), the answer's status and result checked."""
+            shapes = {}
+            for procs, threads in CLIENT_SHAPES:
+                print(f"  shoal sync at saturation, Python {procs}x{threads} clients ({label})...", flush=True)
+                before = outcomes(cluster)
+                res = run_clients("shoal-sync", procs, threads, seconds, target=url)
+                verified(cluster, f"sync, Python clients {procs}x{threads}", before, res, res["calls"])
+                shapes[f"{procs}x{threads}"] = res
+            return shapes
+
+        # In turns with the peer: latency, Shoal then Celery; saturation in the order Shoal (wrk, then Python
+        # clients), Celery, Celery, Shoal (Python clients, then wrk), so that a steady change in the host's speed
+        # weighs on both alike.
         out["sync_c1"] = sync_run("sync c=1", url, 1)
         print("  celery delay().get() one after another...", flush=True)
         peer.update(peer_stack.latency())
         first = sync_run("sync c=32 (round 1)", url, 32)
-        rounds = []
-        for n in (1, 2):
-            print(f"  celery at saturation (round {n})...", flush=True)
-            rounds.append(peer_stack.saturation())
+        python_rounds = [python_run("round 1")]
+        celery_rounds = [peer_stack.saturation("round 1"), peer_stack.saturation("round 2")]
+        python_rounds.append(python_run("round 2"))
         second = sync_run("sync c=32 (round 2)", url, 32)
-        # Both rounds: the mean rate and p50 (each round's p50 is wrk's), the worse p99.
+        # Both rounds: the mean rate and p50 (each round's p50 is wrk's), the worse p99 and max.
         out["sync_c32"] = {"rps": (first["rps"] + second["rps"]) / 2,
                            "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,
-                           "p99_ms": max(first["p99_ms"], second["p99_ms"]), "non_2xx": 0,
-                           "requests": first["requests"] + second["requests"], "rounds": [first, second]}
-        best = [max(r["per_s"] for r in rnd.values()) for rnd in rounds]
-        peer.update(rps_saturation=sum(best) / 2, rounds=rounds,
-                    clients=max(rounds[0], key=lambda k: rounds[0][k]["per_s"] + rounds[1][k]["per_s"]),
-                    ratio_by_round=[first["rps"] / best[0], second["rps"] / best[1]])
+                           "p99_ms": max(first["p99_ms"], second["p99_ms"]),
+                           "max_ms": max(first["max_ms"], second["max_ms"]), "non_2xx": 0,
+                           "requests": first["requests"] + second["requests"],
+                           "client_cpu_us_per_call": (first["client_cpu_s"] + second["client_cpu_s"])
+                           / (first["requests"] + second["requests"]) * 1e6, "rounds": [first, second]}
+        python = out["sync_python"] = best_of_rounds(python_rounds)
+        saturation = peer["saturation"] = best_of_rounds(celery_rounds)
+        celery_best = saturation["best_by_round"]
+        out["ratio_wrk_by_round"] = [first["rps"] / celery_best[0], second["rps"] / celery_best[1]]
+        out["ratio_python_by_round"] = [p / c for p, c in zip(python["best_by_round"], celery_best, strict=True)]
         out["sync_c32_pool4"] = sync_run("sync c=32, 2-4 containers per node",
                                          cluster.url + "/v1/functions/echo4/invoke", 32)
         print("  shoal async submissions...", flush=True)
@@ -642,16 +697,33 @@ def main() -> int:
 
 def report(r: dict[str, Any]) -> None:
     s, c = r["shoal"], r["celery"]
+    c1, c32, py, sat = s["sync_c1"], s["sync_c32"], s["sync_python"], c["saturation"]
+
+    def slow(res: dict[str, Any]) -> str:
+        return (f"max {res['max_ms']:.1f} ms, {res['over_slow_ms']} of {res['requests']} over {SLOW_MS} ms "
+                f"({res['over_slow_ms'] / max(res['requests'], 1):.2%})")
+
     rows = [
-        ("sync c=1", f"p50 {s['sync_c1']['p50_ms']:.2f} ms  p99 {s['sync_c1']['p99_ms']:.2f} ms  "
-                     f"({s['sync_c1']['rps']:.0f}/s)   celery delay().get() p50 {c['p50_ms']:.2f} ms  "
-                     f"p99 {c['p99_ms']:.2f} ms"),
-        ("sync c=32", f"p50 {s['sync_c32']['p50_ms']:.2f} ms  p99 {s['sync_c32']['p99_ms']:.2f} ms  "
-                      f"({s['sync_c32']['rps']:.0f}/s; 2-4 containers per node: {s['sync_c32_pool4']['rps']:.0f}/s)"),
-        ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s "
-                                  f"({c['clients']} client procs x threads)   "
-                                  f"= {s['sync_c32']['rps'] / c['rps_saturation']:.2f}x celery (by round: "
-                                  + ", ".join(f"{x:.2f}x" for x in c["ratio_by_round"]) + ")"),
+        ("sync c=1", f"shoal p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  {slow(c1)}  "
+                     f"({c1['rps']:.0f}/s, wrk)\n"
+                     f"celery delay().get() p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}\n"
+                     "(closed loop: one call at a time, so a slow call delays the next instead of being counted "
+                     "in it; the max and the count over 5 ms show the tail)"),
+        ("sync c=32", f"p50 {c32['p50_ms']:.2f} ms  p99 {c32['p99_ms']:.2f} ms  max {c32['max_ms']:.1f} ms  "
+                      f"({c32['rps']:.0f}/s, wrk; 2-4 containers per node: {s['sync_c32_pool4']['rps']:.0f}/s)"),
+        ("calls/s at saturation",
+         f"shoal driven by wrk (C, 32 connections): {c32['rps']:.0f}/s = {c32['rps'] / sat['per_s']:.2f}x celery "
+         f"(by round: {', '.join(f'{x:.2f}x' for x in s['ratio_wrk_by_round'])})\n"
+         f"shoal driven by Python clients as celery is (http.client, best of {'/'.join(py['rounds'][0])} procs x "
+         f"threads: {py['clients']}): {py['per_s']:.0f}/s = {py['per_s'] / sat['per_s']:.2f}x celery (by round: "
+         f"{', '.join(f'{x:.2f}x' for x in s['ratio_python_by_round'])})\n"
+         f"celery delay().get() (best of {'/'.join(sat['rounds'][0])}: {sat['clients']}): {sat['per_s']:.0f}/s\n"
+         "(each the mean of 2 rounds, in the order shoal wrk, shoal Python, celery, celery, shoal Python, "
+         "shoal wrk)"),
+        ("client CPU per call", f"wrk {c32['client_cpu_us_per_call']:.0f} us; shoal's Python clients "
+                                f"{py['client_cpu_us_per_call']:.0f} us; celery's "
+                                f"{sat['client_cpu_us_per_call']:.0f} us "
+                                "(user + system, at saturation, on the same 2 cores as the servers)"),
         ("async submissions/s", f"one per request: {s['async_c32']['rps']:.0f}/s accepted (non-2xx "
                                 f"{s['async_c32']['non_2xx']}); all {s['async_c32']['requests']} ran at "
                                 f"{s['async_completed_per_s']:.0f}/s"),
