@@ -486,7 +486,7 @@ def durable_calls(url: str) -> int:
 
 # ---- shoal ---------------------------------------------------------------------------------------
 def big_archive() -> bytes:
-    """A 200 MB tar.gz of random bytes (compression level 1: it does not shrink, and takes little to make)."""
+    """A tar.gz of 200 MiB of random bytes (compression level 1: it does not shrink, and takes little to make)."""
     import io
     import tarfile
 
@@ -499,9 +499,15 @@ def big_archive() -> bytes:
     return buf.getvalue()
 
 
+def mb_per_s(size: int, seconds: float) -> float:
+    """MB/s in the target's unit: 10^6 bytes."""
+    return size / 1e6 / max(seconds, 1e-9)
+
+
 def distribute(cluster: LocalCluster, data: bytes, name: str) -> dict[str, float]:
     """Upload ``data`` as function ``name`` (preload none: no container is started for it) and return each
-    node's MB/s, as the node timed its transfer."""
+    node's MB/s (10^6 bytes), from the bytes and seconds the node timed for its transfer (from its first request
+    to the last chunk written and hashed)."""
     status, record, _ = cluster.request("POST", f"/v1/functions/{name}?runtime=pythonruntime&entrypoint=x:y"
                                         "&preload=none", data=data,
                                         headers={"Content-Type": "application/octet-stream"}, timeout=600)
@@ -514,7 +520,9 @@ def distribute(cluster: LocalCluster, data: bytes, name: str) -> dict[str, float
             _, st, _ = status_of(node["status_url"])
             for t in st.get("archive_transfers", []):
                 if t["sha256"] == record["sha256"]:
-                    rates[node["node_id"]] = t["mb_per_s"]
+                    if t["bytes"] != len(data):
+                        raise RuntimeError(f"{node['node_id']} fetched {t['bytes']} of {len(data)} bytes")
+                    rates[node["node_id"]] = mb_per_s(t["bytes"], t["seconds"])
         if time.monotonic() > deadline:
             raise RuntimeError("the archive did not reach every node")
         time.sleep(0.1)
@@ -528,14 +536,18 @@ def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
 
     done = threading.Event()
     latencies: list[float] = []
+    failure: list[BaseException] = []
 
     def warm_calls() -> None:
-        while not done.wait(PROBE_EVERY):  # paced: the probe itself takes little of the cores the transfer needs
-            t0 = time.perf_counter()
-            status, call, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
-            latencies.append(time.perf_counter() - t0)
-            if status != 200 or call["status"] != "DONE":
-                raise RuntimeError(f"a warm call during the distribution did not succeed: {status} {call}")
+        try:
+            while not done.wait(PROBE_EVERY):  # paced: the probe takes little of the cores the transfer needs
+                t0 = time.perf_counter()
+                status, call, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
+                latencies.append(time.perf_counter() - t0)
+                if status != 200 or call["status"] != "DONE" or call["result"] != 1:
+                    raise RuntimeError(f"a warm call during the distribution did not succeed: {status} {call}")
+        except BaseException as exc:  # noqa: BLE001 - raised again by the caller: no figure from part of the calls
+            failure.append(exc)
 
     caller = threading.Thread(target=warm_calls, daemon=True)
     caller.start()
@@ -544,28 +556,119 @@ def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
     finally:
         done.set()
         caller.join(60)
+    if failure:
+        raise failure[0]
     if caller.is_alive() or not latencies:
         raise RuntimeError("the warm calls made during the distribution did not end")
     ms = sorted(x * 1000 for x in latencies)
-    return {"archive_mb": len(data) / 2**20, "mb_per_s_per_node": rates, "calls_during": len(ms),
+    return {"archive_mb": len(data) / 1e6, "mb_per_s_per_node": rates, "calls_during": len(ms),
             "call_p50_ms": pct(ms, 0.50), "call_p99_ms": pct(ms, 0.99), "call_max_ms": ms[-1]}
 
 
-def bench_archive_one_node(docker_url: str, data: bytes) -> tuple[float, float]:
+def bench_archive_one_node(docker_url: str, data: bytes) -> dict[str, Any]:
     """The same archive to a cluster of one node: what a node takes in when it does not share this machine's
-    two cores with a second node fetching at once; and the disk's own rate just before (see disk_rate)."""
+    two cores with a second node fetching at once; and its floors just before (see zmq_floor, disk_rate)."""
     with LocalCluster(docker_url, agents=1, name="bench-one", log_level="error") as cluster:
         cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
         assert cluster.base is not None
+        floor = zmq_floor(cluster.base, data, 1)[0]
         disk = disk_rate(cluster.base, data, 1)[0]
-        return next(iter(distribute(cluster, data, "big").values())), disk
+        return {"mb_per_s": next(iter(distribute(cluster, data, "big").values())), "zmq_floor_mb_per_s": floor,
+                "page_cache_mb_per_s": disk}
+
+
+ZMQ_SENDER = r"""
+# The sender of the ZMQ floor: serves the file ARGV[1] to RECEIVERS DEALERs as the controller serves an archive,
+# zero-copy chunks of CHUNK bytes from a read-only mapping, each receiver's credit honoured, until each has said
+# it holds every byte. Prints its port first.
+import mmap, sys, zmq
+path, receivers, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "rb") as f:
+    view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+size = len(view)
+sock = zmq.Context().socket(zmq.ROUTER)
+print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+sent, finished = {}, 0
+while finished < receivers:
+    ident, offset, credit = sock.recv_multipart()
+    offset, credit = int(offset), int(credit)
+    if offset >= size:
+        finished += 1
+        continue
+    at = sent.get(ident, offset)
+    while at < size and at - offset < credit * chunk:
+        end = min(at + chunk, size)
+        sock.send_multipart([ident, view[at:end]], copy=False)
+        at = end
+    sent[ident] = at
+"""
+
+ZMQ_RECEIVER = r"""
+# A receiver of the ZMQ floor: connected before START_AT, then from START_AT asks for the bytes with CREDIT chunks
+# in flight, hashes each chunk as it arrives (sha256) and acknowledges it, as a node's fetcher does (less the
+# write to disk). Prints {"seconds", "ok"} (ok: the digest is SHA).
+import hashlib, json, sys, time, zmq
+url, size, sha, credit, start_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].encode(), float(sys.argv[5])
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(url)
+time.sleep(max(0.0, start_at - time.time()))
+t0 = time.perf_counter()
+digest, received = hashlib.sha256(), 0
+sock.send_multipart([b"0", credit])
+while received < size:
+    frame = sock.recv(copy=False)
+    digest.update(frame.buffer)
+    received += len(frame.buffer)
+    sock.send_multipart([str(received).encode(), credit])
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "ok": digest.hexdigest() == sha}), flush=True)
+"""
+
+
+def zmq_floor(where: Path, data: bytes, receivers: int) -> list[float]:
+    """The floor of an archive's distribution over the network path: ``data`` sent over ZMQ on TCP loopback by
+    one process to ``receivers`` processes at once, with the link's chunk size and credit, each receiver
+    hashing what it gets (sha256) as a node does; MB/s (10^6 bytes) per receiver. A node's fetch does that and
+    more (its messages' headers, the write to disk, its agent's loop), so its rate is at most about this."""
+    import hashlib
+
+    from node_agent.fetcher import CREDIT
+    from shoal.archive_server import CHUNK_SIZE
+
+    path = where / "zmq-floor.bin"
+    path.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    sender = subprocess.Popen([sys.executable, "-c", ZMQ_SENDER, str(path), str(receivers), str(CHUNK_SIZE)],
+                              stdout=subprocess.PIPE, text=True)
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        assert sender.stdout is not None
+        port = int(sender.stdout.readline())
+        start_at = time.time() + 2.0
+        clients = [subprocess.Popen([sys.executable, "-c", ZMQ_RECEIVER, f"tcp://127.0.0.1:{port}", str(len(data)),
+                                     sha, str(CREDIT), repr(start_at)], stdout=subprocess.PIPE, text=True)
+                   for _ in range(receivers)]
+        results = []
+        for c in clients:
+            out = c.communicate(timeout=300)[0]
+            result = json.loads(out) if c.returncode == 0 and out.strip() else {}
+            if not result.get("ok"):
+                raise RuntimeError(f"a ZMQ floor receiver failed (exit {c.returncode}): {out!r}")
+            results.append(mb_per_s(len(data), result["seconds"]))
+        sender.wait(30)
+        return results
+    finally:
+        for proc in (*clients, sender):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        path.unlink(missing_ok=True)
 
 
 def disk_rate(where: Path, data: bytes, writers: int) -> list[float]:
-    """The baseline of an archive's distribution: ``writers`` threads each writing ``data`` at once, in 1 MiB
-    writes, to new files where the nodes keep their archives (buffered, no fsync: as a node writes), MB/s each.
-    A node cannot store an archive faster than its disk takes it; on this machine's virtual disk, buffered
-    writes slow down after a few hundred MB."""
+    """A page-cache write, for comparison: ``writers`` threads each writing ``data`` at once, in 1 MiB writes, to
+    new files where the nodes keep their archives (buffered, no fsync: as a node writes, so mostly the page
+    cache's speed, not the disk's), MB/s (10^6 bytes) each."""
     import threading
 
     rates = [0.0] * writers
@@ -577,7 +680,7 @@ def disk_rate(where: Path, data: bytes, writers: int) -> list[float]:
         with open(files[n], "wb") as f:
             for at in range(0, len(view), 1 << 20):
                 f.write(view[at:at + (1 << 20)])
-        rates[n] = len(data) / 2**20 / (time.perf_counter() - t0)
+        rates[n] = mb_per_s(len(data), time.perf_counter() - t0)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
     for thread in threads:
@@ -822,15 +925,15 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
             if not call.get("cold"):
                 raise RuntimeError(f"expected a cold call: {call}")
         out["cold_p50_ms"] = statistics.median(cold) * 1000
-        print("  shoal archive distribution...", flush=True)
+        print("  shoal archive distribution (and its floors: raw ZMQ, page-cache write)...", flush=True)
         data = big_archive()
         assert cluster.base is not None
+        floor_two = zmq_floor(cluster.base, data, 2)
         disk_two = disk_rate(cluster.base, data, 2)
         out["archive"] = bench_archive(cluster, data)
-        out["archive"]["disk_mb_per_s_two_writers"] = disk_two
-    print("  shoal archive to one node...", flush=True)
-    one, disk_one = bench_archive_one_node(docker_url, data)
-    out["archive"].update(mb_per_s_one_node=one, disk_mb_per_s_one_writer=disk_one)
+        out["archive"].update(zmq_floor_mb_per_s_two=floor_two, page_cache_mb_per_s_two=disk_two)
+    print("  shoal archive to one node (and its floors)...", flush=True)
+    out["archive"]["one_node"] = bench_archive_one_node(docker_url, data)
     return out, peer
 
 
@@ -908,6 +1011,30 @@ def async_rows(s: dict[str, Any], c: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def archive_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
+    nodes, floor, disk, one = (a["mb_per_s_per_node"], a["zmq_floor_mb_per_s_two"], a["page_cache_mb_per_s_two"],
+                               a["one_node"])
+    mean = statistics.fmean(nodes.values())
+
+    def each(rates: Any) -> str:
+        return ", ".join(f"{v:.0f}" for v in rates)
+
+    return [
+        ("archive to 2 nodes",
+         f"{a['archive_mb']:.0f} MB archive (MB = 10^6 bytes), fetched by both at once: "
+         + ", ".join(f"{n} {v:.0f} MB/s" for n, v in nodes.items())
+         + f"\nfloor, raw ZMQ on TCP loopback to 2 receivers at once (same chunk size and credit, sha256): "
+         f"{each(floor)} MB/s; nodes = {mean / statistics.fmean(floor):.2f}x the floor\n"
+         f"page-cache write (buffered, no fsync), 2 writers at once: {each(disk)} MB/s\n"
+         f"{a['calls_during']} warm calls (one per 10 ms) during the upload and distribution: p50 "
+         f"{a['call_p50_ms']:.2f} ms, p99 {a['call_p99_ms']:.2f} ms, max {a['call_max_ms']:.1f} ms"),
+        ("archive to 1 node",
+         f"a cluster of one node: {one['mb_per_s']:.0f} MB/s; raw ZMQ floor {one['zmq_floor_mb_per_s']:.0f} MB/s "
+         f"(node = {one['mb_per_s'] / one['zmq_floor_mb_per_s']:.2f}x); page-cache write "
+         f"{one['page_cache_mb_per_s']:.0f} MB/s"),
+    ]
+
+
 def persistence_text(conf: dict[str, str]) -> str:
     return f"appendonly {conf['appendonly']}, appendfsync {conf['appendfsync']}, save '{conf['save']}'"
 
@@ -944,17 +1071,7 @@ def report(r: dict[str, Any]) -> None:
         *async_rows(s, c),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
-        ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
-                               + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())
-                               + " (disk, 2 writers at once: "
-                               + ", ".join(f"{v:.0f}" for v in s["archive"]["disk_mb_per_s_two_writers"])
-                               + f" MB/s); to one node alone {s['archive']['mb_per_s_one_node']:.0f} MB/s (disk, "
-                               + f"one writer: {s['archive']['disk_mb_per_s_one_writer']:.0f} MB/s = "
-                               + f"{s['archive']['mb_per_s_one_node'] / s['archive']['disk_mb_per_s_one_writer']:.2f}x)"
-                               + f"; {s['archive']['calls_during']} warm calls (one per 10 ms) during the upload and "
-                               f"distribution: p50 "
-                               f"{s['archive']['call_p50_ms']:.2f} ms, p99 {s['archive']['call_p99_ms']:.2f} ms, "
-                               f"max {s['archive']['call_max_ms']:.1f} ms"),
+        *archive_rows(s["archive"]),
     ]
     print_table(rows)
 
