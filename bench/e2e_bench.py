@@ -920,10 +920,10 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         for i in range(5 if quick else 15):
             time.sleep(0.3)
             t0 = time.perf_counter()
-            _, call, _ = cluster.request("POST", "/v1/functions/cold/invoke", {"params": i})
+            status, call, _ = cluster.request("POST", "/v1/functions/cold/invoke", {"params": i})
             cold.append(time.perf_counter() - t0)
-            if not call.get("cold"):
-                raise RuntimeError(f"expected a cold call: {call}")
+            if status != 200 or call.get("status") != "DONE" or call.get("result") != i or not call.get("cold"):
+                raise RuntimeError(f"expected a cold call that succeeded: {status} {call}")
         out["cold_p50_ms"] = statistics.median(cold) * 1000
         print("  shoal archive distribution (and its floors: raw ZMQ, page-cache write)...", flush=True)
         data = big_archive()
