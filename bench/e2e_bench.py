@@ -1,25 +1,43 @@
 """End-to-end benchmark: REST -> controller -> Redis -> node -> miniworker -> container, against Celery.
 
-Measured in one run on this machine (everything shares its cores):
+Measured in one run on this machine (everything, clients included, shares its 2 cores):
 
 shoal    2 agents; the trivial handler with one warm container per node (and, for comparison at c=32, the
-         same handler with 2 to 4 per node). Sync latency p50/p99 at concurrency 1 and 32 (wrk, a C load
-         generator), calls/s at saturation, async submissions/s accepted (each stored in Redis, AOF with fsync
-         every second, before its 202) and the rate at which all of them then ran, cold (preload none) vs warm
-         latency, and archive distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node, with the
-         latency of warm calls made every 10 ms meanwhile; and by one node alone, in a cluster of its own). A
-         figure counts only if every call it counted ended DONE (the controller's finished-call counts are
-         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200);
+         same handler with 2 to 4 per node).
+         sync     latency p50/p99 at concurrency 1 and 32 (wrk, a C load generator); at c=1 also the max and
+                  the calls over 5 ms (wrk's loop is closed: a slow call delays the next instead of showing in
+                  the percentiles). Calls/s at saturation driven two ways: by wrk (32 connections), and by
+                  Python clients of Celery's shapes (processes x threads of http.client keep-alive invokes, each
+                  answer's status and result checked), the like-for-like peer of Celery's Python client; the
+                  client CPU per call of each.
+         async    one call per request (the headline), by wrk and by Python clients as Celery's `delay()` loop:
+                  while calls run (nodes up), and ingest alone (nodes stopped), 10 s runs; then 500 calls per
+                  request (batching, labelled so). After each ingest run Redis is SIGKILLed 1.5 s after the last
+                  answer and started again from its AOF: the calls it recovered are counted against the 202s
+                  given, and what survived is the "accepted and durably recorded" figure. Then the nodes come
+                  back and every call accepted meanwhile runs.
+         cold (preload none) vs warm latency; archive distribution (a 200 MiB-payload archive, MB = 10^6
+                  bytes, fetched by 2 nodes at once, MB/s per node, with warm calls every 10 ms meanwhile; and
+                  by one node alone, in a cluster of its own), each against a raw ZMQ transfer of the same
+                  bytes (same chunk size and credit, sha256) and a page-cache write measured just before.
+         A figure counts only if every call it counted ended DONE (the controller's finished-call counts are
+         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200).
 celery   the same trivial function as a Celery 5 task (prefork, 2 processes) with Redis as broker and result
          backend: `delay().get()` latency and tasks/s at saturation (the better of 1 client process x 32
-         threads and 4 x 8), results fetched; `delay()` submissions/s with the worker running and, as the
-         peer of Shoal's ingest figure (nodes stopped), with it stopped.
+         threads and 4 x 8), results fetched; `delay()` submissions/s (1 and 2 client processes, the better)
+         with the worker running, and with it stopped as the peer of Shoal's ingest, with the same durability
+         check. A client call that fails or times out fails the run.
 
-Both stacks are up for the whole run, and the sync figures are taken in turns: latency Shoal then Celery,
-saturation Shoal, Celery, Celery, Shoal (each figure the mean of its two rounds, each round's ratio printed
-too). A shared VM's cores can change speed by half within minutes; taken apart, the ratio measured that.
+Both Redis servers run with the same persistence (AOF, appendfsync everysec, no RDB snapshots; the report
+prints what each one says it runs with). Both stacks are up for the whole run. The sync figures are taken in
+turns: latency Shoal then Celery; saturation Shoal (wrk, Python), Celery, Celery, Shoal (Python, wrk), each
+figure the mean of its two rounds, each round's ratio printed too. A shared VM's cores can change speed by half
+within minutes; taken apart, a ratio measures that. The async runs are Shoal's then Celery's, back to back in
+each phase (one round: a durability check and a drain follow each ingest run). The client processes of a run
+start together, at one wall-clock time given to each.
 
-Run: `make bench` (or `.venv/bin/python -m bench.e2e_bench [--quick]`). Writes bench/results/e2e.json.
+Run: `make bench` (`make bench ARGS=--quick`: 3 s runs, for a check that every path works, not for figures),
+or `.venv/bin/python -m bench.e2e_bench [--quick]`. Writes bench/results/e2e.json.
 """
 
 from __future__ import annotations
@@ -1050,7 +1068,8 @@ def report(r: dict[str, Any]) -> None:
     rows = [
         ("sync c=1", f"shoal p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  {slow(c1)}  "
                      f"({c1['rps']:.0f}/s, wrk)\n"
-                     f"celery delay().get() p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}\n"
+                     f"celery delay().get() p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}  "
+                     f"(p50 {c['p50_ms'] / c1['p50_ms']:.1f}x shoal's)\n"
                      "(closed loop: one call at a time, so a slow call delays the next instead of being counted "
                      "in it; the max and the count over 5 ms show the tail)"),
         ("sync c=32", f"p50 {c32['p50_ms']:.2f} ms  p99 {c32['p99_ms']:.2f} ms  max {c32['max_ms']:.1f} ms  "
