@@ -830,7 +830,8 @@ def bench_async(cluster: LocalCluster, redis: ShoalRedis, seconds: int, peer_sta
     def shoal_ingest(label: str, run: Callable[[], dict[str, Any]], in_flight: int) -> dict[str, Any]:
         """``in_flight``: calls a client may have had accepted without seeing the answer (wrk stops with its
         requests in flight)."""
-        print(f"  shoal ingest alone, {label}, then Redis killed...", flush=True)
+        print(f"  shoal ingest alone, {label}, then Redis killed (the controller logs store_unavailable for the "
+              "503s of its connections to the old server)...", flush=True)
         already = durable_calls(redis.url)
         res = run()
         check_durability(res, lambda: durable_calls(redis.url) - already, redis.restart, time.monotonic())
