@@ -958,7 +958,7 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 s runs: a check that every path works, not figures")
     args = parser.parse_args()
     exit_on_termination()  # a SIGTERM or SIGHUP stops what the run started, as Ctrl-C does
     configure("error")
