@@ -8,9 +8,9 @@ demo:
 test:
 	bash scripts/test.sh
 
-## Run the benchmarks (prints figures and ratios to the machine's floors).
+## Run the benchmarks (prints figures and ratios to the machine's floors). `make bench ARGS=--quick`: a short run.
 bench:
-	bash scripts/bench.sh
+	bash scripts/bench.sh $(ARGS)
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/mypy

@@ -1,30 +1,49 @@
 """End-to-end benchmark: REST -> controller -> Redis -> node -> miniworker -> container, against Celery.
 
-Measured in one run on this machine (everything shares its cores):
+Measured in one run on this machine (everything, clients included, shares its 2 cores):
 
 shoal    2 agents; the trivial handler with one warm container per node (and, for comparison at c=32, the
-         same handler with 2 to 4 per node). Sync latency p50/p99 at concurrency 1 and 32 (wrk, a C load
-         generator), calls/s at saturation, async submissions/s accepted (each stored in Redis, AOF with fsync
-         every second, before its 202) and the rate at which all of them then ran, cold (preload none) vs warm
-         latency, and archive distribution (a 200 MB archive fetched by 2 nodes at once, MB/s per node, with the
-         latency of warm calls made every 10 ms meanwhile; and by one node alone, in a cluster of its own). A
-         figure counts only if every call it counted ended DONE (the controller's finished-call counts are
-         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200);
+         same handler with 2 to 4 per node).
+         sync     latency p50/p99 at concurrency 1 and 32 (wrk, a C load generator); at c=1 also the max and
+                  the calls over 5 ms (wrk's loop is closed: a slow call delays the next instead of showing in
+                  the percentiles). Calls/s at saturation driven two ways: by wrk (32 connections), and by
+                  Python clients of Celery's shapes (processes x threads of http.client keep-alive invokes, each
+                  answer's status and result checked), the like-for-like peer of Celery's Python client; the
+                  client CPU per call of each.
+         async    one call per request (the headline), by wrk and by Python clients as Celery's `delay()` loop:
+                  while calls run (nodes up), and ingest alone (nodes stopped), 10 s runs; then 500 calls per
+                  request (batching, labelled so). After each ingest run Redis is SIGKILLed 1.5 s after the last
+                  answer and started again from its AOF: the calls it recovered are counted against the 202s
+                  given, and what survived is the "accepted and durably recorded" figure. Then the nodes come
+                  back and every call accepted meanwhile runs.
+         cold (preload none) vs warm latency; archive distribution (a 200 MiB-payload archive, MB = 10^6
+                  bytes, fetched by 2 nodes at once, MB/s per node, with warm calls every 10 ms meanwhile; and
+                  by one node alone, in a cluster of its own), each against a raw ZMQ transfer of the same
+                  bytes (same chunk size and credit, sha256) and a page-cache write measured just before.
+         A figure counts only if every call it counted ended DONE (the controller's finished-call counts are
+         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200).
 celery   the same trivial function as a Celery 5 task (prefork, 2 processes) with Redis as broker and result
          backend: `delay().get()` latency and tasks/s at saturation (the better of 1 client process x 32
-         threads and 4 x 8), results fetched; `delay()` submissions/s with the worker running and, as the
-         peer of Shoal's ingest figure (nodes stopped), with it stopped.
+         threads and 4 x 8), results fetched; `delay()` submissions/s (1 and 2 client processes, the better)
+         with the worker running, and with it stopped as the peer of Shoal's ingest, with the same durability
+         check. A client call that fails or times out fails the run.
 
-Both stacks are up for the whole run, and the sync figures are taken in turns: latency Shoal then Celery,
-saturation Shoal, Celery, Celery, Shoal (each figure the mean of its two rounds, each round's ratio printed
-too). A shared VM's cores can change speed by half within minutes; taken apart, the ratio measured that.
+Both Redis servers run with the same persistence (AOF, appendfsync everysec, no RDB snapshots; the report
+prints what each one says it runs with). Both stacks are up for the whole run. The sync figures are taken in
+turns: latency Shoal then Celery; saturation Shoal (wrk, Python), Celery, Celery, Shoal (Python, wrk), each
+figure the mean of its two rounds, each round's ratio printed too. A shared VM's cores can change speed by half
+within minutes; taken apart, a ratio measures that. The async runs are Shoal's then Celery's, back to back in
+each phase (one round: a durability check and a drain follow each ingest run). The client processes of a run
+start together, at one wall-clock time given to each.
 
-Run: `make bench` (or `.venv/bin/python -m bench.e2e_bench [--quick]`). Writes bench/results/e2e.json.
+Run: `make bench` (`make bench ARGS=--quick`: 3 s runs, for a check that every path works, not for figures),
+or `.venv/bin/python -m bench.e2e_bench [--quick]`. Writes bench/results/e2e.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -35,15 +54,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.stats import pct
 from bench.table import print_table
 from controller.keys import ACTIVE as ACTIVE_KEY
+from controller.keys import call as call_key
 from shoal.archive import build_tar_gz
 from shoal.devenv.procs import exit_on_termination
-from shoal.devenv.redis_server import start_redis
+from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
 from shoal.logs import configure
@@ -54,31 +75,52 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ---- wrk ---------------------------------------------------------------------------------------
-def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
+SLOW_MS = 5  # the c=1 p99 target: calls slower than this are counted
+
+
+def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, Any]:
+    """wrk's figures, its latency tail from its whole histogram (max, and calls over SLOW_MS), and its own CPU
+    per request (the client's cost, for comparison with the Python clients')."""
+    import resource
+
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     with script:
         script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                      'wrk.headers["Content-Type"] = "application/json"\n'
                      "done = function(summary, latency, requests)\n"
+                     "  local slow = 0\n"
+                     "  for i = 1, #latency do\n"  # each distinct latency (us) recorded, and its count
+                     "    local us, count = latency(i)\n"
+                     f"    if us > {SLOW_MS * 1000} then slow = slow + count end\n"
+                     "  end\n"
                      "  io.write(string.format('P50 %d\\nP99 %d\\n', latency:percentile(50), latency:percentile(99)))\n"
+                     "  io.write(string.format('MAX %d\\nSLOW %d\\n', latency.max, slow))\n"
                      "  io.write(string.format('NON2XX %d\\n', summary.errors.status))\n"
                      "end\n")
     try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # --timeout: a slow answer is counted (as a socket timeout, which fails the run), not dropped from the
         # latency histogram as wrk's default 2 s would.
         out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout",
                               "60s", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
     finally:
         os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = int(re.search(r"P50 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
-    p99 = int(re.search(r"P99 (\d+)", out).group(1)) / 1000  # type: ignore[union-attr]
-    non2xx = int(re.search(r"NON2XX (\d+)", out).group(1))  # type: ignore[union-attr]
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def field(pattern: str) -> str:
+        found = re.search(pattern, out)
+        if found is None:
+            raise RuntimeError(f"wrk's output has no {pattern!r}: {out}")
+        return found.group(1)
+
+    requests = int(field(r"(\d+) requests in"))
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    socket_errors = sum(int(n) for n in errors.groups()) if errors else 0
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx, "requests": requests,
-            "socket_errors": socket_errors}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"rps": float(field(r"Requests/sec:\s+([\d.]+)")), "p50_ms": int(field(r"P50 (\d+)")) / 1000,
+            "p99_ms": int(field(r"P99 (\d+)")) / 1000, "max_ms": int(field(r"MAX (\d+)")) / 1000,
+            "over_slow_ms": int(field(r"SLOW (\d+)")), "non_2xx": int(field(r"NON2XX (\d+)")), "requests": requests,
+            "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0, "client_cpu_s": cpu,
+            "client_cpu_us_per_call": cpu / max(requests, 1) * 1e6}
 
 
 def outcomes(cluster: LocalCluster) -> dict[str, float]:
@@ -96,8 +138,8 @@ def verified(cluster: LocalCluster, what: str, before: dict[str, float], res: di
     after = outcomes(cluster)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     done = sum(v for k, v in delta.items() if k.endswith(":DONE"))
-    if any(not k.endswith(":DONE") for k in delta) or res["non_2xx"] or res["socket_errors"] or done < calls:
-        raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; wrk: {res}); no figure")
+    if any(not k.endswith(":DONE") for k in delta) or res.get("non_2xx") or res.get("socket_errors") or done < calls:
+        raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; client: {res}); no figure")
 
 
 # ---- celery ------------------------------------------------------------------------------------
@@ -114,58 +156,157 @@ def echo(params):
 """
 
 
-CELERY_CLIENT = """
-import sys, threading, time
-from celery_bench_app import echo
-threads, seconds = int(sys.argv[1]), float(sys.argv[2])
-echo.delay(0).get(timeout=60)
-done = [0] * threads
-start = time.monotonic()
-stop = start + seconds
-def client(i):
-    while time.monotonic() < stop:
-        echo.delay(1).get(timeout=30)
-        done[i] += 1
-workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
-for w in workers: w.start()
-for w in workers: w.join()
-print(sum(done), time.monotonic() - start)
+CLIENT = r"""
+# A load client: THREADS threads, each making calls one after another from START_AT (a wall-clock time, the same
+# for every client process of a run, so that they all start together after their imports and warm-up) for
+# SECONDS. Prints one JSON line: calls done and failed (a failure is counted, its reason kept, and the process
+# exits 1), the seconds from START_AT to its last call's end, and its CPU seconds (user + system) meanwhile.
+# MODE: celery-sync (delay().get()), celery-submit (delay()), shoal-sync (POST invoke on a keep-alive
+# connection, 200 and DONE checked), shoal-async (POST invoke-async, 202 checked).
+import http.client, json, resource, sys, threading, time
+from urllib.parse import urlsplit
+
+mode, threads, start_at, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+if mode.startswith("celery"):
+    from celery_bench_app import echo
+
+    if mode == "celery-sync":
+        echo.delay(0).get(timeout=60)  # warm-up: the connections, and the worker is there
+
+        def make():
+            def call():
+                if echo.delay(1).get(timeout=30) != 1:
+                    raise RuntimeError("wrong result")
+            return call
+    else:
+        echo.delay(0)  # warm-up: one task, left in the queue (counted by the caller)
+
+        def make():
+            return lambda: echo.delay(1)
+else:
+    url = urlsplit(sys.argv[5])
+    body, headers = b'{"params": 1}', {"Content-Type": "application/json"}
+    expect = 200 if mode == "shoal-sync" else 202
+
+    def make():
+        conn = [http.client.HTTPConnection(url.hostname, url.port, timeout=60)]
+
+        def call():
+            try:
+                conn[0].request("POST", url.path, body, headers)
+                resp = conn[0].getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException):
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+                raise
+            if resp.status != expect:
+                raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+            out = json.loads(data)
+            if expect == 200 and (out.get("status") != "DONE" or out.get("result") != 1):
+                raise RuntimeError(f"not DONE with the result: {out}")
+            if expect == 202 and not out.get("id"):
+                raise RuntimeError(f"no call id: {out}")
+
+        conn[0].request("GET", "/ping")  # warm-up: the connection is open (and makes no call)
+        conn[0].getresponse().read()
+        return call
+
+calls = [make() for _ in range(threads)]
+margin = start_at - time.time()
+if margin < 0:
+    print(json.dumps({"error": f"ready {-margin:.2f} s after the common start time"}), flush=True)
+    sys.exit(3)
+done, failed, errors = [0] * threads, [0] * threads, []
+stop = start_at + seconds
+
+
+def run(i):
+    time.sleep(max(0.0, start_at - time.time()))
+    while time.time() < stop:
+        try:
+            calls[i]()
+        except Exception as exc:
+            failed[i] += 1
+            if len(errors) < 5:
+                errors.append(repr(exc)[:300])
+        else:
+            done[i] += 1
+
+
+cpu0 = cpu()
+workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+print(json.dumps({"done": sum(done), "failed": sum(failed), "errors": errors, "elapsed": time.time() - start_at,
+                  "cpu_s": cpu() - cpu0, "margin_s": margin}), flush=True)
+sys.exit(1 if sum(failed) else 0)
 """
 
 
-CELERY_SUBMITTER = """
-import sys, time
-from celery_bench_app import echo
-seconds = float(sys.argv[1])
-echo.delay(0)
-done = 0
-start = time.monotonic()
-stop = start + seconds
-while time.monotonic() < stop:
-    echo.delay(1)
-    done += 1
-print(done, time.monotonic() - start)
-"""
+def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[str, str] | None = None,
+                workdir: Path | None = None, target: str = "") -> dict[str, Any]:
+    """``procs`` client processes of ``threads`` threads running :data:`CLIENT` in ``mode``, all from one common
+    start time (a few seconds ahead: their imports and warm-up are not in the figure). Calls/s over all of them,
+    and their CPU per call. A client that failed a call, started late or did not end is an error, not a figure
+    (the processes left are killed)."""
+    start_at = time.time() + 2.0 + 0.75 * procs  # time to import and warm up, for every process at once
+    clients = [subprocess.Popen([sys.executable, "-c", CLIENT, mode, str(threads), repr(start_at), str(seconds),
+                                 target], env=env, cwd=workdir, stdout=subprocess.PIPE, text=True)
+               for _ in range(procs)]
+    deadline = start_at + seconds + 120
+    outputs = []
+    try:
+        for c in clients:
+            out = c.communicate(timeout=max(1.0, deadline - time.time()))[0]
+            lines = out.strip().splitlines()
+            result = json.loads(lines[-1]) if lines else {}
+            if c.returncode or "error" in result:
+                raise RuntimeError(f"a {mode} client ({procs}x{threads}) exited {c.returncode}: "
+                                   f"{result or 'no output'}")
+            outputs.append(result)
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+    calls = sum(o["done"] for o in outputs)
+    elapsed = max(o["elapsed"] for o in outputs)
+    cpu = sum(o["cpu_s"] for o in outputs)
+    return {"per_s": calls / elapsed, "calls": calls, "seconds": elapsed, "client_cpu_s": cpu,
+            "client_cpu_us_per_call": cpu / max(calls, 1) * 1e6, "start_margin_s": min(o["margin_s"] for o in outputs)}
 
 
-def run_clients(script: str, args: list[str], env: dict[str, str], workdir: Path, procs: int,
-                timeout: float) -> float:
-    """Tasks/s over ``procs`` client processes running ``script``; each prints "<tasks> <seconds>"."""
-    clients = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=workdir,
-                                stdout=subprocess.PIPE, text=True) for _ in range(procs)]
-    outputs = [c.communicate(timeout=timeout)[0].split() for c in clients]
-    return sum(int(done) for done, _ in outputs) / max(float(elapsed) for _, elapsed in outputs)
+CLIENT_SHAPES = ((1, 32), (4, 8))  # client processes x threads at saturation (more processes: less of the GIL)
 
 
-def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> float:
+def best_of_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One system's figure from rounds that each tried every client shape: the mean of each round's best rate,
+    the shape that did best over the rounds, and that shape's client CPU per call."""
+    best = [max(r["per_s"] for r in rnd.values()) for rnd in rounds]
+    shape = max(rounds[0], key=lambda k: sum(rnd[k]["per_s"] for rnd in rounds))
+    return {"per_s": statistics.fmean(best), "best_by_round": best, "clients": shape,
+            "client_cpu_us_per_call": statistics.fmean(rnd[shape]["client_cpu_us_per_call"] for rnd in rounds),
+            "rounds": rounds}
+
+
+def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> dict[str, Any]:
     """Tasks/s sent with ``delay()`` (results not awaited) by ``procs`` client processes."""
-    return run_clients(CELERY_SUBMITTER, [str(seconds)], env, workdir, procs, seconds + 120)
+    return run_clients("celery-submit", procs, 1, seconds, env, workdir)
 
 
-def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> float:
-    """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched (each
-    client counts from its first task on, after its imports, so start-up is not in the figure)."""
-    return run_clients(CELERY_CLIENT, [str(threads), str(seconds)], env, workdir, procs, seconds + 120)
+def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> dict[str, Any]:
+    """Tasks/s with ``procs`` client processes of ``threads`` threads, each task's result fetched."""
+    return run_clients("celery-sync", procs, threads, seconds, env, workdir)
 
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
@@ -211,7 +352,7 @@ class CeleryPeer:
         self.close()
 
     def start(self) -> None:
-        self.redis = start_redis("celery-redis", appendonly=False)
+        self.redis = start_redis("celery-redis", appendonly=True)  # as Shoal's (see persistence())
         (self.workdir / "celery_bench_app.py").write_text(CELERY_APP)
         self.env = dict(os.environ, BENCH_REDIS=self.redis.url, PYTHONPATH=str(self.workdir))
         self.worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "celery_bench_app", "worker", "-c",
@@ -243,41 +384,127 @@ class CeleryPeer:
             t0 = time.perf_counter()
             self.task.delay(i).get(timeout=10)
             samples.append(time.perf_counter() - t0)
-        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000}
+        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000,
+                "max_ms": max(samples) * 1000, "over_slow_ms": sum(x * 1000 > SLOW_MS for x in samples),
+                "requests": len(samples)}
 
-    def saturation(self) -> dict[str, float]:
-        """Tasks/s with results fetched. The client must not be what limits Celery: one process of 32 threads
-        and 4 processes of 8 threads (the GIL) are tried, and Celery's better figure is its figure."""
-        return {f"{procs}x{threads}": celery_clients(self.env, self.workdir, procs, threads, self.seconds)
-                for procs, threads in ((1, 32), (4, 8))}
+    def saturation(self, label: str) -> dict[str, dict[str, Any]]:
+        """Tasks/s with results fetched, for each of CLIENT_SHAPES (processes x threads): the client must not be
+        what limits Celery, and its better figure is its figure."""
+        out = {}
+        for procs, threads in CLIENT_SHAPES:
+            print(f"  celery delay().get() at saturation, {procs}x{threads} clients ({label})...", flush=True)
+            out[f"{procs}x{threads}"] = celery_clients(self.env, self.workdir, procs, threads, self.seconds)
+        return out
 
-    def submissions(self) -> dict[str, Any]:
-        """``delay()`` submissions/s, each run on an empty queue: with the worker running the tasks on the same
-        cores, then with it stopped (the peer of Shoal's ingest figure, taken with its nodes stopped). Last:
-        it stops the worker."""
-        from redis import Redis
-
-        assert self.worker is not None
-        flush = Redis.from_url(self.redis.url)
-        submits, alone = {}, {}
-        try:
-            for procs in (1, 2):
-                flush.flushdb()
-                submits[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))
+    def stop_worker(self) -> None:
+        if self.worker is not None:
             stop_group(self.worker)
             self.worker = None
-            for procs in (1, 2):
-                flush.flushdb()
-                alone[procs] = celery_submitters(self.env, self.workdir, procs, max(2, self.seconds // 2))
-        finally:
-            flush.close()
-        return {"submits_per_s": max(submits.values()), "submits_by_procs": submits,
-                "submits_alone_per_s": max(alone.values()), "submits_alone_by_procs": alone}
+
+    def flush(self) -> None:
+        from redis import Redis
+
+        with Redis.from_url(self.redis.url) as r:
+            r.flushdb()
+
+    def queued(self) -> int:
+        """Tasks in Redis's queues (kombu keeps each queue as a list)."""
+        from redis import Redis
+
+        with Redis.from_url(self.redis.url) as r:
+            return sum(int(r.llen(k)) for k in r.scan_iter(count=1000) if r.type(k) == b"list")
+
+    def restart_redis(self) -> float:
+        self.redis, took = kill_and_restart(self.redis)
+        return took
+
+    def submissions(self, seconds: float) -> dict[str, dict[str, Any]]:
+        """``delay()`` submissions/s with the worker running the tasks on the same cores, for each of
+        SUBMIT_PROCS client processes, each run on an empty queue."""
+        assert self.worker is not None
+        out = {}
+        for procs in SUBMIT_PROCS:
+            print(f"  celery delay(), {procs} client process(es), worker running...", flush=True)
+            self.flush()
+            out[str(procs)] = celery_submitters(self.env, self.workdir, procs, seconds)
+        return out
+
+    def ingest(self, procs: int, seconds: float) -> dict[str, Any]:
+        """``delay()`` submissions/s with the worker stopped (the peer of Shoal's ingest figure, taken with its
+        nodes stopped), on an empty queue; then the durability check (see :func:`check_durability`). Each client
+        process's warm-up task is not counted."""
+        assert self.worker is None
+        print(f"  celery delay(), {procs} client process(es), worker stopped, then Redis killed...", flush=True)
+        self.flush()
+        res = celery_submitters(self.env, self.workdir, procs, seconds)
+        check_durability(res, lambda: self.queued() - procs, self.restart_redis, time.monotonic())
+        return res
+
+
+# ---- durability ----------------------------------------------------------------------------------
+KILL_AFTER = 1.5  # seconds from a run's last answer to the SIGKILL of its Redis (AOF fsync: every second)
+SUBMIT_PROCS = (1, 2)  # client processes of one-call-at-a-time async submitters (Celery's delay(), Shoal's POST)
+
+
+def persistence(url: str) -> dict[str, str]:
+    """The persistence settings a Redis runs with (both stacks' must be the same for their figures to compare)."""
+    from redis import Redis
+
+    with Redis.from_url(url, decode_responses=True) as r:
+        conf: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            conf.update(r.config_get(name))
+        return conf
+
+
+def kill_and_restart(server: RedisServer) -> tuple[RedisServer, float]:
+    """SIGKILL ``server`` (no shutdown: what is not yet in its AOF on disk is lost, as in a crash) and start a new
+    one on its port from its directory (it loads its AOF). Returns the new server and how long its start took."""
+    pid = int((server.directory / "redis.pid").read_text().strip())
+    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    if b"redis-server" not in title or f":{server.port}".encode() not in title:
+        raise RuntimeError(f"pid {pid} of {server.directory / 'redis.pid'} is not the redis-server on {server.port}")
+    os.kill(pid, signal.SIGKILL)
+    server.stop()  # reaps it; its directory stays
+    t0 = time.monotonic()
+    again = RedisServer(port=server.port, directory=server.directory, appendonly=server.appendonly).start()
+    return again, time.monotonic() - t0
+
+
+def check_durability(res: dict[str, Any], count: Callable[[], int], restart: Callable[[], float],
+                     ended: float) -> None:
+    """What survives a crash of Redis: ``count()`` (the calls of the run in Redis) read after the run, then Redis
+    SIGKILLed KILL_AFTER seconds after the run's last answer and restarted from its AOF, and ``count()`` read
+    again. ``res`` gains ``in_redis`` and ``recovered`` (calls), ``lost`` (accepted, not recovered), and
+    ``durable_per_s``: the accepted calls that survived, per second of the run (the figure that counts as
+    "accepted and durably recorded")."""
+    res["in_redis"] = count()
+    time.sleep(max(0.0, ended + KILL_AFTER - time.monotonic()))
+    res["restart_s"] = restart()
+    res["recovered"] = count()
+    res["lost"] = max(0, res["calls"] - res["recovered"])
+    res["durable_per_s"] = min(res["recovered"], res["calls"]) / res["seconds"]
+
+
+def durable_calls(url: str) -> int:
+    """Shoal's calls in Redis: those in its durable queue (ACTIVE) whose record is there too."""
+    from redis import Redis
+
+    with Redis.from_url(url, decode_responses=True) as r:
+        ids = r.zrange(ACTIVE_KEY, 0, -1)
+        found = 0
+        for at in range(0, len(ids), 10_000):
+            pipe = r.pipeline(transaction=False)
+            for call_id in ids[at:at + 10_000]:
+                pipe.exists(call_key(call_id))
+            found += sum(pipe.execute())
+        return found
 
 
 # ---- shoal ---------------------------------------------------------------------------------------
 def big_archive() -> bytes:
-    """A 200 MB tar.gz of random bytes (compression level 1: it does not shrink, and takes little to make)."""
+    """A tar.gz of 200 MiB of random bytes (compression level 1: it does not shrink, and takes little to make)."""
     import io
     import tarfile
 
@@ -290,9 +517,15 @@ def big_archive() -> bytes:
     return buf.getvalue()
 
 
+def mb_per_s(size: int, seconds: float) -> float:
+    """MB/s in the target's unit: 10^6 bytes."""
+    return size / 1e6 / max(seconds, 1e-9)
+
+
 def distribute(cluster: LocalCluster, data: bytes, name: str) -> dict[str, float]:
     """Upload ``data`` as function ``name`` (preload none: no container is started for it) and return each
-    node's MB/s, as the node timed its transfer."""
+    node's MB/s (10^6 bytes), from the bytes and seconds the node timed for its transfer (from its first request
+    to the last chunk written and hashed)."""
     status, record, _ = cluster.request("POST", f"/v1/functions/{name}?runtime=pythonruntime&entrypoint=x:y"
                                         "&preload=none", data=data,
                                         headers={"Content-Type": "application/octet-stream"}, timeout=600)
@@ -305,7 +538,9 @@ def distribute(cluster: LocalCluster, data: bytes, name: str) -> dict[str, float
             _, st, _ = status_of(node["status_url"])
             for t in st.get("archive_transfers", []):
                 if t["sha256"] == record["sha256"]:
-                    rates[node["node_id"]] = t["mb_per_s"]
+                    if t["bytes"] != len(data):
+                        raise RuntimeError(f"{node['node_id']} fetched {t['bytes']} of {len(data)} bytes")
+                    rates[node["node_id"]] = mb_per_s(t["bytes"], t["seconds"])
         if time.monotonic() > deadline:
             raise RuntimeError("the archive did not reach every node")
         time.sleep(0.1)
@@ -319,14 +554,18 @@ def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
 
     done = threading.Event()
     latencies: list[float] = []
+    failure: list[BaseException] = []
 
     def warm_calls() -> None:
-        while not done.wait(PROBE_EVERY):  # paced: the probe itself takes little of the cores the transfer needs
-            t0 = time.perf_counter()
-            status, call, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
-            latencies.append(time.perf_counter() - t0)
-            if status != 200 or call["status"] != "DONE":
-                raise RuntimeError(f"a warm call during the distribution did not succeed: {status} {call}")
+        try:
+            while not done.wait(PROBE_EVERY):  # paced: the probe takes little of the cores the transfer needs
+                t0 = time.perf_counter()
+                status, call, _ = cluster.request("POST", "/v1/functions/echo/invoke", {"params": 1})
+                latencies.append(time.perf_counter() - t0)
+                if status != 200 or call["status"] != "DONE" or call["result"] != 1:
+                    raise RuntimeError(f"a warm call during the distribution did not succeed: {status} {call}")
+        except BaseException as exc:  # noqa: BLE001 - raised again by the caller: no figure from part of the calls
+            failure.append(exc)
 
     caller = threading.Thread(target=warm_calls, daemon=True)
     caller.start()
@@ -335,28 +574,119 @@ def bench_archive(cluster: LocalCluster, data: bytes) -> dict[str, Any]:
     finally:
         done.set()
         caller.join(60)
+    if failure:
+        raise failure[0]
     if caller.is_alive() or not latencies:
         raise RuntimeError("the warm calls made during the distribution did not end")
     ms = sorted(x * 1000 for x in latencies)
-    return {"archive_mb": len(data) / 2**20, "mb_per_s_per_node": rates, "calls_during": len(ms),
+    return {"archive_mb": len(data) / 1e6, "mb_per_s_per_node": rates, "calls_during": len(ms),
             "call_p50_ms": pct(ms, 0.50), "call_p99_ms": pct(ms, 0.99), "call_max_ms": ms[-1]}
 
 
-def bench_archive_one_node(docker_url: str, data: bytes) -> tuple[float, float]:
+def bench_archive_one_node(docker_url: str, data: bytes) -> dict[str, Any]:
     """The same archive to a cluster of one node: what a node takes in when it does not share this machine's
-    two cores with a second node fetching at once; and the disk's own rate just before (see disk_rate)."""
+    two cores with a second node fetching at once; and its floors just before (see zmq_floor, disk_rate)."""
     with LocalCluster(docker_url, agents=1, name="bench-one", log_level="error") as cluster:
         cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
         assert cluster.base is not None
+        floor = zmq_floor(cluster.base, data, 1)[0]
         disk = disk_rate(cluster.base, data, 1)[0]
-        return next(iter(distribute(cluster, data, "big").values())), disk
+        return {"mb_per_s": next(iter(distribute(cluster, data, "big").values())), "zmq_floor_mb_per_s": floor,
+                "page_cache_mb_per_s": disk}
+
+
+ZMQ_SENDER = r"""
+# The sender of the ZMQ floor: serves the file ARGV[1] to RECEIVERS DEALERs as the controller serves an archive,
+# zero-copy chunks of CHUNK bytes from a read-only mapping, each receiver's credit honoured, until each has said
+# it holds every byte. Prints its port first.
+import mmap, sys, zmq
+path, receivers, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "rb") as f:
+    view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+size = len(view)
+sock = zmq.Context().socket(zmq.ROUTER)
+print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+sent, finished = {}, 0
+while finished < receivers:
+    ident, offset, credit = sock.recv_multipart()
+    offset, credit = int(offset), int(credit)
+    if offset >= size:
+        finished += 1
+        continue
+    at = sent.get(ident, offset)
+    while at < size and at - offset < credit * chunk:
+        end = min(at + chunk, size)
+        sock.send_multipart([ident, view[at:end]], copy=False)
+        at = end
+    sent[ident] = at
+"""
+
+ZMQ_RECEIVER = r"""
+# A receiver of the ZMQ floor: connected before START_AT, then from START_AT asks for the bytes with CREDIT chunks
+# in flight, hashes each chunk as it arrives (sha256) and acknowledges it, as a node's fetcher does (less the
+# write to disk). Prints {"seconds", "ok"} (ok: the digest is SHA).
+import hashlib, json, sys, time, zmq
+url, size, sha, credit, start_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].encode(), float(sys.argv[5])
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(url)
+time.sleep(max(0.0, start_at - time.time()))
+t0 = time.perf_counter()
+digest, received = hashlib.sha256(), 0
+sock.send_multipart([b"0", credit])
+while received < size:
+    frame = sock.recv(copy=False)
+    digest.update(frame.buffer)
+    received += len(frame.buffer)
+    sock.send_multipart([str(received).encode(), credit])
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "ok": digest.hexdigest() == sha}), flush=True)
+"""
+
+
+def zmq_floor(where: Path, data: bytes, receivers: int) -> list[float]:
+    """The floor of an archive's distribution over the network path: ``data`` sent over ZMQ on TCP loopback by
+    one process to ``receivers`` processes at once, with the link's chunk size and credit, each receiver
+    hashing what it gets (sha256) as a node does; MB/s (10^6 bytes) per receiver. A node's fetch does that and
+    more (its messages' headers, the write to disk, its agent's loop), so its rate is at most about this."""
+    import hashlib
+
+    from node_agent.fetcher import CREDIT
+    from shoal.archive_server import CHUNK_SIZE
+
+    path = where / "zmq-floor.bin"
+    path.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    sender = subprocess.Popen([sys.executable, "-c", ZMQ_SENDER, str(path), str(receivers), str(CHUNK_SIZE)],
+                              stdout=subprocess.PIPE, text=True)
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        assert sender.stdout is not None
+        port = int(sender.stdout.readline())
+        start_at = time.time() + 2.0
+        clients = [subprocess.Popen([sys.executable, "-c", ZMQ_RECEIVER, f"tcp://127.0.0.1:{port}", str(len(data)),
+                                     sha, str(CREDIT), repr(start_at)], stdout=subprocess.PIPE, text=True)
+                   for _ in range(receivers)]
+        results = []
+        for c in clients:
+            out = c.communicate(timeout=300)[0]
+            result = json.loads(out) if c.returncode == 0 and out.strip() else {}
+            if not result.get("ok"):
+                raise RuntimeError(f"a ZMQ floor receiver failed (exit {c.returncode}): {out!r}")
+            results.append(mb_per_s(len(data), result["seconds"]))
+        sender.wait(30)
+        return results
+    finally:
+        for proc in (*clients, sender):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        path.unlink(missing_ok=True)
 
 
 def disk_rate(where: Path, data: bytes, writers: int) -> list[float]:
-    """The baseline of an archive's distribution: ``writers`` threads each writing ``data`` at once, in 1 MiB
-    writes, to new files where the nodes keep their archives (buffered, no fsync: as a node writes), MB/s each.
-    A node cannot store an archive faster than its disk takes it; on this machine's virtual disk, buffered
-    writes slow down after a few hundred MB."""
+    """A page-cache write, for comparison: ``writers`` threads each writing ``data`` at once, in 1 MiB writes, to
+    new files where the nodes keep their archives (buffered, no fsync: as a node writes, so mostly the page
+    cache's speed, not the disk's), MB/s (10^6 bytes) each."""
     import threading
 
     rates = [0.0] * writers
@@ -368,7 +698,7 @@ def disk_rate(where: Path, data: bytes, writers: int) -> list[float]:
         with open(files[n], "wb") as f:
             for at in range(0, len(view), 1 << 20):
                 f.write(view[at:at + (1 << 20)])
-        rates[n] = len(data) / 2**20 / (time.perf_counter() - t0)
+        rates[n] = mb_per_s(len(data), time.perf_counter() - t0)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
     for thread in threads:
@@ -402,38 +732,133 @@ def drain(cluster: LocalCluster, seconds: float) -> None:
         time.sleep(0.05)
 
 
-def wrk_batches(cluster: LocalCluster, seconds: int) -> dict[str, Any]:
-    """invoke-batch requests of BATCH echo calls from 2 connections; wrk's figures plus calls and calls/s."""
-    res = wrk(cluster.url + "/v1/functions/echo/invoke-batch", json.dumps({"calls": [{"params": 1}] * BATCH}),
-              2, seconds)
-    res["calls_per_s"], res["calls"] = res["rps"] * BATCH, res["requests"] * BATCH
+def wrk_calls(url: str, per_request: int, connections: int, seconds: int) -> dict[str, Any]:
+    """wrk's figures for invoke-async (one call per request) or invoke-batch (``per_request`` calls per request),
+    plus calls and calls/s; a non-2xx answer or a socket error fails the run."""
+    body = json.dumps({"calls": [{"params": 1}] * per_request}) if per_request > 1 else '{"params": 1}'
+    res = wrk(url, body, connections, seconds)
+    if res["non_2xx"] or res["socket_errors"] or not res["requests"]:
+        raise RuntimeError(f"async submissions to {url} failed: {res}")
+    res.update(calls=res["requests"] * per_request, per_s=res["rps"] * per_request,
+               seconds=res["requests"] / res["rps"], connections=connections, per_request=per_request)
     return res
 
 
-def bench_ingest(cluster: LocalCluster, seconds: int) -> dict[str, Any]:
-    """The ingest path alone: batches accepted while no node takes calls (the nodes are stopped, as for a
-    maintenance window or while they are all busy), so that execution does not share the 2 cores. Every
-    accepted call is counted in Redis's durable queue before the nodes come back, then all of them run."""
-    from redis import Redis
+def settle_controller(cluster: LocalCluster) -> int:
+    """After its Redis restarted, each of the controller's pooled Redis connections fails the request that next
+    uses it (a 503) and is then opened again: the bench makes them do so before its next run, with rounds of
+    concurrent reads (GET of a call that does not exist: a 404 once Redis answers) until a round has no 503.
+    Returns how many 503s it took."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    def probe(_: int) -> int:
+        return cluster.request("GET", "/v1/calls/bench-probe", timeout=30)[0]
+
+    seen = 0
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(50):
+            statuses = list(pool.map(probe, range(64)))
+            if any(s not in (404, 503) for s in statuses):
+                raise RuntimeError(f"the controller's answers after its Redis restarted: {statuses}")
+            if 503 not in statuses:
+                return seen
+            seen += statuses.count(503)
+            time.sleep(0.1)
+    raise RuntimeError("the controller still answers 503 after its Redis restarted")
+
+
+class ShoalRedis:
+    """Shoal's Redis, started here rather than by the cluster, so that the durability check can kill it and start
+    it again from its AOF. The same settings as the cluster would use (AOF, appendfsync everysec)."""
+
+    def __init__(self) -> None:
+        self.server = start_redis("bench-redis", appendonly=True)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def restart(self) -> float:
+        self.server, took = kill_and_restart(self.server)
+        return took
+
+    def __enter__(self) -> ShoalRedis:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.stop(remove=True)
+
+
+def bench_async(cluster: LocalCluster, redis: ShoalRedis, seconds: int, peer_stack: CeleryPeer,
+                out: dict[str, Any], peer: dict[str, Any]) -> None:
+    """Async submissions of one call per request, Shoal's and Celery's back to back in each phase:
+
+    while calls run  nodes and Celery's worker up, runs of half ``seconds``: Shoal driven by wrk (32 connections)
+                     and by Python clients (SUBMIT_PROCS processes, each one POST at a time on a keep-alive
+                     connection), then Celery's ``delay()`` from the same processes; and the rate at which all of
+                     the calls wrk submitted then ran;
+    ingest alone     nodes and worker stopped, runs of ``seconds`` (10 in a full run), the same clients, then
+                     Shoal's batching run (BATCH calls per request), each followed by the durability check (Redis
+                     SIGKILLed and restarted from its AOF: see :func:`check_durability`); then the nodes come back
+                     and run every call accepted meanwhile.
+    """
+    url = cluster.url + "/v1/functions/echo/invoke-async"
+    short = max(2, seconds // 2)
+    print("  shoal async submissions, wrk, nodes running...", flush=True)
+    before = outcomes(cluster)
+    t0 = time.monotonic()
+    res = out["async_running_wrk"] = wrk_calls(url, 1, 32, short)
+    drain(cluster, 300)
+    res["completed_per_s"] = res["calls"] / (time.monotonic() - t0)  # from the first submission to the last end
+    verified(cluster, "async submissions (wrk)", before, res, res["calls"])
+    python: dict[str, Any] = {}
+    for procs in SUBMIT_PROCS:
+        print(f"  shoal async submissions, {procs} Python client process(es), nodes running...", flush=True)
+        before = outcomes(cluster)
+        res = python[str(procs)] = run_clients("shoal-async", procs, 1, short, target=url)
+        verified(cluster, f"async submissions ({procs} Python clients)", before, res, res["calls"])
+    out["async_running_python"] = python
+    peer["async_running"] = peer_stack.submissions(short)
+
+    print("  stopping shoal's nodes and celery's worker (ingest alone)...", flush=True)
     nodes = list(cluster.node_ids)
     for node_id in nodes:
         cluster.stop_agent(node_id)
-    r = Redis.from_url(str(cluster.redis_url), decode_responses=True)
-    before = int(r.zcard(ACTIVE_KEY))
-    res = wrk_batches(cluster, seconds)
-    res["durably_queued"] = int(r.zcard(ACTIVE_KEY)) - before
-    r.close()
-    # wrk counts the requests it saw answered; each of its 2 connections may have had one more batch accepted
-    # whose answer came after wrk stopped.
-    if not res["calls"] <= res["durably_queued"] <= res["calls"] + 2 * BATCH:
-        raise RuntimeError(f"{res['calls']} calls accepted but {res['durably_queued']} in the durable queue")
+    peer_stack.stop_worker()
+    before = outcomes(cluster)
+
+    def shoal_ingest(label: str, run: Callable[[], dict[str, Any]], in_flight: int) -> dict[str, Any]:
+        """``in_flight``: calls a client may have had accepted without seeing the answer (wrk stops with its
+        requests in flight)."""
+        print(f"  shoal ingest alone, {label}, then Redis killed (the controller logs store_unavailable for the "
+              "503s of its connections to the old server)...", flush=True)
+        already = durable_calls(redis.url)
+        res = run()
+        check_durability(res, lambda: durable_calls(redis.url) - already, redis.restart, time.monotonic())
+        res["answered_503_after_restart"] = settle_controller(cluster)
+        if res["recovered"] > res["calls"] + in_flight:
+            raise RuntimeError(f"{label}: {res['recovered']} calls in Redis, but {res['calls']} accepted")
+        return res
+
+    ingest: dict[str, Any] = {"wrk": shoal_ingest("wrk", lambda: wrk_calls(url, 1, 32, seconds), 32)}
+    for procs in SUBMIT_PROCS:
+        ingest[f"python_{procs}"] = shoal_ingest(
+            f"{procs} Python client process(es)",
+            functools.partial(run_clients, "shoal-async", procs, 1, seconds, target=url), 0)
+    peer["ingest"] = {str(procs): peer_stack.ingest(procs, seconds) for procs in SUBMIT_PROCS}
+    peer_stack.flush()
+    ingest["batch"] = shoal_ingest(f"wrk, {BATCH} calls per request",
+                                   lambda: wrk_calls(cluster.url + "/v1/functions/echo/invoke-batch", BATCH, 2,
+                                                     seconds), 2 * BATCH)
+    out["ingest"] = ingest
+    print("  shoal's nodes back, running every call accepted meanwhile...", flush=True)
     t0 = time.monotonic()
     for node_id in nodes:
         cluster.start_agent(node_id)
-    drain(cluster, 900)
-    res["completed_per_s"] = res["durably_queued"] / (time.monotonic() - t0)
-    return res
+    drain(cluster, 1800)
+    total = sum(r["recovered"] for r in ingest.values())
+    out["ingest_completed"] = {"calls": total, "per_s": total / (time.monotonic() - t0)}
+    verified(cluster, "ingest", before, {}, total)
 
 
 def bench_shoal(docker_url: str, seconds: int, quick: bool,
@@ -441,8 +866,11 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
     """Shoal's figures, and the peer's sync figures measured in turns with them."""
     out: dict[str, Any] = {}
     peer: dict[str, Any] = {}
-    with LocalCluster(docker_url, agents=2, name="bench", log_level="error",
-                      controller_env={"SHOAL_QUEUE_LIMIT": "2000000"}) as cluster:
+    with ShoalRedis() as redis, LocalCluster(docker_url, agents=2, name="bench", log_level="error",
+                                             controller_env={"SHOAL_QUEUE_LIMIT": "2000000"},
+                                             redis_url=redis.url) as cluster:
+        out["redis_persistence"] = persistence(redis.url)
+        peer["redis_persistence"] = persistence(peer_stack.redis.url)
         cluster.request("POST", "/registerRuntime", {"image": "pythonruntime", "path": "/ws", "run": "python3 x.py"})
         # echo: one warm container per node (a trivial handler needs no more on 2 cores); echo4: 2 to 4 per
         # node, to show what extra containers cost on a small host.
@@ -467,72 +895,70 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
             verified(cluster, label, before, res, int(res["requests"]))
             return res
 
-        # In turns with the peer: latency, Shoal then Celery; saturation in the order Shoal, Celery, Celery,
-        # Shoal, so that a steady change in the host's speed weighs on both alike.
+        def python_run(label: str) -> dict[str, dict[str, Any]]:
+            """Shoal driven as Celery is: the same client shapes, each thread making sync invokes one after another
+            on its keep-alive connection (http.client), the answer's status and result checked."""
+            shapes = {}
+            for procs, threads in CLIENT_SHAPES:
+                print(f"  shoal sync at saturation, Python {procs}x{threads} clients ({label})...", flush=True)
+                before = outcomes(cluster)
+                res = run_clients("shoal-sync", procs, threads, seconds, target=url)
+                verified(cluster, f"sync, Python clients {procs}x{threads}", before, res, res["calls"])
+                shapes[f"{procs}x{threads}"] = res
+            return shapes
+
+        # In turns with the peer: latency, Shoal then Celery; saturation in the order Shoal (wrk, then Python
+        # clients), Celery, Celery, Shoal (Python clients, then wrk), so that a steady change in the host's speed
+        # weighs on both alike.
         out["sync_c1"] = sync_run("sync c=1", url, 1)
         print("  celery delay().get() one after another...", flush=True)
         peer.update(peer_stack.latency())
         first = sync_run("sync c=32 (round 1)", url, 32)
-        rounds = []
-        for n in (1, 2):
-            print(f"  celery at saturation (round {n})...", flush=True)
-            rounds.append(peer_stack.saturation())
+        python_rounds = [python_run("round 1")]
+        celery_rounds = [peer_stack.saturation("round 1"), peer_stack.saturation("round 2")]
+        python_rounds.append(python_run("round 2"))
         second = sync_run("sync c=32 (round 2)", url, 32)
-        # Both rounds: the mean rate and p50 (each round's p50 is wrk's), the worse p99.
+        # Both rounds: the mean rate and p50 (each round's p50 is wrk's), the worse p99 and max.
         out["sync_c32"] = {"rps": (first["rps"] + second["rps"]) / 2,
                            "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,
-                           "p99_ms": max(first["p99_ms"], second["p99_ms"]), "non_2xx": 0,
-                           "requests": first["requests"] + second["requests"], "rounds": [first, second]}
-        best = [max(r.values()) for r in rounds]
-        peer.update(rps_saturation=sum(best) / 2, rounds=rounds,
-                    clients=max(rounds[0], key=lambda k: rounds[0][k] + rounds[1][k]),
-                    ratio_by_round=[first["rps"] / best[0], second["rps"] / best[1]])
+                           "p99_ms": max(first["p99_ms"], second["p99_ms"]),
+                           "max_ms": max(first["max_ms"], second["max_ms"]), "non_2xx": 0,
+                           "requests": first["requests"] + second["requests"],
+                           "client_cpu_us_per_call": (first["client_cpu_s"] + second["client_cpu_s"])
+                           / (first["requests"] + second["requests"]) * 1e6, "rounds": [first, second]}
+        python = out["sync_python"] = best_of_rounds(python_rounds)
+        saturation = peer["saturation"] = best_of_rounds(celery_rounds)
+        celery_best = saturation["best_by_round"]
+        out["ratio_wrk_by_round"] = [first["rps"] / celery_best[0], second["rps"] / celery_best[1]]
+        out["ratio_python_by_round"] = [p / c for p, c in zip(python["best_by_round"], celery_best, strict=True)]
         out["sync_c32_pool4"] = sync_run("sync c=32, 2-4 containers per node",
                                          cluster.url + "/v1/functions/echo4/invoke", 32)
-        print("  shoal async submissions...", flush=True)
-        before = outcomes(cluster)
-        t0 = time.monotonic()
-        out["async_c32"] = wrk(cluster.url + "/v1/functions/echo/invoke-async", '{"params": 1}', 32,
-                               max(2, seconds // 2))
-        drain(cluster, 120)
-        # Every accepted call ran: from the first submission to the last completion.
-        out["async_completed_per_s"] = out["async_c32"]["requests"] / (time.monotonic() - t0)
-        verified(cluster, "async submissions", before, out["async_c32"], out["async_c32"]["requests"])
-        print(f"  shoal async batch submissions ({BATCH} calls per request)...", flush=True)
-        before = outcomes(cluster)
-        t0 = time.monotonic()
-        batch = out["async_batch"] = wrk_batches(cluster, max(2, seconds // 2))
-        drain(cluster, 600)
-        out["async_batch_completed_per_s"] = batch["calls"] / (time.monotonic() - t0)
-        verified(cluster, "async batches", before, batch, batch["calls"])
-        before = outcomes(cluster)
-        out["async_ingest"] = bench_ingest(cluster, 2)
-        verified(cluster, "ingest", before, out["async_ingest"], out["async_ingest"]["calls"])
+        bench_async(cluster, redis, seconds, peer_stack, out, peer)
         print("  shoal cold vs warm...", flush=True)
         cold = []
         for i in range(5 if quick else 15):
             time.sleep(0.3)
             t0 = time.perf_counter()
-            _, call, _ = cluster.request("POST", "/v1/functions/cold/invoke", {"params": i})
+            status, call, _ = cluster.request("POST", "/v1/functions/cold/invoke", {"params": i})
             cold.append(time.perf_counter() - t0)
-            if not call.get("cold"):
-                raise RuntimeError(f"expected a cold call: {call}")
+            if status != 200 or call.get("status") != "DONE" or call.get("result") != i or not call.get("cold"):
+                raise RuntimeError(f"expected a cold call that succeeded: {status} {call}")
         out["cold_p50_ms"] = statistics.median(cold) * 1000
-        print("  shoal archive distribution...", flush=True)
+        print("  shoal archive distribution (and its floors: raw ZMQ, page-cache write)...", flush=True)
         data = big_archive()
         assert cluster.base is not None
+        floor_two = zmq_floor(cluster.base, data, 2)
         disk_two = disk_rate(cluster.base, data, 2)
         out["archive"] = bench_archive(cluster, data)
-        out["archive"]["disk_mb_per_s_two_writers"] = disk_two
-    print("  shoal archive to one node...", flush=True)
-    one, disk_one = bench_archive_one_node(docker_url, data)
-    out["archive"].update(mb_per_s_one_node=one, disk_mb_per_s_one_writer=disk_one)
+        out["archive"].update(zmq_floor_mb_per_s_two=floor_two, page_cache_mb_per_s_two=disk_two)
+    print("  shoal archive to one node (and its floors)...", flush=True)
+    out["archive"]["one_node"] = bench_archive_one_node(docker_url, data)
     return out, peer
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 s runs: a check that every path works, not figures")
     args = parser.parse_args()
     exit_on_termination()  # a SIGTERM or SIGHUP stops what the run started, as Ctrl-C does
     configure("error")
@@ -543,8 +969,6 @@ def main() -> int:
         with CeleryPeer(seconds, args.quick) as peer_stack:
             print("shoal, and celery in turns...", flush=True)
             shoal, celery = bench_shoal(infra.engine.url, seconds, args.quick, peer_stack)
-            print("celery submissions...", flush=True)
-            celery.update(peer_stack.submissions())
     finally:
         infra.close()
     RESULTS.mkdir(exist_ok=True)
@@ -554,45 +978,120 @@ def main() -> int:
     return 0
 
 
+def best(runs: dict[str, dict[str, Any]], key: str) -> tuple[str, dict[str, Any]]:
+    """The run of ``runs`` (by client processes) with the highest ``key``."""
+    return max(runs.items(), key=lambda kv: kv[1][key])
+
+
+def async_rows(s: dict[str, Any], c: dict[str, Any]) -> list[tuple[str, str]]:
+    ing, cing = s["ingest"], c["ingest"]
+    procs = "/".join(cing)
+    cn, cbest = best(cing, "durable_per_s")
+    pn, pbest = best({k.removeprefix("python_"): v for k, v in ing.items() if k.startswith("python_")},
+                     "durable_per_s")
+
+    def durable(res: dict[str, Any], accepted: str = "calls answered 202") -> str:
+        return (f"{res['per_s']:.0f}/s accepted ({res['calls']} {accepted}), {res['recovered']} recovered"
+                + (f" ({res['lost']} LOST)" if res["lost"] else "") + f" = {res['durable_per_s']:.0f}/s durably "
+                "recorded")
+
+    def ratio(res: dict[str, Any]) -> str:
+        return f"{res['durable_per_s'] / cbest['durable_per_s']:.2f}x celery"
+
+    wrk_run, py_run, celery_run = s["async_running_wrk"], s["async_running_python"], c["async_running"]
+    rn, rbest = best(py_run, "per_s")
+    cr, crbest = best(celery_run, "per_s")
+    batch = ing["batch"]
+    return [
+        ("async submissions/s",
+         f"one call per request, ingest alone (shoal's nodes and celery's worker stopped), "
+         f"{ing['wrk']['seconds']:.0f} s runs; after each, its Redis SIGKILLed >= {KILL_AFTER} s after the last "
+         "answer and restarted from its AOF:\n"
+         f"shoal, wrk (32 connections): {durable(ing['wrk'])} = {ratio(ing['wrk'])}\n"
+         f"shoal, Python clients as celery's (best of {procs} processes: {pn}): {durable(pbest)} = {ratio(pbest)}\n"
+         f"celery delay() (best of {procs} processes: {cn}): {durable(cbest, 'delay() calls returned')}"),
+        ("async while calls run",
+         f"nodes and celery's worker running, {wrk_run['seconds']:.0f} s runs: shoal wrk {wrk_run['per_s']:.0f}/s "
+         f"= {wrk_run['per_s'] / crbest['per_s']:.2f}x celery (all {wrk_run['calls']} ran at "
+         f"{wrk_run['completed_per_s']:.0f}/s); shoal Python (best of {procs} processes: {rn}) "
+         f"{rbest['per_s']:.0f}/s = {rbest['per_s'] / crbest['per_s']:.2f}x celery; celery delay() (best of {procs} "
+         f"processes: {cr}) {crbest['per_s']:.0f}/s"),
+        ("async, batching",
+         f"{BATCH} calls per request (wrk, 2 connections), ingest alone, {batch['seconds']:.0f} s: {durable(batch)} "
+         f"= {ratio(batch)} (batches vs celery's one delay() per call: not like for like)\n"
+         f"all {s['ingest_completed']['calls']} calls accepted while the nodes were stopped ran at "
+         f"{s['ingest_completed']['per_s']:.0f}/s once they were back"),
+        ("redis persistence", f"shoal's: {persistence_text(s['redis_persistence'])}; celery's: "
+                              f"{persistence_text(c['redis_persistence'])}\n"
+                              "after each restart of its Redis, shoal's controller answered "
+                              + ", ".join(str(r["answered_503_after_restart"]) for r in ing.values())
+                              + " requests 503 before its pooled Redis connections were open again (the bench's "
+                              "probes, between runs)"),
+    ]
+
+
+def archive_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
+    nodes, floor, disk, one = (a["mb_per_s_per_node"], a["zmq_floor_mb_per_s_two"], a["page_cache_mb_per_s_two"],
+                               a["one_node"])
+    mean = statistics.fmean(nodes.values())
+
+    def each(rates: Any) -> str:
+        return ", ".join(f"{v:.0f}" for v in rates)
+
+    return [
+        ("archive to 2 nodes",
+         f"{a['archive_mb']:.0f} MB archive (MB = 10^6 bytes), fetched by both at once: "
+         + ", ".join(f"{n} {v:.0f} MB/s" for n, v in nodes.items())
+         + f"\nfloor, raw ZMQ on TCP loopback to 2 receivers at once (same chunk size and credit, sha256): "
+         f"{each(floor)} MB/s; nodes = {mean / statistics.fmean(floor):.2f}x the floor\n"
+         f"page-cache write (buffered, no fsync), 2 writers at once: {each(disk)} MB/s\n"
+         f"{a['calls_during']} warm calls (one per 10 ms) during the upload and distribution: p50 "
+         f"{a['call_p50_ms']:.2f} ms, p99 {a['call_p99_ms']:.2f} ms, max {a['call_max_ms']:.1f} ms"),
+        ("archive to 1 node",
+         f"a cluster of one node: {one['mb_per_s']:.0f} MB/s; raw ZMQ floor {one['zmq_floor_mb_per_s']:.0f} MB/s "
+         f"(node = {one['mb_per_s'] / one['zmq_floor_mb_per_s']:.2f}x); page-cache write "
+         f"{one['page_cache_mb_per_s']:.0f} MB/s"),
+    ]
+
+
+def persistence_text(conf: dict[str, str]) -> str:
+    return f"appendonly {conf['appendonly']}, appendfsync {conf['appendfsync']}, save '{conf['save']}'"
+
+
 def report(r: dict[str, Any]) -> None:
     s, c = r["shoal"], r["celery"]
+    c1, c32, py, sat = s["sync_c1"], s["sync_c32"], s["sync_python"], c["saturation"]
+
+    def slow(res: dict[str, Any]) -> str:
+        return (f"max {res['max_ms']:.1f} ms, {res['over_slow_ms']} of {res['requests']} over {SLOW_MS} ms "
+                f"({res['over_slow_ms'] / max(res['requests'], 1):.2%})")
+
     rows = [
-        ("sync c=1", f"p50 {s['sync_c1']['p50_ms']:.2f} ms  p99 {s['sync_c1']['p99_ms']:.2f} ms  "
-                     f"({s['sync_c1']['rps']:.0f}/s)   celery delay().get() p50 {c['p50_ms']:.2f} ms  "
-                     f"p99 {c['p99_ms']:.2f} ms"),
-        ("sync c=32", f"p50 {s['sync_c32']['p50_ms']:.2f} ms  p99 {s['sync_c32']['p99_ms']:.2f} ms  "
-                      f"({s['sync_c32']['rps']:.0f}/s; 2-4 containers per node: {s['sync_c32_pool4']['rps']:.0f}/s)"),
-        ("calls/s at saturation", f"shoal {s['sync_c32']['rps']:.0f}/s   celery {c['rps_saturation']:.0f}/s "
-                                  f"({c['clients']} client procs x threads)   "
-                                  f"= {s['sync_c32']['rps'] / c['rps_saturation']:.2f}x celery (by round: "
-                                  + ", ".join(f"{x:.2f}x" for x in c["ratio_by_round"]) + ")"),
-        ("async submissions/s", f"one per request: {s['async_c32']['rps']:.0f}/s accepted (non-2xx "
-                                f"{s['async_c32']['non_2xx']}); all {s['async_c32']['requests']} ran at "
-                                f"{s['async_completed_per_s']:.0f}/s"),
-        ("async, batches", f"{BATCH} per request: {s['async_batch']['calls_per_s']:.0f} calls/s accepted (non-2xx "
-                           f"{s['async_batch']['non_2xx']}, p50 {s['async_batch']['p50_ms']:.1f} ms per batch); all "
-                           f"{s['async_batch']['calls']} ran at {s['async_batch_completed_per_s']:.0f}/s   celery "
-                           f"delay() {c['submits_per_s']:.0f}/s = "
-                           f"{s['async_batch']['calls_per_s'] / c['submits_per_s']:.1f}x celery"),
-        ("async, ingest alone", f"{BATCH} per request, nodes stopped: {s['async_ingest']['calls_per_s']:.0f} calls/s "
-                                f"accepted (non-2xx {s['async_ingest']['non_2xx']}), "
-                                f"{s['async_ingest']['durably_queued']} counted in Redis's queue (AOF, fsync every "
-                                f"second); all ran at {s['async_ingest']['completed_per_s']:.0f}/s once the nodes "
-                                f"were back   celery delay(), worker stopped, {c['submits_alone_per_s']:.0f}/s = "
-                                f"{s['async_ingest']['calls_per_s'] / c['submits_alone_per_s']:.1f}x"),
+        ("sync c=1", f"shoal p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  {slow(c1)}  "
+                     f"({c1['rps']:.0f}/s, wrk)\n"
+                     f"celery delay().get() p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}  "
+                     f"(p50 {c['p50_ms'] / c1['p50_ms']:.1f}x shoal's)\n"
+                     "(closed loop: one call at a time, so a slow call delays the next instead of being counted "
+                     "in it; the max and the count over 5 ms show the tail)"),
+        ("sync c=32", f"p50 {c32['p50_ms']:.2f} ms  p99 {c32['p99_ms']:.2f} ms  max {c32['max_ms']:.1f} ms  "
+                      f"({c32['rps']:.0f}/s, wrk; 2-4 containers per node: {s['sync_c32_pool4']['rps']:.0f}/s)"),
+        ("calls/s at saturation",
+         f"shoal driven by wrk (C, 32 connections): {c32['rps']:.0f}/s = {c32['rps'] / sat['per_s']:.2f}x celery "
+         f"(by round: {', '.join(f'{x:.2f}x' for x in s['ratio_wrk_by_round'])})\n"
+         f"shoal driven by Python clients as celery is (http.client, best of {'/'.join(py['rounds'][0])} procs x "
+         f"threads: {py['clients']}): {py['per_s']:.0f}/s = {py['per_s'] / sat['per_s']:.2f}x celery (by round: "
+         f"{', '.join(f'{x:.2f}x' for x in s['ratio_python_by_round'])})\n"
+         f"celery delay().get() (best of {'/'.join(sat['rounds'][0])}: {sat['clients']}): {sat['per_s']:.0f}/s\n"
+         "(each the mean of 2 rounds, in the order shoal wrk, shoal Python, celery, celery, shoal Python, "
+         "shoal wrk)"),
+        ("client CPU per call", f"wrk {c32['client_cpu_us_per_call']:.0f} us; shoal's Python clients "
+                                f"{py['client_cpu_us_per_call']:.0f} us; celery's "
+                                f"{sat['client_cpu_us_per_call']:.0f} us "
+                                "(user + system, at saturation, on the same 2 cores as the servers)"),
+        *async_rows(s, c),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
                                         f"{s['sync_c1']['p50_ms']:.2f} ms"),
-        ("archive to 2 nodes", f"{s['archive']['archive_mb']:.0f} MB at "
-                               + ", ".join(f"{n} {v:.0f} MB/s" for n, v in s["archive"]["mb_per_s_per_node"].items())
-                               + " (disk, 2 writers at once: "
-                               + ", ".join(f"{v:.0f}" for v in s["archive"]["disk_mb_per_s_two_writers"])
-                               + f" MB/s); to one node alone {s['archive']['mb_per_s_one_node']:.0f} MB/s (disk, "
-                               + f"one writer: {s['archive']['disk_mb_per_s_one_writer']:.0f} MB/s = "
-                               + f"{s['archive']['mb_per_s_one_node'] / s['archive']['disk_mb_per_s_one_writer']:.2f}x)"
-                               + f"; {s['archive']['calls_during']} warm calls (one per 10 ms) during the upload and "
-                               f"distribution: p50 "
-                               f"{s['archive']['call_p50_ms']:.2f} ms, p99 {s['archive']['call_p99_ms']:.2f} ms, "
-                               f"max {s['archive']['call_max_ms']:.1f} ms"),
+        *archive_rows(s["archive"]),
     ]
     print_table(rows)
 
