@@ -66,7 +66,12 @@ def create_app(config: ControllerConfig) -> web.Application:
         dispatcher = Dispatcher(config, store, hub, metrics)
         # Recovered before the hub reads its socket: a HELLO handled while the store is read would find none of
         # the calls it lists, and they would be placed a second time.
-        recovered = await dispatcher.recover()
+        try:
+            recovered = await dispatcher.recover()
+        except BaseException:  # (Redis failing meanwhile) the start fails, its socket closed: left open, the
+            await hub.close()  # ZMQ context held up the exit of a process that embeds the app (a test's)
+            await store.close()
+            raise
         hub.start(dispatcher)
         app[SERVICE] = service = Service(config, store, blobs, hub, dispatcher, metrics)
         service.collect_blobs_soon()  # what a delete left when the controller stopped before collecting it

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from controller.hub import Hub
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from controller.placement import make_placement
-from controller.store import Store
+from controller.store import ActiveEntry, Store
 from shoal.logs import get_logger
 from shoal.models import REJECTED, CallStatus
 from shoal.protocol import MAX_SILENCE, Msg
@@ -58,6 +59,8 @@ DISPATCH_WRITE_AFTER = 0.02
 ANY_NODE = "*"
 #: Seconds before a terminal write that failed is tried again (doubling, at most 10 s).
 RETRY_WRITE_AFTER = 0.25
+#: Entries of a kind recovery takes out of the queue that are logged one by one (then only counted).
+DROPPED_LOGGED = 100
 
 
 def timestamp(value: Any) -> float | None:
@@ -645,7 +648,11 @@ class Dispatcher:
 
     # ---- recovery ------------------------------------------------------------------------------
     async def recover(self) -> int:
-        """Queue again every call the store holds as not finished (after a controller restart)."""
+        """Queue again every call the store holds as not finished (after a controller restart). The durable queue
+        is read a chunk at a time (``Store.active_entries``), and an entry that cannot run is taken out of it and
+        logged, never raised: a call whose outcome is stored (it ended; only its removal from the queue was lost),
+        an id whose record is gone, a record without a field a call needs or with one that cannot be read. Nothing
+        the store holds keeps the controller from starting."""
         count = 0
         exists: dict[tuple[str, int], bool] = {}  # function versions (deleted while the calls waited: cancelled)
         up = {node_id: info for node_id, info in (await self.store.list_nodes()).items()
@@ -655,45 +662,80 @@ class Dispatcher:
         # WELCOME{hello}): the grace is the longest silence any of them announced, or ours.
         longest = max([min(s, MAX_SILENCE) for info in up.values() if (s := timestamp(info.get("peer_silence")))],
                       default=0.0)
-        for call in sorted(await self.store.active_calls(), key=lambda c: c.get("created") or 0):
-            if call["id"] in self.calls:
-                continue
-            pending = Pending(call_id=call["id"], function=call["function"], version=int(call["version"]),
-                              params=call.get("params"), timeout=float(call.get("timeout") or 30.0),
-                              attempts=int(call.get("attempts") or 0),
-                              stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()},
-                              record=call)
-            version = (pending.function, pending.version)
-            if version not in exists:
-                exists[version] = await self.store.get_version(*version) is not None
-            self._hold(pending)
-            if not exists[version]:
-                self.finish(pending, CallStatus.CANCELLED, {"error": {
-                    "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
-                continue
-            node_id = call.get("node") or ""
-            node = self.hub.nodes.get(node_id)
-            if call.get("status") in ("DISPATCHED", "RUNNING") and node_id and (node is None or not node.alive()):
-                self._reserve(pending, node_id)
-            elif self.awaiting_hello:
-                # Recorded as waiting, it may still be on a node: its DISPATCHED write waits a moment after the
-                # dispatch (or did not land), and a call placed again after a lost node is recorded as waiting
-                # until its next dispatch is. Kept until every node that was up has said which calls it holds.
-                self._reserve(pending, ANY_NODE)
-            else:
-                self.queue.append(pending)
-            count += 1
+        dropped: dict[str, int] = {}  # kind -> entries taken out of the queue
+        async with contextlib.aclosing(self.store.active_entries()) as chunks:
+            async for chunk in chunks:  # oldest first
+                unrunnable = [entry for entry in chunk if entry.call is None]
+                if unrunnable:
+                    await self._drop_unrunnable(unrunnable, dropped)
+                for entry in chunk:
+                    call = entry.call
+                    if call is None or call["id"] in self.calls:
+                        continue
+                    count += await self._recover_call(call, exists)
         if count:
             self.log.info("calls_recovered", count=count,
                           kept_for_their_nodes=sum(len(ids) for ids in self.reserved.values()))
             self.metrics.requeued.inc(count, reason="controller_restarted")
             self.kick()
+        if dropped:
+            self.log.warning("recovery_took_out_of_the_queue", **dropped)
         self.grace = max(self.config.heartbeat * self.config.liveness, longest) + self.config.heartbeat
         if self.reserved:
             asyncio.get_running_loop().call_later(self.grace, self.release_reserved)
         else:
             self.awaiting_hello.clear()
         return count
+
+    async def _recover_call(self, call: dict[str, Any], exists: dict[tuple[str, int], bool]) -> int:
+        """Hold a call of the store's durable queue again: queued, or kept for the node that may hold it. Returns 1,
+        or 0 if its function version is gone (the call ends CANCELLED)."""
+        pending = Pending(call_id=call["id"], function=call["function"], version=call["version"],
+                          params=call.get("params"), timeout=call.get("timeout") or 30.0,
+                          attempts=call.get("attempts") or 0,
+                          stamps={"QUEUED": call.get("t_QUEUED") or call.get("created") or time.time()},
+                          record=call)
+        version = (pending.function, pending.version)
+        if version not in exists:
+            exists[version] = await self.store.get_version(*version) is not None
+        self._hold(pending)
+        if not exists[version]:
+            self.finish(pending, CallStatus.CANCELLED, {"error": {
+                "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
+            return 0
+        node_id = call.get("node") or ""
+        node = self.hub.nodes.get(node_id)
+        if call.get("status") in ("DISPATCHED", "RUNNING") and node_id and (node is None or not node.alive()):
+            self._reserve(pending, node_id)
+        elif self.awaiting_hello:
+            # Recorded as waiting, it may still be on a node: its DISPATCHED write waits a moment after the
+            # dispatch (or did not land), and a call placed again after a lost node is recorded as waiting
+            # until its next dispatch is. Kept until every node that was up has said which calls it holds.
+            self._reserve(pending, ANY_NODE)
+        else:
+            self.queue.append(pending)
+        return 1
+
+    async def _drop_unrunnable(self, entries: list[ActiveEntry], dropped: dict[str, int]) -> None:
+        """Take out of the durable queue what recovery found cannot run, saying which and why (each id, up to
+        ``DROPPED_LOGGED`` of a kind; the counts once recovery is done)."""
+        for entry in entries:
+            seen = dropped[entry.kind] = dropped.get(entry.kind, 0) + 1
+            if seen > DROPPED_LOGGED:
+                continue
+            if entry.kind == "ended":
+                self.log.info("recovered_call_already_ended", call_id=entry.call_id, status=entry.status,
+                              action="taken out of the queue, not run again")
+            elif entry.kind == "malformed":
+                self.log.error("call_record_malformed", call_id=entry.call_id, problem=entry.problem,
+                               action="it cannot run: ended FAILED (MalformedRecord) and taken out of the queue")
+            else:
+                self.log.warning("queued_call_without_record", call_id=entry.call_id, problem=entry.problem,
+                                 action="taken out of the queue")
+        try:
+            await self.store.drop_active(entries)
+        except StoreError as exc:  # they are skipped all the same, and found again at the next start
+            self.log.error("recovery_cleanup_not_stored", calls=len(entries), error=str(exc))
 
     def _reserve(self, pending: Pending, node_id: str) -> None:
         pending.reserved_for = node_id

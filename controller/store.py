@@ -9,10 +9,13 @@ once its call is stored).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
@@ -97,6 +100,62 @@ LIST_BYTES_MAX = 8 << 20
 LIST_SCAN_MAX = 10_000
 #: Bytes of commands one pipeline of the writer carries at most (one write larger than that goes alone).
 WRITE_BATCH_BYTES = 8 << 20  # calls one listing request reads at most (a status filter reads past non-matching ones)
+
+#: Recovery at start reads the durable queue in chunks of at most this many calls (one pipeline for their small
+#: fields), ...
+RECOVER_CALLS = 1000
+#: ... and their records by pipelines of at most this many bytes of params (at least one call; a call's params can
+#: be MBs; each round trip must end within the store's timeout). All active calls were read in one pipeline: 20,000
+#: of 20 KB each took 9 s and twice their size in memory at once.
+RECOVER_BYTES = 8 << 20
+#: The keys of the calls' records, as bytes (recovery reads members as they are stored: they may not be UTF-8).
+_CALL_KEY = keys.call("").encode()
+_TERMINAL = frozenset(status.value for status in TERMINAL)
+
+
+@dataclass
+class ActiveEntry:
+    """A member of the durable queue as recovery reads it. ``kind``: ``call`` (``call`` holds it, decoded: it can
+    run again), ``ended`` (its stored status is terminal: its outcome was written but not its removal from the
+    queue, as a call's writes are not one transaction), ``no_record`` (its record is gone, or its key holds
+    something else) or ``malformed`` (its record lacks a field a call cannot run without, or holds one that cannot
+    be read: ``problem`` says which)."""
+
+    call_id: str  # (the member, decoded for logs)
+    member: bytes  # as stored
+    kind: str = ""
+    call: dict[str, Any] | None = None
+    status: str = ""  # (ended) its terminal status
+    problem: str = ""
+    num: bytes | None = None  # its callNum and idempotency key (its terminal write gives them its retention)
+    idem: bytes | None = None
+
+
+def _runnable(member: bytes, flat: list[bytes]) -> tuple[dict[str, Any] | None, str]:
+    """A record read at recovery (HGETALL, as bytes) as a call that can run again, or why it cannot."""
+    try:
+        call_id = member.decode()
+        raw = {name.decode(): value.decode() for name, value in zip(flat[::2], flat[1::2], strict=True)}
+    except UnicodeDecodeError as exc:
+        return None, f"it is not UTF-8 ({exc})"
+    try:
+        call = decode_call(raw)
+    except (ValueError, TypeError, RecursionError):
+        for name, value in raw.items():  # which field
+            try:
+                decode_call({name: value})
+            except (ValueError, TypeError, RecursionError) as exc:
+                return None, f"its {name} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+        return None, "it cannot be read"  # (each field reads alone: never meant to happen)
+    for name in ("id", "function", "version"):
+        if call.get(name) in (None, ""):
+            return None, f"it has no {name}"
+    if call["id"] != call_id:
+        return None, f"its id field is {call['id'][:80]!r}"
+    timeout = call.get("timeout")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        return None, f"its timeout is {timeout!r}"
+    return call, ""
 
 
 class Store:
@@ -439,12 +498,115 @@ class Store:
             top = f"({last}"
 
     async def active_calls(self) -> list[dict[str, Any]]:
-        ids = await self.redis.zrange(keys.ACTIVE, 0, -1)
-        pipe = self.redis.pipeline(transaction=False)
-        for call_id in ids:
-            pipe.hgetall(keys.call(call_id))
-        rows = await pipe.execute() if ids else []
-        return [decode_call(raw) for raw in rows if raw]
+        """Every call of the durable queue that can run, decoded, oldest first, in one list (read as
+        ``active_entries`` reads them; recovery walks those chunks instead of holding them all at once)."""
+        out: list[dict[str, Any]] = []
+        async with contextlib.aclosing(self.active_entries()) as chunks:
+            async for chunk in chunks:
+                out += [entry.call for entry in chunk if entry.call is not None]
+        return out
+
+    async def active_entries(self, calls: int = 0, size: int = 0) -> AsyncGenerator[list[ActiveEntry], None]:
+        """The members of the durable queue (``ACTIVE``), oldest first, in chunks of at most ``calls``
+        (``RECOVER_CALLS``), their records read by pipelines of at most ``size`` (``RECOVER_BYTES``) bytes of params
+        (at least one call). Every round trip is bounded, on a connection of its own and within the store's timeout,
+        so a backlog of any size only makes the start longer; the ids are read first (ZSCAN), the records a chunk at
+        a time. Read only: an entry that cannot run (see ``ActiveEntry``) is for the caller to ``drop_active``. The
+        records are read as bytes, and one that is not UTF-8 is malformed (decoded by redis-py, it failed the
+        whole read)."""
+        calls, size = calls or RECOVER_CALLS, size or RECOVER_BYTES
+        conn = RespConnection(self._conn.url, self._conn.timeout)
+        try:
+            members = await self._active_members(conn, calls)
+            for at in range(0, len(members), calls):
+                yield await self._read_active(conn, members[at:at + calls], size)
+        finally:
+            await conn.close()
+
+    @staticmethod
+    async def _active_members(conn: RespConnection, count: int) -> list[bytes]:
+        """Every member of ``ACTIVE``, oldest first (by score, then id). ZSCAN: each reply is bounded (about
+        ``count`` members), and it returns every member that stays in the set while it goes, whatever else changes
+        (a ZRANGE by rank skips members when earlier ones leave)."""
+        found: dict[bytes, float] = {}
+        cursor = b"0"
+        while True:
+            [reply] = await conn.execute([("ZSCAN", keys.ACTIVE, cursor, "COUNT", count)])
+            if not isinstance(reply, list):
+                raise StoreError(f"cannot read {keys.ACTIVE}: {reply}")
+            cursor, flat = reply
+            for member, score in zip(flat[::2], flat[1::2], strict=True):
+                found[member] = float(score)
+            if cursor == b"0":
+                return sorted(found, key=lambda m: (found[m], m))
+
+    async def _read_active(self, conn: RespConnection, members: list[bytes], size: int) -> list[ActiveEntry]:
+        """One chunk: first each call's status, number, idempotency key and params' size (small replies), then the
+        records of the calls not ended, in pipelines of at most ``size`` bytes of params."""
+        probe: list[Command] = []
+        for member in members:
+            key = _CALL_KEY + member
+            probe += [("HMGET", key, "status", "num", "idem"), ("HSTRLEN", key, "params")]
+        replies = await conn.execute(probe)
+        entries: list[ActiveEntry] = []
+        unread: list[tuple[ActiveEntry, int]] = []
+        for n, member in enumerate(members):
+            head, length = replies[2 * n], replies[2 * n + 1]
+            entry = ActiveEntry(member.decode(errors="backslashreplace"), member)
+            entries.append(entry)
+            if isinstance(head, hiredis.ReplyError):  # the key holds something else than a hash
+                entry.kind, entry.problem = "no_record", f"its key is not a call record ({head})"
+                continue
+            assert isinstance(head, list)
+            status, entry.num, entry.idem = head
+            if status is not None and status.decode(errors="replace") in _TERMINAL:
+                entry.kind, entry.status = "ended", status.decode()
+            else:
+                unread.append((entry, length if isinstance(length, int) else 0))
+        group: list[ActiveEntry] = []
+        held = 0
+        for entry, length in unread:
+            if group and held + length > size:
+                await self._read_records(conn, group)
+                group, held = [], 0
+            group.append(entry)
+            held += length
+        if group:
+            await self._read_records(conn, group)
+        return entries
+
+    @staticmethod
+    async def _read_records(conn: RespConnection, entries: list[ActiveEntry]) -> None:
+        replies = await conn.execute([("HGETALL", _CALL_KEY + entry.member) for entry in entries])
+        for entry, reply in zip(entries, replies, strict=True):
+            if isinstance(reply, hiredis.ReplyError) or not reply:
+                entry.kind = "no_record"
+                entry.problem = f"its key is not a call record ({reply})" if reply else "its record is gone"
+                continue
+            assert isinstance(reply, list)
+            entry.call, entry.problem = _runnable(entry.member, reply)
+            entry.kind = "call" if entry.call is not None else "malformed"
+
+    def drop_active(self, entries: list[ActiveEntry]) -> asyncio.Future[None]:
+        """Take out of the durable queue the entries recovery found cannot run (one write): an ended call gets the
+        rest of its terminal write (its retention), a malformed one is ended FAILED (``MalformedRecord``, with why)
+        and kept as long, and an id without a record just leaves (its index entries are pruned as ended ones)."""
+        write: Write = []
+        now = repr(time.time())
+        for entry in entries:
+            key = _CALL_KEY + entry.member
+            if entry.kind == "malformed":
+                error = {"type": "MalformedRecord", "message": f"the call's record cannot be run: {entry.problem}"}
+                write.append(("HSET", key, "status", CallStatus.FAILED.value, f"t_{CallStatus.FAILED.value}", now,
+                              "error", dumps_str(error)))
+            write.append(("ZREM", keys.ACTIVE, entry.member))
+            if entry.kind in ("ended", "malformed"):
+                write.append(("EXPIRE", key, self.retention))
+                if entry.num is not None and entry.num.isdigit():
+                    write.append(("EXPIRE", keys.call_by_num(int(entry.num)), self.retention))
+                if entry.idem:
+                    write.append(("EXPIRE", entry.idem, self.retention))
+        return self.write(write)
 
     async def prune(self) -> int:
         """Drop from the indexes the calls created longer than the retention ago that have ended (their hashes
@@ -473,8 +635,19 @@ class Store:
         await self.redis.hset(keys.NODES, node_id, json.dumps(info))
 
     async def list_nodes(self) -> dict[str, dict[str, Any]]:
-        raw = await self.redis.hgetall(keys.NODES)
-        return {k: json.loads(v) for k, v in raw.items()}
+        """Every node's last record; one that is not a JSON object is left out and logged (read at start: it must
+        not keep the controller from starting)."""
+        out: dict[str, dict[str, Any]] = {}
+        for node_id, value in (await self.redis.hgetall(keys.NODES)).items():
+            try:
+                info = json.loads(value)
+            except (ValueError, RecursionError):
+                info = None
+            if isinstance(info, dict):
+                out[node_id] = info
+            else:
+                log.warning("node_record_malformed", node_id=node_id, value=value[:80])
+        return out
 
     async def register_endpoint(self, endpoint_id: str, at: float, keep: int = MAX_ENDPOINTS) -> int:
         """Record that ``endpoint_id`` registered (the forwarder seed's mapping), keeping the ``keep`` endpoints

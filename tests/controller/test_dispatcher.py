@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncGenerator
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +13,7 @@ from controller.dispatcher import Dispatcher, Pending
 from controller.errors import StoreError
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
+from controller.store import ActiveEntry
 from shoal.models import REJECTED
 from shoal.protocol import Msg
 
@@ -50,7 +52,7 @@ class FakeStore:
         self.writes: list[tuple[str, Any]] = []
         self.fields: dict[str, dict[str, Any]] = {}
         self.failing = 0  # this many writes fail next
-        self.active: list[dict[str, Any]] = []  # what active_calls() returns (calls of a previous lifetime)
+        self.active: list[dict[str, Any]] = []  # what active_entries() reads (calls of a previous lifetime)
         self.deleted: set[tuple[str, int]] = set()  # function versions get_version does not find
         self.nodes: dict[str, dict[str, Any]] = {}  # what list_nodes() returns (nodes of a previous lifetime)
 
@@ -66,8 +68,14 @@ class FakeStore:
         fut.set_result(None)
         return fut
 
-    async def active_calls(self) -> list[dict[str, Any]]:
-        return self.active
+    async def active_entries(self) -> AsyncGenerator[list[ActiveEntry], None]:
+        yield [ActiveEntry(c["id"], c["id"].encode(), kind="call", call=c)
+               for c in sorted(self.active, key=lambda c: c.get("created") or 0)]
+
+    def drop_active(self, entries: list[ActiveEntry]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
 
     async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
         return None if (name, version) in self.deleted else {"name": name, "version": version}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -309,3 +310,74 @@ def test_the_writer_bounds_a_pipeline_in_bytes(server: RedisServer) -> None:
     batches = asyncio.run(scenario())
     assert batches == [3, 2], batches  # (all 5 in one before) up to the first write past WRITE_BATCH_BYTES
     assert 2 * (3 << 20) < WRITE_BATCH_BYTES < 3 * (3 << 20)
+
+
+class Wire:
+    """What the test's process writes to its sockets (Redis here), one entry per write: a pipeline is one write,
+    whichever client sends it (redis-py's pipelines and the store's own connections alike)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.writes: list[bytes] = []
+        write, writelines = asyncio.StreamWriter.write, asyncio.StreamWriter.writelines
+
+        def recorded_write(writer: asyncio.StreamWriter, data: Any) -> None:
+            self.writes.append(bytes(data))
+            write(writer, data)
+
+        def recorded_writelines(writer: asyncio.StreamWriter, data: Any) -> None:
+            data = list(data)
+            self.writes.append(b"".join(bytes(d) for d in data))
+            writelines(writer, data)
+
+        monkeypatch.setattr(asyncio.StreamWriter, "write", recorded_write)
+        monkeypatch.setattr(asyncio.StreamWriter, "writelines", recorded_writelines)
+
+    def pipelines(self, command: str, key: str) -> list[int]:
+        """How many ``command``s of a key that starts with ``key`` each write that carried any held."""
+        sent = re.compile(re.escape(f"${len(command)}\r\n{command}\r\n".encode()) + rb"\$\d+\r\n"
+                          + re.escape(key.encode()))
+        return [n for data in self.writes if (n := len(sent.findall(data)))]
+
+
+def db_url(server: RedisServer, db: int) -> str:
+    """A database of the module's server of the test's own (the other tests' calls are in database 0's queue)."""
+    return f"redis://127.0.0.1:{server.port}/{db}"
+
+
+def test_the_durable_queue_is_read_in_bounded_pipelines(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start every active call was read in one pipeline: 50,000 calls took seconds and hundreds of MB at once,
+    and a large enough backlog could not be read within the store's timeout (the controller could not start). Now
+    at most RECOVER_CALLS records a pipeline, and at most RECOVER_BYTES of params (MB each can be a call's)."""
+
+    async def scenario() -> None:
+        url = db_url(server, 3)
+        r = Redis.from_url(url, decode_responses=True)
+        await r.flushdb()
+        store = Store(r, 60, url)
+        store.start()
+        now = time.time()
+        calls = [dict(call(n, "many", 10_000 + n), id=f"m{n:05d}", created=now - 100 + n / 1000) for n in range(2500)]
+        for at in range(0, len(calls), 500):
+            await store.create_calls(calls[at:at + 500])
+        wire = Wire(monkeypatch)
+        found = await store.active_calls()
+        assert [c["id"] for c in found] == [c["id"] for c in calls]  # every one, oldest first
+        small = wire.pipelines("HGETALL", keys.call(""))
+        assert sum(small) == 2500 and max(small) <= 1000 and len(small) >= 3, small
+        chunks = [len(chunk) async for chunk in store.active_entries()]
+
+        await r.flushdb()
+        big = [dict(call(n, "big", 20_000 + n), id=f"b{n:02d}", created=now + n, params={"x": "y" * (1 << 20)})
+               for n in range(20)]
+        await store.create_calls(big)
+        wire.writes.clear()
+        found = await store.active_calls()
+        assert [c["id"] for c in found] == [c["id"] for c in big] and found[7]["params"] == big[7]["params"]
+        large = wire.pipelines("HGETALL", keys.call(""))
+        assert sum(large) == 20 and max(large) <= 8, large  # 8 MiB of params a pipeline at most
+        await r.flushdb()
+        await store.close()
+        assert chunks == [1000, 1000, 500]
+
+    asyncio.run(scenario())
+

@@ -1,0 +1,173 @@
+"""The controller's recovery at start against a real Redis: the durable queue read in bounded chunks, and what
+cannot run taken out of it instead of stopping the start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from controller import keys
+from controller.config import ControllerConfig
+from controller.dispatcher import ANY_NODE, Dispatcher
+from controller.metrics import ControllerMetrics
+from controller.store import Store
+from shoal.devenv.redis_server import RedisServer, start_redis
+from tests.controller.test_dispatcher import FakeHub
+from tests.controller.test_store import Wire, db_url
+
+RETENTION = 60
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = start_redis("recovery-test", appendonly=False)
+    yield srv
+    srv.stop(remove=True)
+
+
+def stored(call_id: str, num: int, created: float, **fields: Any) -> dict[str, Any]:
+    """A call of f@1 as the controller stores it when it accepts it."""
+    return {"id": call_id, "num": num, "function": "f", "version": 1, "params": {"n": num}, "status": "QUEUED",
+            "created": created, "t_QUEUED": created, "timeout": 5.0, "attempts": 0, "node": "", "idem": "",
+            **fields}
+
+
+async def open_store(server: RedisServer, db: int) -> tuple[Redis, Store]:
+    url = db_url(server, db)
+    r = Redis.from_url(url, decode_responses=True)
+    await r.flushdb()
+    store = Store(Redis.from_url(url, decode_responses=True), RETENTION, url)
+    store.start()
+    await store.add_version({"name": "f", "sha256": "0" * 64})  # f@1
+    return r, store
+
+
+#: Records a call cannot run from, as a crash, a bug or a hand in Redis can leave them: each used to stop the
+#: controller's start (KeyError, ValueError, UnicodeDecodeError out of recover()).
+MALFORMED: dict[str, tuple[str, Any]] = {
+    "no-id": ("-", "id"), "no-function": ("-", "function"), "no-version": ("-", "version"),
+    "bad-version": ("version", "x"), "bad-attempts": ("attempts", "y"), "bad-timeout": ("timeout", "z"),
+    "nan-timeout": ("timeout", "nan"), "bad-params": ("params", "{not json"), "not-utf8": ("params", b"\xff\xfe"),
+    "other-id": ("id", "someone-else"),
+}
+#: Members of the queue without a call record: one expired or deleted (it stayed in the queue for good, and its
+#: index entries were never pruned), and a key of another type (a WRONGTYPE error stopped the start).
+NO_RECORD = ("gone", "not-a-hash")
+#: A call whose outcome was stored but not its removal from the queue (a call's writes are not one transaction): it
+#: ran again.
+ENDED = ("ended",)
+
+
+async def plant(r: Redis, store: Store, junk: tuple[str, ...], now: float) -> None:
+    """What cannot run, as the queue of a previous lifetime holds it."""
+    made = [stored(call_id, 10 + n, now - 30 + n, idem=f"shoal:idem:k-{call_id}")
+            for n, call_id in enumerate(junk) if call_id in MALFORMED or call_id in ENDED]
+    if made:
+        await store.create_calls(made)
+    for call in made:  # their clients gave idempotency keys (kept by the terminal write, from the call's end)
+        await r.set(call["idem"], call["id"])
+    for call_id in junk:
+        if call_id in MALFORMED:
+            field, value = MALFORMED[call_id]
+            if field == "-":
+                await r.hdel(keys.call(call_id), value)
+            else:
+                await r.hset(keys.call(call_id), field, value)
+        elif call_id in ENDED:
+            await r.hset(keys.call(call_id), mapping={"status": "DONE", "result": "1", "t_DONE": str(now)})
+        elif call_id == "not-a-hash":
+            await r.set(keys.call(call_id), "x")
+            await r.zadd(keys.ACTIVE, {call_id: 2})
+        else:
+            await r.zadd(keys.ACTIVE, {call_id: 1})
+
+
+@pytest.mark.parametrize("junk", [*([k] for k in (*MALFORMED, *NO_RECORD, *ENDED)), [*MALFORMED, *NO_RECORD, *ENDED]],
+                         ids=[*MALFORMED, *NO_RECORD, *ENDED, "all-at-once"])
+def test_recovery_takes_out_of_the_queue_what_cannot_run_and_queues_the_rest(server: RedisServer,
+                                                                             junk: list[str]) -> None:
+    """A malformed record made recover() raise (the controller could not start), an id whose record was gone stayed
+    in the queue for good, and a call whose outcome was stored but not its removal from the queue ran again."""
+
+    async def scenario() -> None:
+        r, store = await open_store(server, 4)
+        now = time.time()
+        await store.create_calls([
+            stored("g0", 1, now - 9), stored("g1", 2, now - 8, status="DISPATCHED", node="n1", attempts=1),
+            stored("g2", 3, now - 7, status="RUNNING", node="n1", attempts=1)])
+        await plant(r, store, tuple(junk), now)
+        await r.hset(keys.NODES, "n2", json.dumps({"state": "ready"}))  # up before the restart: g0 may be on it
+        hub = FakeHub(("n1",))
+        hub.nodes["n1"].lost = True  # it has not said HELLO to this controller yet
+        d = Dispatcher(ControllerConfig(heartbeat=60.0), store, hub, ControllerMetrics())  # type: ignore[arg-type]
+        with capture_logs() as logs:
+            assert await d.recover() == 3
+        await store.settled()
+
+        assert set(d.calls) == {"g0", "g1", "g2"} and hub.sent == []
+        assert d.reserved == {"n1": {"g1", "g2"}, ANY_NODE: {"g0"}} and d.awaiting_hello == {"n2"}
+        assert await r.zrange(keys.ACTIVE, 0, -1) == ["g0", "g1", "g2"]
+        said = {(e["event"], e.get("call_id")) for e in logs}
+        for call_id in junk:
+            if call_id in MALFORMED:  # ended FAILED, with why, and kept for the retention like any ended call
+                status, error = await r.hmget(keys.call(call_id), "status", "error")
+                assert status == "FAILED" and json.loads(str(error))["type"] == "MalformedRecord", error
+                assert ("call_record_malformed", call_id) in said
+            elif call_id in ENDED:  # not run again: the rest of its terminal write is made
+                assert await r.hget(keys.call(call_id), "status") == "DONE"
+                assert ("recovered_call_already_ended", call_id) in said
+            else:
+                assert ("queued_call_without_record", call_id) in said
+            if call_id in MALFORMED or call_id in ENDED:
+                for key in (keys.call(call_id), keys.call_by_num(10 + junk.index(call_id)), f"shoal:idem:k-{call_id}"):
+                    assert 0 < await r.ttl(key) <= RETENTION, key
+        assert await r.exists(keys.call("gone")) == 0
+        if "not-a-hash" in junk:
+            assert await r.get(keys.call("not-a-hash")) == "x"  # (not ours to remove)
+        if "bad-version" in junk:
+            assert "version" in json.loads(str(await r.hget(keys.call("bad-version"), "error")))["message"]
+        summary = next(e for e in logs if e["event"] == "recovery_took_out_of_the_queue")
+        kinds = {"malformed": set(MALFORMED), "no_record": set(NO_RECORD), "ended": set(ENDED)}
+        assert {k: v for k, v in summary.items() if k in kinds} == \
+            {kind: len(ids & set(junk)) for kind, ids in kinds.items() if ids & set(junk)}
+
+        # The next start finds only what can run.
+        again = Dispatcher(ControllerConfig(heartbeat=60.0), store, FakeHub(("n1",)), ControllerMetrics())  # type: ignore[arg-type]
+        with capture_logs() as logs:
+            assert await again.recover() == 3
+        assert not [e for e in logs if e["event"] == "recovery_took_out_of_the_queue"]
+        await store.close()
+        await r.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_backlog_of_thousands_is_recovered_whole_in_order_and_in_chunks(server: RedisServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every active call was read in one pipeline (50,000 calls: seconds, and hundreds of MB at once)."""
+
+    async def scenario() -> tuple[list[str], list[str], list[int]]:
+        r, store = await open_store(server, 5)
+        now = time.time()
+        calls = [stored(f"c{n:05d}", 100 + n, now - 100 + n / 100) for n in range(3200)]
+        for at in range(0, len(calls), 800):
+            await store.create_calls(calls[at:at + 800])
+        d = Dispatcher(ControllerConfig(), store, FakeHub(("n1",)), ControllerMetrics())  # type: ignore[arg-type]
+        wire = Wire(monkeypatch)
+        assert await d.recover() == 3200
+        queued = [pending.call_id for pending in d.queue]
+        await store.close()
+        await r.aclose()
+        return queued, [c["id"] for c in calls], wire.pipelines("HGETALL", keys.call(""))
+
+    queued, expected, pipelines = asyncio.run(scenario())
+    assert queued == expected  # each once, oldest first
+    assert sum(pipelines) == 3200 and max(pipelines) <= 1000 and len(pipelines) >= 4, pipelines
+
