@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -43,6 +44,25 @@ async def _prune_loop(store: Store) -> None:
             log.info("calls_pruned", count=removed)
 
 
+async def check_persistence(store: Store) -> dict[str, Any]:
+    """Whether Redis keeps the durable queue across its own restart (AOF), logged at start: a warning if it does not
+    or if that cannot be read (CONFIG renamed or refused). Not a refusal: tests and benchmarks run without AOF."""
+    found = await store.persistence()
+    if found["aof"] is None:
+        log.warning("redis_persistence_unchecked", reason=found.get("error", ""),
+                    hint="the durable queue needs `appendonly yes` (AOF): without it, accepted calls can be lost "
+                         "when Redis restarts; check that setting by hand")
+    elif not found["aof"]:
+        log.warning("redis_aof_off", appendonly="no",
+                    hint="accepted calls not yet finished can be lost when Redis restarts (an RDB snapshot keeps "
+                         "only what it had when taken): set `appendonly yes`")
+    elif found.get("appendfsync") == "no":
+        log.warning("redis_aof_not_synced", appendfsync="no",
+                    hint="the kernel decides when the AOF reaches the disk: a host crash can lose the last tens "
+                         "of seconds of accepted calls (`appendfsync everysec` loses at most about one)")
+    return found
+
+
 def create_app(config: ControllerConfig) -> web.Application:
     tokens = token_check(config)  # inside `errors`: a refusal is a 401 with a JSON body
     app = web.Application(middlewares=[errors] if tokens is None else [errors, tokens], client_max_size=16 << 20)
@@ -59,6 +79,7 @@ def create_app(config: ControllerConfig) -> web.Application:
         await redis.ping()
         store = Store(redis, config.retention, config.redis_url, metrics, timeout=config.redis_timeout)
         store.start()
+        persistence = await check_persistence(store)
         blobs = BlobStore(config.blob_dir)
         if swept := blobs.sweep():
             log.info("upload_leftovers_removed", count=swept)
@@ -80,7 +101,8 @@ def create_app(config: ControllerConfig) -> web.Application:
             log.warning("node_link_open", reason="an API token but no node token: /register and the ZMQ node "
                         "link accept anyone who reaches them (set SHOAL_NODE_TOKEN)")
         log.info("controller_started", zmq=hub.url, redis=config.redis_url_redacted, recovered=recovered,
-                 placement=config.placement, api_token=bool(config.api_token), node_token=bool(config.node_token))
+                 placement=config.placement, api_token=bool(config.api_token), node_token=bool(config.node_token),
+                 redis_aof=persistence["aof"])
         yield
         pruner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

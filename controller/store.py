@@ -20,7 +20,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from controller import keys
 from controller.errors import StoreError
@@ -607,6 +607,19 @@ class Store:
                 if entry.idem:
                     write.append(("EXPIRE", entry.idem, self.retention))
         return self.write(write)
+
+    async def persistence(self) -> dict[str, Any]:
+        """How Redis keeps what it is given, from CONFIG GET: ``aof`` (``appendonly``: only with it does the durable
+        queue outlive a restart of Redis; RDB snapshots keep what the last one had) and ``appendfsync``. Where CONFIG
+        is not allowed (renamed, or an ACL refuses it) ``aof`` is None and ``error`` says why."""
+        try:
+            found = await self.redis.config_get("append*")
+        except ResponseError as exc:
+            return {"aof": None, "appendfsync": None, "error": str(exc)}
+        appendonly = found.get("appendonly")
+        if appendonly is None:
+            return {"aof": None, "appendfsync": None, "error": "CONFIG GET did not report appendonly"}
+        return {"aof": appendonly == "yes", "appendfsync": found.get("appendfsync")}
 
     async def prune(self) -> int:
         """Drop from the indexes the calls created longer than the retention ago that have ended (their hashes

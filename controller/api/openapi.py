@@ -204,7 +204,13 @@ DOCUMENT: dict[str, Any] = {
             "get": {"summary": "Get a node", "responses": {"200": _resp("Node", {"type": "object"}),
                                                            **_errors(404)}},
         },
-        "/v1/health": {"get": {"summary": "Health", "responses": {"200": _resp("Healthy", {"type": "object"})}}},
+        "/v1/health": {"get": {"summary": "Health", "responses": {"200": _resp("Healthy", {
+            "type": "object", "properties": {"redis_persistence": {
+                "type": "object", "description": "Whether Redis keeps the durable queue across its own restart (AOF, "
+                "`appendonly yes`), read at each request; `aof` is null, and `error` says why, where CONFIG is "
+                "not allowed",
+                "properties": {"aof": {"type": "boolean", "nullable": True},
+                               "appendfsync": {"type": "string", "nullable": True}, "error": {"type": "string"}}}}})}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)", "responses": {"200": {
             "description": "Calls accepted and finished, durations, requeues, queue depth, nodes, errors",
             "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

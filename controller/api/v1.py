@@ -200,8 +200,9 @@ async def get_node(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     svc = service(request)
     await svc.store.redis.ping()
+    # Whether Redis keeps the durable queue across its own restart (AOF), read now (see Store.persistence).
     return json_response({"ok": True, "nodes": sum(1 for n in svc.hub.nodes.values() if n.alive()),
-                              **svc.dispatcher.snapshot()})
+                          **svc.dispatcher.snapshot(), "redis_persistence": await svc.store.persistence()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,5 +1,5 @@
-"""The controller's recovery at start against a real Redis: the durable queue read in bounded chunks, and what
-cannot run taken out of it instead of stopping the start."""
+"""The controller's recovery at start against a real Redis: the durable queue read in bounded chunks, what cannot
+run taken out of it instead of stopping the start, and Redis's persistence checked and shown."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from controller import keys
+from controller.app import create_app
 from controller.config import ControllerConfig
 from controller.dispatcher import ANY_NODE, Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.store import Store
-from shoal.devenv.redis_server import RedisServer, start_redis
+from shoal.devenv.redis_server import RedisServer, free_port, start_redis
 from tests.controller.test_dispatcher import FakeHub
 from tests.controller.test_store import Wire, db_url
 
@@ -171,3 +174,42 @@ def test_a_backlog_of_thousands_is_recovered_whole_in_order_and_in_chunks(server
     assert queued == expected  # each once, oldest first
     assert sum(pipelines) == 3200 and max(pipelines) <= 1000 and len(pipelines) >= 4, pipelines
 
+
+@pytest.mark.parametrize("appendonly", [False, True])
+def test_the_controller_says_at_start_and_in_health_whether_redis_keeps_its_queue(appendonly: bool,
+                                                                                  tmp_path: Path) -> None:
+    """Pointed at a stock Redis (no AOF), accepted calls could be lost at a Redis restart without a word. The
+    controller starts either way (tests and benchmarks run without AOF), whatever its store holds."""
+    srv = start_redis("recovery-aof-test", appendonly=appendonly)
+
+    async def scenario() -> tuple[list[Any], dict[str, Any]]:
+        r = Redis.from_url(srv.url, decode_responses=True)
+        await r.hset(keys.NODES, mapping={"junk": "{not json", "list": "[1]"})
+        await r.hset(keys.call("half"), mapping={"id": "half", "status": "QUEUED"})  # no function, no version
+        await r.zadd(keys.ACTIVE, {"half": 1, "gone": 2})
+        config = ControllerConfig(redis_url=srv.url, zmq_bind=f"tcp://127.0.0.1:{free_port()}",
+                                  blob_dir=tmp_path / "blobs")
+        with capture_logs() as logs:
+            async with TestClient(TestServer(create_app(config))) as client:
+                answer = await client.get("/v1/health")
+                assert answer.status == 200
+                health = await answer.json()
+        assert await r.zcard(keys.ACTIVE) == 0
+        await r.aclose()
+        return logs, health
+
+    try:
+        logs, health = asyncio.run(scenario())
+    finally:
+        srv.stop(remove=True)
+    assert {e.get("node_id") for e in logs if e["event"] == "node_record_malformed"} == {"junk", "list"}
+    assert {e.get("call_id") for e in logs if e["event"] in ("call_record_malformed", "queued_call_without_record")} \
+        == {"half", "gone"}
+    warned = [e for e in logs if e["event"] == "redis_aof_off"]
+    started = next(e for e in logs if e["event"] == "controller_started")
+    assert health["redis_persistence"] == {"aof": appendonly, "appendfsync": "everysec"}
+    assert started["redis_aof"] is appendonly
+    if appendonly:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0]["log_level"] == "warning" and "appendonly yes" in warned[0]["hint"]

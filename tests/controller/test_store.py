@@ -381,3 +381,32 @@ def test_the_durable_queue_is_read_in_bounded_pipelines(server: RedisServer, mon
 
     asyncio.run(scenario())
 
+
+def test_redis_persistence_is_read_from_its_configuration(server: RedisServer) -> None:
+    """The durable queue relies on AOF: the controller now reads it (and says when it cannot)."""
+    durable = start_redis("store-aof-test", appendonly=True)
+
+    async def scenario() -> list[dict[str, Any]]:
+        out = []
+        for url in (server.url, durable.url):
+            store = Store(Redis.from_url(url, decode_responses=True), 60, url)
+            out.append(await store.persistence())
+            await store.close()
+        admin = Redis.from_url(server.url, decode_responses=True)
+        await admin.execute_command("ACL", "SETUSER", "no-config", "on", ">secret-0123", "~*", "&*", "+@all",
+                                    "-config")
+        url = f"redis://no-config:secret-0123@127.0.0.1:{server.port}/0"
+        store = Store(Redis.from_url(url, decode_responses=True), 60, url)
+        out.append(await store.persistence())
+        await store.close()
+        await admin.execute_command("ACL", "DELUSER", "no-config")
+        await admin.aclose()
+        return out
+
+    try:
+        off, on, refused = asyncio.run(scenario())
+    finally:
+        durable.stop(remove=True)
+    assert off == {"aof": False, "appendfsync": "everysec"}
+    assert on == {"aof": True, "appendfsync": "everysec"}
+    assert refused["aof"] is None and "config" in refused["error"].lower(), refused
