@@ -97,9 +97,9 @@ PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
 #: Bytes of call records one listing page holds at most (at least one call): params and results can be MBs each,
 #: and a page of 1,000 of them took GBs of the controller's memory and its loop's time.
 LIST_BYTES_MAX = 8 << 20
-LIST_SCAN_MAX = 10_000
-#: Bytes of commands one pipeline of the writer carries at most (one write larger than that goes alone).
-WRITE_BATCH_BYTES = 8 << 20  # calls one listing request reads at most (a status filter reads past non-matching ones)
+LIST_SCAN_MAX = 10_000  # calls one listing request reads at most (a status filter reads past non-matching ones)
+#: Bytes of calls' fields one pipeline of the writer carries at most (one write larger than that goes alone).
+WRITE_BATCH_BYTES = 8 << 20
 
 #: Recovery at start reads the durable queue in chunks of at most this many calls (one pipeline for their small
 #: fields), ...
