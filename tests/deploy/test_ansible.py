@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def playbook(name: str, env: dict[str, str], *args: str,
     assert (proc.returncode == 0) == ok, proc.stdout[-8000:] + proc.stderr[-3000:]
     recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
              for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", proc.stdout, re.M)}
-    return took, recap, proc.stdout
+    return took, recap, proc.stdout + proc.stderr
 
 
 def api(method: str, path: str, body: Any = None, data: bytes | None = None,
@@ -82,11 +83,11 @@ def node_states() -> dict[str, str]:
     return {n["node_id"]: n["state"] for n in api("GET", "/v1/nodes")[1]}
 
 
-def submit_through_restarts(key: str) -> str:
+def submit_through_restarts(key: str, seconds: float = 0.05) -> str:
     """An async call, retried with its idempotency key while the controller restarts: accepted exactly once."""
     while True:
         try:
-            status, body = api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": 0.05}},
+            status, body = api("POST", "/v1/functions/echo/invoke-async", {"params": {"s": seconds}},
                                headers={"Idempotency-Key": key})
         except OSError:  # refused or reset: the controller is restarting
             time.sleep(0.1)
@@ -96,6 +97,41 @@ def submit_through_restarts(key: str) -> str:
             continue
         assert status == 202, body
         return str(body["id"])
+
+
+def under_load(name: str, env: dict[str, str], *args: str, seconds: float = 1.0) -> tuple[list[str], str]:
+    """``name`` run while calls of ``seconds`` each are submitted, one every 0.1 s (the nodes are busy when
+    their agents restart); the calls' ids, and the run's output."""
+    submitted: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            submitted.append(submit_through_restarts(f"{name}-{time.time_ns()}", seconds))
+            time.sleep(0.1)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        _, recap, out = playbook(name, env, *args)
+    finally:
+        stop.set()
+        loader.join()
+    assert all(r["failed"] == 0 for r in recap.values()), out[-6000:]
+    return submitted, out
+
+
+def finished(ids: list[str]) -> list[dict[str, Any]]:
+    return [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] in
+                 ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "calls finished") for i in ids]
+
+
+def agent_events(node: str, since: float) -> list[tuple[float, str]]:
+    """The node agent's starts, drains and stops since ``since`` (epoch seconds), from its log."""
+    log = Path(f"/var/tmp/shoal-local/{node}/supervisor/logs/shoal-agent.log")
+    events = [(datetime.fromisoformat(m.group(1)).timestamp(), m.group(2)) for m in
+              re.finditer(r"^(\S+Z) \[\w+\s*\] (agent_started|draining|agent_stopped)\b", log.read_text(), re.M)]
+    return [e for e in events if e[0] >= since]
 
 
 def release(tmp: Path, version: str, broken: bool = False) -> Path:
@@ -126,12 +162,17 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         _, recap, out = playbook("site.yml", env, "--check")
         assert all(r["failed"] == 0 for r in recap.values()), out[-6000:]
         assert not Path("/var/tmp/shoal-local/shoal-ctl/venv").exists()
-        rollout_s, recap, _ = playbook("site.yml", env)
+        rollout_s, recap, out = playbook("site.yml", env, "-vvv")
         assert set(recap) == {"shoal-ctl", *NODES} and all(r["failed"] == 0 for r in recap.values())
         print(f"\nrollout: {rollout_s:.1f} s")
+        # Nothing it ran shows a secret, even at -vvv (which prints each remote command and its environment).
+        secrets = {name: (tmp_path / "secrets" / name).read_text().strip()
+                   for name in ("api_token", "node_token", "redis_password")}
+        assert "Wait until the Redis answering is this role's" in out
+        assert [name for name, value in secrets.items() if value in out] == []
         # The rollout made both tokens, readable by root only, on the control machine; the API wants one, and
         # the agents joined with the other (over CURVE: /register says so).
-        for name in ("api_token", "node_token", "redis_password"):
+        for name in secrets:
             assert (tmp_path / "secrets" / name).stat().st_mode & 0o777 == 0o600
         redis_host, redis_port = REDIS.split(":")
         with socket.create_connection((redis_host, int(redis_port)), timeout=10) as sock:  # Redis wants AUTH
@@ -171,6 +212,18 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         # And a dry run (--check) of the rolled-out cluster passes and would change nothing.
         _, recap, out = playbook("site.yml", env, "--check")
         assert all(r["failed"] == 0 and r["changed"] == 0 for r in recap.values()), out[-6000:]
+
+        # A changed agent configuration restarts that agent, which drains first (SIGTERM): the calls it runs
+        # finish there, those queued go to other nodes, none is taken for lost (dispatched again).
+        since = time.time()
+        ids, _ = under_load("site.yml", env, "--limit", NODES[0], "-e", "shoal_agent_log_level=debug")
+        events = agent_events(NODES[0], since)
+        assert [e for _, e in events] == ["draining", "agent_stopped", "agent_started"], events
+        calls = finished(ids)
+        assert [(c["status"], c["attempts"]) for c in calls] == [("DONE", 1)] * len(calls), calls
+        drained = events[0][0]
+        assert any(c["node"] == NODES[0] and c["timestamps"]["RUNNING"] < drained < c["timestamps"]["DONE"]
+                   for c in calls), "no call ran through the drain"
 
         # An upgrade whose new controller does not start: the controller goes back to the venv it ran and is
         # started again, and the upgrade fails there.
@@ -215,10 +268,25 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert api("GET", "/version")[1]["version"] == new_version
         nodes = api("GET", "/v1/nodes")[1]
         assert {n["node_id"]: n["version"] for n in nodes} == {n: new_version for n in NODES}, nodes
-        finals = [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] in
-                       ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "upgrade calls") for i in submitted]
+        finals = finished(submitted)
         assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
                                                                           if c["status"] != "DONE"]
+
+        # site.yml on another commit (back to this one) while calls run: like upgrade.yml, each agent in turn is
+        # stopped (drained) before its venv is switched, so it never runs on with code changed under it; then
+        # it starts on the new venv. Every call completes.
+        since = time.time()
+        ids, _ = under_load("site.yml", env)
+        assert api("GET", "/version")[1]["version"] == version
+        assert {n["node_id"]: n["version"] for n in api("GET", "/v1/nodes")[1]} == {n: version for n in NODES}
+        for node in NODES:
+            switched = os.lstat(f"/var/tmp/shoal-local/{node}/venv").st_mtime
+            events = agent_events(node, since)
+            assert [e for t, e in events if t < switched][-2:] == ["draining", "agent_stopped"], (switched, events)
+            assert [e for t, e in events if t > switched] == ["agent_started"], (switched, events)
+        calls = finished(ids)
+        assert [c["status"] for c in calls] == ["DONE"] * len(calls), [c.get("error") for c in calls
+                                                                        if c["status"] != "DONE"]
 
         # One node's agent stopped: calls go on elsewhere; the controller reports the node lost.
         stopped = NODES[2]
