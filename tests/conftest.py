@@ -21,6 +21,16 @@ from shoal.fstree import remove_tree
 from shoal.localnode import LocalNode
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Ansible rollout test first: it is by far the longest (a whole cluster rolled out, upgraded twice, torn
+    down), and xdist hands out work in collection order. Started last, it ran alone at the end of the suite."""
+    def rank(item: pytest.Item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        return 0 if group is not None and group.args[:1] == ("ansible",) else 1
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def docker_url() -> Iterator[str]:
     url = os.environ.get("DOCKER_HOST")
