@@ -15,7 +15,7 @@ trap '$PY -m shoal.devenv down --lease "${SHOAL_ENGINE_LEASE:-}"' EXIT  # (after
 echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
 echo "== pytest"
 set +e
-$PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup "$@"
+$PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup --durations=12 "$@"
 code=$?
 set -e
 exit $code

@@ -260,11 +260,12 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
                                                                           if c["status"] != "DONE"]
 
-        # site.yml on another commit (back to this one) while calls run: like upgrade.yml, each agent in turn is
-        # stopped (drained) before its venv is switched, so it never runs on with code changed under it; then
-        # it starts on the new venv. Every call completes.
+        # site.yml on another commit (back to this one) while calls run: like upgrade.yml, each agent is stopped
+        # (drained) before its venv is switched, so it never runs on with code changed under it; then it starts on
+        # the new venv. Every call completes. (All nodes in one batch: one at a time is upgrade.yml's run above,
+        # and three batches made this the longest step of the suite's longest test.)
         since = time.time()
-        ids, _ = under_load("site.yml", env)
+        ids, _ = under_load("site.yml", env, "-e", "shoal_agent_serial=3")
         assert api("GET", "/version")[1]["version"] == version
         assert {n["node_id"]: n["version"] for n in api("GET", "/v1/nodes")[1]} == {n: version for n in NODES}
         for node in NODES:
