@@ -41,7 +41,7 @@ from typing import Any
 
 from controller.callqueue import CallQueue
 from controller.config import ControllerConfig
-from controller.errors import Busy, StoreError
+from controller.errors import Busy, CorruptRecord, StoreError
 from controller.hub import Hub
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
@@ -654,7 +654,9 @@ class Dispatcher:
         an id whose record is gone, a record without a field a call needs or with one that cannot be read. Nothing
         the store holds keeps the controller from starting."""
         count = 0
-        exists: dict[tuple[str, int], bool] = {}  # function versions (deleted while the calls waited: cancelled)
+        # Per function version: "yes", "" (deleted while its calls waited: they end CANCELLED) or why its record cannot
+        # be read (they end FAILED).
+        exists: dict[tuple[str, int], str] = {}
         up = {node_id: info for node_id, info in (await self.store.list_nodes()).items()
               if info.get("state") != "lost" and node_id not in self.hub.nodes}
         self.awaiting_hello = set(up)
@@ -687,9 +689,9 @@ class Dispatcher:
             self.awaiting_hello.clear()
         return count
 
-    async def _recover_call(self, call: dict[str, Any], exists: dict[tuple[str, int], bool]) -> int:
+    async def _recover_call(self, call: dict[str, Any], exists: dict[tuple[str, int], str]) -> int:
         """Hold a call of the store's durable queue again: queued, or kept for the node that may hold it. Returns 1,
-        or 0 if its function version is gone (the call ends CANCELLED)."""
+        or 0 if its function version is gone (the call ends CANCELLED) or its record damaged (FAILED)."""
         pending = Pending(call_id=call["id"], function=call["function"], version=call["version"],
                           params=call.get("params"), timeout=call.get("timeout") or 30.0,
                           attempts=call.get("attempts") or 0,
@@ -697,11 +699,19 @@ class Dispatcher:
                           record=call)
         version = (pending.function, pending.version)
         if version not in exists:
-            exists[version] = await self.store.get_version(*version) is not None
+            try:
+                exists[version] = "yes" if await self.store.get_version(*version) is not None else ""
+            except CorruptRecord as exc:
+                self.log.error("function_version_record_corrupt", function=pending.key, error=str(exc))
+                exists[version] = str(exc)
         self._hold(pending)
-        if not exists[version]:
-            self.finish(pending, CallStatus.CANCELLED, {"error": {
-                "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
+        if exists[version] != "yes":
+            if exists[version]:  # its version's record is damaged: it cannot be sent to a node
+                self.finish(pending, CallStatus.FAILED,
+                            {"error": {"type": "MalformedRecord", "message": exists[version]}})
+            else:
+                self.finish(pending, CallStatus.CANCELLED, {"error": {
+                    "type": "FunctionDeleted", "message": f"function {pending.key} was deleted before the call ran"}})
             return 0
         node_id = call.get("node") or ""
         node = self.hub.nodes.get(node_id)

@@ -68,6 +68,14 @@ class InsufficientStorage(ApiError):
     code = "insufficient_storage"
 
 
+class CorruptRecord(ApiError):
+    """A record the controller wrote cannot be read back (damaged in Redis): a server-side fault, named (HTTP 500
+    with which record)."""
+
+    status = 500
+    code = "corrupt_record"
+
+
 class StoreError(ApiError):
     """Redis refused or lost a write: the request is not accepted (HTTP 503); nothing was given an id."""
 

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from controller import keys
-from controller.errors import StoreError
+from controller.errors import CorruptRecord, StoreError
 from controller.metrics import ControllerMetrics
 from controller.resp import Command, RespConnection
 from shoal.logs import get_logger
@@ -36,7 +36,6 @@ JSON_FIELDS = ("params", "result", "error", "logs", "timings")
 
 log = get_logger("store")
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-# Record an endpoint's registration unless the registry is full (one already in it is always recorded again).
 # Record an endpoint's registration; past ARGV[3] endpoints, those that registered longest ago are forgotten (a full
 # registry refused every new node: anyone who can reach /register filled it once, for good).
 _REGISTER = """
@@ -91,6 +90,33 @@ def decode_call(raw: dict[str, str]) -> dict[str, Any]:
         else:
             call[key] = value
     return call
+
+
+def load_record(raw: str | bytes, where: str) -> Any:
+    """A JSON record the controller wrote, read back; ``CorruptRecord`` naming ``where`` if it cannot be (a record
+    damaged in Redis was a bare 500, and stopped recovery at start)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptRecord(f"the stored record of {where} cannot be read ({type(exc).__name__})") from None
+
+
+def read_call(raw: dict[str, str]) -> dict[str, Any]:
+    """A stored call as the API shows it: like ``decode_call``, but a field that cannot be read (a record damaged
+    in Redis) is left out and named in ``unreadable`` with why, so the rest of the call, and of a listing that
+    holds it, is still shown (it was a 500 for the whole page)."""
+    try:
+        return decode_call(raw)
+    except (ValueError, TypeError, RecursionError):
+        call: dict[str, Any] = {}
+        unreadable: dict[str, str] = {}
+        for name, value in raw.items():
+            try:
+                call.update(decode_call({name: value}))
+            except (ValueError, TypeError, RecursionError) as exc:
+                unreadable[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        call["unreadable"] = unreadable
+        return call
 
 
 PRUNE_CHUNK = 5000  # index entries looked at per round trip when pruning
@@ -239,11 +265,12 @@ class Store:
 
     async def get_runtime(self, name: str) -> Runtime | None:
         raw = await self.redis.hget(keys.RUNTIMES, name)
-        return Runtime.from_dict(json.loads(raw)) if raw else None
+        return Runtime.from_dict(load_record(raw, f"runtime {name!r}")) if raw else None
 
     async def list_runtimes(self) -> list[Runtime]:
         raw = await self.redis.hgetall(keys.RUNTIMES)
-        return sorted((Runtime.from_dict(json.loads(v)) for v in raw.values()), key=lambda r: r.name)
+        return sorted((Runtime.from_dict(load_record(v, f"runtime {k!r}")) for k, v in raw.items()),
+                      key=lambda r: r.name)
 
     async def delete_runtime(self, name: str) -> bool:
         return bool(await self.redis.hdel(keys.RUNTIMES, name))
@@ -264,18 +291,19 @@ class Store:
         if name in self._functions:
             return self._functions[name]
         raw = await self.redis.hget(keys.FUNCTIONS, name)
-        record = json.loads(raw) if raw else None
+        record = load_record(raw, f"function {name!r}") if raw else None
         if record is not None:
             self._functions[name] = record
         return record
 
     async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
         raw = await self.redis.hget(keys.versions(name), str(version))
-        return json.loads(raw) if raw else None
+        return load_record(raw, f"function {name!r} version {version}") if raw else None
 
     async def list_versions(self, name: str) -> list[dict[str, Any]]:
         raw = await self.redis.hgetall(keys.versions(name))
-        return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["version"])
+        return sorted((load_record(v, f"function {name!r} version {k}") for k, v in raw.items()),
+                      key=lambda r: r["version"])
 
     async def referenced_shas(self) -> set[str]:
         """The archives (sha256) every stored version of every function names."""
@@ -284,11 +312,12 @@ class Store:
             for name in names:
                 pipe.hvals(keys.versions(name))
             found = await pipe.execute()
-        return {json.loads(raw)["sha256"] for values in found for raw in values}
+        return {load_record(raw, f"a version of function {name!r}")["sha256"]
+                for name, values in zip(names, found, strict=True) for raw in values}
 
     async def list_functions(self) -> list[dict[str, Any]]:
         raw = await self.redis.hgetall(keys.FUNCTIONS)
-        return sorted((json.loads(v) for v in raw.values()), key=lambda r: r["name"])
+        return sorted((load_record(v, f"function {k!r}") for k, v in raw.items()), key=lambda r: r["name"])
 
     async def delete_function(self, name: str) -> bool:
         pipe = self.redis.pipeline(transaction=True)
@@ -421,7 +450,7 @@ class Store:
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(keys.call(call_id))
-        return decode_call(raw) if raw else None
+        return read_call(raw) if raw else None
 
     async def call_id_by_num(self, num: int) -> str | None:
         value = await self.redis.get(keys.call_by_num(num))
@@ -464,7 +493,7 @@ class Store:
                 position = (score, call_id)
                 if not raw:
                     continue  # filtered out, or expired since the index was read
-                call = decode_call(raw)
+                call = read_call(raw)
                 if status and call.get("status") != status:
                     continue  # (its state changed between the two reads)
                 out.append(call)

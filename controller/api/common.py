@@ -178,8 +178,8 @@ def upload_name(part: BodyPartReader) -> str:
 
 def render_call(call: dict[str, Any]) -> dict[str, Any]:
     """A call as the v1 API shows it."""
-    return {
-        "id": call["id"], "num": call.get("num"), "function": call.get("function"), "version": call.get("version"),
+    shown = {
+        "id": call.get("id"), "num": call.get("num"), "function": call.get("function"), "version": call.get("version"),
         "status": call.get("status"), "progress": call.get("progress"), "params": call.get("params"),
         "result": call.get("result"), "error": call.get("error"), "logs": call.get("logs"),
         "node": call.get("node") or None, "attempts": call.get("attempts"), "cold": call.get("cold"),
@@ -187,3 +187,6 @@ def render_call(call: dict[str, Any]) -> dict[str, Any]:
         "timestamps": {s: call[f"t_{s}"] for s in STATES if call.get(f"t_{s}")},
         "timings": call.get("timings"),
     }
+    if "unreadable" in call:
+        shown["unreadable"] = call["unreadable"]
+    return shown

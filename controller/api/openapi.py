@@ -233,7 +233,10 @@ DOCUMENT: dict[str, Any] = {
         "Call": {"type": "object", "required": ["id", "status", "function"], "properties": {
             "id": {"type": "string"}, "num": {"type": "integer"}, "function": {"type": "string"},
             "version": {"type": "integer"}, "status": {"type": "string"},
-            "timestamps": {"type": "object"}}},
+            "timestamps": {"type": "object"},
+            "unreadable": {"type": "object", "additionalProperties": {"type": "string"},
+                           "description": "Only for a record damaged in the store: the fields that cannot be read "
+                                          "(left out), and why"}}},
     }},
 }
 

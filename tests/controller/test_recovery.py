@@ -213,3 +213,48 @@ def test_the_controller_says_at_start_and_in_health_whether_redis_keeps_its_queu
         assert warned == []
     else:
         assert len(warned) == 1 and warned[0]["log_level"] == "warning" and "appendonly yes" in warned[0]["hint"]
+
+
+def test_damaged_records_end_their_calls_or_show_what_is_readable_and_stop_nothing(server: RedisServer,
+                                                                                 tmp_path: Path) -> None:
+    """A function version's record that was not JSON stopped the controller's start (recovery raised), and one
+    damaged field of a call made its GET and every listing page holding it a bare 500."""
+    url = db_url(server, 6)
+
+    async def scenario() -> None:
+        r, store = await open_store(server, 6)
+        now = time.time()
+        await store.add_version({"name": "f", "sha256": "1" * 64})  # f@2, about to be damaged
+        await store.create_calls([stored("ok", 1, now - 2), stored("on-bad-version", 2, now - 1, version=2)])
+        await store.close()
+        await r.hset(keys.versions("f"), "2", "{not json")
+        config = ControllerConfig(redis_url=url, zmq_bind=f"tcp://127.0.0.1:{free_port()}", blob_dir=tmp_path / "b")
+        with capture_logs() as logs:
+            async with TestClient(TestServer(create_app(config))) as client:
+                call = await (await client.get("/v1/calls/on-bad-version")).json()
+                assert call["status"] == "FAILED" and call["error"]["type"] == "MalformedRecord", call
+                assert "function 'f' version 2" in call["error"]["message"]
+                assert (await (await client.get("/v1/calls/ok")).json())["status"] == "QUEUED"  # (no node)
+
+                await r.hset(keys.call("ok"), mapping={"params": "{not json", "progress": "x"})
+                answer = await client.get("/v1/calls/ok")
+                assert answer.status == 200
+                call = await answer.json()
+                assert call["status"] == "QUEUED" and call["function"] == "f" and call["params"] is None
+                assert set(call["unreadable"]) == {"params", "progress"}, call
+                page = await client.get("/v1/calls")
+                assert page.status == 200
+                listed = {c["id"]: c for c in (await page.json())["calls"]}
+                assert set(listed) == {"ok", "on-bad-version"} and "unreadable" in listed["ok"]
+                assert "unreadable" not in listed["on-bad-version"]
+                seed = await client.get(f"/call/{call['num']}")
+                assert seed.status == 200 and (await seed.json())["status"]
+
+                answer = await client.get("/v1/functions/f")  # its version 2 cannot be read: said so
+                assert answer.status == 500
+                body = await answer.json()
+                assert body["error"]["code"] == "corrupt_record" and "version 2" in body["error"]["message"]
+        assert any(e["event"] == "function_version_record_corrupt" for e in logs)
+        await r.aclose()
+
+    asyncio.run(scenario())
