@@ -40,6 +40,9 @@ from shoal.protocol import Message, Msg, ProtocolError
 Outcome = Callable[[Ticket, dict[str, Any]], None]
 #: Seconds a busy miniworker may overrun its call's timeout before it is declared lost.
 OVERRUN_GRACE = 10.0
+#: A miniworker asked to stop (it removes its container) that has not exited after this long is killed; the agent
+#: removes its container by label.
+STOP_DEADLINE_S = 30.0
 #: Seconds after which a running call is reported RUNNING to the controller (see tick()).
 RUNNING_REPORT_AFTER = 0.05
 #: Miniworkers in a row whose function would not load (import or dependency error) before the function is failed.
@@ -104,6 +107,7 @@ class Broker:
             if h.state == MwState.STOPPING:
                 self.log.info("miniworker_stopped_unreached", mw_id=h.mw_id, pool=h.pool_key, error=exc.strerror)
                 if h.proc.poll() is None:
+                    h.killed = True
                     h.proc.send_signal(signal.SIGKILL)
             else:
                 self.lose(h, f"cannot reach miniworker ({exc.strerror})")
@@ -509,6 +513,7 @@ class Broker:
             return
         self.forget_idle(h)
         h.state = MwState.STOPPING
+        h.stopped_at = time.monotonic()
         h.reason = h.reason or "stopped by the pool"
         if give_back:
             self.requeue_ahead(h)
@@ -526,8 +531,10 @@ class Broker:
             # A failed start (it died, or did not start in time): not at once again.
             self.start_failed(h.pool_key, self.back_off(h.pool_key), reason)
         h.state = MwState.FAILED
+        h.stopped_at = time.monotonic()
         h.reason = reason
         if h.proc.poll() is None:
+            h.killed = True
             h.proc.send_signal(signal.SIGKILL)
         self.requeue_ahead(h)  # before the retried call: that one goes first
         ticket = h.ticket
@@ -573,6 +580,13 @@ class Broker:
                     del self.mws[h.mw_id]
                     if h.state == MwState.STOPPING and code != 0:
                         self.on_lost(h)  # it may not have removed its container
+                elif now - h.stopped_at > STOP_DEADLINE_S and not h.killed:
+                    # Its teardown hangs (an engine that does not answer): it holds a slot while it lasts (see
+                    # the pool), so it ends here; its container is removed by label once its exit is seen.
+                    self.log.warning("miniworker_stop_overdue", mw_id=h.mw_id, pool=h.pool_key,
+                                     seconds=round(now - h.stopped_at, 1), action="killed")
+                    h.killed = True
+                    h.proc.send_signal(signal.SIGKILL)
                 continue
             if code is not None:
                 self.lose(h, f"miniworker process exited with code {code}")

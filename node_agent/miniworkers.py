@@ -52,6 +52,8 @@ class MwHandle:
     ahead: Ticket | None = None  # a call it holds to run next (pipelined; not started)
     loading: bool = False  # the current call also starts a container or loads the function
     reason: str = ""
+    stopped_at: float = 0.0  # when it was asked to stop, or taken for lost (monotonic)
+    killed: bool = False  # SIGKILL sent to its process
 
     @property
     def pool_key(self) -> str:

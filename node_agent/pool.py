@@ -42,6 +42,12 @@ CALL_OVERHEAD_S = 0.0005
 #: An idle miniworker of another pool is stopped for a function that has miniworkers but a backlog only once
 #: it has been idle this long (for a function that has none: at once).
 ROOM_IDLE_S = 1.0
+#: A miniworker being stopped (or lost) whose process has not exited after this long holds its slot until it
+#: does: its container may still be there (an engine slow to kill and remove it), and the node runs at most
+#: ``capacity`` containers. Within it, a stop and the start of the next miniworker overlap (the container was
+#: killed first thing; removing it is what takes the time), so switching a full node to another function does not
+#: wait for the removal.
+STOP_GRACE_S = 2.0
 
 
 class PoolManager:
@@ -127,10 +133,12 @@ class PoolManager:
         live = self.live()
         by_pool = Tally(h.pool_key for h in live)
         starting = Tally(h.pool_key for h in live if h.state == MwState.STARTING)
-        free = cfg.capacity - len(live)
+        now = time.monotonic()
+        slow_stops = sum(1 for h in self.broker.mws.values()
+                         if h.state not in LIVE and now - h.stopped_at > STOP_GRACE_S)
+        free = cfg.capacity - len(live) - slow_stops
 
         # 1. demand
-        now = time.monotonic()
         oneshot_demand = 0
         self._drop_stale_claims(by_pool)
         # Functions with no miniworker first (a slot freed for one must not go to a busier one), then the one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from node_agent.broker import STOP_DEADLINE_S
 from node_agent.functions import FnState
 from node_agent.miniworkers import MwHandle, MwState
-from node_agent.pool import ROOM_IDLE_S, PoolManager
+from node_agent.pool import ROOM_IDLE_S, STOP_GRACE_S, PoolManager
 from node_agent.tickets import Ticket
 from shoal import protocol
 from shoal.models import FunctionSpec, Runtime
@@ -216,3 +218,36 @@ def test_a_miniworker_that_holds_a_call_runs_it_before_it_yields_its_slot(sharin
     assert second.state == MwState.BUSY and second.ticket is held  # it runs the call it held
     broker._on_result(second, done(held.call_id))
     assert second.state == MwState.STOPPING and broker.yield_from == {}
+
+
+def test_a_stop_that_lasts_holds_its_slot_and_one_that_hangs_is_killed(sharing: Sharing) -> None:
+    """A miniworker being stopped was not counted: on an engine slow to remove containers, each stop made room for
+    another start, and the node ran more containers than its capacity."""
+    broker = sharing.rig.broker
+    sharing.busy("f1", "f@1", "a1")
+    stopping = sharing.idle("f2", "f@1", for_s=60)
+    signals: list[int] = []
+    exit_code: list[int | None] = [None]
+    stopping.proc = SimpleNamespace(poll=lambda: exit_code[0], send_signal=signals.append)  # type: ignore[assignment]
+    left: list[str] = []
+    broker.on_lost = lambda h: left.append(h.mw_id)
+    broker.stop(stopping)
+    broker.submit(Ticket("b1", "g@1", None, 30.0))
+    sharing.pool.reconcile()  # a stop just asked for: the next container starts meanwhile
+    assert sharing.spawned == ["g@1"]
+    sharing.spawned.clear()
+    broker.mws.pop("new-1")  # (that start set aside: the same node, a stop now past its grace)
+    stopping.stopped_at = time.monotonic() - STOP_GRACE_S - 1
+    sharing.pool.reconcile()
+    assert sharing.spawned == []  # its container may still be there: 2 of 2 slots taken
+    broker.tick(time.monotonic())
+    assert signals == []  # slow, but within its deadline
+    stopping.stopped_at = time.monotonic() - STOP_DEADLINE_S - 1
+    broker.tick(time.monotonic())
+    broker.tick(time.monotonic())
+    assert signals == [signal.SIGKILL]  # once
+    exit_code[0] = -signal.SIGKILL
+    broker.tick(time.monotonic())  # its exit is seen: its container is removed by label, its slot frees
+    assert "f2" not in broker.mws and left == ["f2"]
+    sharing.pool.reconcile()
+    assert sharing.spawned == ["g@1"]
