@@ -43,6 +43,7 @@ def playbook(name: str, env: dict[str, str], *args: str,
                            f"playbooks/{name}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     took = time.monotonic() - t0
+    print(f"\n{name} {' '.join(args)[:80]}: {took:.1f} s")
     assert (proc.returncode == 0) == ok, proc.stdout[-8000:] + proc.stderr[-3000:]
     recap = {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
              for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", proc.stdout, re.M)}
