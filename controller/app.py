@@ -118,6 +118,7 @@ def create_app(config: ControllerConfig) -> web.Application:
         await dispatcher.stop(STOP_SETTLE_SECONDS)
         await hub.close()
         await store.close()
+        log.info("controller_stopped")
 
     app.cleanup_ctx.append(resources)
     v1.add_routes(app)

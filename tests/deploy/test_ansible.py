@@ -127,11 +127,12 @@ def finished(ids: list[str]) -> list[dict[str, Any]]:
                  ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "calls finished") for i in ids]
 
 
-def agent_events(node: str, since: float) -> list[tuple[float, str]]:
-    """The node agent's starts, drains and stops since ``since`` (epoch seconds), from its log."""
-    log = Path(f"/var/tmp/shoal-local/{node}/supervisor/logs/shoal-agent.log")
+def service_events(host: str, since: float, program: str = "shoal-agent") -> list[tuple[float, str]]:
+    """The program's starts, drains and stops since ``since`` (epoch seconds), from its log."""
+    log = Path(f"/var/tmp/shoal-local/{host}/supervisor/logs/{program}.log")
     events = [(datetime.fromisoformat(m.group(1)).timestamp(), m.group(2)) for m in
-              re.finditer(r"^(\S+Z) \[\w+\s*\] (agent_started|draining|agent_stopped)\b", log.read_text(), re.M)]
+              re.finditer(r"^(\S+Z) \[\w+\s*\] ((?:agent|controller)_started|draining|(?:agent|controller)_stopped)\b",
+                          log.read_text(), re.M)]
     return [e for e in events if e[0] >= since]
 
 
@@ -261,18 +262,24 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
                                                                           if c["status"] != "DONE"]
 
         # site.yml on another commit (back to this one) while calls run: like upgrade.yml, each agent is stopped
-        # (drained) before its venv is switched, so it never runs on with code changed under it; then it starts on
-        # the new venv. Every call completes. (All nodes in one batch: one at a time is upgrade.yml's run above,
-        # and three batches made this the longest step of the suite's longest test.)
+        # (drained) before its venv is switched, and the controller before its own, so none runs on with code
+        # changed under it; then each starts on the new venv. Every call completes. (All nodes in one batch: one
+        # at a time is upgrade.yml's run above, and three batches made this the longest step of the suite's
+        # longest test.)
         since = time.time()
         ids, _ = under_load("site.yml", env, "-e", "shoal_agent_serial=3")
         assert api("GET", "/version")[1]["version"] == version
         assert {n["node_id"]: n["version"] for n in api("GET", "/v1/nodes")[1]} == {n: version for n in NODES}
         for node in NODES:
             switched = os.lstat(f"/var/tmp/shoal-local/{node}/venv").st_mtime
-            events = agent_events(node, since)
+            events = service_events(node, since)
             assert [e for t, e in events if t < switched][-2:] == ["draining", "agent_stopped"], (switched, events)
             assert [e for t, e in events if t > switched] == ["agent_started"], (switched, events)
+        # The controller too is stopped before its switch, and started after it on the new code.
+        switched = os.lstat("/var/tmp/shoal-local/shoal-ctl/venv").st_mtime
+        events = service_events("shoal-ctl", since, "shoal-controller")
+        assert [e for t, e in events if t < switched] == ["controller_stopped"], (switched, events)
+        assert [e for t, e in events if t > switched] == ["controller_started"], (switched, events)
         calls = finished(ids)
         assert [c["status"] for c in calls] == ["DONE"] * len(calls), [c.get("error") for c in calls
                                                                         if c["status"] != "DONE"]
