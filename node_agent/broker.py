@@ -415,7 +415,8 @@ class Broker:
                 self.promote(h)  # that call was ended here (cancelled); its miniworker then started the held one
             return
         if header.get("retire"):
-            h.state = MwState.STOPPING
+            h.state = MwState.STOPPING  # it leaves on its own (its container removed first)
+            h.stopped_at = time.monotonic()
         elif h.state == MwState.STOPPING:
             pass  # it is on its way out: nothing more is handed to it
         elif h.ticket is None and h.ahead is None and h.pool_key in self.yield_from:
@@ -444,6 +445,7 @@ class Broker:
         reason = msg.header["reason"]
         served = h.state in (MwState.IDLE, MwState.BUSY)  # it was ready: its container died while idle
         h.state = MwState.FAILED
+        h.stopped_at = time.monotonic()
         h.reason = reason
         self.forget_idle(h)
         self.metrics.mw_lost.inc(reason="died_idle" if served else "start_failed")
@@ -580,6 +582,8 @@ class Broker:
                     del self.mws[h.mw_id]
                     if h.state == MwState.STOPPING and code != 0:
                         self.on_lost(h)  # it may not have removed its container
+                elif not h.stopped_at:
+                    h.stopped_at = now  # (every way out sets it; this one was missed)
                 elif now - h.stopped_at > STOP_DEADLINE_S and not h.killed:
                     # Its teardown hangs (an engine that does not answer): it holds a slot while it lasts (see
                     # the pool), so it ends here; its container is removed by label once its exit is seen.

@@ -135,7 +135,7 @@ class PoolManager:
         starting = Tally(h.pool_key for h in live if h.state == MwState.STARTING)
         now = time.monotonic()
         slow_stops = sum(1 for h in self.broker.mws.values()
-                         if h.state not in LIVE and now - h.stopped_at > STOP_GRACE_S)
+                         if h.state not in LIVE and h.stopped_at and now - h.stopped_at > STOP_GRACE_S)
         free = cfg.capacity - len(live) - slow_stops
 
         # 1. demand

@@ -251,3 +251,24 @@ def test_a_stop_that_lasts_holds_its_slot_and_one_that_hangs_is_killed(sharing: 
     assert "f2" not in broker.mws and left == ["f2"]
     sharing.pool.reconcile()
     assert sharing.spawned == ["g@1"]
+
+
+@pytest.mark.parametrize("way", ["retired", "failed", "stopped", "lost"])
+def test_every_way_out_starts_the_stop_clock_and_none_is_killed_at_once(sharing: Sharing, way: str) -> None:
+    broker = sharing.rig.broker
+    signals: list[int] = []
+    h = sharing.busy("f1", "f@1", "a1") if way == "retired" else sharing.idle("f1", "f@1", for_s=1)
+    h.proc = SimpleNamespace(poll=lambda: None, send_signal=signals.append)  # type: ignore[assignment]
+    before = time.monotonic()
+    if way == "retired":  # it leaves on its own after this result (its container removed first)
+        broker._on_result(h, protocol.decode(protocol.encode(Msg.MW_RESULT, {
+            "call_id": "a1", "status": "DONE", "result": 1, "retire": True})))
+    elif way == "failed":
+        broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "container died"})))
+    elif way == "stopped":
+        broker.stop(h)
+    else:
+        broker.lose(h, "silent")
+    assert h.state not in (MwState.IDLE, MwState.BUSY) and h.stopped_at >= before
+    broker.tick(time.monotonic())
+    assert signals == ([signal.SIGKILL] if way == "lost" else [])  # (a lost one is killed by lose() itself)
