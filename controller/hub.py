@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from zmq.auth.thread import ThreadAuthenticator
 
 from controller.config import ControllerConfig
+from controller.errors import CorruptRecord
 from controller.metrics import ControllerMetrics
 from controller.nodestate import NodeState
 from controller.store import Store
@@ -226,7 +227,7 @@ class Hub:
         async def resend() -> None:
             try:
                 record = await self.store.get_version(name, version)
-            except RedisError as exc:
+            except (RedisError, CorruptRecord) as exc:
                 self.log.error("function_not_resent", node_id=node_id, function=f"{name}@{version}", error=str(exc))
                 return
             if record is not None:
@@ -283,7 +284,14 @@ class Hub:
                 self.dispatcher.forget_when_idle(name, up_to)  # its calls still held here end first
         held = {(p.function, p.version) for p in self.dispatcher.calls.values()} if self.dispatcher else set()
         for name, version in sorted(held):
-            if latest.get(name) != version and (record := await self.store.get_version(name, version)) is not None:
+            if latest.get(name) == version:
+                continue
+            try:
+                record = await self.store.get_version(name, version)
+            except CorruptRecord as exc:  # (damaged in Redis: this node cannot be given it; the sync goes on)
+                self.log.error("function_not_sent", node_id=node_id, function=f"{name}@{version}", error=str(exc))
+                continue
+            if record is not None:
                 self.send_sequenced(node_id, Msg.FUNCTION, function_message(record))
         await self.store.save_node(node_id, self.nodes[node_id].to_dict())
 

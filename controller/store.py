@@ -101,6 +101,20 @@ def load_record(raw: str | bytes, where: str) -> Any:
         raise CorruptRecord(f"the stored record of {where} cannot be read ({type(exc).__name__})") from None
 
 
+def _readable(raw: dict[str, str], kind: str) -> list[dict[str, Any]]:
+    """The records of a whole listing that can be read; a damaged one is left out and logged (one stopped the
+    listing, and every node's sync: a node that said HELLO got no runtimes nor functions)."""
+    out = []
+    for name, value in raw.items():
+        try:
+            record = load_record(value, f"{kind} {name!r}")
+        except CorruptRecord as exc:
+            log.error("record_unreadable", kind=kind, name=name[:200], error=str(exc), action="left out")
+            continue
+        out.append(record)
+    return out
+
+
 def read_call(raw: dict[str, str]) -> dict[str, Any]:
     """A stored call as the API shows it: like ``decode_call``, but a field that cannot be read (a record damaged
     in Redis) is left out and named in ``unreadable`` with why, so the rest of the call, and of a listing that
@@ -269,8 +283,7 @@ class Store:
 
     async def list_runtimes(self) -> list[Runtime]:
         raw = await self.redis.hgetall(keys.RUNTIMES)
-        return sorted((Runtime.from_dict(load_record(v, f"runtime {k!r}")) for k, v in raw.items()),
-                      key=lambda r: r.name)
+        return sorted((Runtime.from_dict(record) for record in _readable(raw, "runtime")), key=lambda r: r.name)
 
     async def delete_runtime(self, name: str) -> bool:
         return bool(await self.redis.hdel(keys.RUNTIMES, name))
@@ -317,7 +330,7 @@ class Store:
 
     async def list_functions(self) -> list[dict[str, Any]]:
         raw = await self.redis.hgetall(keys.FUNCTIONS)
-        return sorted((load_record(v, f"function {k!r}") for k, v in raw.items()), key=lambda r: r["name"])
+        return sorted(_readable(raw, "function"), key=lambda r: r["name"])
 
     async def delete_function(self, name: str) -> bool:
         pipe = self.redis.pipeline(transaction=True)
@@ -449,7 +462,10 @@ class Store:
         return self.write(write, sum(map(len, mapping.values())))
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(keys.call(call_id))
+        try:
+            raw = await self.redis.hgetall(keys.call(call_id))
+        except UnicodeDecodeError:  # (the API stores none; a hand in Redis can)
+            raise CorruptRecord(f"the stored record of call {call_id!r} is not UTF-8") from None
         return read_call(raw) if raw else None
 
     async def call_id_by_num(self, num: int) -> str | None:
@@ -480,10 +496,7 @@ class Store:
             else:
                 statuses = [status] * len(chunk)
             wanted = [call_id for (call_id, _), found in zip(chunk, statuses, strict=True) if found == status]
-            pipe = self.redis.pipeline(transaction=False)
-            for call_id in wanted:
-                pipe.hgetall(keys.call(call_id))
-            rows = dict(zip(wanted, await pipe.execute(), strict=True))
+            rows = await self._records(wanted)
             for call_id, score in chunk:
                 raw = rows.get(call_id)
                 if raw:
@@ -500,6 +513,24 @@ class Store:
                 if len(out) >= limit:
                     return out, position
         return out, None
+
+    async def _records(self, call_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored fields of each call (empty: no record). A record that is not UTF-8 (the API stores none; a
+        hand in Redis can) fails the whole pipeline: the calls are then read one by one, and such a one is shown
+        by its id, named unreadable."""
+        pipe = self.redis.pipeline(transaction=False)
+        for call_id in call_ids:
+            pipe.hgetall(keys.call(call_id))
+        try:
+            return dict(zip(call_ids, await pipe.execute(), strict=True))
+        except UnicodeDecodeError:
+            rows: dict[str, dict[str, Any]] = {}
+            for call_id in call_ids:
+                try:
+                    rows[call_id] = await self.redis.hgetall(keys.call(call_id))
+                except UnicodeDecodeError:
+                    rows[call_id] = {"id": call_id, "unreadable": {"record": "it is not UTF-8"}}
+            return rows
 
     async def _walk(self, index: str, after: tuple[int, str] | None,
                     scan: int) -> AsyncIterator[list[tuple[str, int]]]:

@@ -415,8 +415,9 @@ class Broker:
                 self.promote(h)  # that call was ended here (cancelled); its miniworker then started the held one
             return
         if header.get("retire"):
-            h.state = MwState.STOPPING  # it leaves on its own (its container removed first)
-            h.stopped_at = time.monotonic()
+            if h.state in LIVE:  # (one stopped or lost already keeps its state and its stop clock)
+                h.state = MwState.STOPPING  # it leaves on its own (its container removed first)
+                h.stopped_at = time.monotonic()
         elif h.state == MwState.STOPPING:
             pass  # it is on its way out: nothing more is handed to it
         elif h.ticket is None and h.ahead is None and h.pool_key in self.yield_from:
@@ -580,7 +581,7 @@ class Broker:
                         self.requeue(ticket)
                         self.pump()
                     del self.mws[h.mw_id]
-                    if h.state == MwState.STOPPING and code != 0:
+                    if (h.state == MwState.STOPPING and code != 0) or h.overdue:
                         self.on_lost(h)  # it may not have removed its container
                 elif not h.stopped_at:
                     h.stopped_at = now  # (every way out sets it; this one was missed)
@@ -589,7 +590,7 @@ class Broker:
                     # the pool), so it ends here; its container is removed by label once its exit is seen.
                     self.log.warning("miniworker_stop_overdue", mw_id=h.mw_id, pool=h.pool_key,
                                      seconds=round(now - h.stopped_at, 1), action="killed")
-                    h.killed = True
+                    h.killed = h.overdue = True
                     h.proc.send_signal(signal.SIGKILL)
                 continue
             if code is not None:

@@ -54,6 +54,7 @@ class MwHandle:
     reason: str = ""
     stopped_at: float = 0.0  # when it was asked to stop, or taken for lost (monotonic)
     killed: bool = False  # SIGKILL sent to its process
+    overdue: bool = False  # killed for not exiting in time after its stop: its container is removed by label
 
     @property
     def pool_key(self) -> str:

@@ -42,12 +42,6 @@ CALL_OVERHEAD_S = 0.0005
 #: An idle miniworker of another pool is stopped for a function that has miniworkers but a backlog only once
 #: it has been idle this long (for a function that has none: at once).
 ROOM_IDLE_S = 1.0
-#: A miniworker being stopped (or lost) whose process has not exited after this long holds its slot until it
-#: does: its container may still be there (an engine slow to kill and remove it), and the node runs at most
-#: ``capacity`` containers. Within it, a stop and the start of the next miniworker overlap (the container was
-#: killed first thing; removing it is what takes the time), so switching a full node to another function does not
-#: wait for the removal.
-STOP_GRACE_S = 2.0
 
 
 class PoolManager:
@@ -134,9 +128,12 @@ class PoolManager:
         by_pool = Tally(h.pool_key for h in live)
         starting = Tally(h.pool_key for h in live if h.state == MwState.STARTING)
         now = time.monotonic()
-        slow_stops = sum(1 for h in self.broker.mws.values()
-                         if h.state not in LIVE and h.stopped_at and now - h.stopped_at > STOP_GRACE_S)
-        free = cfg.capacity - len(live) - slow_stops
+        # Miniworkers being stopped (or lost) whose process has not exited hold their slots: their containers may
+        # still be there (an engine slow to remove them), and a node runs at most ``capacity`` containers. They
+        # were not counted: each stop made room for another start, and a slow engine let a node run several
+        # times its capacity.
+        leaving = len(self.broker.mws) - len(live)
+        free = cfg.capacity - len(live) - leaving
 
         # 1. demand
         oneshot_demand = 0
@@ -161,11 +158,15 @@ class PoolManager:
             need = min(len(queue) - starting[pool], fn.spec.max_warm - by_pool[key])
             for _ in range(max(0, need)):
                 if free <= 0:
+                    # A full node: an idle miniworker of another pool is stopped, and this one starts once it has
+                    # gone (at a later round). While any stop is on its way, no other is made: it frees a slot.
                     none_yet = by_pool[key] == 0
-                    if not self._make_room(pool, 0.0 if none_yet else ROOM_IDLE_S, now):
-                        if none_yet:
+                    if leaving == 0:
+                        if self._make_room(pool, 0.0 if none_yet else ROOM_IDLE_S, now):
+                            leaving += 1
+                        elif none_yet:
                             self._claim_next_slot(pool, live)
-                        break
+                    break
                 if not self._spawn(pool, fn if policy == Policy.FUNCTION else None, fn.spec.runtime):
                     break
                 free -= 1

@@ -90,7 +90,8 @@ async def functions(request: web.Request) -> web.Response:
 
 async def calls(request: web.Request) -> web.Response:
     found, _ = await service(request).store.list_calls(None, None, None, SEED_CALLS_LIMIT)
-    ordered = sorted(found, key=lambda c: c.get("num") or 0)
+    # (A call whose number cannot be read, its record damaged in Redis, has no key here: it is left out.)
+    ordered = sorted((c for c in found if isinstance(c.get("num"), int)), key=lambda c: c["num"])
     return json_response({f"c{c['num']}": seed_call(c) for c in ordered})
 
 

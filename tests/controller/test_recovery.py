@@ -254,7 +254,32 @@ def test_damaged_records_end_their_calls_or_show_what_is_readable_and_stop_nothi
                 assert answer.status == 500
                 body = await answer.json()
                 assert body["error"]["code"] == "corrupt_record" and "version 2" in body["error"]["message"]
+
+                # A listing of functions or runtimes leaves a damaged one out (it stopped the listing, and every
+                # node's sync: a node saying HELLO got no functions).
+                await r.hset(keys.FUNCTIONS, "g", "{not json")
+                await r.hset(keys.RUNTIMES, "bad", "[")
+                for path in ("/v1/functions", "/functions", "/v1/runtimes", "/runtimes"):
+                    assert (await client.get(path)).status == 200, path
+                assert [f["name"] for f in await (await client.get("/v1/functions")).json()] == ["f"]
+
+                # A call number that cannot be read leaves that call out of the seed's listing (KeyError: 500).
+                await r.hset(keys.call("ok"), "num", "x")
+                seed_calls = await client.get("/calls")
+                assert seed_calls.status == 200 and len(await seed_calls.json()) == 1
+
+                # A record that is not UTF-8 (redis-py cannot decode it): its GET says so, and a listing shows it
+                # by its id.
+                await r.hset(keys.call("ok"), "node", b"\xff\xfe")
+                answer = await client.get("/v1/calls/ok")
+                assert answer.status == 500 and (await answer.json())["error"]["code"] == "corrupt_record"
+                page = await client.get("/v1/calls")
+                assert page.status == 200
+                listed = {c["id"]: c for c in (await page.json())["calls"]}
+                assert listed["ok"]["unreadable"] == {"record": "it is not UTF-8"}
+                assert listed["on-bad-version"]["status"] == "FAILED"
         assert any(e["event"] == "function_version_record_corrupt" for e in logs)
+        assert {e["name"] for e in logs if e["event"] == "record_unreadable"} >= {"g", "bad"}
         await r.aclose()
 
     asyncio.run(scenario())

@@ -15,7 +15,7 @@ import pytest
 from node_agent.broker import STOP_DEADLINE_S
 from node_agent.functions import FnState
 from node_agent.miniworkers import MwHandle, MwState
-from node_agent.pool import ROOM_IDLE_S, STOP_GRACE_S, PoolManager
+from node_agent.pool import ROOM_IDLE_S, PoolManager
 from node_agent.tickets import Ticket
 from shoal import protocol
 from shoal.models import FunctionSpec, Runtime
@@ -113,6 +113,12 @@ class Sharing:
         assert h.ticket is not None and h.ticket.call_id == call_id
         return h
 
+    def exit(self, h: MwHandle) -> None:
+        """``h``'s process exits (a stopped miniworker, its container removed), and the broker sees it."""
+        h.proc = SimpleNamespace(poll=lambda: 0, send_signal=lambda sig: None)  # type: ignore[assignment]
+        self.rig.broker.tick(time.monotonic())
+        assert h.mw_id not in self.rig.broker.mws
+
     def idle(self, mw_id: str, key: str, for_s: float) -> MwHandle:
         h = self.rig.handle(mw_id, function=key, state=MwState.IDLE)
         self.rig.broker.make_idle(h)
@@ -148,6 +154,9 @@ def test_a_function_with_no_miniworker_gets_the_next_slot_that_frees_on_a_busy_f
     assert second.state == MwState.STOPPING and second.ticket is None and first.state == MwState.BUSY
     assert broker.yield_from == {}
     sharing.pool.reconcile()
+    assert sharing.spawned == []  # its slot is g's once its container is gone
+    sharing.exit(second)
+    sharing.pool.reconcile()
     assert sharing.spawned == ["g@1"]
 
 
@@ -175,7 +184,10 @@ def test_a_backlog_takes_a_slot_idle_for_a_while_not_one_idle_between_calls(shar
     assert sharing.spawned == [] and between_calls.state == MwState.IDLE  # g is in use: its container stays
     between_calls.idle_since = time.monotonic() - ROOM_IDLE_S - 0.1
     sharing.pool.reconcile()
-    assert between_calls.state == MwState.STOPPING and sharing.spawned == ["f@1"]
+    assert between_calls.state == MwState.STOPPING and sharing.spawned == []
+    sharing.exit(between_calls)
+    sharing.pool.reconcile()
+    assert sharing.spawned == ["f@1"]
 
 
 def test_no_container_is_stopped_for_a_pool_backing_off_failed_starts(sharing: Sharing) -> None:
@@ -220,37 +232,62 @@ def test_a_miniworker_that_holds_a_call_runs_it_before_it_yields_its_slot(sharin
     assert second.state == MwState.STOPPING and broker.yield_from == {}
 
 
-def test_a_stop_that_lasts_holds_its_slot_and_one_that_hangs_is_killed(sharing: Sharing) -> None:
+def test_a_miniworker_being_stopped_holds_its_slot_and_one_that_hangs_is_killed(sharing: Sharing) -> None:
     """A miniworker being stopped was not counted: on an engine slow to remove containers, each stop made room for
-    another start, and the node ran more containers than its capacity."""
+    another start (A1 stopped for B1, A2 for B2, B1 for C1...), and the node ran more containers than its
+    capacity."""
     broker = sharing.rig.broker
-    sharing.busy("f1", "f@1", "a1")
-    stopping = sharing.idle("f2", "f@1", for_s=60)
-    signals: list[int] = []
-    exit_code: list[int | None] = [None]
-    stopping.proc = SimpleNamespace(poll=lambda: exit_code[0], send_signal=signals.append)  # type: ignore[assignment]
+    a1, a2 = sharing.idle("a1", "f@1", for_s=60), sharing.idle("a2", "f@1", for_s=60)
+    signals: dict[str, list[int]] = {"a1": [], "a2": []}
+    exits: dict[str, int | None] = {"a1": None, "a2": None}
     left: list[str] = []
     broker.on_lost = lambda h: left.append(h.mw_id)
-    broker.stop(stopping)
+    for h in (a1, a2):
+        h.proc = SimpleNamespace(poll=lambda i=h.mw_id: exits[i], send_signal=signals[h.mw_id].append)  # type: ignore[assignment]
     broker.submit(Ticket("b1", "g@1", None, 30.0))
-    sharing.pool.reconcile()  # a stop just asked for: the next container starts meanwhile
-    assert sharing.spawned == ["g@1"]
-    sharing.spawned.clear()
-    broker.mws.pop("new-1")  # (that start set aside: the same node, a stop now past its grace)
-    stopping.stopped_at = time.monotonic() - STOP_GRACE_S - 1
+    broker.submit(Ticket("b2", "g@1", None, 30.0))
+    sharing.pool.reconcile()  # a full node: one idle miniworker of f is stopped for g ...
+    assert a1.state == MwState.STOPPING and a2.state == MwState.IDLE and sharing.spawned == []
+    for _ in range(3):  # ... and g's miniworker starts once it has gone; no other stop is made meanwhile
+        sharing.pool.reconcile()
+        broker.tick(time.monotonic())
+    assert a2.state == MwState.IDLE and sharing.spawned == [] and signals["a1"] == []
+    exits["a1"] = 0  # it removed its container and exited
+    broker.tick(time.monotonic())
     sharing.pool.reconcile()
-    assert sharing.spawned == []  # its container may still be there: 2 of 2 slots taken
+    assert "a1" not in broker.mws and sharing.spawned == ["g@1"] and left == []
+    assert len(broker.mws) == 2  # a2 and g's: the node's capacity
+
+    # A stop that never ends (the engine hangs on the removal) is killed once, past its deadline; its container
+    # is then removed by label, and its slot frees.
+    broker.stop(a2)
     broker.tick(time.monotonic())
-    assert signals == []  # slow, but within its deadline
-    stopping.stopped_at = time.monotonic() - STOP_DEADLINE_S - 1
+    assert signals["a2"] == []  # within its deadline
+    a2.stopped_at = time.monotonic() - STOP_DEADLINE_S - 1
     broker.tick(time.monotonic())
     broker.tick(time.monotonic())
-    assert signals == [signal.SIGKILL]  # once
+    assert signals["a2"] == [signal.SIGKILL]
+    exits["a2"] = -signal.SIGKILL
+    broker.tick(time.monotonic())
+    assert "a2" not in broker.mws and left == ["a2"]
+
+
+def test_a_failed_miniworker_killed_past_its_deadline_has_its_container_removed(sharing: Sharing) -> None:
+    """It reported a failed start and hung removing its container: killed at the deadline, it was forgotten
+    without its container being removed (only a stopped one's was)."""
+    broker = sharing.rig.broker
+    h = sharing.rig.handle("s1", function="g@1")
+    exit_code: list[int | None] = [None]
+    h.proc = SimpleNamespace(poll=lambda: exit_code[0], send_signal=lambda sig: None)  # type: ignore[assignment]
+    left: list[str] = []
+    broker.on_lost = lambda m: left.append(m.mw_id)
+    broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "image missing"})))
+    h.stopped_at = time.monotonic() - STOP_DEADLINE_S - 1
+    broker.tick(time.monotonic())
+    assert h.killed and left == []
     exit_code[0] = -signal.SIGKILL
-    broker.tick(time.monotonic())  # its exit is seen: its container is removed by label, its slot frees
-    assert "f2" not in broker.mws and left == ["f2"]
-    sharing.pool.reconcile()
-    assert sharing.spawned == ["g@1"]
+    broker.tick(time.monotonic())
+    assert "s1" not in broker.mws and left == ["s1"]
 
 
 @pytest.mark.parametrize("way", ["retired", "failed", "stopped", "lost"])
