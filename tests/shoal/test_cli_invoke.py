@@ -158,8 +158,15 @@ def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_API_TOKEN")}
 
 
+#: Runs the CLI with Ctrl-C as a user's terminal delivers it: a test run started in the background (``cmd &``, as a
+#: CI runner may start it) has SIGINT ignored, and a child inherits that: the CLI never saw the interrupt. (Not a
+#: preexec_fn: it is unsafe with the threads these tests run.)
+AT_A_TERMINAL = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "runpy.run_module('shoal.cli', run_name='__main__', alter_sys=True)")
+
+
 def launch(url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "shoal.cli", "--url", url, *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", AT_A_TERMINAL, "--url", url, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())
 
 
