@@ -264,6 +264,14 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         finals = finished(submitted)
         assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
                                                                           if c["status"] != "DONE"]
+        # Its venvs were copied from the ones that ran (same pinned packages): every script in them names its own
+        # venv's python, not the one it was copied from (that one is removed two upgrades later).
+        for host in ("shoal-ctl", *NODES):
+            venv = Path(os.readlink(f"/var/tmp/shoal-local/{host}/venv"))  # (its target as written)
+            shebangs = {p.name: line for p in (venv / "bin").iterdir() if p.is_file() and not p.is_symlink()
+                        and (line := p.read_bytes().split(b"\n", 1)[0]).startswith(b"#!")}
+            assert shebangs and {name: line for name, line in shebangs.items()
+                                 if not line.startswith(f"#!{venv}/bin/".encode())} == {}, (host, shebangs)
 
         # site.yml on another commit (back to this one) while calls run: like upgrade.yml, each agent is stopped
         # (drained) before its venv is switched, and the controller before its own, so none runs on with code
