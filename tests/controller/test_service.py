@@ -331,7 +331,11 @@ def test_numbers_of_requests_refused_after_their_claim_are_handed_out_again(serv
         assert len(nums) == 3 and sum(isinstance(o, Busy) for o in outcomes) == 9
         rig.dispatcher.config = dataclasses.replace(rig.dispatcher.config, queue_limit=10)
         more = [(await rig.service.invoke("gb", n))[0]["num"] for n in range(3)]
-        assert sorted(nums + more) == list(range(min(nums), min(nums) + 6))  # the refused ones' numbers reused
+        # The refused ones' numbers are handed out again, lowest first: no number below the last one handed out
+        # is missing. (Which 3 requests were accepted depends on the order their claims landed: not always the
+        # lowest numbers, as this test first assumed.)
+        assert more == sorted(more)
+        assert set(range(min(nums + more), max(more) + 1)) <= set(nums + more), (nums, more)
 
     run(server, tmp_path, scenario)
 
