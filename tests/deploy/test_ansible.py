@@ -123,8 +123,23 @@ def under_load(name: str, env: dict[str, str], *args: str, seconds: float = 1.0)
 
 
 def finished(ids: list[str]) -> list[dict[str, Any]]:
-    return [wait(lambda i=i: (c := api("GET", f"/v1/calls/{i}")[1])["status"] in
-                 ("DONE", "FAILED", "TIMEOUT", "CANCELLED") and c, 180, "calls finished") for i in ids]
+    """The calls once each has ended, read by pages of the listing (one GET per call took seconds for
+    thousands)."""
+
+    def all_ended() -> list[dict[str, Any]] | None:
+        seen: dict[str, dict[str, Any]] = {}
+        cursor = ""
+        while True:
+            page = api("GET", f"/v1/calls?function=echo&limit=1000{cursor}")[1]
+            seen.update((c["id"], c) for c in page["calls"])
+            if not page["next_cursor"]:
+                break
+            cursor = f"&cursor={page['next_cursor']}"
+        calls = [seen.get(i) for i in ids]
+        ended = all(c is not None and c["status"] in ("DONE", "FAILED", "TIMEOUT", "CANCELLED") for c in calls)
+        return calls if ended else None  # type: ignore[return-value]
+
+    return wait(all_ended, 180, "calls finished")
 
 
 def service_events(host: str, since: float, program: str = "shoal-agent") -> list[tuple[float, str]]:
