@@ -178,15 +178,10 @@ def _runnable(member: bytes, flat: list[bytes]) -> tuple[dict[str, Any] | None, 
         raw = {name.decode(): value.decode() for name, value in zip(flat[::2], flat[1::2], strict=True)}
     except UnicodeDecodeError as exc:
         return None, f"it is not UTF-8 ({exc})"
-    try:
-        call = decode_call(raw)
-    except (ValueError, TypeError, RecursionError):
-        for name, value in raw.items():  # which field
-            try:
-                decode_call({name: value})
-            except (ValueError, TypeError, RecursionError) as exc:
-                return None, f"its {name} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
-        return None, "it cannot be read"  # (each field reads alone: never meant to happen)
+    call = read_call(raw)
+    if call.get("unreadable"):
+        name, why = next(iter(call["unreadable"].items()))
+        return None, f"its {name} cannot be read ({why})"
     for name in ("id", "function", "version"):
         if call.get(name) in (None, ""):
             return None, f"it has no {name}"

@@ -416,8 +416,7 @@ class Broker:
             return
         if header.get("retire"):
             if h.state in LIVE:  # (one stopped or lost already keeps its state and its stop clock)
-                h.state = MwState.STOPPING  # it leaves on its own (its container removed first)
-                h.stopped_at = time.monotonic()
+                self._leave(h, MwState.STOPPING)  # it leaves on its own (its container removed first)
         elif h.state == MwState.STOPPING:
             pass  # it is on its way out: nothing more is handed to it
         elif h.ticket is None and h.ahead is None and h.pool_key in self.yield_from:
@@ -445,8 +444,7 @@ class Broker:
     def _on_failed(self, h: MwHandle, msg: Message) -> None:
         reason = msg.header["reason"]
         served = h.state in (MwState.IDLE, MwState.BUSY)  # it was ready: its container died while idle
-        h.state = MwState.FAILED
-        h.stopped_at = time.monotonic()
+        self._leave(h, MwState.FAILED)
         h.reason = reason
         self.forget_idle(h)
         self.metrics.mw_lost.inc(reason="died_idle" if served else "start_failed")
@@ -507,6 +505,13 @@ class Broker:
         self.mws[h.mw_id] = h
         self.metrics.mw_started.inc()
 
+    @staticmethod
+    def _leave(h: MwHandle, state: MwState) -> None:
+        """``h`` stops being live (STOPPING or FAILED); its stop clock starts (see STOP_DEADLINE_S, and the pool:
+        it holds its slot until its process exits)."""
+        h.state = state
+        h.stopped_at = time.monotonic()
+
     def stop(self, h: MwHandle, give_back: bool = False) -> None:
         """Ask a miniworker to remove its container and exit. A call it holds may have started already (its
         previous result on the way here): it stays held until the miniworker says (REJECTED: never started; its
@@ -515,8 +520,7 @@ class Broker:
         if h.state not in LIVE:
             return
         self.forget_idle(h)
-        h.state = MwState.STOPPING
-        h.stopped_at = time.monotonic()
+        self._leave(h, MwState.STOPPING)
         h.reason = h.reason or "stopped by the pool"
         if give_back:
             self.requeue_ahead(h)
@@ -533,8 +537,7 @@ class Broker:
         if h.state == MwState.STARTING:
             # A failed start (it died, or did not start in time): not at once again.
             self.start_failed(h.pool_key, self.back_off(h.pool_key), reason)
-        h.state = MwState.FAILED
-        h.stopped_at = time.monotonic()
+        self._leave(h, MwState.FAILED)
         h.reason = reason
         if h.proc.poll() is None:
             h.killed = True
@@ -583,8 +586,6 @@ class Broker:
                     del self.mws[h.mw_id]
                     if (h.state == MwState.STOPPING and code != 0) or h.overdue:
                         self.on_lost(h)  # it may not have removed its container
-                elif not h.stopped_at:
-                    h.stopped_at = now  # (every way out sets it; this one was missed)
                 elif now - h.stopped_at > STOP_DEADLINE_S and not h.killed:
                     # Its teardown hangs (an engine that does not answer): it holds a slot while it lasts (see
                     # the pool), so it ends here; its container is removed by label once its exit is seen.
