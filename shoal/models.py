@@ -78,6 +78,15 @@ def image_name(image: str) -> str:
     return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
 
 
+#: The bounds (inclusive) of a function's numeric options; the OpenAPI document shows these same numbers.
+FUNCTION_BOUNDS: dict[str, tuple[Any, Any]] = {
+    "timeout": (0.01, 86400.0),  # seconds
+    "keepalive": (0.0, 7 * 86400.0),  # seconds
+    "min_warm": (0, 64),  # and at most max_warm
+    "max_warm": (1, 256),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """How to run functions: an image, where the code goes, how to install its deps, how to run it."""
@@ -162,8 +171,8 @@ class FunctionSpec:
         sha = _check_str(data, "sha256")
         if not SHA256_RE.fullmatch(sha):
             raise ValidationError("field 'sha256' must be 64 lowercase hex digits")
-        min_warm = _check_int(data, "min_warm", 0, 0, 64)
-        max_warm = _check_int(data, "max_warm", 4, 1, 256)
+        min_warm = _check_int(data, "min_warm", 0, *FUNCTION_BOUNDS["min_warm"])
+        max_warm = _check_int(data, "max_warm", 4, *FUNCTION_BOUNDS["max_warm"])
         if min_warm > max_warm:
             raise ValidationError("min_warm must not exceed max_warm")
         return cls(
@@ -173,12 +182,12 @@ class FunctionSpec:
             sha256=sha,
             size=_check_int(data, "size", 0, 0, 2**40),
             entrypoint=entry,
-            timeout=_check_number(data, "timeout", 30.0, 0.01, 86400.0),
+            timeout=_check_number(data, "timeout", 30.0, *FUNCTION_BOUNDS["timeout"]),
             preload=preload,
             min_warm=min_warm,
             max_warm=max_warm,
             keepalive=None if data.get("keepalive") is None
-            else _check_number(data, "keepalive", 600.0, 0.0, 7 * 86400.0),
+            else _check_number(data, "keepalive", 600.0, *FUNCTION_BOUNDS["keepalive"]),
         )
 
     def to_dict(self) -> dict[str, Any]:

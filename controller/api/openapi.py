@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from shoal import __version__
+from shoal.models import FUNCTION_BOUNDS
 
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"}
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -42,15 +43,20 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
 
+def _bounded(kind: str, option: str) -> dict[str, Any]:
+    low, high = FUNCTION_BOUNDS[option]
+    return {"type": kind, "minimum": low, "maximum": high}
+
+
 #: A function upload's options (query parameters, or form fields before the file): name, schema, description.
 UPLOAD_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("entrypoint", {"type": "string"}, "handler style: module:function (none: command style, the runtime's run)"),
-    ("timeout", {"type": "number"}, "seconds a call may run (default 30)"),
+    ("timeout", _bounded("number", "timeout"), "seconds a call may run (default 30)"),
     ("preload", {"type": "string", "enum": ["none", "runtime", "function"]},
      "what nodes keep ready for it (default: each node's own policy)"),
-    ("min_warm", {"type": "integer", "minimum": 0}, "warm containers each node keeps for it"),
-    ("max_warm", {"type": "integer", "minimum": 0}, "warm containers a node may have for it"),
-    ("keepalive", {"type": "number"}, "seconds an idle warm container above min_warm is kept"),
+    ("min_warm", _bounded("integer", "min_warm"), "warm containers each node keeps for it (at most max_warm)"),
+    ("max_warm", _bounded("integer", "max_warm"), "warm containers a node may have for it (default 4)"),
+    ("keepalive", _bounded("number", "keepalive"), "seconds an idle warm container above min_warm is kept"),
 ]
 
 INVOKE_BODY = {

@@ -43,3 +43,28 @@ def test_every_operation_documents_the_statuses_any_request_can_get() -> None:
                 assert "408" in responses, (path, method)
             if not path.startswith("/v1/nodes") and path != "/metrics":
                 assert "503" in responses, (path, method)
+
+
+def test_the_documented_bounds_of_upload_options_are_those_the_controller_enforces() -> None:
+    """max_warm was documented from 0 (the controller refuses it below 1), min_warm without its 64, timeout and
+    keepalive without bounds."""
+    import pytest
+
+    from shoal.models import FunctionSpec, ValidationError
+
+    base = {"name": "f", "runtime": "r", "version": 1, "sha256": "0" * 64, "size": 1, "min_warm": 0, "max_warm": 256}
+    documented = {name: schema for name, schema, _ in UPLOAD_OPTIONS}
+    bounded = {name for name, schema in documented.items() if schema["type"] in ("integer", "number")}
+    assert bounded == {"timeout", "min_warm", "max_warm", "keepalive"}
+    for name in sorted(bounded):
+        schema = documented[name]
+        low, high = schema["minimum"], schema["maximum"]
+        for value in (low, high):  # the documented bounds are taken...
+            spec = dict(base, **{name: value})
+            if name == "max_warm":
+                spec["min_warm"] = 0
+            FunctionSpec.from_dict(spec)
+        step = 1 if schema["type"] == "integer" else 0.001
+        for value in (low - step, high + step):  # ...and what is past them is refused
+            with pytest.raises(ValidationError):
+                FunctionSpec.from_dict(dict(base, **{name: value}))
