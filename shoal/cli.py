@@ -103,13 +103,27 @@ class Unfinished(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM while calls are waited for (``timeout 60 shoal invoke ...``): reported as Ctrl-C is."""
+    """SIGTERM while calls are waited for (``timeout 60 shoal invoke ...``), or SIGTERM or SIGHUP while a local
+    cluster starts: reported as Ctrl-C is (and what was started is stopped)."""
 
-    signum = signal.SIGTERM
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 def _stop(signum: int, _frame: FrameType | None) -> None:
-    raise Stopped()
+    raise Stopped(signum)
+
+
+#: The signals each command turns into a Stopped exception (Ctrl-C is a KeyboardInterrupt already).
+STOPPED_BY = {"invoke": (signal.SIGTERM,), "calls": (signal.SIGTERM,), "up": (signal.SIGTERM, signal.SIGHUP)}
+
+
+def ignore_termination() -> None:
+    """From here on, Ctrl-C, SIGTERM and SIGHUP wait (a cleanup under way finishes); ``main`` restores them."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -194,12 +208,21 @@ class Client:
                           console=errors, disable=not show, transient=True) as progress:
                 task = progress.add_task("upload", total=len(archive))
                 view = memoryview(archive)
-                for start in range(0, len(archive), 1 << 20):
-                    chunk = view[start:start + (1 << 20)]
-                    conn.send(chunk)
-                    progress.update(task, advance=len(chunk))
-            resp = conn.getresponse()
-            raw = resp.read()
+                try:
+                    for start in range(0, len(archive), 1 << 20):
+                        chunk = view[start:start + (1 << 20)]
+                        conn.send(chunk)
+                        progress.update(task, advance=len(chunk))
+                except OSError:
+                    # The controller refused the upload before its body (too large, too many at once, an option
+                    # it does not take) and closed: its answer, if it came before the close, says why.
+                    refused = _early_answer(conn)
+                    if refused is None:
+                        raise
+                    resp, raw = refused
+                else:
+                    resp = conn.getresponse()
+                    raw = resp.read()
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise CliError(f"cannot upload to the controller at {self.url}: {exc}") from None
         if 300 <= resp.status < 400:
@@ -211,6 +234,14 @@ class Client:
                 message = raw.decode("utf-8", "replace")[:500]
             raise CliError(f"upload: HTTP {resp.status}: {message}")
         return parse_json(raw, "upload")
+
+
+def _early_answer(conn: http.client.HTTPConnection) -> tuple[http.client.HTTPResponse, bytes] | None:
+    try:
+        resp = conn.getresponse()
+        return resp, resp.read()
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def archive_of(path: Path) -> bytes:
@@ -230,6 +261,10 @@ def archive_of(path: Path) -> bytes:
         raise CliError(f"cannot read {exc.filename or path}: {exc.strerror or exc}") from None
 
 
+#: Columns whose values are ids that other commands take (``calls get ID``, ``nodes get ID``).
+WHOLE_COLUMNS = {"id", "node_id", "name"}
+
+
 def show(args: argparse.Namespace, data: Any, columns: list[str] | None = None, title: str = "") -> None:
     if args.json or columns is None:
         print(json.dumps(data, indent=None if args.json else 2))
@@ -237,7 +272,10 @@ def show(args: argparse.Namespace, data: Any, columns: list[str] | None = None, 
     rows = data if isinstance(data, list) else [data]
     table = Table(title=title or None)
     for col in columns:
-        table.add_column(col)
+        if col in WHOLE_COLUMNS:  # names other commands take: never cut, whatever the terminal's width
+            table.add_column(col, no_wrap=True, min_width=max((len(str(r.get(col) or "")) for r in rows), default=0))
+        else:
+            table.add_column(col)
     for row in rows:
         table.add_row(*[_cell(row.get(col)) for col in columns])
     console.print(table)
@@ -277,6 +315,9 @@ def cmd_function(args: argparse.Namespace, c: Client) -> None:
             if value is not None:
                 query[key] = str(value)
         data = archive_of(Path(args.path))
+        # The runtime before the archive: a name mistyped is a clear 404 now, not an upload cut short (the
+        # controller refuses it before reading the archive, and may close before the CLI has sent it all).
+        c.request("GET", f"/v1/runtimes/{q(args.runtime)}")
         record = c.upload(f"/v1/functions/{q(args.name)}?{urllib.parse.urlencode(query)}", data, not args.json)
         show(args, record, cols)
     elif args.action == "list":
@@ -592,7 +633,34 @@ def cmd_nodes(args: argparse.Namespace, c: Client) -> None:
 
 # ---- local cluster -------------------------------------------------------------------------------
 def cluster_record() -> Path:
-    return state_dir() / "cluster.json"
+    try:
+        return state_dir() / "cluster.json"
+    except OSError as exc:
+        raise CliError(f"cannot use the state directory {exc.filename or ''} ($SHOAL_STATE_DIR): "
+                       f"{exc.strerror or exc}") from None
+
+
+def read_record() -> dict[str, Any] | None:
+    """What `shoal up` recorded of the local cluster, None if nothing is; one error line if it cannot be read."""
+    path = cluster_record()
+    try:
+        record = json.loads(path.read_text())
+        recorded_processes(record)
+        str(record["url"]), int(record["redis_port"]), str(record["redis_dir"])
+        return record
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CliError(f"the record of the local cluster, {path}, cannot be read ({type(exc).__name__}: {exc}); "
+                       "stop what it started by hand if anything still runs, then remove it") from None
+
+
+def write_record(record: dict[str, Any]) -> None:
+    """Whole or not at all (a crash or a full disk mid-write left a record no command could read)."""
+    path = cluster_record()
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(record))
+    os.replace(part, path)
 
 
 def cmd_up(args: argparse.Namespace, c: Client) -> None:
@@ -603,8 +671,7 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
     from shoal.devenv.stack import engine_with_image
     from shoal.localcluster import ClusterError, LocalCluster
 
-    if cluster_record().exists():
-        record = json.loads(cluster_record().read_text())
+    if (record := read_record()) is not None:
         if any(procs.alive(p) for p in recorded_processes(record)):
             raise CliError(f"a local cluster is already up (see {cluster_record()}); run `shoal down` first")
         stop_recorded(record)  # none of its processes runs any more (a crash, a reboot): clear what is left
@@ -612,29 +679,32 @@ def cmd_up(args: argparse.Namespace, c: Client) -> None:
         api_token, node_token = token_from_env("SHOAL_API_TOKEN"), token_from_env("SHOAL_NODE_TOKEN")
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    base = state_dir() / "cluster"
+    base = cluster_record().parent / "cluster"
     try:
         engine = engine_with_image()
     except (EngineError, ImageBuildError) as exc:
         raise CliError(f"cannot start the Docker engine or its runtime image: {exc}") from None
-    base.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(engine.url, agents=args.agents, policy=args.policy, port=args.port, name=args.name,
                            base=base, log_level="warning", detach=True, api_token=api_token,
                            node_token=node_token)
     try:
+        base.mkdir(parents=True, exist_ok=True)
         cluster.start()
+        record = cluster.describe()
+        if engine.lease is not None and engine.root is not None:
+            # The private engine: held while the controller runs (released by `shoal down`, or with the controller).
+            engine.keep(process_lease(int(record["controller"]["pid"])))
+            record["engine_lease"], record["engine_root"] = engine.lease, str(engine.root)
+        write_record(record)
     except BaseException as exc:
+        # Ctrl-C, SIGTERM or SIGHUP (`main` makes them exceptions here) included: nothing is left running, and a
+        # second signal does not cut the cleanup short.
+        ignore_termination()
         cluster.stop()
         engine.stop()
         if isinstance(exc, ClusterError | RedisStartError | OSError):
             raise CliError(f"the local cluster did not start: {exc} (logs in {base})") from None
         raise
-    record = cluster.describe()
-    if engine.lease is not None and engine.root is not None:
-        # The private engine: held while the controller runs (released by `shoal down`, or with the controller).
-        engine.keep(process_lease(int(record["controller"]["pid"])))
-        record["engine_lease"], record["engine_root"] = engine.lease, str(engine.root)
-    cluster_record().write_text(json.dumps(record))
     show(args, record)
 
 
@@ -659,19 +729,21 @@ def stop_recorded(record: dict[str, Any]) -> None:
 
 
 def cmd_down(args: argparse.Namespace, c: Client) -> None:
-    path = cluster_record()
-    if not path.exists():
+    record = read_record()
+    if record is None:
         show(args, {"down": "nothing was up"})
         return
-    record = json.loads(path.read_text())
     stop_recorded(record)
     show(args, {"down": record["url"]})
 
 
 def cmd_status(args: argparse.Namespace, c: Client) -> None:
-    if not cluster_record().exists():
+    record = read_record()
+    if record is None:
         raise CliError("no local cluster is up (`shoal up` starts one)")
-    record = json.loads(cluster_record().read_text())
+    if not any(procs.alive(p) for p in recorded_processes(record)):  # (another cluster may answer on its port now)
+        raise CliError(f"the local cluster recorded in {cluster_record()} is not running (a crash, a reboot?); "
+                       "`shoal down` clears what is left of it")
     client = Client(record["url"])
     client.auth = c.auth  # the token the cluster was started with ($SHOAL_API_TOKEN), as every other command
     health = client.request("GET", "/v1/health")
@@ -714,9 +786,12 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
                        f"arguments; got {rest[0]!r}")
     cmd = [exe, "-i", args.inventory, str(book / PLAYBOOKS[action]), *rest]
     sys.stdout.flush()
-    code = subprocess.call(cmd, env=env)
+    # Under --json, stdout is for the one JSON answer: ansible-playbook's report goes to stderr.
+    code = subprocess.call(cmd, env=env, stdout=sys.stderr.fileno() if args.json else None)
     if code != 0:
         raise CliError(f"ansible-playbook exited with {code}")
+    if args.json:
+        show(args, {"deployed": action, "playbook": str(book / PLAYBOOKS[action]), "inventory": args.inventory})
 
 
 # ---- parser --------------------------------------------------------------------------------------
@@ -813,11 +888,14 @@ COMMANDS = {"runtime": cmd_runtime, "function": cmd_function, "invoke": cmd_invo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     own_signals = threading.current_thread() is threading.main_thread()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if own_signals else {}
+    handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                if own_signals else {})
     try:
-        if own_signals and args.command in ("invoke", "calls"):
-            # SIGTERM (`timeout 60 shoal invoke ...`, a CI job cancelled) is reported as Ctrl-C is.
-            signal.signal(signal.SIGTERM, _stop)
+        if own_signals:
+            # SIGTERM (`timeout 60 shoal invoke ...`, a CI job cancelled), and SIGHUP (a terminal closed) while a
+            # local cluster starts, are reported as Ctrl-C is.
+            for sig in STOPPED_BY.get(args.command, ()):
+                signal.signal(sig, _stop)
         try:
             token = token_from_env("SHOAL_API_TOKEN")
         except ConfigError as exc:
@@ -828,9 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         return 2
     except Unfinished as exc:
-        if own_signals:  # a second Ctrl-C must not cut the report short
-            for sig in handlers:
-                signal.signal(sig, signal.SIG_IGN)
+        ignore_termination()  # a second Ctrl-C must not cut the report short
         report(args, exc)
         return 128 + exc.interrupted if exc.interrupted else 2
     except KeyboardInterrupt as exc:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from shoal.devenv.redis_server import free_port
@@ -106,7 +109,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     archive = tmp_path / "f.tar.gz"
     archive.write_bytes(b"x")
-    for args, needle in [(("function", "upload", "f", str(archive), "--runtime", "r"), "cannot upload"),
+    for args, needle in [(("function", "upload", "f", str(archive), "--runtime", "r"), "cannot reach"),
                          (("runtime", "get", "a b/c"), "cannot reach"),
                          (("calls", "get", "../x"), "cannot reach")]:
         done = shoal(closed, *args, check=False)
@@ -157,3 +160,67 @@ def test_shoal_up_on_a_port_in_use_says_so_and_leaves_nothing_running(tmp_path: 
     assert done.returncode == 2 and f"port {port} is in use" in done.stderr and "Traceback" not in done.stderr
     assert not (state / "cluster.json").exists()
     assert not list((state / "redis").glob("*/*"))  # its Redis was stopped and its data removed
+
+
+@pytest.mark.xdist_group("shoal-up")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_shoal_up_stopped_by_a_signal_while_it_starts_leaves_nothing_running(tmp_path: Path, signum: int) -> None:
+    """`timeout 30 shoal up`, a CI job cancelled, a terminal closed while the agents joined: the CLI died at once,
+    leaving Redis, the controller and the agents running with no record `shoal down` could use."""
+    state = tmp_path / "state"
+    port = free_port()
+    name = f"sig{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "shoal.cli", "--url", f"http://127.0.0.1:{port}", "--json", "up",
+                             "--agents", "2", "--port", str(port), "--name", name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, SHOAL_STATE_DIR=str(state)))
+    try:
+        # The controller answers: its agents were started after that, and take far longer than this loop's 10 ms
+        # to import, register and be ready.
+        deadline = time.monotonic() + 240  # (the first `up` on a machine may build the runtime image)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.01)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum and "interrupted" in err and not out, (proc.returncode, out, err)
+    assert not (state / "cluster.json").exists()
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
+    assert not left
+    assert not list((state / "redis").glob("*/*"))  # its Redis was stopped and its data removed
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
+
+
+@pytest.mark.parametrize("command", ["up", "down", "status"])
+def test_a_damaged_record_of_the_local_cluster_is_one_error_line(tmp_path: Path, command: str) -> None:
+    """A record cut short (written in place, by a run that died mid-write) gave a JSONDecodeError traceback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for damaged in ('{"url": "http://127.0.0.1:1", "contr', '{"url": "http://127.0.0.1:1"}', "[]"):
+        (state / "cluster.json").write_text(damaged)
+        done = shoal("http://127.0.0.1:1", command, env={"SHOAL_STATE_DIR": str(state)}, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"the record of the local cluster, {state / 'cluster.json'}, cannot be read" in done.stderr
+
+
+def test_status_of_a_cluster_whose_processes_are_gone_says_so(tmp_path: Path) -> None:
+    """After a crash or a reboot, `status` asked whatever listened on the recorded port now, and reported that."""
+    state = tmp_path / "state"
+    state.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    record = {"url": "http://127.0.0.1:1", "controller": {"pid": gone.pid, "start": 1}, "agents": {},
+              "redis_port": free_port(), "redis_dir": str(state / "redis" / "1"), "base": str(state / "cluster")}
+    (state / "cluster.json").write_text(json.dumps(record))
+    done = shoal("http://127.0.0.1:1", "status", env={"SHOAL_STATE_DIR": str(state)}, check=False)
+    assert done.returncode == 2 and "is not running" in done.stderr and "shoal down" in done.stderr, done.stderr
+    unusable = shoal("http://127.0.0.1:1", "status", env={"SHOAL_STATE_DIR": "/proc/self/status/x"}, check=False)
+    assert unusable.returncode == 2 and "cannot use the state directory" in unusable.stderr, unusable.stderr

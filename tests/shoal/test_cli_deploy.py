@@ -3,6 +3,7 @@ tests/deploy); here: it finds them, passes the inventory and extra arguments, an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,11 @@ def test_deploy_lists_the_local_inventorys_hosts_for_each_playbook() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = shoal("deploy", "-i", "inventory/local", "--", "--list-hosts")  # the action is optional: site
     assert proc.returncode == 0 and "shoal-node-a" in proc.stdout, proc.stdout + proc.stderr
+    proc = shoal("--json", "deploy", "-i", "inventory/local", "upgrade", "--", "--list-hosts")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # stdout is one JSON answer; the playbook's on stderr
+    assert json.loads(proc.stdout) == {"deployed": "upgrade", "playbook": str(ROOT / "playbooks" / "upgrade.yml"),
+                                       "inventory": "inventory/local"}
+    assert "shoal-node-a" in proc.stderr
     proc = shoal("deploy", "-i", "inventory/local", "sideways")
     assert proc.returncode == 2 and "expected site | teardown | upgrade" in proc.stderr, proc.stderr
 

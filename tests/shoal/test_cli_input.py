@@ -87,3 +87,68 @@ def test_text_from_the_controller_is_shown_as_it_is_not_read_as_markup(capsys: A
     show(args, rows, ["id", "result", "error"])
     out = capsys.readouterr().out
     assert "[/x] closes nothing" in out and "[bold]kept[/bold]" in out
+
+
+def test_ids_in_a_table_are_never_cut_whatever_the_terminal_width() -> None:
+    """`calls list` on 80 columns showed ids as `06a750443bbb…`, which `calls get` cannot take."""
+    import io
+
+    from rich.console import Console
+
+    import shoal.cli as cli_module
+
+    call_id = "06a750443bbb4e5f8c0d1e2f3a4b5c6d"
+    rows = [{"id": call_id, "function": "a-function-with-a-long-name", "version": 12, "status": "DONE",
+             "node": "node-1", "result": {"echo": list(range(30))}, "error": None}]
+    out = io.StringIO()
+    saved, cli_module.console = cli_module.console, Console(file=out, width=60)
+    try:
+        show(argparse.Namespace(json=False), rows, cli_module.CALL_COLS)
+    finally:
+        cli_module.console = saved
+    assert call_id in out.getvalue()
+
+
+class RefusesEarly(Recorder):
+    """A controller that knows the runtime `python` only, and refuses every upload at once (413) without reading
+    its body, then closes: what aiohttp does for a body declared too large, or too many uploads at once."""
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, dict(self.headers)))
+        known = self.path == "/v1/runtimes/python"
+        body = b'{"name": "python"}' if known else b'{"error": {"type": "NotFound", "message": "no runtime named x"}}'
+        self.send_response(200 if known else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.seen.append((self.path, dict(self.headers)))
+        body = b'{"error": {"type": "TooLarge", "message": "archive exceeds the limit"}}'
+        self.send_response(413)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_an_upload_refused_before_its_body_says_why(tmp_path: Path) -> None:
+    """A large upload the controller refused at once showed `Connection reset by peer`, not the reason."""
+    seen: list[tuple[str, dict[str, str]]] = []
+    server, url = serve(type("Refuses", (RefusesEarly,), {"seen": seen}))
+    archive = tmp_path / "big.tar.gz"
+    archive.write_bytes(b"\0" * (64 << 20))  # far more than the socket buffers hold: the send fails midway
+    try:
+        mistyped = cli(url, "function", "upload", "f", str(archive), "--runtime", "x")
+        refused = cli(url, "function", "upload", "f", str(archive), "--runtime", "python")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert mistyped.returncode == 2 and "HTTP 404: no runtime named x" in mistyped.stderr, mistyped.stderr
+    assert len([path for path, _ in seen if path.startswith("/v1/functions")]) == 1  # the mistyped one posted nothing
+    assert refused.returncode == 2 and "HTTP 413: archive exceeds the limit" in refused.stderr, refused.stderr
+    assert "Traceback" not in mistyped.stderr + refused.stderr
