@@ -23,6 +23,9 @@ class Queueable(Protocol):
 
 T = TypeVar("T", bound=Queueable)
 
+#: Entries of discarded items the lanes may hold before they are compacted (when they also outnumber the live ones).
+COMPACT_AT = 1024
+
 
 class CallQueue(Generic[T]):
     """Lanes of waiting items. An item leaves either from its lane's head (``popleft``) or from anywhere
@@ -33,6 +36,7 @@ class CallQueue(Generic[T]):
     def __init__(self) -> None:
         self._lanes: dict[str, deque[T]] = {}
         self._len = 0  # items waiting (entries of discarded items not counted)
+        self._entries = 0  # entries in the lanes, those of discarded items (not at a head yet) included
 
     def __len__(self) -> int:
         return self._len
@@ -56,11 +60,32 @@ class CallQueue(Generic[T]):
         else:
             lane.append(item)
         self._len += 1
+        self._entries += 1
 
     def discard(self, item: T) -> None:
         if item.queued:
             item.queued = False
             self._len -= 1
+            if self._entries - self._len > max(COMPACT_AT, self._len):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries of discarded items. They go when they reach their lane's head, but a lane whose head
+        does not move (no node takes its function now) kept every call cancelled behind it, params and all, and
+        outside the queue's bound: submitting and cancelling grew the controller without limit. Costs a walk of
+        the entries, once they are mostly dead, so each discard pays for one step of it."""
+        for key in list(self._lanes):
+            seen: set[int] = set()
+            kept: deque[T] = deque()
+            for item in self._lanes[key]:
+                if item.queued and id(item) not in seen:  # (an item waiting again has a second entry: the first
+                    seen.add(id(item))  # one is where it waits, as ``head`` would find it)
+                    kept.append(item)
+            if kept:
+                self._lanes[key] = kept
+            else:
+                del self._lanes[key]
+        self._entries = self._len
 
     def lanes(self) -> list[str]:
         """The function versions with calls waiting (a snapshot: lanes may empty while it is walked)."""
@@ -70,6 +95,7 @@ class CallQueue(Generic[T]):
         lane = self._lanes.get(key)
         while lane and not lane[0].queued:
             lane.popleft()  # a discarded item's entry (or a second entry of one waiting again)
+            self._entries -= 1
         if lane is not None and not lane:
             del self._lanes[key]
             return None
@@ -79,6 +105,7 @@ class CallQueue(Generic[T]):
         item = self.head(key)
         if item is not None:
             self._lanes[key].popleft()
+            self._entries -= 1
             if not self._lanes[key]:
                 del self._lanes[key]
             item.queued = False

@@ -372,7 +372,14 @@ class Dispatcher:
     def _take_result(self, pending: Pending, h: dict[str, Any], node_id: str) -> None:
         call_id = pending.call_id
         if h["status"] == REJECTED:
-            pending.attempts = max(0, pending.attempts - 1)  # it never ran there
+            if h.get("ran") is not True:
+                pending.attempts = max(0, pending.attempts - 1)  # it never ran there
+            elif pending.attempts >= self.config.max_attempts and not pending.cancel_requested:
+                # Given back mid-run (its node stopped before it ended): an attempt, and the last one.
+                self.finish(pending, CallStatus.FAILED, {"error": {
+                    "type": "NodeStopped", "message": f"node {node_id} stopped while running it (its drain timed "
+                    f"out), after {pending.attempts} attempt(s)"}})
+                return
             self._requeue(pending, "rejected")
             return
         status = STATUSES.get(h["status"])
@@ -448,8 +455,11 @@ class Dispatcher:
         if not dropped:
             pending.lost_on.add(node.node_id)
         what = "dropped it" if dropped else "was lost while running it"
+        if pending.cancel_requested:  # cancelled: it ends so, whatever its attempts (nothing places it again)
+            self._requeue(pending, "node_dropped" if dropped else "node_lost")
+            return
         if pending.attempts >= self.config.max_attempts:
-            if not dropped and not pending.cancel_requested:
+            if not dropped:
                 self._await_node(pending, node)
                 return
             self.finish(pending, CallStatus.FAILED, {"error": {
@@ -459,8 +469,7 @@ class Dispatcher:
             return
         self.log.info("call_requeued", call_id=pending.call_id, node_id=node.node_id, attempts=pending.attempts,
                       reason=what)
-        if not pending.cancel_requested:
-            self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
+        self.store.update_call(pending.call_id, CallStatus.QUEUED, {"node": ""})
         self._requeue(pending, "node_dropped" if dropped else "node_lost")
 
     def _await_node(self, pending: Pending, node: NodeState) -> None:
@@ -528,6 +537,17 @@ class Dispatcher:
             self._lost_on(pending, node, dropped=True)
         if dropped:
             self.kick()
+        self._cancel_unwanted(node, held)
+
+    def _cancel_unwanted(self, node: NodeState, held: set[str]) -> None:
+        """Ask ``node`` (again) to cancel the calls it holds that nothing waits for: ended here (cancelled while the
+        node was away, or before it came back after a restart of ours: its result would be ignored) or cancelled
+        while on it. A CANCEL is not sequenced: lost on the way (a reset, a send refused while the node
+        reconnected), the node ran the call to its end. Once a STATUS (a heartbeat) or HELLO, while it holds them."""
+        for call_id in held:
+            pending = self.calls.get(call_id)
+            if pending is None or (pending.cancel_requested and pending.node_id == node.node_id):
+                self.hub.send(node.node_id, Msg.CANCEL, {"call_id": call_id})
 
     def on_node_hello(self, node: NodeState, running: set[str]) -> None:
         """A node (re)introduced itself with the calls it holds (running or queued there). Calls we think it
@@ -564,6 +584,7 @@ class Dispatcher:
             if (pending := self.calls.get(call_id)) is not None and pending.node_id is None and not pending.cancelled:
                 pending.reserved_for = ""
                 self.queue.append(pending)
+        self._cancel_unwanted(node, running)
         self._heard_from(node.node_id)
         self.kick()
 

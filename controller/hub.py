@@ -176,7 +176,7 @@ class Hub:
                 self.dispatcher.on_result_before_hello(node_id, msg.header)
             self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": 0})
             return
-        node.last_seen = time.monotonic()
+        node.last_seen = now = time.monotonic()
         if node.lost:
             # Back from being taken for lost: it may have missed what was sent to the others meanwhile (functions,
             # deletions), and its calls were placed again. Its HELLO brings it up to date and says which calls it
@@ -184,11 +184,19 @@ class Hub:
             self.log.info("node_back", node_id=node_id)
             node.lost = False
             node.awaiting_hello = True  # no calls until then: a CALL behind the WELCOME is not in its HELLO
-            self.send(node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": node.call_seq})
+            self._ask_hello(node, now)
+        elif node.awaiting_hello and now - node.hello_asked >= self.config.heartbeat:
+            # Asked, and no HELLO yet: the WELCOME or the HELLO was lost on the way (a connection reset), and the
+            # node, welcomed already, would never say it; until it does it is given no calls.
+            self._ask_hello(node, now)
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise ProtocolError(f"{msg.name} is not a node-to-controller message")
         handler(self, node, msg)
+
+    def _ask_hello(self, node: NodeState, now: float) -> None:
+        node.hello_asked = now
+        self.send(node.node_id, Msg.WELCOME, {"v": protocol.PROTOCOL_VERSION, "hello": True, "seq": node.call_seq})
 
     def on_hello(self, node_id: str, msg: Message) -> None:
         h = msg.header

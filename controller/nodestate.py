@@ -29,6 +29,7 @@ class NodeState:
     connected_at: float = field(default_factory=time.time)
     peer_silence: float = 0.0  # how long the node says it may stay silent (its heartbeat x liveness, from HELLO)
     awaiting_hello: bool = False  # back from being taken for lost: no calls until its HELLO says what it holds
+    hello_asked: float = 0.0  # (monotonic) when it was last asked for that HELLO
 
     @property
     def queue_limit(self) -> int:

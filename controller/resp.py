@@ -16,6 +16,9 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from controller.errors import StoreError
+from shoal.logs import get_logger
+
+log = get_logger("resp")
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
@@ -27,14 +30,31 @@ def pack(commands: list[Command]) -> bytes:
     return b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
 
 
+def _run_id(info: object) -> str | None:
+    """The ``run_id`` in an ``INFO server`` reply (None if it is refused or has none)."""
+    if isinstance(info, bytes):
+        for line in info.splitlines():
+            if line.startswith(b"run_id:"):
+                return line[7:].decode("ascii", "replace").strip()
+    return None
+
+
 class RespConnection:
-    """One connection; ``execute`` is not reentrant (the store's single writer task is its only user)."""
+    """One connection; ``execute`` is not reentrant (the store's single writer task is its only user).
+
+    Writes land in the order they are executed, across reconnects too. A connection given up with a batch on its way
+    (a timeout, a reset on our side only) may still be open at Redis, its bytes still coming (a network that held
+    them): they would run after the next connection's writes, and an undo or a terminal state would be overwritten
+    by what it followed. So each connection learns its ``CLIENT ID``, and the next one kills that client at Redis
+    before it writes anything: whatever of the old batch ran, ran before; nothing of it can run after."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url
         self.timeout = timeout  # seconds a batch (with the connection's setup) may take
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._client_id: int | None = None  # this connection's (or the last one's, once it is given up) at Redis
+        self._run_id: str | None = None  # the Redis process that id is of
 
     async def _connect(self) -> None:
         # The URL read as redis-py reads it (the rest of the store's connections): the same server, database
@@ -56,11 +76,21 @@ class RespConnection:
             setup.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
         if int(options.get("db") or 0):
             setup.append(("SELECT", int(options["db"])))
-        if setup:
-            for reply in await self._roundtrip(setup):
-                if isinstance(reply, hiredis.ReplyError):
-                    await self.close()
-                    raise StoreError(f"redis refused the connection setup: {reply}")
+        replies = await self._roundtrip([*setup, ("CLIENT", "ID"), ("INFO", "server")])
+        for reply in replies[:len(setup)]:
+            if isinstance(reply, hiredis.ReplyError):
+                await self.close()
+                raise StoreError(f"redis refused the connection setup: {reply}")
+        client_id, info = replies[len(setup):]
+        previous, previous_run = self._client_id, self._run_id
+        self._client_id = client_id if isinstance(client_id, int) else None
+        self._run_id = _run_id(info)
+        if previous is not None and self._run_id is not None and self._run_id == previous_run:
+            # The same Redis process (after a restart the id may be another client's; the old one is gone then).
+            killed = (await self._roundtrip([("CLIENT", "KILL", "ID", previous)]))[0]
+            if isinstance(killed, hiredis.ReplyError) and "No such client" not in str(killed):
+                # (an ACL refusing CLIENT KILL: the order across this reconnect is not assured, and we say so)
+                log.warning("redis_previous_connection_not_killed", client_id=previous, error=str(killed))
 
     async def _roundtrip(self, commands: list[Command]) -> list[object]:
         assert self._reader is not None and self._writer is not None

@@ -267,7 +267,9 @@ class Service:
         try:
             await created
         except StoreError as exc:
-            reached = [call["id"] for call, pending in made if pending.node_id is not None]
+            # Sent to a node at least once (it may be there still, or have run to its end already: then the
+            # dispatcher let it go and it is on no node now).
+            reached = [call["id"] for call, pending in made if pending.last_node]
             for call, _ in made:
                 self.dispatcher.withdraw(call["id"])
             self._uncreate([call for call, _ in made], UNCREATE_RETRY_FIRST)

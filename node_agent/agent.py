@@ -766,7 +766,7 @@ class Agent:
                             queued_s=(ticket.dispatched or now) - ticket.received,
                             broker_rtt_s=now - ticket.dispatched if ticket.dispatched else None),
         }
-        for name in ("result", "error", "logs"):
+        for name in ("result", "error", "logs", "ran"):
             if name in header:
                 out[name] = header[name]
         self.link.send(Msg.RESULT, out)

@@ -254,7 +254,8 @@ class Broker:
             ticket = h.ticket
             if ticket is None:
                 continue
-            self.finish(h, ticket, {"status": REJECTED, "error": {"type": "Draining", "message": why}})
+            # ``ran``: it started here (and may have done part of its work): the controller counts the attempt.
+            self.finish(h, ticket, {"status": REJECTED, "ran": True, "error": {"type": "Draining", "message": why}})
             given += 1
         return given
 

@@ -42,3 +42,25 @@ def test_an_item_discarded_from_anywhere_is_never_handed_out_and_is_in_at_most_o
     q.append(items[0], front=True)  # back again (its node lost): first, once
     assert [q.popleft("a@1") for _ in range(4)] == [items[0], items[2], items[3], None]
     assert not q and q.lanes() == [] and not any(i.queued for i in items)
+
+
+def test_calls_discarded_behind_a_head_that_does_not_move_are_not_kept() -> None:
+    """A lane no node takes now keeps its head; the calls cancelled behind it stayed in its deque, params and all,
+    outside the bound (30,000 submitted and cancelled: 30,000 entries kept, with len() == 0)."""
+    from controller.callqueue import COMPACT_AT
+
+    q: CallQueue[Item] = CallQueue()
+    head = Item("a@1", -1)
+    q.append(head)
+    back = Item("a@1", -2)
+    q.append(back)
+    q.discard(back)  # discarded, then waiting again (its node gave it back): it keeps its first place
+    q.append(back, front=False)
+    for n in range(30_000):
+        item = Item("a@1" if n % 2 else "b@1", n)
+        q.append(item)
+        q.discard(item)
+    entries = sum(len(lane) for lane in q._lanes.values())
+    assert len(q) == 2 and entries <= COMPACT_AT + 2, entries
+    assert [q.popleft("a@1").n for _ in range(2)] == [-1, -2]  # type: ignore[union-attr]
+    assert q.popleft("a@1") is None and not q and q.head("b@1") is None

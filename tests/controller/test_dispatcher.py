@@ -822,3 +822,83 @@ def test_a_call_waiting_for_its_lost_node_can_be_cancelled_or_given_back() -> No
         assert d.calls["y"].attempts == 1 and d.awaiting == {}
 
     asyncio.run(scenario())
+
+
+def test_a_cancel_lost_on_the_way_is_sent_again_while_the_node_still_holds_the_call() -> None:
+    """A CANCEL is not sequenced: one dropped by a reset (or refused while the node reconnected) left the call to
+    run to its end, DONE. A cancelled call its node lists, and a call it lists that ended here (cancelled while it
+    was away: its result would be ignored), are cancelled there again at each STATUS and HELLO."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        ready(hub)
+        node = hub.nodes["n1"]
+        d.enqueue(Pending("a", "f", 1, None, 1.0))
+        d.enqueue(Pending("b", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        hub.up = False  # the CANCEL is refused (the node reconnects)
+        assert d.cancel("a")
+        hub.up = True
+        assert not [c for m, c in hub.sent if m == Msg.CANCEL]
+        d.on_node_status(node, node.call_seq, {"a", "b", "ended-here"})
+        assert sorted(c for m, c in hub.sent if m == Msg.CANCEL) == ["a", "ended-here"]  # b is wanted
+        d.on_node_hello(node, {"a", "b", "ended-here"})
+        assert sorted(c for m, c in hub.sent if m == Msg.CANCEL) == ["a", "a", "ended-here", "ended-here"]
+        d.on_result(node, {"call_id": "a", "status": "CANCELLED"})
+        await asyncio.sleep(0.01)
+        assert status_of(store, "a") == "CANCELLED"
+
+    asyncio.run(scenario())
+
+
+def test_a_call_cancelled_on_its_last_attempt_ends_cancelled_when_its_node_goes() -> None:
+    """On earlier attempts a cancelled call its node lost or dropped ended CANCELLED; on its last it ended FAILED
+    NodeLost/NodeDropped."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        d.enqueue(Pending("lost", "f", 1, None, 1.0, attempts=2))
+        d.enqueue(Pending("dropped", "f", 1, None, 1.0, attempts=2))
+        await asyncio.sleep(0)
+        assert d.calls["lost"].attempts == d.calls["dropped"].attempts == 3  # their last
+        for call_id in ("lost", "dropped"):
+            assert d.cancel(call_id)
+        on = {c: hub.nodes[hub.placed[c][0]] for c in ("lost", "dropped")}
+        if on["lost"] is on["dropped"]:
+            d.on_node_status(on["dropped"], on["dropped"].call_seq, {"lost"})
+            d.on_node_lost(on["lost"])
+        else:
+            d.on_node_lost(on["lost"])
+            d.on_node_status(on["dropped"], on["dropped"].call_seq, set())
+        await asyncio.sleep(0.01)
+        assert [status_of(store, c) for c in ("lost", "dropped")] == ["CANCELLED", "CANCELLED"], store.writes
+        assert not d.calls
+
+    asyncio.run(scenario())
+
+
+def test_a_call_given_back_mid_run_keeps_its_attempt_and_fails_past_the_last() -> None:
+    """A node whose drain timed out gives its running calls back REJECTED: those had started, so the attempt
+    counts (it was undone as for a call that never ran, and a call cut short by each rolling drain ran again and
+    again without end)."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher()
+        ready(hub)
+        node = hub.nodes["n1"]
+        d.enqueue(Pending("c", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        d.on_result(node, {"call_id": "c", "status": REJECTED})  # never ran there: not an attempt
+        await asyncio.sleep(0)
+        assert d.calls["c"].attempts == 1 and hub.placed["c"] == ["n1", "n1"]
+        for attempt in (1, 2):
+            d.on_result(node, {"call_id": "c", "status": REJECTED, "ran": True})
+            await asyncio.sleep(0)
+            assert d.calls["c"].attempts == attempt + 1
+        d.on_result(node, {"call_id": "c", "status": REJECTED, "ran": True})  # on its third and last attempt
+        await asyncio.sleep(0.01)
+        assert status_of(store, "c") == "FAILED" and store.fields["c"]["error"]["type"] == "NodeStopped"
+        assert "after 3 attempt(s)" in store.fields["c"]["error"]["message"] and len(hub.placed["c"]) == 4
+
+    asyncio.run(scenario())

@@ -358,3 +358,38 @@ def test_a_node_that_heartbeats_less_often_is_judged_by_its_own_interval(tmp_pat
             await hub.close()
 
     asyncio.run(scenario())
+
+
+def test_a_node_back_from_lost_is_asked_for_its_hello_until_it_says_it(tmp_path: Path) -> None:
+    """It was asked once: a WELCOME{hello} or HELLO lost on the way (a reset) left it welcomed, heartbeating,
+    and never given a call again (in a one-node cluster, every call waited for ever)."""
+
+    async def scenario() -> None:
+        config = ControllerConfig(zmq_bind="tcp://127.0.0.1:0")
+        hub = Hub(config, None, BlobStore(tmp_path), ControllerMetrics())  # type: ignore[arg-type]
+        asked: list[str] = []
+
+        def send(node_id: str, mtype: bytes, header: dict[str, Any], *payload: Any) -> bool:
+            if mtype == Msg.WELCOME and header.get("hello"):
+                asked.append(node_id)
+            return True
+
+        hub.send = send  # type: ignore[method-assign]
+        try:
+            node = hub.nodes["n1"] = NodeState("n1", {"v": 1}, capacity=1)
+            node.lost = True
+            heartbeat = [b"n1", *(bytes(f) for f in protocol.encode(Msg.HEARTBEAT, {}))]
+            hub.on_frames(heartbeat)  # back: asked
+            hub.on_frames(heartbeat)  # asked a moment ago: not again yet
+            assert asked == ["n1"] and node.awaiting_hello and not node.alive()
+            node.hello_asked -= config.heartbeat  # a heartbeat later, still no HELLO: asked again
+            hub.on_frames(heartbeat)
+            assert asked == ["n1", "n1"]
+            node.awaiting_hello = False  # its HELLO came: no more asking
+            node.hello_asked -= config.heartbeat
+            hub.on_frames(heartbeat)
+            assert asked == ["n1", "n1"]
+        finally:
+            await hub.close()
+
+    asyncio.run(scenario())

@@ -135,3 +135,79 @@ def test_a_redis_that_stops_answering_is_a_connection_error_and_the_next_batch_r
         assert replies[1] == b"PONG"  # a new connection; the timed-out write may or may not have landed
     finally:
         admin.close()
+
+
+class HoldingProxy:
+    """A TCP proxy to Redis whose first connection can be made to hold what the client sends (a network that
+    delays it), and that keeps its Redis side open when the client gives it up (its close never got there)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.holding = False
+        self.held: list[bytes] = []
+        self.first: asyncio.StreamWriter | None = None  # the first connection's Redis side
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.port)
+        first = self.first is None
+        if first:
+            self.first = redis_w
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if first and self.holding:
+                    self.held.append(data)
+                else:
+                    redis_w.write(data)
+            if not first:
+                redis_w.close()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(65536):
+                client_w.write(data)
+            client_w.close()
+
+        for work in (upstream(), downstream()):
+            task = asyncio.ensure_future(work)
+            self.tasks.add(task)
+
+    def release(self) -> None:
+        assert self.first is not None
+        for data in self.held:
+            self.first.write(data)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+
+
+def test_a_batch_held_on_a_connection_given_up_never_lands_after_the_next_connections(server: RedisServer) -> None:
+    """A timeout gives the connection up and the next batch goes on a new one; the old one's bytes, still on their
+    way, ran after the new one's writes (an undone creation came back, a terminal state was overwritten)."""
+    admin = redis.Redis(port=server.port)
+
+    async def run() -> None:
+        proxy = HoldingProxy(server.port)
+        conn = RespConnection(await proxy.start(), timeout=0.5)
+        try:
+            assert await conn.execute([("SET", "order", "first")]) == [b"OK"]
+            proxy.holding = True
+            with pytest.raises(ConnectionError):
+                await conn.execute([("SET", "order", "old")])  # held on the way: times out, given up
+            assert await conn.execute([("SET", "order", "new")]) == [b"OK"]  # on a new connection
+            proxy.release()  # the old batch arrives at last
+            await asyncio.sleep(0.3)
+            assert admin.get("order") == b"new"
+        finally:
+            await conn.close()
+            await proxy.close()
+
+    asyncio.run(run())

@@ -41,12 +41,16 @@ class Rig:
         self.service = Service(ControllerConfig(), self.store, BlobStore(tmp / "blobs"), self.hub,  # type: ignore[arg-type]
                                self.dispatcher, ControllerMetrics())
         self.failing = 0  # creation writes that fail next
+        self.holding: asyncio.Future[None] | None = None  # set: the next creation write ends as the test says
         self.landing_unanswered = 0  # creation writes that Redis applies but whose answer is lost (a timeout)
         self.created: list[dict[str, Any]] = []  # every call a creation write was asked for
         real = self.store.create_calls
 
         def create_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
             self.created += calls
+            if self.holding is not None:
+                held, self.holding = self.holding, None
+                return held
             if self.landing_unanswered:
                 self.landing_unanswered -= 1
                 applied = real(calls)
@@ -396,6 +400,30 @@ def test_a_503_for_a_call_that_had_reached_a_node_says_it_may_have_run(server: R
         with pytest.raises(StoreError, match="may have run"):
             await rig.service.invoke("mr", 1)
         assert rig.hub.placed and (b"CANCEL", rig.created[0]["id"]) in rig.hub.sent
+        await rig.service.settle_undos(10)
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_503_for_a_call_that_already_ran_to_its_end_says_it_may_have_run(server: RedisServer, tmp_path: Path) -> None:
+    """Only a call still on a node counted as reached: one whose result came before the creation's failure was
+    known (a short function, a slow write) was on no node by then, and its 503 said it was not accepted."""
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("ran")
+        node = rig.hub.nodes["n1"]
+        node.ready.add("ran@1")
+        rig.holding = asyncio.get_running_loop().create_future()
+        held = rig.holding
+        invoke = asyncio.ensure_future(rig.service.invoke("ran", 1))
+        while not rig.hub.placed:
+            await asyncio.sleep(0)
+        call_id = rig.created[0]["id"]
+        rig.dispatcher.on_result(node, {"call_id": call_id, "status": "DONE", "result": 1})  # it ran, and ended
+        await asyncio.sleep(0.05)
+        held.set_exception(StoreError("redis timed out"))
+        with pytest.raises(StoreError, match="may have run"):
+            await invoke
         await rig.service.settle_undos(10)
 
     run(server, tmp_path, scenario)
