@@ -465,11 +465,15 @@ class Agent:
 
     def on_runtime(self, msg: Message) -> None:
         runtime = Runtime.from_dict(msg.header)
+        previous = self.registry.runtimes.get(runtime.name)
         self.registry.runtimes[runtime.name] = runtime
         try:
             self.cache.save_runtime(runtime)
         except OSError as exc:  # kept in memory all the same: only a restart before the controller re-sends it
             self.log.error("runtime_not_cached", runtime=runtime.name, error=str(exc))
+        if previous is not None and previous != runtime:  # (sent again unchanged at every HELLO: nothing to do)
+            self.broker.runtime_changed(runtime.name)
+            self.pool.reconcile()
 
     def on_function(self, msg: Message) -> None:
         spec = FunctionSpec.from_dict(msg.header)
@@ -568,7 +572,11 @@ class Agent:
             return
         fn.last_used = ticket.received
         if fn.state == FnState.FAILED:
-            self.reply(ticket, "FAILED", {"type": "FunctionUnavailable", "message": fn.error})
+            # A failure that may pass (prepared again later): given back, as the calls waiting here were when it
+            # failed; this CALL crossed that report, and the controller, which knows by now, places it on a node that
+            # can run it (or fails it if none can). One that will not pass fails it.
+            self.reply(ticket, REJECTED if fn.retry_at else "FAILED",
+                       {"type": "FunctionUnavailable", "message": fn.error})
             return
         if fn.spec.runtime not in self.registry.runtimes:
             self.reply(ticket, "FAILED", {"type": "UnknownRuntime",
@@ -626,6 +634,7 @@ class Agent:
         """Drop a function version here; its files are collected once nothing refers to them."""
         self.registry.forget(fn)
         self.broker.forget(fn.key)
+        self.metrics.registry.drop("function", fn.key)  # its series (about 20 per version) grew without end
         if not self.registry.by_sha(fn.spec.sha256):
             self.fetcher.cancel(fn.spec.sha256)
         self.collect_due = True
@@ -792,6 +801,8 @@ class Agent:
         def done(removed: Any, exc: BaseException | None) -> None:
             if exc is not None:
                 self.log.error("container_cleanup_failed", mw_id=mw_id, error=str(exc))
+            self.broker.cleaned(mw_id)  # (failed: the orphan sweep removes it later; its slot is not held for ever)
+            self.pool.reconcile()
 
         self.run_in_pool(cleanup, done)
 

@@ -70,8 +70,11 @@ class Broker:
         self.metrics = metrics
         self.on_outcome = on_outcome
         self.load_for = load_for
-        self.on_lost = on_lost
+        self._on_lost = on_lost
         self.on_dispatch = on_dispatch
+        # Miniworkers gone (their handles dropped) whose container the agent is still removing: each still holds
+        # a slot (see the pool), until ``cleaned``.
+        self.removing: set[str] = set()
         self.log = get_logger("broker", node_id=config.node_id)
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -173,16 +176,31 @@ class Broker:
         best: MwHandle | None = None
         for h in self.mws.values():
             if (h.state == MwState.BUSY and h.function == key and h.ahead is None and not h.loading
-                    and h.pool_key not in self.yield_from and h.ticket is not None and h.mode != ONESHOT
-                    and not self.stuck(h, now)
+                    and not h.outdated and h.pool_key not in self.yield_from and h.ticket is not None
+                    and h.mode != ONESHOT and not self.stuck(h, now)
                     and (best is None or h.ticket.dispatched < best.ticket.dispatched)):  # type: ignore[union-attr]
                 best = h
         return best
 
     def make_idle(self, h: MwHandle) -> None:
+        if h.outdated:
+            self.stop(h)  # (ready, or done with its call) its runtime's image, path or commands have changed
+            return
         h.state = MwState.IDLE
         h.idle_since = time.monotonic()
         self.idle.setdefault(h.pool_key, OrderedDict())[h.mw_id] = None
+
+    def runtime_changed(self, name: str) -> None:
+        """Runtime ``name`` was redefined (image, code path, commands): its miniworkers, started on the old
+        definition, take no new call; the idle ones stop now, the others once their call ends (the pool starts new
+        ones). They served on the old image for ever, and those started ahead failed each first call (the code is
+        mounted at the old path)."""
+        for h in list(self.mws.values()):
+            if h.runtime == name and h.state in LIVE and not h.outdated:
+                h.outdated = True
+                if h.state == MwState.IDLE:
+                    self.stop(h)
+        self.log.info("runtime_changed", runtime=name)
 
     def forget_idle(self, h: MwHandle) -> None:
         lru = self.idle.get(h.pool_key)
@@ -517,8 +535,11 @@ class Broker:
         """Ask a miniworker to remove its container and exit. A call it holds may have started already (its
         previous result on the way here): it stays held until the miniworker says (REJECTED: never started; its
         result: it ran) or exits (then it is queued again), unless ``give_back`` (the agent is about to exit:
-        what is held goes back now, to be answered while the agent still can)."""
+        what is held goes back now, to be answered while the agent still can, from a miniworker already stopping
+        too)."""
         if h.state not in LIVE:
+            if give_back:
+                self.requeue_ahead(h)
             return
         self.forget_idle(h)
         self._leave(h, MwState.STOPPING)
@@ -566,6 +587,17 @@ class Broker:
         self.on_lost(h)
         self.pump()
 
+    def on_lost(self, h: MwHandle) -> None:
+        """Have the agent remove ``h``'s container and directory (once): it may have left them."""
+        if not h.cleanup_asked:
+            h.cleanup_asked = True
+            self.removing.add(h.mw_id)
+            self._on_lost(h)
+
+    def cleaned(self, mw_id: str) -> None:
+        """The agent is done removing what ``mw_id`` left (or gave up, logged): its slot is free."""
+        self.removing.discard(mw_id)
+
     def held(self) -> set[str]:
         """The ids of every call on this node: running, held by a miniworker, or waiting in a queue."""
         return {*self.running, *(t.call_id for q in self.queues.values() for t in q)}
@@ -585,8 +617,8 @@ class Broker:
                         self.requeue(ticket)
                         self.pump()
                     del self.mws[h.mw_id]
-                    if (h.state == MwState.STOPPING and code != 0) or h.overdue:
-                        self.on_lost(h)  # it may not have removed its container
+                    if code != 0 or h.overdue:
+                        self.on_lost(h)  # it may not have removed its container (exit 4 says so)
                 elif now - h.stopped_at > STOP_DEADLINE_S and not h.killed:
                     # Its teardown hangs (an engine that does not answer): it holds a slot while it lasts (see
                     # the pool), so it ends here; its container is removed by label once its exit is seen.

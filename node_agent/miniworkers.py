@@ -55,6 +55,8 @@ class MwHandle:
     stopped_at: float = 0.0  # when it was asked to stop, or taken for lost (monotonic)
     killed: bool = False  # SIGKILL sent to its process
     overdue: bool = False  # killed for not exiting in time after its stop: its container is removed by label
+    cleanup_asked: bool = False  # its container and directory are (being) removed by the agent (on_lost)
+    outdated: bool = False  # its runtime was redefined since it started: it takes no new call, and stops once idle
 
     @property
     def pool_key(self) -> str:

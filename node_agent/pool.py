@@ -132,7 +132,8 @@ class PoolManager:
         # still be there (an engine slow to remove them), and a node runs at most ``capacity`` containers. They
         # were not counted: each stop made room for another start, and a slow engine let a node run several
         # times its capacity.
-        leaving = len(self.broker.mws) - len(live)
+        # So do those gone whose container the agent is still removing (a miniworker killed leaves its container).
+        leaving = len(self.broker.mws) - len(live) + len(self.broker.removing - self.broker.mws.keys())
         free = cfg.capacity - len(live) - leaving
 
         # 1. demand

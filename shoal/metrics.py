@@ -50,6 +50,10 @@ class Metric:
     def render(self) -> list[str]:
         raise NotImplementedError
 
+    def drop(self, label: str, value: str) -> None:
+        """Forget every series whose ``label`` is ``value`` (what it counted is gone: a function version)."""
+        raise NotImplementedError
+
 
 class _Values(Metric):
     """One value per label set."""
@@ -64,6 +68,9 @@ class _Values(Metric):
 
     def render(self) -> list[str]:
         return [f"{self.name}{_fmt_labels(k)} {_num(v)}" for k, v in sorted(self.values.items())]
+
+    def drop(self, label: str, value: str) -> None:
+        self.values = {k: v for k, v in self.values.items() if (label, value) not in k}
 
 
 class Counter(_Values):
@@ -103,6 +110,9 @@ class Histogram(Metric):
         row[bisect.bisect_left(self.buckets, value)] += 1
         row[-1] += value
 
+    def drop(self, label: str, value: str) -> None:
+        self.series = {k: row for k, row in self.series.items() if (label, value) not in k}
+
     def count(self, **labels: str) -> int:
         row = self.series.get(_key(labels))
         return int(sum(row[:-1])) if row else 0
@@ -128,6 +138,10 @@ class Registry:
     def add(self, metric: M) -> M:
         self.metrics.append(metric)
         return metric
+
+    def drop(self, label: str, value: str) -> None:
+        for metric in self.metrics:
+            metric.drop(label, value)
 
     def render(self) -> str:
         lines: list[str] = []

@@ -178,7 +178,7 @@ def test_stopping_a_miniworker_the_socket_does_not_know_yet_ends_it_without_call
     rig.broker.mws[h.mw_id] = h
     rig.broker.send = Broker.send.__get__(rig.broker)  # type: ignore[method-assign]  # the real socket
     left: list[MwHandle] = []
-    rig.broker.on_lost = left.append
+    rig.broker._on_lost = left.append
     rig.broker.stop(h)
     assert signals == [signal.SIGKILL] and h.state == MwState.STOPPING
     assert rig.broker.metrics.mw_lost.get(reason="lost") == 0 and not rig.broker.failures
@@ -222,3 +222,48 @@ def test_how_long_miniworkers_take_to_start_is_measured_per_pool(rig: Rig) -> No
         "v": protocol.PROTOCOL_VERSION, "mw_id": "r1", "container_id": "c", "function": "f@1", "mode": "bound",
         "pid": 1})))
     assert h.state == MwState.IDLE and 0.3 <= rig.broker.start_s["f@1"] < 60
+
+
+def test_a_call_held_by_a_miniworker_already_stopping_goes_back_at_the_drain_timeout(rig: Rig) -> None:
+    """A miniworker stopping (its call cancelled, or retiring) with the next call held: at the drain timeout only
+    live miniworkers gave back what they held, and the agent exited with that call unanswered."""
+    busy = rig.handle("r1", state=MwState.IDLE)
+    rig.broker.make_idle(busy)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))
+    rig.broker.run_s["f@1"] = 0.001
+    rig.broker.submit(Ticket("c2", "f@1", 1, 5.0))
+    assert busy.ahead is not None and busy.ahead.call_id == "c2"
+    rig.broker.stop(busy)  # stopping, c2 still held (it may have started: the miniworker will say)
+    assert busy.ahead is not None and busy.state == MwState.STOPPING
+    rig.broker.draining = True
+    rig.broker.give_back_running("drain timed out")
+    for h in list(rig.broker.mws.values()):
+        rig.broker.stop(h, give_back=True)
+    assert ("c2", "REJECTED", "Draining") in rig.outcomes and "c2" not in rig.broker.running
+
+
+def test_miniworkers_of_a_redefined_runtime_take_no_new_call_and_stop_once_idle(rig: Rig) -> None:
+    """A runtime registered again with another image or path: its warm miniworkers went on serving on the old
+    image for ever, and those started ahead failed their first call (the code was mounted at the old path)."""
+    idle = rig.handle("i1", state=MwState.IDLE)
+    rig.broker.make_idle(idle)
+    busy = rig.handle("b1", state=MwState.IDLE)
+    rig.broker.make_idle(busy)
+    ahead = rig.handle("g1", "runtime", None, state=MwState.IDLE)
+    rig.broker.make_idle(ahead)
+    other = rig.handle("o1", state=MwState.IDLE)
+    other.runtime = "other"
+    rig.broker.make_idle(other)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))
+    running = [h for h in (idle, busy) if h.state == MwState.BUSY]
+    assert len(running) == 1
+    running_h = running[0]
+    rig.broker.runtime_changed("rt")
+    assert {h.mw_id for h in rig.broker.mws.values() if h.state == MwState.STOPPING} == {
+        h.mw_id for h in (idle, busy, ahead) if h is not running_h}
+    assert running_h.state == MwState.BUSY and other.state == MwState.IDLE
+    rig.broker.run_s["f@1"] = 0.001  # short: it would be pipelined onto a busy miniworker
+    assert rig.broker.take_pipelined("f@1", time.monotonic()) is None  # not onto the outdated one
+    done = protocol.decode(protocol.encode(Msg.MW_RESULT, {"call_id": "c1", "status": "DONE", "result": 1}))
+    rig.broker._on_result(running_h, done)
+    assert ("c1", "DONE", "") in rig.outcomes and running_h.state == MwState.STOPPING

@@ -241,7 +241,7 @@ def test_a_miniworker_being_stopped_holds_its_slot_and_one_that_hangs_is_killed(
     signals: dict[str, list[int]] = {"a1": [], "a2": []}
     exits: dict[str, int | None] = {"a1": None, "a2": None}
     left: list[str] = []
-    broker.on_lost = lambda h: left.append(h.mw_id)
+    broker._on_lost = lambda h: left.append(h.mw_id)
     for h in (a1, a2):
         h.proc = SimpleNamespace(poll=lambda i=h.mw_id: exits[i], send_signal=signals[h.mw_id].append)  # type: ignore[assignment]
     broker.submit(Ticket("b1", "g@1", None, 30.0))
@@ -270,6 +270,16 @@ def test_a_miniworker_being_stopped_holds_its_slot_and_one_that_hangs_is_killed(
     exits["a2"] = -signal.SIGKILL
     broker.tick(time.monotonic())
     assert "a2" not in broker.mws and left == ["a2"]
+    # Its container is still there until the agent has removed it: its slot stays taken until then (it was freed
+    # as the process exited, and a replacement ran beside the container being removed).
+    spawned = len(sharing.spawned)
+    broker.submit(Ticket("b3", "g@1", None, 30.0))
+    broker.submit(Ticket("b4", "g@1", None, 30.0))
+    sharing.pool.reconcile()
+    assert len(sharing.spawned) == spawned and broker.removing == {"a2"}
+    broker.cleaned("a2")
+    sharing.pool.reconcile()
+    assert len(sharing.spawned) == spawned + 1
 
 
 def test_a_failed_miniworker_killed_past_its_deadline_has_its_container_removed(sharing: Sharing) -> None:
@@ -280,7 +290,7 @@ def test_a_failed_miniworker_killed_past_its_deadline_has_its_container_removed(
     exit_code: list[int | None] = [None]
     h.proc = SimpleNamespace(poll=lambda: exit_code[0], send_signal=lambda sig: None)  # type: ignore[assignment]
     left: list[str] = []
-    broker.on_lost = lambda m: left.append(m.mw_id)
+    broker._on_lost = lambda m: left.append(m.mw_id)
     broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "image missing"})))
     h.stopped_at = time.monotonic() - STOP_DEADLINE_S - 1
     broker.tick(time.monotonic())
@@ -309,3 +319,20 @@ def test_every_way_out_starts_the_stop_clock_and_none_is_killed_at_once(sharing:
     assert h.state not in (MwState.IDLE, MwState.BUSY) and h.stopped_at >= before
     broker.tick(time.monotonic())
     assert signals == ([signal.SIGKILL] if way == "lost" else [])  # (a lost one is killed by lose() itself)
+
+
+def test_a_failed_miniworker_that_exits_saying_its_container_is_left_has_it_removed(sharing: Sharing) -> None:
+    """A miniworker that reported a failure, then could not remove its container, exits 4 ("the agent removes it by
+    its label"): only a stopping one's exit was read so, and the container stayed until the orphan sweep."""
+    broker = sharing.rig.broker
+    h = sharing.rig.handle("s2", function="g@1")
+    exit_code: list[int | None] = [None]
+    h.proc = SimpleNamespace(poll=lambda: exit_code[0], send_signal=lambda sig: None)  # type: ignore[assignment]
+    left: list[str] = []
+    broker._on_lost = lambda m: left.append(m.mw_id)
+    broker._on_failed(h, protocol.decode(protocol.encode(Msg.MW_FAILED, {"reason": "its runner did not start"})))
+    exit_code[0] = 4
+    broker.tick(time.monotonic())
+    assert "s2" not in broker.mws and left == ["s2"]
+    broker.tick(time.monotonic())
+    assert left == ["s2"]  # once

@@ -223,3 +223,22 @@ def test_a_miniworker_still_starting_is_not_reported_warm(agent: Agent, tmp_path
     agent.send_status()
     [status] = [h for m, h in agent.sent if m == Msg.STATUS]  # type: ignore[attr-defined]
     assert status["warm"] == {"f@1": 2}
+
+
+def test_a_call_crossing_a_failure_that_may_pass_is_given_back_not_failed(agent: Agent, tmp_path: Path) -> None:
+    """The calls waiting here are given back (REJECTED) when the function fails for a reason that may pass; a CALL
+    on its way then was answered FAILED, and ended so, though another node could run it."""
+    agent.resolver = FlakyResolver(tmp_path / "wheels", failures=1000)  # type: ignore[assignment]
+    key = deploy(agent, "f", build_tar_gz({"handler.py": "def handler(p):\n    return p\n", "requirements.txt": "x\n"}))
+    fn = agent.registry.functions[key]
+
+    def call(call_id: str) -> dict[str, Any]:
+        agent.on_call(Message(Msg.CALL, {"call_id": call_id, "function": "f", "version": 1, "params": None,
+                                         "timeout": 5.0, "seq": 1}, []))
+        return [h for m, h in agent.sent if m == Msg.RESULT and h["call_id"] == call_id][-1]  # type: ignore[attr-defined]
+
+    assert fn.retry_at and call("passing")["status"] == "REJECTED"
+    while fn.retry_at:
+        agent.retry_failed(fn.retry_at)
+    given_up = call("given-up")  # retries spent: it will not pass
+    assert given_up["status"] == "FAILED" and given_up["error"]["type"] == "FunctionUnavailable"
