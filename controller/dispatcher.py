@@ -372,6 +372,7 @@ class Dispatcher:
     def _take_result(self, pending: Pending, h: dict[str, Any], node_id: str) -> None:
         call_id = pending.call_id
         if h["status"] == REJECTED:
+            self._rejected_by(node_id, pending.key, h.get("error"))
             if h.get("ran") is not True:
                 pending.attempts = max(0, pending.attempts - 1)  # it never ran there
             elif pending.attempts >= self.config.max_attempts and not pending.cancel_requested:
@@ -394,6 +395,21 @@ class Dispatcher:
         elif started is not None:  # stored, it would make the call unreadable (timestamps are numbers)
             self.log.error("bad_started_at", call_id=call_id, node_id=node_id, value=repr(started)[:64])
         self.finish(pending, status, fields)
+
+    def _rejected_by(self, node_id: str, key: str, error: Any) -> None:
+        """A node gave a call back because it cannot run its function version now (failed there, or retired): its
+        FSTATE saying so comes first on the link, but may have been lost on the way, and the call, placed there
+        again at once (that node the least loaded), went back and forth for as long as that lasted. Taken as that
+        FSTATE: not placed there again until the node says the function is ready."""
+        kind = error.get("type") if isinstance(error, dict) else None
+        node = self.hub.nodes.get(node_id)
+        if node is None or kind not in ("FunctionUnavailable", "VersionRetired"):
+            return
+        node.ready.discard(key)
+        if kind == "FunctionUnavailable":
+            node.failed[key] = str(error.get("message", ""))[:1000]
+        else:
+            self.on_function_state(node, key, "retired")  # sent back to it while calls of it wait
 
     def finish(self, pending: Pending, status: CallStatus, fields: dict[str, Any]) -> None:
         self._let_go(pending.call_id)
@@ -546,7 +562,8 @@ class Dispatcher:
         reconnected), the node ran the call to its end. Once a STATUS (a heartbeat) or HELLO, while it holds them."""
         for call_id in held:
             pending = self.calls.get(call_id)
-            if pending is None or (pending.cancel_requested and pending.node_id == node.node_id):
+            if pending is None or (pending.cancel_requested
+                                   and (pending.node_id == node.node_id or node.node_id in pending.lost_on)):
                 self.hub.send(node.node_id, Msg.CANCEL, {"call_id": call_id})
 
     def on_node_hello(self, node: NodeState, running: set[str]) -> None:

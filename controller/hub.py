@@ -185,9 +185,10 @@ class Hub:
             node.lost = False
             node.awaiting_hello = True  # no calls until then: a CALL behind the WELCOME is not in its HELLO
             self._ask_hello(node, now)
-        elif node.awaiting_hello and now - node.hello_asked >= self.config.heartbeat:
-            # Asked, and no HELLO yet: the WELCOME or the HELLO was lost on the way (a connection reset), and the
-            # node, welcomed already, would never say it; until it does it is given no calls.
+        elif node.awaiting_hello and now - node.hello_asked >= self.config.heartbeat * self.config.liveness:
+            # Asked a liveness window ago, and no HELLO yet: the WELCOME or the HELLO was lost on the way (a connection
+            # reset), and the node, welcomed already, would never say it; until it does it is given no calls. (Not
+            # sooner: a HELLO asked twice, the second written before CALLs placed after the first, places them again.)
             self._ask_hello(node, now)
         handler = self._handlers.get(msg.type)
         if handler is None:

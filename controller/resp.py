@@ -30,6 +30,10 @@ def pack(commands: list[Command]) -> bytes:
     return b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
 
 
+#: Connections given up that are remembered to be killed at the next connect (older ones are forgotten).
+MAX_GIVEN_UP = 16
+
+
 def _run_id(info: object) -> str | None:
     """The ``run_id`` in an ``INFO server`` reply (None if it is refused or has none)."""
     if isinstance(info, bytes):
@@ -45,16 +49,17 @@ class RespConnection:
     Writes land in the order they are executed, across reconnects too. A connection given up with a batch on its way
     (a timeout, a reset on our side only) may still be open at Redis, its bytes still coming (a network that held
     them): they would run after the next connection's writes, and an undo or a terminal state would be overwritten
-    by what it followed. So each connection learns its ``CLIENT ID``, and the next one kills that client at Redis
-    before it writes anything: whatever of the old batch ran, ran before; nothing of it can run after."""
+    by what it followed. So each connection learns its ``CLIENT ID``, and the next one kills at Redis every client
+    given up before it writes anything (all of them until the kills are answered: a kill that fails leaves them for
+    the next connection, with this one): whatever of the old batch ran, ran before; nothing of it can run after."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url
         self.timeout = timeout  # seconds a batch (with the connection's setup) may take
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._client_id: int | None = None  # this connection's (or the last one's, once it is given up) at Redis
-        self._run_id: str | None = None  # the Redis process that id is of
+        self._current: tuple[int, str] | None = None  # this connection's CLIENT ID, and its Redis process's run_id
+        self._given_up: list[tuple[int, str]] = []  # connections closed here, not yet known closed at Redis
 
     async def _connect(self) -> None:
         # The URL read as redis-py reads it (the rest of the store's connections): the same server, database
@@ -82,15 +87,23 @@ class RespConnection:
                 await self.close()
                 raise StoreError(f"redis refused the connection setup: {reply}")
         client_id, info = replies[len(setup):]
-        previous, previous_run = self._client_id, self._run_id
-        self._client_id = client_id if isinstance(client_id, int) else None
-        self._run_id = _run_id(info)
-        if previous is not None and self._run_id is not None and self._run_id == previous_run:
-            # The same Redis process (after a restart the id may be another client's; the old one is gone then).
-            killed = (await self._roundtrip([("CLIENT", "KILL", "ID", previous)]))[0]
-            if isinstance(killed, hiredis.ReplyError) and "No such client" not in str(killed):
-                # (an ACL refusing CLIENT KILL: the order across this reconnect is not assured, and we say so)
-                log.warning("redis_previous_connection_not_killed", client_id=previous, error=str(killed))
+        run_id = _run_id(info)
+        # Set before the kills: if they fail, this connection is given up too, and killed with the others next time.
+        self._current = (client_id, run_id) if isinstance(client_id, int) and run_id is not None else None
+        if run_id is None:
+            if self._given_up:  # (INFO refused or cut: which Redis process this is cannot be told)
+                log.warning("redis_previous_connection_not_killed", client_ids=[i for i, _ in self._given_up],
+                            error="INFO server gave no run_id")
+            return
+        # Those of another Redis process are gone with it (and their ids may be other clients' now).
+        left = [client for client in self._given_up if client[1] == run_id]
+        if left:
+            kills = await self._roundtrip([("CLIENT", "KILL", "ID", i) for i, _ in left])
+            for (i, _), killed in zip(left, kills, strict=True):
+                if isinstance(killed, hiredis.ReplyError) and "No such client" not in str(killed):
+                    # (an ACL refusing CLIENT KILL: the order across this reconnect is not assured, and we say so)
+                    log.warning("redis_previous_connection_not_killed", client_id=i, error=str(killed))
+        self._given_up = []
 
     async def _roundtrip(self, commands: list[Command]) -> list[object]:
         assert self._reader is not None and self._writer is not None
@@ -126,6 +139,10 @@ class RespConnection:
             raise
 
     async def close(self) -> None:
+        if self._current is not None:
+            self._given_up.append(self._current)
+            del self._given_up[:-MAX_GIVEN_UP]
+            self._current = None
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()

@@ -96,6 +96,9 @@ class Agent:
         self.fetcher = ArchiveFetcher(self.cache, self.link.send, self.on_archive, ThreadDisk(self.post))
         self.resolver = WheelhouseResolver(self.cache.root / "wheels")
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agent-work")
+        # Removing what a lost miniworker left: its slot is held until it is done, so it does not queue behind the
+        # preparations (pip, extraction) that can hold every thread of the other pool for minutes.
+        self.cleanups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-cleanup")
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -127,12 +130,13 @@ class Agent:
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already: the loop will drain the inbox
 
-    def run_in_pool(self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    def run_in_pool(self, work: Callable[[], Any], done: Callable[[Any, BaseException | None], None],
+                    executor: ThreadPoolExecutor | None = None) -> None:
         def finished(fut: Future[Any]) -> None:
             exc = fut.exception()
             self.post(lambda: done(None if exc else fut.result(), exc))
 
-        self.executor.submit(work).add_done_callback(finished)
+        (executor or self.executor).submit(work).add_done_callback(finished)
 
     def ask(self, what: str) -> Future[Any]:
         """A snapshot from the loop, for the status server's thread. Once the loop has ended, asks are answered
@@ -399,6 +403,7 @@ class Agent:
         self.broker.close()
         self.link.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.cleanups.shutdown(wait=False, cancel_futures=True)
         self.fetcher.close()
         self.ctx.term()
         self.log.info("agent_stopped")
@@ -804,7 +809,7 @@ class Agent:
             self.broker.cleaned(mw_id)  # (failed: the orphan sweep removes it later; its slot is not held for ever)
             self.pool.reconcile()
 
-        self.run_in_pool(cleanup, done)
+        self.run_in_pool(cleanup, done, self.cleanups)
 
     def check_engine(self, now: float) -> None:
         """Ping the Docker engine, one ping at a time: an engine that stops answering is not ready once a ping

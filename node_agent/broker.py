@@ -272,8 +272,10 @@ class Broker:
             ticket = h.ticket
             if ticket is None:
                 continue
-            # ``ran``: it started here (and may have done part of its work): the controller counts the attempt.
-            self.finish(h, ticket, {"status": REJECTED, "ran": True, "error": {"type": "Draining", "message": why}})
+            # ``ran``: it started here (and may have done part of its work): the controller counts the attempt. Not
+            # a call whose container was still starting or whose function was still loading.
+            self.finish(h, ticket, {"status": REJECTED, "ran": not h.loading,
+                                    "error": {"type": "Draining", "message": why}})
             given += 1
         return given
 

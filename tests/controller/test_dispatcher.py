@@ -902,3 +902,49 @@ def test_a_call_given_back_mid_run_keeps_its_attempt_and_fails_past_the_last() -
         assert "after 3 attempt(s)" in store.fields["c"]["error"]["message"] and len(hub.placed["c"]) == 4
 
     asyncio.run(scenario())
+
+
+def test_a_call_given_back_as_unavailable_there_is_not_placed_on_that_node_again() -> None:
+    """A node gives back a call of a function it failed (a failure that may pass): its FSTATE failed, lost on the
+    way (a reset), left it ready here, and the call went back to it at once, over and over."""
+
+    async def scenario() -> None:
+        d, hub, store, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        hub.nodes["n2"].inflight.update({"x1", "x2", "x3"})  # n2 the busier: the call goes to n1 first
+        d.enqueue(Pending("c", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        assert hub.placed["c"] == ["n1"]
+        unavailable = {"type": "FunctionUnavailable", "message": "pip failed (preparing it again in 15 s)"}
+        d.on_result(hub.nodes["n1"], {"call_id": "c", "status": REJECTED, "error": unavailable})
+        await asyncio.sleep(0)
+        assert hub.placed["c"] == ["n1", "n2"] and "f@1" not in hub.nodes["n1"].ready
+        assert "pip failed" in hub.nodes["n1"].failed["f@1"]
+        d.on_result(hub.nodes["n2"], {"call_id": "c", "status": REJECTED, "error": unavailable})
+        await asyncio.sleep(0.01)  # no node can run it now: it fails with their reason, not bouncing
+        assert status_of(store, "c") == "FAILED" and store.fields["c"]["error"]["type"] == "FunctionUnavailable"
+        assert len(hub.placed["c"]) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_call_still_running_on_a_node_taken_for_lost_is_cancelled_there_when_it_is_back() -> None:
+    """Placed again on n2 after n1 was taken for lost, then cancelled: the CANCEL went to n2 only, and n1, back
+    and still running it, could end it DONE (its result is the outcome of a call a lost node ran)."""
+
+    async def scenario() -> None:
+        d, hub, _, _ = make_dispatcher(("n1", "n2"))
+        ready(hub)
+        d.enqueue(Pending("c", "f", 1, None, 1.0))
+        await asyncio.sleep(0)
+        first = hub.nodes[hub.placed["c"][0]]
+        d.on_node_lost(first)
+        first.lost = True
+        await asyncio.sleep(0)
+        assert len(hub.placed["c"]) == 2
+        d.cancel("c")
+        first.lost = False
+        d.on_node_status(first, first.call_seq, {"c"})  # back, and still running it
+        assert [c for m, c in hub.sent if m == Msg.CANCEL] == ["c", "c"]
+
+    asyncio.run(scenario())

@@ -382,11 +382,11 @@ def test_a_node_back_from_lost_is_asked_for_its_hello_until_it_says_it(tmp_path:
             hub.on_frames(heartbeat)  # back: asked
             hub.on_frames(heartbeat)  # asked a moment ago: not again yet
             assert asked == ["n1"] and node.awaiting_hello and not node.alive()
-            node.hello_asked -= config.heartbeat  # a heartbeat later, still no HELLO: asked again
+            node.hello_asked -= config.heartbeat * config.liveness  # a liveness window later, no HELLO: asked again
             hub.on_frames(heartbeat)
             assert asked == ["n1", "n1"]
             node.awaiting_hello = False  # its HELLO came: no more asking
-            node.hello_asked -= config.heartbeat
+            node.hello_asked -= config.heartbeat * config.liveness
             hub.on_frames(heartbeat)
             assert asked == ["n1", "n1"]
         finally:

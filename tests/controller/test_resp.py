@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import hiredis
 import pytest
@@ -206,6 +207,42 @@ def test_a_batch_held_on_a_connection_given_up_never_lands_after_the_next_connec
             proxy.release()  # the old batch arrives at last
             await asyncio.sleep(0.3)
             assert admin.get("order") == b"new"
+        finally:
+            await conn.close()
+            await proxy.close()
+
+    asyncio.run(run())
+
+
+def test_connections_given_up_stay_to_be_killed_until_a_kill_of_them_is_answered(server: RedisServer) -> None:
+    """The kill itself can fail (the network that made the reconnect): the connection it was to kill was forgotten,
+    and its held batch could land after later writes."""
+    admin = redis.Redis(port=server.port)
+
+    async def run() -> None:
+        proxy = HoldingProxy(server.port)
+        conn = RespConnection(await proxy.start(), timeout=0.5)
+        real = conn._roundtrip
+        failing = [True]
+
+        async def kill_fails_once(commands: list[Any]) -> list[object]:
+            if commands and commands[0][:2] == ("CLIENT", "KILL") and failing[0]:
+                failing[0] = False
+                raise ConnectionError("the kill's answer never came")
+            return await real(commands)
+
+        conn._roundtrip = kill_fails_once  # type: ignore[method-assign]
+        try:
+            assert await conn.execute([("SET", "order2", "first")]) == [b"OK"]
+            proxy.holding = True
+            with pytest.raises(ConnectionError):
+                await conn.execute([("SET", "order2", "old")])  # held: given up
+            with pytest.raises(ConnectionError):
+                await conn.execute([("SET", "order2", "never")])  # the new connection's kill fails: given up too
+            assert await conn.execute([("SET", "order2", "new")]) == [b"OK"]
+            proxy.release()
+            await asyncio.sleep(0.3)
+            assert admin.get("order2") == b"new"
         finally:
             await conn.close()
             await proxy.close()

@@ -12,6 +12,7 @@ def close_agent(agent: Agent) -> None:
     agent.broker.close()
     agent.link.close()
     agent.executor.shutdown()
+    agent.cleanups.shutdown()
     agent.docker.close()
     agent.ctx.term()
 

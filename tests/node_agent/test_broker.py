@@ -267,3 +267,24 @@ def test_miniworkers_of_a_redefined_runtime_take_no_new_call_and_stop_once_idle(
     done = protocol.decode(protocol.encode(Msg.MW_RESULT, {"call_id": "c1", "status": "DONE", "result": 1}))
     rig.broker._on_result(running_h, done)
     assert ("c1", "DONE", "") in rig.outcomes and running_h.state == MwState.STOPPING
+
+
+def test_a_call_given_back_at_the_drain_timeout_says_whether_it_had_started(rig: Rig) -> None:
+    """All were marked as run: one whose container was still starting (or whose function was loading) used up an
+    attempt it never had, and on its last one ended FAILED NodeStopped."""
+    headers: dict[str, dict[str, Any]] = {}
+
+    def outcome(ticket: Ticket, header: dict[str, Any]) -> None:
+        headers[ticket.call_id] = header
+
+    rig.broker.on_outcome = outcome
+    warm = rig.handle("w1", state=MwState.IDLE)
+    rig.broker.make_idle(warm)
+    rig.broker.submit(Ticket("warm", "f@1", 1, 5.0))
+    cold = rig.handle("c1", state=MwState.BUSY)
+    cold.loading = True
+    cold.ticket = Ticket("cold", "f@1", 1, 5.0)
+    rig.broker.running["cold"] = cold.ticket
+    rig.broker.draining = True
+    assert rig.broker.give_back_running("drain timed out") == 2
+    assert headers["warm"]["ran"] is True and headers["cold"]["ran"] is False

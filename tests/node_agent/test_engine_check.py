@@ -11,7 +11,7 @@ from node_agent.agent import ENGINE_PING_LATE, Agent
 
 def test_a_hung_engine_is_pinged_once_and_not_ready_once_the_ping_is_overdue(agent: Agent) -> None:
     held: list[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]] = []
-    agent.run_in_pool = lambda work, done: held.append((work, done))  # type: ignore[method-assign]
+    agent.run_in_pool = lambda work, done, executor=None: held.append((work, done))  # type: ignore[method-assign]
     agent.check_engine(100.0)
     for t in (105.0, 109.0):  # within the allowance: still ready, and no second ping queued
         agent.check_engine(t)

@@ -44,7 +44,8 @@ def agent(agent: Agent) -> Agent:
     agent.sent = []  # type: ignore[attr-defined]
     agent.link.send = lambda mtype, header, *payload: agent.sent.append((mtype, header))  # type: ignore[attr-defined,method-assign]
 
-    def inline(work: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+    def inline(work: Callable[[], Any], done: Callable[[Any, BaseException | None], None],
+               executor: Any = None) -> None:
         try:
             result = work()
         except BaseException as exc:  # noqa: BLE001 - handed to `done`, as the pool does
