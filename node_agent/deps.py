@@ -23,12 +23,20 @@ REQUIREMENTS = "requirements.txt"
 _REQ_LINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,\s-]*\])?\s*([<>=!~]=?[^;@]*)?(;[^@]*)?$")
 
 
+#: Bytes a requirements.txt may hold (read whole, then split: a file of newlines as large as the archive's extraction
+#: budget took about ten times its size in the agent's memory).
+REQUIREMENTS_MAX = 1 << 20
+
+
 def parse_requirements(text: str) -> list[str]:
     lines: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split(" #", 1)[0].strip()
         if not line or line.startswith("#"):
             continue
+        if "$" in line:  # pip expands ${VAR} in a requirements file from its environment: the host's, here
+            raise DependencyError(f"{REQUIREMENTS} line {number}: {line[:200]!r} refers to an environment variable "
+                                  "(${...} is refused)")
         if not _REQ_LINE.match(line):
             raise DependencyError(
                 f"{REQUIREMENTS} line {number}: {line!r} is not a plain requirement "
@@ -47,7 +55,11 @@ class WheelhouseResolver:
     def resolve(self, code_dir: Path) -> Path:
         """Wheelhouse for the function in ``code_dir`` (empty if it has no requirements)."""
         req_file = code_dir / REQUIREMENTS
-        requirements = parse_requirements(req_file.read_text(errors="replace")) if req_file.is_file() else []
+        requirements: list[str] = []
+        if req_file.is_file():
+            if (size := req_file.stat().st_size) > REQUIREMENTS_MAX:
+                raise DependencyError(f"{REQUIREMENTS} holds {size} bytes (at most {REQUIREMENTS_MAX})")
+            requirements = parse_requirements(req_file.read_text(errors="replace"))
         digest = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:24]
         dest = self.root / digest
         if (dest / ".complete").exists():

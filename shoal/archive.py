@@ -20,6 +20,7 @@ import io
 import lzma
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import tempfile
@@ -28,7 +29,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from shoal.errors import ArchiveError
 from shoal.fstree import TreeError, remove_tree
@@ -171,7 +172,35 @@ class _Extractor:
                         raise ArchiveError(f"symlink {rel!r} resolves outside the tree (through other links)")
 
 
+#: Bytes of a zip's central directory per member it may list (names, extra fields and comments included): the
+#: standard library reads the whole directory into objects before anyone counts them (a 14 MB zip of repeated
+#: 47-byte entries took 131 MB to be refused; one of 1 GiB would have taken about 10 GB).
+ZIP_DIRECTORY_BYTES_PER_MEMBER = 512
+
+
+def _check_zip_directory(stream: BinaryIO, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose end record announces more members, or a larger central directory, than ``limits`` allow,
+    before the standard library reads the directory."""
+    end_record = getattr(zipfile, "_EndRecData", None)  # (what ZipFile reads first; private, so checked for)
+    if end_record is None:
+        return
+    try:
+        found = end_record(stream)
+    except OSError:
+        found = None
+    finally:
+        stream.seek(0)
+    if not found:
+        return  # not a zip ZipFile can read: it says why
+    members, size = found[zipfile._ECD_ENTRIES_TOTAL], found[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if members > limits.max_files:
+        raise ArchiveError(f"archive has more than {limits.max_files} members ({members} listed)")
+    if size > limits.max_files * ZIP_DIRECTORY_BYTES_PER_MEMBER:
+        raise ArchiveError(f"zip central directory of {size} bytes: more than {limits.max_files} members may take")
+
+
 def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
+    _check_zip_directory(stream, ex.limits)
     try:
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -202,9 +231,67 @@ def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
                 raise ArchiveError(f"cannot read member {rel!r}: {exc}") from None
 
 
+#: Bytes one tar extended header (pax, GNU long name or link) may hold. The standard library reads each whole into
+#: memory before anything looks at it: a 200 MiB long name (204 KB gzip'd) took 215 MB, and was accepted.
+MAX_TAR_HEADER = 64 << 10
+#: A longer run of digits in a pax header is refused: on Pythons before 3.11.10 (CVE-2024-6232) the standard library
+#: searched pax headers with a regex quadratic in such runs (a 150-byte upload held a core for hours).
+_DIGIT_RUN = re.compile(rb"[0-9]{65}")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Tar headers read by the standard library, bounded first: extended headers by size (and pax ones by what they
+    hold), sparse members refused (their maps are read whole, block after block, and a function has no use for
+    them)."""
+
+    def _check_extended(self) -> None:
+        if self.size > MAX_TAR_HEADER:
+            raise ArchiveError(f"a tar extended header of {self.size} bytes (at most {MAX_TAR_HEADER})")
+
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extended()
+        return super()._proc_gnulong(tf)  # type: ignore[misc]
+
+    def _proc_sparse(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        raise ArchiveError(f"member {self.name[:80]!r} is a sparse file")
+
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check_extended()
+        real = tf.fileobj
+        buf = real.read(self._block(self.size))  # type: ignore[attr-defined]
+        if _DIGIT_RUN.search(buf):
+            raise ArchiveError("a tar pax header holds a run of more than 64 digits")
+        if b"GNU.sparse" in buf:
+            raise ArchiveError("a tar pax header describes a sparse file")
+        tf.fileobj = _Replay(buf, real)  # the standard library reads the header from here, as it was
+        try:
+            return super()._proc_pax(tf)  # type: ignore[misc]
+        finally:
+            tf.fileobj = real
+
+
+class _Replay:
+    """A file object that answers its first read with ``buf`` (already read from ``real``), then is ``real``."""
+
+    def __init__(self, buf: bytes, real: Any) -> None:
+        self._buf: bytes | None = buf
+        self._real = real
+
+    def read(self, size: int = -1) -> bytes:
+        if self._buf is not None:
+            buf, self._buf = self._buf, None
+            if size == len(buf):
+                return buf
+            raise ArchiveError("a tar pax header was read in an unexpected way")  # (a standard library changed)
+        return self._real.read(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
 def _extract_tar(stream: BinaryIO, ex: _Extractor) -> None:
     try:
-        tf = tarfile.open(fileobj=stream, mode="r:*")
+        tf = tarfile.open(fileobj=stream, mode="r:*", tarinfo=_BoundedTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ArchiveError(f"unreadable tar archive: {exc}") from None
     with tf:

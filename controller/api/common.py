@@ -172,8 +172,14 @@ async def _form_field(part: BodyPartReader) -> str:
 
 def upload_name(part: BodyPartReader) -> str:
     """The uploaded file's name as sent, made safe to store and show: bytes that are not UTF-8 (aiohttp
-    passes them on as lone surrogates) become U+FFFD, and it is cut at 255 characters."""
-    return (part.filename or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:255]
+    passes them on as lone surrogates), and lone surrogates a name spells out itself (``filename*=`` with
+    ``\ud800`` escaped), become U+FFFD, and it is cut at 255 characters."""
+    name = part.filename or ""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # the bytes as sent
+    except UnicodeEncodeError:  # a surrogate no byte stands for: spelt out
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")[:255]
 
 
 def render_call(call: dict[str, Any]) -> dict[str, Any]:

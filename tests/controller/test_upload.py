@@ -155,3 +155,13 @@ def test_a_body_that_stalls_is_a_408(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(common, "BODY_IDLE_S", 0.05)
     with pytest.raises(RequestTimeout, match="stalled"):
         asyncio.run(common.body_read(asyncio.sleep(3600), "request body"))
+
+
+def test_an_upload_file_name_is_kept_readable_whatever_it_holds() -> None:
+    """A name spelling out a lone surrogate (`filename*=unicode_escape''%5Cud800`) was a 500: only the surrogates
+    aiohttp makes of bytes that are not UTF-8 were handled."""
+    from types import SimpleNamespace
+
+    for sent, kept in (("a\udcffb.tgz", "a\ufffdb.tgz"), ("\ud800x.tgz", "\ufffd\ufffd\ufffdx.tgz"),
+                       ("f.tar.gz", "f.tar.gz"), (None, "")):
+        assert common.upload_name(SimpleNamespace(filename=sent)) == kept  # type: ignore[arg-type]

@@ -30,3 +30,23 @@ def test_no_requirements_gives_an_empty_cached_wheelhouse(tmp_path: Path) -> Non
     first = resolver.resolve(code)
     assert first == resolver.resolve(code)
     assert sorted(p.name for p in first.iterdir()) == [".complete"]
+
+
+def test_a_requirement_naming_an_environment_variable_is_refused() -> None:
+    """pip expands ${VAR} in a requirements file from its environment (the agent's): `six==${HOME}` put the host's
+    value in the error message any API client could read."""
+    for line in ("six==${HOME}", "six ; platform_release == '${PIP_INDEX_URL}'", "x$y"):
+        with pytest.raises(DependencyError, match="environment variable"):
+            parse_requirements(line)
+
+
+def test_a_requirements_file_larger_than_the_bound_is_refused_unread(tmp_path: Path) -> None:
+    """It was read whole and split: 50 MB of newlines took 466 MB of the agent's memory."""
+    from node_agent.deps import REQUIREMENTS_MAX
+
+    code = tmp_path / "code"
+    code.mkdir()
+    with open(code / "requirements.txt", "wb") as f:
+        f.truncate(REQUIREMENTS_MAX + 1)  # (sparse: nothing is written)
+    with pytest.raises(DependencyError, match=f"at most {REQUIREMENTS_MAX}"):
+        WheelhouseResolver(tmp_path / "wheels").resolve(code)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -217,3 +218,61 @@ def test_a_full_disk_is_the_hosts_error_not_the_archives(workdir: Path, monkeypa
         extract(workdir, build_tar_gz({"a.py": "x"}))
     assert not isinstance(raised.value, ArchiveError) and raised.value.errno == errno.ENOSPC
     assert_nothing_written(workdir)
+
+
+def tar_formatted(members: list[tuple[tarfile.TarInfo, bytes]], fmt: int,
+                  pax_headers: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt, pax_headers=pax_headers) as tf:
+        for info, content in members:
+            info.size = len(content)
+            tf.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def test_tar_extended_headers_are_bounded_before_they_are_read(workdir: Path) -> None:
+    """The standard library reads a GNU long name or a pax header whole before anything looks at it (a 200 MiB long
+    name, 204 KB gzip'd, took 215 MB, and was accepted); a long run of digits in a pax header made its regex
+    quadratic on Pythons before 3.11.10 (CVE-2024-6232: a 150-byte upload held a core for hours); sparse members'
+    maps are read block after block."""
+    from shoal.archive import MAX_TAR_HEADER
+
+    long_name = tar_formatted([(tarfile.TarInfo("d/" + "n" * (MAX_TAR_HEADER + 1)), b"x")], tarfile.GNU_FORMAT)
+    with pytest.raises(ArchiveError, match="extended header of"):
+        extract(workdir, long_name)
+    digits = tar_formatted([(tarfile.TarInfo("f.py"), b"x")], tarfile.PAX_FORMAT, {"comment": "1" * 100})
+    with pytest.raises(ArchiveError, match="run of more than 64 digits"):
+        extract(workdir, digits)
+    sparse = tarfile.TarInfo("s.bin")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    with pytest.raises(ArchiveError, match="sparse"):
+        extract(workdir, tar_formatted([(sparse, b"")], tarfile.GNU_FORMAT))
+    gnu_sparse_pax = tarfile.TarInfo("p.bin")
+    gnu_sparse_pax.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+    with pytest.raises(ArchiveError, match="sparse"):
+        extract(workdir, tar_formatted([(gnu_sparse_pax, b"")], tarfile.PAX_FORMAT))
+    assert_nothing_written(workdir)
+    # What real tools write still goes through: `git archive`'s global pax header (the commit), long names within
+    # the bound in either format, a pax header per member.
+    named = tarfile.TarInfo("pkg/" + "/".join(["m" * 60] * 4) + ".py")  # over 100 bytes: an extended header
+    named.pax_headers = {"mtime": "1700000000.123456789"}
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        tree = extract(workdir, tar_formatted([(named, b"ok")], fmt, {"comment": "0" * 40}))
+        assert (tree / named.name).read_bytes() == b"ok"
+        shutil.rmtree(tree)
+
+
+def test_a_zip_central_directory_larger_than_its_members_may_take_is_refused_before_it_is_read(workdir: Path) -> None:
+    """zipfile reads the whole central directory into objects before the members are counted: one of repeated
+    47-byte entries, 14 MB, took 131 MB to be refused."""
+    from shoal.archive import ZIP_DIRECTORY_BYTES_PER_MEMBER
+
+    limits = ArchiveLimits(max_files=2)
+    long_name = zip_with({"x" * (2 * ZIP_DIRECTORY_BYTES_PER_MEMBER + 1): b"1"})  # one member, a long entry
+    with pytest.raises(ArchiveError, match="central directory of"):
+        extract(workdir, long_name, limits)
+    many = zip_with({f"f{n}.py": b"" for n in range(3)})
+    with pytest.raises(ArchiveError, match=r"more than 2 members \(3 listed\)"):
+        extract(workdir, many, limits)
+    assert_nothing_written(workdir)
+    assert (extract(workdir, zip_with({"a.py": b"1", "b.py": b"2"}), limits) / "b.py").read_bytes() == b"2"
