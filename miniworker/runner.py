@@ -220,8 +220,11 @@ class PipeSink:
         self.lock = threading.Lock()
         self.output = Output(LOG_LIMIT)
         self.reading = False  # a chunk is out of the pipe and not yet in ``output``
-        self.writer = open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        self.writer = self._writer()
         threading.Thread(target=self._drain, name=f"fd{fd}-sink", daemon=True).start()
+
+    def _writer(self) -> io.TextIOWrapper:
+        return open(self.fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
 
     def _drain(self) -> None:
         poller = select.poll()
@@ -250,6 +253,12 @@ class PipeSink:
             ours = False
         if not ours:
             os.dup2(self.write_fd, self.fd)
+        writer = self.writer
+        if writer.closed or writer.encoding != "utf-8" or writer.errors != "backslashreplace" \
+                or not writer.line_buffering:
+            # Closed (``sys.stdout.close()``) or reconfigured by the function: every later call's ``print`` failed
+            # (or wrote otherwise) in this warm container. A new one, as the runner made it.
+            self.writer = self._writer()
         deadline = time.monotonic() + SINK_WAIT
         while True:
             with self.lock:

@@ -21,11 +21,12 @@ outlives its agent.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from miniworker.container import ENGINE_ERRORS, Container
 from miniworker.errors import ContainerError, LoadError, MiniworkerError, RunnerError
 from miniworker.spec import LoadSpec, MiniworkerSpec
 from shoal import protocol
-from shoal.fstree import TooDeep, tree_bytes
+from shoal.fstree import tree_bytes
 from shoal.logs import configure, get_logger
 from shoal.protocol import (
     MAX_HEADER_BYTES,
@@ -54,7 +55,8 @@ from shoal.protocol import (
 )
 
 #: Results for no call it runs a runner may send (while a call runs, or between calls) before it is taken as broken.
-STRAY_RESULTS_MAX = 100
+STRAY_RESULTS_MAX = 100  # messages the runner may send that answer no call it runs (see Miniworker.stray)
+DISK_POLL = 0.05  # seconds between looks at a measurement under way
 DISK_CHECK_EVERY = 5.0  # seconds between measurements of the container's host-backed writable directories
 RUNNER_EXIT_WAIT = 10.0  # seconds the engine gets to record the exit of a container whose runner hung up
 EXIT_CONTAINER_LEFT = 4  # the container could not be removed: the agent removes it by its label
@@ -109,6 +111,7 @@ class Miniworker:
         self.last_heard = time.monotonic()
         self.next_heartbeat = 0.0
         self.next_disk_check = time.monotonic() + DISK_CHECK_EVERY
+        self.disk_walk: Future[int] | None = None  # a measurement under way (on a thread: see check_disk)
         self.stopping = False
         self.strays = 0  # results the runner sent for no call it runs, since the last call started
 
@@ -356,7 +359,7 @@ class Miniworker:
                     poller.register(fd, zmq.POLLIN)
                 registered_fd = fd
             now = time.monotonic()
-            wake = min(self.next_heartbeat, self.next_disk_check)
+            wake = min(self.next_heartbeat, self.next_disk_check if self.disk_walk is None else now + DISK_POLL)
             if self.call is not None:
                 wake = min(wake, self.call.deadline)
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
@@ -372,8 +375,7 @@ class Miniworker:
             if self.call is not None and now >= self.call.deadline:
                 self.on_timeout()
             self.heartbeat_if_due(now)
-            if now >= self.next_disk_check and not self.stopping:
-                self.next_disk_check = now + DISK_CHECK_EVERY
+            if (now >= self.next_disk_check or self.disk_walk is not None) and not self.stopping:
                 self.check_disk()
             if now - self.last_heard > silence and self.call is None:
                 self.log.warning("broker_silent_exiting", seconds=round(now - self.last_heard, 1))
@@ -486,22 +488,35 @@ class Miniworker:
             self.on_runner_gone(f"runner broke the protocol: {exc}")
             return
         for msg in messages:
+            if self.stopping:
+                return  # the call ended (or the container goes): what else came with it is not read
             if msg.type == Msg.R_RESULT:
                 self.on_result(msg.header)
             else:
-                self.log.error("unexpected_message", source="runner", type=msg.name)
+                self.stray(f"a {msg.name} message", msg.name)
+
+    def stray(self, what: str, name: str) -> None:
+        """A message from the runner that answers nothing it runs. Only the function's code makes these (it shares
+        the runner's process): ignored, but a flood of them (each one a log line on the host) breaks the protocol,
+        and the container goes."""
+        self.strays += 1
+        if self.strays == 1:
+            self.log.error("stray_runner_message", message=name[:64])
+        if self.strays > STRAY_RESULTS_MAX:
+            self.on_runner_gone(f"the runner sent more than {STRAY_RESULTS_MAX} messages that answer nothing it "
+                                f"runs ({what} last): it broke the protocol")
 
     def on_result(self, h: dict[str, Any]) -> None:
         call = self.call
         if call is None or h["call_id"] != call.call_id:
-            # Only the function's code makes these (it shares the runner's process): ignored, but a flood of them
-            # (each one a log line on the host) breaks the protocol, and the container goes.
-            self.strays += 1
-            if self.strays == 1:
-                self.log.error("stray_runner_result", call_id=str(h["call_id"])[:64])
-            if self.strays > STRAY_RESULTS_MAX:
-                self.on_runner_gone(f"the runner sent more than {STRAY_RESULTS_MAX} results for calls it was not "
-                                    "running: it broke the protocol")
+            self.stray("a result for a call it was not running", str(h["call_id"]))
+            return
+        if not _well_formed(h):
+            # The runner's own results are; a forged one (the function's code) that the broker would drop (nested
+            # past what it decodes) left the call waiting for its timeout.
+            self._kill_and_end("FAILED", {"type": "RunnerProtocolError", "message": "the runner's result for the call "
+                                          "was malformed (not the runner's: the function's code wrote it); its "
+                                          "container was replaced"})
             return
         self.call = None
         retire = self.spec.mode == "oneshot"
@@ -538,6 +553,8 @@ class Miniworker:
             self.held = None
 
     def _end_call(self, status: str, error: dict[str, Any]) -> None:
+        if self.stopping and self.call is None:
+            return  # ended already: said once (a second MW_FAILED counted, at the broker, as another failed start)
         call = self.call
         self.call = None
         if call is not None:
@@ -574,16 +591,27 @@ class Miniworker:
 
     def check_disk(self) -> None:
         """The container's code and work directories are on the host's disk, with no quota (overlay2 has none):
-        a function that writes more than the node allows there loses its container, and its call fails."""
+        a function that writes more than the node allows there loses its container, and its call fails.
+
+        The walk runs on a thread of its own, the loop going on meanwhile (a tree of 250,000 directories took 4 s
+        to walk: inline, no heartbeat went out, and the broker took this miniworker for lost): started here when
+        one is due, and its outcome taken here once it is done."""
         limit = self.spec.limits.disk_mb << 20
+        if self.disk_walk is None:
+            self.disk_walk = _disk_walker().submit(tree_bytes, Path(self.spec.workdir), stop_above=limit)
+            return
+        if not self.disk_walk.done():
+            return
+        walk, self.disk_walk = self.disk_walk, None
+        self.next_disk_check = time.monotonic() + DISK_CHECK_EVERY
         try:
-            used = tree_bytes(Path(self.spec.workdir), stop_above=limit)
-        except TooDeep as exc:  # made so that it cannot be measured: taken as over the limit
-            self.log.warning("disk_tree_too_deep", error=str(exc), call_id=self.call.call_id if self.call else None)
+            used = walk.result()
+        except OSError as exc:  # made so that it cannot be measured (too deep; changed under the walk): over it
+            self.log.warning("disk_tree_unmeasurable", error=str(exc), call_id=self.call.call_id if self.call else None)
             self._kill_and_end("FAILED", {
                 "type": "DiskLimit",
-                "message": "its directories are nested too deep to be measured against this node's disk limit; "
-                           "its container was replaced",
+                "message": "its directories cannot be measured against this node's disk limit "
+                           f"({exc.strerror or exc}); its container was replaced",
             })
             return
         if used <= limit:
@@ -631,6 +659,21 @@ class Miniworker:
             reason = self.container.exit_reason()
         self.log.warning("runner_gone", reason=reason, call_id=self.call.call_id if self.call else None)
         self._end_call("FAILED", {"type": error_type, "message": reason})
+
+
+@functools.cache
+def _disk_walker() -> ThreadPoolExecutor:
+    """The thread that measures the directories (one for the process: a walk at a time)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-check")
+
+
+def _well_formed(h: dict[str, Any]) -> bool:
+    """A result as the runner makes them: output as text, an error as an object of text."""
+    if not isinstance(h.get("ok"), bool) or not all(isinstance(h.get(k, ""), str) for k in ("stdout", "stderr")):
+        return False
+    error = h.get("error")
+    return error is None or (isinstance(error, dict) and all(isinstance(v, str | int | float | bool | None)
+                                                            for v in error.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

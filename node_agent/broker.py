@@ -464,6 +464,12 @@ class Broker:
 
     def _on_failed(self, h: MwHandle, msg: Message) -> None:
         reason = msg.header["reason"]
+        if h.state not in LIVE:
+            # Leaving already (stopped, retiring, failed or lost): not a start that failed. Counted as one, a
+            # miniworker saying it more than once (a function's code flooding its runner) failed the function here.
+            self.log.info("miniworker_failed_while_leaving", mw_id=h.mw_id, pool=h.pool_key, reason=reason[:200])
+            self.requeue_ahead(h)
+            return
         served = h.state in (MwState.IDLE, MwState.BUSY)  # it was ready: its container died while idle
         self._leave(h, MwState.FAILED)
         h.reason = reason

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -36,31 +37,40 @@ def tree_bytes(root: Path, stop_above: int | None = None) -> int:
     """Disk space the entries under ``root`` take: allocated blocks (a sparse file counts for what it holds), at
     least ENTRY_BYTES each. The walk stops once the total is over ``stop_above``: a tree of millions of entries
     is known to be over the limit long before it is walked whole. Raises :class:`TooDeep` for a tree whose paths
-    are longer than the system can name (it was made to be)."""
+    are longer than the system can name (it was made to be).
+
+    The tree's owner may change it while it is walked (a function's code runs meanwhile): each directory is opened
+    without following a link, and only if it is still the one listed (device and inode), so a directory swapped
+    for a link (to itself: a loop; to ``/``: the host's tree) is counted as the entry it was, never entered."""
     total = 0
-    stack = [os.fspath(root)]
+    top = os.lstat(root)
+    stack = [(os.fspath(root), top.st_dev, top.st_ino)]
     while stack:
-        path = stack.pop()
+        path, dev, ino = stack.pop()
         try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    try:
-                        total += max(ENTRY_BYTES, entry.stat(follow_symlinks=False).st_blocks * 512)
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                    except FileNotFoundError:
-                        continue  # removed while the tree was walked
-                    if stop_above is not None and total > stop_above:
-                        return total
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:
-            continue  # replaced by a file meanwhile: counted as the entry it was
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise TooDeep(errno.ENAMETOOLONG, f"paths under {root} are too long to walk ({len(path)} bytes)",
                               str(root)) from None
-            raise
+            continue  # gone, or replaced meanwhile (by a file, a link): counted as the entry it was
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (dev, ino):
+                continue  # a path leading elsewhere now (a directory above it was swapped for a link)
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed while the tree was walked
+                    total += max(ENTRY_BYTES, st.st_blocks * 512)
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append((os.path.join(path, entry.name), st.st_dev, st.st_ino))
+                    if stop_above is not None and total > stop_above:
+                        return total
+        finally:
+            os.close(fd)
     return total
 
 

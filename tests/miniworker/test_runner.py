@@ -201,3 +201,32 @@ def test_a_handlers_output_at_every_level_is_its_calls_logs_in_order(tmp_path: P
     assert len(one["stdout"].split("\n")[0]) == LOG_LIMIT and "more bytes dropped" in one["stdout"]
     assert two == {"call_id": "c2", "ok": True, "result": "quiet", "stdout": "", "stderr": ""}
     assert three["result"] == "closed" and four["result"] == "quiet" and four["stdout"] == "back"
+
+
+REWIRED = '''
+import sys
+def handler(n):
+    if n == 0:
+        print("first")
+        sys.stdout.close()  # the writer the runner gave it, closed
+        return "closed"
+    if n == 1:
+        print("after the close")
+        sys.stdout.reconfigure(encoding="ascii", errors="strict")
+        return "reconfigured"
+    print("caf\\u00e9")
+    return "printed"
+'''
+
+
+def test_a_handler_that_closes_or_reconfigures_its_stdout_leaves_the_next_calls_theirs(tmp_path: Path) -> None:
+    """`sys.stdout.close()` in one call made every later call's `print` fail in that warm container (ValueError:
+    I/O operation on closed file); `reconfigure(encoding="ascii")` made them fail on any non-ASCII text."""
+    (tmp_path / "fn.py").write_text(REWIRED)
+    proc = subprocess.run([sys.executable, "-c", CAPTURED.replace("range(5)", "range(3)"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    closed, reconfigured, printed = json.loads(proc.stdout)["answers"]
+    assert closed["result"] == "closed" and closed["stdout"] == "first\n"
+    assert reconfigured["ok"] and reconfigured["stdout"] == "after the close\n", reconfigured
+    assert printed["ok"] and printed["stdout"] == "caf\u00e9\n", printed

@@ -206,9 +206,9 @@ def test_a_flood_of_stray_results_fails_the_call_once_and_is_logged_once(tmp_pat
         msg = received(broker)
         assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "FAILED")
         assert msg.header["error"]["type"] == "RunnerProtocolError"
-        assert "results for calls it was not running" in msg.header["error"]["message"]
+        assert "messages that answer nothing it runs" in msg.header["error"]["message"]
         captured = capsys.readouterr()
-        assert mw.stopping and (captured.out + captured.err).count("stray_runner_result") == 1
+        assert mw.stopping and (captured.out + captured.err).count("stray_runner_message") == 1
 
 
 def test_a_call_the_runner_does_not_take_heartbeats_the_broker_and_times_out(tmp_path: Path) -> None:
@@ -264,3 +264,85 @@ def test_a_slow_kill_of_a_timed_out_call_heartbeats_the_broker_and_reports_timeo
         msg = received(broker)
         assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "TIMEOUT")
         assert msg.header["retire"] and mw.stopping
+
+
+
+def test_a_flood_read_at_once_ends_the_call_once_and_says_nothing_more(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """110 forged results in one read: the 101st ended the call, then each one after it sent another MW_FAILED
+    (counted, at the broker, as failed starts: three of them failed the function on the node); other messages
+    (R_HELLO in a loop) were a log line each, without bound."""
+    with loaded_miniworker(tmp_path) as (mw, broker, runner):
+        mw.on_call({"call_id": "c1", "params": None, "timeout": 30})
+        assert runner.recv(1 << 16)
+        hellos = pack_runner(Msg.R_HELLO, {"pid": 0}) * 50
+        forged = pack_runner(Msg.R_RESULT, {"call_id": "x", "ok": True}) * 60
+        runner.sendall(hellos + forged)
+        while not mw.stopping:
+            mw.on_runner_readable()
+        msg = received(broker)
+        assert (msg.type, msg.header["call_id"], msg.header["status"]) == (Msg.MW_RESULT, "c1", "FAILED")
+        assert not broker.poll(200)  # nothing else: no MW_FAILED after it
+        mw.on_runner_gone("and the runner went")  # (whatever comes after: said once)
+        assert not broker.poll(200)
+        captured = capsys.readouterr()
+        assert (captured.out + captured.err).count("stray_runner_message") == 1
+
+
+def test_a_malformed_result_for_the_running_call_fails_it_at_once(tmp_path: Path) -> None:
+    """A result forged by the function's code with its output nested 199 deep was passed on one level deeper (under
+    `logs`), past what the broker decodes: dropped there, the call waited for its timeout and 10 s more."""
+    nested: Any = "x"
+    for _ in range(199):
+        nested = [nested]
+    for forged in ({"call_id": "c1", "ok": True, "result": 1, "stdout": nested},
+                   {"call_id": "c1", "ok": "yes", "result": 1},
+                   {"call_id": "c1", "ok": False, "error": {"type": nested}}):
+        with loaded_miniworker(tmp_path) as (mw, broker, runner):
+            mw.on_call({"call_id": "c1", "params": None, "timeout": 30})
+            assert runner.recv(1 << 16)
+            mw.on_result(forged)
+            msg = received(broker)
+            assert (msg.header["call_id"], msg.header["status"]) == ("c1", "FAILED")
+            assert msg.header["error"]["type"] == "RunnerProtocolError"
+
+
+def test_the_disk_is_measured_off_the_loop_and_its_outcome_taken_once_done(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree of 250,000 directories took 4 s to walk, inline: no heartbeat went out meanwhile, and the broker took
+    the miniworker for lost (its call ran again). A walk that cannot finish (a loop of links swapped in) ended the
+    miniworker with the OSError."""
+    from miniworker import worker as worker_module
+
+    walking = threading.Event()
+    finish = threading.Event()
+    outcome: list[Any] = [2 << 40]  # what the walk finds: far over any limit
+
+    def slow_walk(root: Path, stop_above: int | None = None) -> int:
+        walking.set()
+        assert finish.wait(10)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return int(outcome[0])
+
+    monkeypatch.setattr(worker_module, "tree_bytes", slow_walk)
+    for found, error_text in ((2 << 40, "hold at least"), (OSError(40, "Too many levels of symbolic links"),
+                                                           "cannot be measured")):
+        outcome[0] = found
+        finish.clear()
+        walking.clear()
+        with loaded_miniworker(tmp_path) as (mw, broker, runner):
+            mw.on_call({"call_id": "c1", "params": None, "timeout": 30})
+            assert runner.recv(1 << 16)
+            mw.check_disk()  # starts the walk, and returns while it goes on
+            assert walking.wait(10) and mw.disk_walk is not None and not mw.disk_walk.done()
+            mw.check_disk()  # not done yet: nothing decided
+            assert mw.call is not None and not mw.stopping
+            finish.set()
+            while not mw.disk_walk.done():
+                time.sleep(0.01)
+            mw.check_disk()
+            msg = received(broker)
+            assert (msg.header["call_id"], msg.header["status"], msg.header["error"]["type"]) == (
+                "c1", "FAILED", "DiskLimit")
+            assert error_text in msg.header["error"]["message"]

@@ -288,3 +288,20 @@ def test_a_call_given_back_at_the_drain_timeout_says_whether_it_had_started(rig:
     rig.broker.draining = True
     assert rig.broker.give_back_running("drain timed out") == 2
     assert headers["warm"]["ran"] is True and headers["cold"]["ran"] is False
+
+
+def test_a_miniworker_leaving_that_says_it_failed_is_not_a_failed_start(rig: Rig) -> None:
+    """A miniworker whose runner was flooded said MW_FAILED again and again as it left: each one counted as a
+    failed start, and three of them failed the function on the node (for every policy-none function at once, as
+    oneshot miniworkers share one pool)."""
+    h = rig.handle("f1", state=MwState.IDLE)
+    rig.broker.make_idle(h)
+    rig.broker.submit(Ticket("c1", "f@1", 1, 5.0))
+    rig.broker._on_result(h, protocol.decode(protocol.encode(Msg.MW_RESULT, {
+        "call_id": "c1", "status": "FAILED", "retire": True, "error": {"type": "RunnerProtocolError",
+                                                                        "message": "flooded"}})))
+    assert h.state == MwState.STOPPING
+    for _ in range(5):
+        rig.broker._on_failed(h, failed("the runner broke the protocol"))
+    assert rig.broken == [] and rig.broker.failures.get("f@1", 0) == 0
+    assert not rig.broker.spawn_blocked_until.get("f@1")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,3 +45,50 @@ def test_a_symlink_is_counted_not_followed_and_removing_it_leaves_its_target(tmp
     assert tree_bytes(root) == ENTRY_BYTES
     remove_tree(root / "link")
     assert not (root / "link").exists() and (target / "big").exists()
+
+
+
+def test_a_directory_swapped_for_a_link_while_it_is_walked_is_not_entered(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function swapping a directory of its own for a link while the miniworker measured it: `a -> a` raised
+    ELOOP out of the disk check (the miniworker exited), and a link above a directory listed already led the walk
+    elsewhere (`/`: the host's tree, walked as root)."""
+    root = tmp_path / "work"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"x")
+    (root / "elsewhere" / "b").mkdir(parents=True)
+    for n in range(10):
+        (root / "elsewhere" / "b" / f"g{n}").write_bytes(b"y")
+    baseline = tree_bytes(root)  # 15 entries
+    assert baseline == 15 * ENTRY_BYTES
+    real_open, real_scandir = os.open, os.scandir
+    swap: dict[str, Callable[[], None]] = {}
+
+    def opening(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and path in swap:
+            swap.pop(path)()
+        return real_open(path, *args, **kwargs)
+
+    def scanning(path: Any = ".") -> Any:  # (what a walk by path would be caught by)
+        if isinstance(path, str) and path in swap:
+            swap.pop(path)()
+        return real_scandir(path)
+
+    def to_link(target: str | Path) -> Callable[[], None]:
+        def swap_now() -> None:
+            (root / "a").rename(root / "a-was")
+            (root / "a").symlink_to(target)
+        return swap_now
+
+    def restore() -> None:
+        (root / "a").unlink()
+        (root / "a-was").rename(root / "a")
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "scandir", scanning)
+    swap[str(root / "a")] = to_link("a")  # listed as a directory, a loop of links when it is opened
+    assert tree_bytes(root) == baseline - 2 * ENTRY_BYTES  # a counted as listed; a/b and a/b/f never reached
+    restore()
+    swap[str(root / "a" / "b")] = to_link(root / "elsewhere")  # a/b listed; then a leads to elsewhere
+    assert tree_bytes(root) == baseline - ENTRY_BYTES  # elsewhere/b's 10 files counted once, not again as a/b's
+    restore()
