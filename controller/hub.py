@@ -275,7 +275,7 @@ class Hub:
         stored = await self.store.list_runtimes()
         for runtime in stored:
             self.send_sequenced(node_id, Msg.RUNTIME, runtime.to_dict())
-        for name in sorted(runtimes - {r.name for r in stored}):
+        for name in sorted(runtimes - await self.store.runtime_names()):  # (one stored but invalid is not gone)
             self.send_sequenced(node_id, Msg.RUNTIME_GONE, {"name": name})
         latest: dict[str, int] = {}
         for fn in await self.store.list_functions():

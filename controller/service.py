@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,6 +66,7 @@ class Service:
         self.limits = ArchiveLimits(max_archive_bytes=config.max_archive_bytes)
         self.verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
         self.uploading = 0
+        self.uploading_for: Counter[str] = Counter()  # runtime -> uploads under way of functions that use it
         self.collecting = asyncio.Lock()
         self.collect_pending = False
         self.background: set[asyncio.Task[int]] = set()
@@ -84,10 +86,13 @@ class Service:
         return runtime
 
     async def delete_runtime(self, name: str) -> None:
-        await self.get_runtime(name)
+        if name not in await self.store.runtime_names():  # (a stored one that is not valid any more goes too)
+            raise Missing(f"no runtime named {name!r}")
         users = [f["name"] for f in await self.store.list_functions() if f["runtime"] == name]
         if users:
             raise Conflict(f"runtime {name!r} is used by functions: {', '.join(sorted(users))}")
+        if self.uploading_for[name]:  # (checked before each upload's archive came: it would name a runtime gone)
+            raise Conflict(f"runtime {name!r} is used by {self.uploading_for[name]} upload(s) under way")
         await self.store.delete_runtime(name)
         self.hub.broadcast(Msg.RUNTIME_GONE, {"name": name})  # nodes stop the containers started ahead for it
 
@@ -102,10 +107,14 @@ class Service:
         if self.uploading >= UPLOADS_AT_ONCE:  # each can take the archive limit on disk: bounded
             raise Busy(f"{UPLOADS_AT_ONCE} uploads are being received; try again shortly", retry_after=5)
         self.uploading += 1
+        self.uploading_for[runtime] += 1
         try:
             return await self._upload(name, spec_fields, chunks, original_name)
         finally:
             self.uploading -= 1
+            self.uploading_for[runtime] -= 1
+            if not self.uploading_for[runtime]:
+                del self.uploading_for[runtime]
 
     async def _upload(self, name: str, spec_fields: dict[str, Any], chunks: AsyncIterator[bytes],
                       original_name: str) -> dict[str, Any]:
@@ -261,9 +270,9 @@ class Service:
         The write and the dispatch start together: enqueue only schedules the placement, so the creation is
         queued to the writer first and the writer keeps each call's writes in order (an outcome cannot be
         overwritten by its creation). If the write fails, the calls are withdrawn and nothing is given an id."""
+        created = self.store.create_calls([call for call, _ in made])  # (if it raises, nothing was queued)
         for _, pending in made:
             self.dispatcher.enqueue(pending)
-        created = self.store.create_calls([call for call, _ in made])
         try:
             await created
         except StoreError as exc:

@@ -26,6 +26,7 @@ from controller import keys
 from controller.errors import CorruptRecord, StoreError
 from controller.metrics import ControllerMetrics
 from controller.resp import Command, RespConnection
+from shoal.errors import ValidationError
 from shoal.logs import get_logger
 from shoal.models import TERMINAL, CallStatus, Runtime
 from shoal.protocol import dumps_str
@@ -99,6 +100,16 @@ def load_record(raw: str | bytes, where: str) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise CorruptRecord(f"the stored record of {where} cannot be read ({type(exc).__name__})") from None
+
+
+def _stored_runtime(name: str, record: Any) -> Runtime:
+    """A stored runtime, checked as a new one is: one stored under older rules that today's refuse (a reserved code
+    path, a longer command) is a CorruptRecord naming what to do, not the client's 400 (a listing of runtimes, its
+    delete, and every node's sync broke on it)."""
+    try:
+        return Runtime.from_dict(record)
+    except ValidationError as exc:
+        raise CorruptRecord(f"the stored runtime {name!r} is not valid any more ({exc}): register it again") from None
 
 
 def _readable(raw: dict[str, str], kind: str) -> list[dict[str, Any]]:
@@ -274,11 +285,23 @@ class Store:
 
     async def get_runtime(self, name: str) -> Runtime | None:
         raw = await self.redis.hget(keys.RUNTIMES, name)
-        return Runtime.from_dict(load_record(raw, f"runtime {name!r}")) if raw else None
+        return _stored_runtime(name, load_record(raw, f"runtime {name!r}")) if raw else None
 
     async def list_runtimes(self) -> list[Runtime]:
+        """The stored runtimes that are valid (one that is not is left out, and logged)."""
         raw = await self.redis.hgetall(keys.RUNTIMES)
-        return sorted((Runtime.from_dict(record) for record in _readable(raw, "runtime")), key=lambda r: r.name)
+        runtimes = []
+        for record in _readable(raw, "runtime"):
+            try:
+                runtimes.append(_stored_runtime(str(record.get("name")), record))
+            except CorruptRecord as exc:
+                log.error("record_unreadable", kind="runtime", name=str(record.get("name"))[:200], error=str(exc),
+                          action="left out")
+        return sorted(runtimes, key=lambda r: r.name)
+
+    async def runtime_names(self) -> set[str]:
+        """The names of every stored runtime, valid or not."""
+        return set(await self.redis.hkeys(keys.RUNTIMES))
 
     async def delete_runtime(self, name: str) -> bool:
         return bool(await self.redis.hdel(keys.RUNTIMES, name))

@@ -203,7 +203,8 @@ def _extract_zip(stream: BinaryIO, ex: _Extractor) -> None:
     _check_zip_directory(stream, ex.limits)
     try:
         zf = zipfile.ZipFile(stream)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+        # (NotImplementedError: a "version needed to extract" above what zipfile knows, 6.3)
         raise ArchiveError(f"unreadable zip archive: {exc}") from None
     with zf:
         infos = zf.infolist()
@@ -348,12 +349,14 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = No
             if exc.errno in RESOURCE_ERRNOS:
                 raise  # this host's trouble (a full disk), not the archive's: it may pass
             raise ArchiveError(f"archive cannot be extracted: {exc}") from None
-        except (EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError) as exc:
-            # A corrupt stream in a member, a file where the archive also has a directory, a name too long for
-            # the filesystem, a full disk: the archive cannot be used here, and the reason says why.
-            raise ArchiveError(f"archive cannot be extracted: {exc}") from None
         except RecursionError:  # (links can nest what each member's depth bound keeps shallow)
             raise ArchiveError("archive cannot be extracted: its tree is nested too deep") from None
+        except (EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, ValueError, NotImplementedError,
+                RuntimeError) as exc:
+            # A corrupt stream in a member, a file where the archive also has a directory, a name too long for
+            # the filesystem, a full disk, a zip of a version zipfile cannot read: the archive cannot be used here,
+            # and the reason says why.
+            raise ArchiveError(f"archive cannot be extracted: {exc}") from None
         tmp.chmod(0o755)
         try:
             tmp.rename(dest)

@@ -151,7 +151,7 @@ def accepted(request: web.Request, call: dict[str, Any]) -> web.Response:
 
 
 async def list_calls(request: web.Request) -> web.Response:
-    q = request.query
+    q = {k: v for k, v in request.query.items() if v}  # an empty value is as if absent (`?status=&limit=`)
     status = q.get("status")
     if status is not None and status not in STATES:
         raise BadRequest(f"status must be one of {', '.join(STATES)}")

@@ -18,7 +18,7 @@ import pytest
 from controller.api.openapi import DOCUMENT
 from shoal.localcluster import LocalCluster
 from tests.controller.conftest import ECHO, SLOW, build_tar_gz, metrics, seed_runtime, upload, wait_call, wait_ready
-from tests.shoal.test_archive import zip_loop
+from tests.shoal.test_archive import zip_loop, zip_of_version
 from tests.shoal.test_httpserver import MALFORMED, assert_json_error, raw_http, raw_http_answer
 
 pytestmark = pytest.mark.docker
@@ -295,6 +295,10 @@ RUNTIME_AFTER_THE_FILE = {
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": json.loads("[" * 200 + "]" * 200)}}, 400),
         ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": NaN}',
                                                "headers": {"Content-Type": "application/json"}}, 400),
+        # UTF-16: the depth check, made on the bytes as UTF-8, saw no bracket (nested 976 deep: a 500 where stored).
+        ("POST", "/v1/functions/nope/invoke", {"data": ('{"params": ["\\"", ' + "[" * 976 + "]" * 976 + "]}").encode(
+            "utf-16-le"), "headers": {"Content-Type": "application/json"}}, 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime", raw(zip_of_version(64)), 400),  # (zipfile: 6.3 at most)
         ("POST", "/v1/functions/nope/invoke", {"data": b'{"params": "\\ud800"}',  # no UTF-8 can carry it on
                                                "headers": {"Content-Type": "application/json"}}, 400),
         ("POST", "/v1/functions/f?runtime=pythonruntime", form([(f"o{i}", b"1") for i in range(17)], ECHO_TGZ), 400),
@@ -347,6 +351,12 @@ def test_bad_input_gets_a_clear_4xx_with_a_json_body(cluster: LocalCluster, meth
     assert isinstance(body, dict) and body["error"]["message"]
     assert cluster.request("GET", "/ping")[1] == "pong"  # and the controller lives on
     assert metrics(cluster)[f'shoal_controller_http_errors_total{{code="{body["error"]["code"]}",status="{got}"}}'] == 1
+
+
+def test_an_empty_query_value_is_as_if_absent(cluster: LocalCluster) -> None:
+    """`?function=&status=&limit=&cursor=` (a template with nothing filled in) was a 400."""
+    status, body, _ = cluster.request("GET", "/v1/calls?function=&status=&limit=&cursor=")
+    assert status == 200 and "calls" in body, body
 
 
 def test_malformed_http_gets_a_json_400_and_the_controller_lives_on(cluster: LocalCluster) -> None:

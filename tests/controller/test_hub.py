@@ -74,6 +74,9 @@ def test_a_joining_node_is_sent_the_older_versions_that_held_calls_wait_for(tmp_
         async def list_runtimes(self) -> list[Any]:
             return []
 
+        async def runtime_names(self) -> set[str]:
+            return set()
+
         async def list_functions(self) -> list[dict[str, Any]]:
             return [record(3)]
 
@@ -216,6 +219,9 @@ def test_a_node_whose_sync_the_store_failed_is_synced_once_it_answers(tmp_path: 
                 raise RedisConnectionError("redis is restarting")
             return []
 
+        async def runtime_names(self) -> set[str]:
+            return set()
+
         async def list_functions(self) -> list[dict[str, Any]]:
             return [{"name": "f", "version": 1, "runtime": "rt", "sha256": "0" * 64, "size": 1}]
 
@@ -244,6 +250,9 @@ def test_a_joining_node_is_told_to_forget_what_was_deleted_while_it_was_away(tmp
     class Store:
         async def list_runtimes(self) -> list[Any]:
             return [Runtime(name="rt", image="img", path="/ws", dependencies="", run="")]
+
+        async def runtime_names(self) -> set[str]:
+            return {"rt"}
 
         async def list_functions(self) -> list[dict[str, Any]]:
             return [{"name": "f", "version": 3, "runtime": "rt", "sha256": "3" * 64, "size": 1}]

@@ -427,3 +427,79 @@ def test_a_503_for_a_call_that_already_ran_to_its_end_says_it_may_have_run(serve
         await rig.service.settle_undos(10)
 
     run(server, tmp_path, scenario)
+
+
+def test_a_runtime_stored_under_older_rules_is_left_out_and_can_still_be_deleted(server: RedisServer,
+                                                                                tmp_path: Path) -> None:
+    """A runtime stored before its rules were tightened (a reserved code path): listing runtimes was a 400 blaming
+    the client, so was its delete (it could not be removed), and every node's sync died on it."""
+    import json as json_module
+
+    from controller import keys
+    from controller.errors import CorruptRecord, Missing
+
+    async def scenario(rig: Rig) -> None:
+        await rig.redis.hset(keys.RUNTIMES, "old", json_module.dumps(
+            {"name": "old", "image": "img", "path": "/tmp", "dependencies": "", "run": ""}))
+        await rig.service.register_runtime({"name": "ok", "image": "img"})
+        assert [r.name for r in await rig.store.list_runtimes()] == ["ok"]
+        assert await rig.store.runtime_names() >= {"old", "ok"}
+        with pytest.raises(CorruptRecord, match="register it again"):
+            await rig.store.get_runtime("old")
+        await rig.service.delete_runtime("old")
+        assert "old" not in await rig.store.runtime_names()
+        with pytest.raises(Missing):
+            await rig.service.delete_runtime("old")
+        await rig.service.delete_runtime("ok")
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_runtime_is_not_deleted_while_an_upload_for_it_is_under_way(server: RedisServer, tmp_path: Path) -> None:
+    """The upload checked its runtime before receiving its archive (up to 1 GiB); a delete meanwhile saw no function
+    using it, and the function was stored naming a runtime gone."""
+    from controller.errors import Conflict
+    from shoal.archive import build_tar_gz
+
+    async def scenario(rig: Rig) -> None:
+        rig.store.start()
+        await rig.service.register_runtime({"name": "rt-up", "image": "img"})
+        archive = build_tar_gz({"handler.py": "def handler(p):\n    return p\n"})
+        halfway = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def chunks() -> Any:
+            yield archive[:10]
+            halfway.set()
+            await go_on.wait()
+            yield archive[10:]
+
+        upload = asyncio.ensure_future(rig.service.upload_function("fn-up", "rt-up", chunks(), {}, "f.tgz"))
+        await halfway.wait()
+        with pytest.raises(Conflict, match="upload"):
+            await rig.service.delete_runtime("rt-up")
+        go_on.set()
+        record = await upload
+        assert record["runtime"] == "rt-up" and await rig.store.get_runtime("rt-up") is not None
+        assert not rig.service.uploading_for
+
+    run(server, tmp_path, scenario)
+
+
+def test_a_creation_that_cannot_even_be_written_queues_nothing(server: RedisServer, tmp_path: Path) -> None:
+    """The calls were queued before their write was made: a write that raised as it was made (a record that would
+    not encode) left them queued, held and placed, never stored nor withdrawn."""
+
+    async def scenario(rig: Rig) -> None:
+        await rig.start("unwritable")
+
+        def create_calls(calls: list[dict[str, Any]]) -> asyncio.Future[None]:
+            raise RecursionError("maximum recursion depth exceeded while encoding")
+
+        rig.store.create_calls = create_calls  # type: ignore[method-assign]
+        with pytest.raises(RecursionError):
+            await rig.service.invoke("unwritable", 1)
+        await asyncio.sleep(0)
+        assert not rig.dispatcher.calls and not rig.dispatcher.queued() and not rig.hub.placed
+
+    run(server, tmp_path, scenario)

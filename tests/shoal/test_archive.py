@@ -276,3 +276,18 @@ def test_a_zip_central_directory_larger_than_its_members_may_take_is_refused_bef
         extract(workdir, many, limits)
     assert_nothing_written(workdir)
     assert (extract(workdir, zip_with({"a.py": b"1", "b.py": b"2"}), limits) / "b.py").read_bytes() == b"2"
+
+
+def zip_of_version(version: int) -> bytes:
+    """A zip whose central directory says it needs ``version`` (tenths: 64 is 6.4) to be extracted."""
+    data = bytearray(zip_with({"handler.py": b"def handler(p):\n    return p\n"}))
+    entry = data.rfind(b"PK\x01\x02")
+    data[entry + 6] = version  # "version needed to extract"
+    return bytes(data)
+
+
+def test_a_zip_of_a_version_zipfile_cannot_read_is_refused(workdir: Path) -> None:
+    """zipfile raises NotImplementedError for a version above 6.3: it escaped as a 500 at upload."""
+    with pytest.raises(ArchiveError, match=r"zip file version 6\.4"):
+        extract(workdir, zip_of_version(64))
+    assert_nothing_written(workdir)

@@ -145,3 +145,16 @@ def test_a_runner_stream_refuses_a_message_over_its_limit_by_its_length_alone() 
         stream.feed(message[:4])  # the prefix only
     assert raised.value.size == len(message) - 4
     assert [m.header["result"] for m in protocol.RunnerStream(limit=len(message) - 4).feed(message)] == ["x" * 100]
+
+
+
+def test_json_that_is_not_utf8_is_refused() -> None:
+    """json.loads takes UTF-16 and UTF-32 as well: the depth and surrogate checks, made on the bytes as UTF-8, saw no
+    bracket and no escape there, and a body nested 976 deep went in (a 500 where it was stored)."""
+    deep = '{"params": ["\\"", ' + "[" * 300 + "]" * 300 + "]}"
+    for encoding in ("utf-16-le", "utf-16", "utf-32"):
+        with pytest.raises(ValueError):
+            loads_bounded(deep.encode(encoding), strict=True)
+    with pytest.raises(ValueError):
+        loads_bounded('{"a": "\\ud800"}'.encode("utf-16-le"), strict=True)
+    assert loads_bounded('{"a": "é"}'.encode()) == {"a": "é"}
