@@ -91,7 +91,9 @@ class Service:
         users = [f["name"] for f in await self.store.list_functions() if f["runtime"] == name]
         if users:
             raise Conflict(f"runtime {name!r} is used by functions: {', '.join(sorted(users))}")
-        if self.uploading_for[name]:  # (checked before each upload's archive came: it would name a runtime gone)
+        # Checked after the awaits (no await from here to the delete): an upload counts itself before it checks the
+        # runtime, and uncounts itself once its version is stored, which the listing above then saw.
+        if self.uploading_for[name]:
             raise Conflict(f"runtime {name!r} is used by {self.uploading_for[name]} upload(s) under way")
         await self.store.delete_runtime(name)
         self.hub.broadcast(Msg.RUNTIME_GONE, {"name": name})  # nodes stop the containers started ahead for it
@@ -100,18 +102,20 @@ class Service:
     async def upload_function(self, name: str, runtime: str, chunks: AsyncIterator[bytes],
                               options: dict[str, Any], original_name: str = "") -> dict[str, Any]:
         check_name(name, "function name")
-        await self.get_runtime(runtime)
-        spec_fields = dict(options, name=name, runtime=runtime)
-        # The options first: a refused upload keeps nothing, and nothing is read for a request that is refused.
-        FunctionSpec.from_dict(dict(spec_fields, version=1, sha256="0" * 64, size=1))
-        if self.uploading >= UPLOADS_AT_ONCE:  # each can take the archive limit on disk: bounded
-            raise Busy(f"{UPLOADS_AT_ONCE} uploads are being received; try again shortly", retry_after=5)
-        self.uploading += 1
-        self.uploading_for[runtime] += 1
+        self.uploading_for[runtime] += 1  # before the runtime's check: a delete meanwhile sees it (delete_runtime)
         try:
-            return await self._upload(name, spec_fields, chunks, original_name)
+            await self.get_runtime(runtime)
+            spec_fields = dict(options, name=name, runtime=runtime)
+            # The options first: a refused upload keeps nothing, and nothing is read for a request that is refused.
+            FunctionSpec.from_dict(dict(spec_fields, version=1, sha256="0" * 64, size=1))
+            if self.uploading >= UPLOADS_AT_ONCE:  # each can take the archive limit on disk: bounded
+                raise Busy(f"{UPLOADS_AT_ONCE} uploads are being received; try again shortly", retry_after=5)
+            self.uploading += 1
+            try:
+                return await self._upload(name, spec_fields, chunks, original_name)
+            finally:
+                self.uploading -= 1
         finally:
-            self.uploading -= 1
             self.uploading_for[runtime] -= 1
             if not self.uploading_for[runtime]:
                 del self.uploading_for[runtime]

@@ -254,8 +254,12 @@ class PipeSink:
         if not ours:
             os.dup2(self.write_fd, self.fd)
         writer = self.writer
-        if writer.closed or writer.encoding != "utf-8" or writer.errors != "backslashreplace" \
-                or not writer.line_buffering:
+        try:
+            stale = writer.closed or writer.encoding != "utf-8" or writer.errors != "backslashreplace" \
+                or not writer.line_buffering
+        except ValueError:  # detached (``sys.stdout.detach()``, to wrap it anew): its attributes raise
+            stale = True
+        if stale:
             # Closed (``sys.stdout.close()``) or reconfigured by the function: every later call's ``print`` failed
             # (or wrote otherwise) in this warm container. A new one, as the runner made it.
             self.writer = self._writer()

@@ -238,6 +238,28 @@ MAX_TAR_HEADER = 64 << 10
 #: A longer run of digits in a pax header is refused: on Pythons before 3.11.10 (CVE-2024-6232) the standard library
 #: searched pax headers with a regex quadratic in such runs (a 150-byte upload held a core for hours).
 _DIGIT_RUN = re.compile(rb"[0-9]{65}")
+#: Bytes all the extended headers of one archive may hold: each member's pax header is copied into the member, and a
+#: chain of them is held at once while the standard library reads it.
+MAX_TAR_HEADERS_TOTAL = 16 << 20
+#: Bytes a global pax header may hold (its keys are copied into every member after it; `git archive` writes one of
+#: about 50 bytes).
+MAX_TAR_GLOBAL_HEADER = 4 << 10
+
+
+def _check_pax_records(buf: bytes, size: int) -> None:
+    """The pax records ("LEN key=value\n") tile the header exactly. Pythons before 3.11.10 parsed them with regexes
+    that a header of overlapping or unterminated records made quadratic (64 KiB of "2 2 2..." copied a keyword of up to
+    64 KiB per 2 bytes); records that tile it are read in linear time."""
+    pos = 0
+    while pos < size:
+        space = buf.find(b" ", pos, pos + 21)
+        if space <= pos or not buf[pos:space].isdigit():
+            raise ArchiveError("a tar pax header is malformed (a record without its length)")
+        length = int(buf[pos:space])
+        end = pos + length
+        if length < 5 or end > size or buf[end - 1:end] != b"\n" or buf.find(b"=", space, end) < 0:
+            raise ArchiveError("a tar pax header is malformed (a record that does not end where it says)")
+        pos = end
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -245,21 +267,28 @@ class _BoundedTarInfo(tarfile.TarInfo):
     hold), sparse members refused (their maps are read whole, block after block, and a function has no use for
     them)."""
 
-    def _check_extended(self) -> None:
+    def _check_extended(self, tf: tarfile.TarFile) -> None:
         if self.size > MAX_TAR_HEADER:
             raise ArchiveError(f"a tar extended header of {self.size} bytes (at most {MAX_TAR_HEADER})")
+        total = getattr(tf, "_shoal_extended_bytes", 0) + self.size
+        if total > MAX_TAR_HEADERS_TOTAL:
+            raise ArchiveError(f"the tar's extended headers hold more than {MAX_TAR_HEADERS_TOTAL} bytes")
+        tf._shoal_extended_bytes = total  # type: ignore[attr-defined]
 
     def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        self._check_extended()
+        self._check_extended(tf)
         return super()._proc_gnulong(tf)  # type: ignore[misc]
 
     def _proc_sparse(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         raise ArchiveError(f"member {self.name[:80]!r} is a sparse file")
 
     def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
-        self._check_extended()
+        self._check_extended(tf)
+        if self.type == tarfile.XGLTYPE and self.size > MAX_TAR_GLOBAL_HEADER:
+            raise ArchiveError(f"a tar global header of {self.size} bytes (at most {MAX_TAR_GLOBAL_HEADER})")
         real = tf.fileobj
         buf = real.read(self._block(self.size))  # type: ignore[attr-defined]
+        _check_pax_records(buf, self.size)
         if _DIGIT_RUN.search(buf):
             raise ArchiveError("a tar pax header holds a run of more than 64 digits")
         if b"GNU.sparse" in buf:
@@ -297,7 +326,10 @@ def _extract_tar(stream: BinaryIO, ex: _Extractor) -> None:
         raise ArchiveError(f"unreadable tar archive: {exc}") from None
     with tf:
         try:
-            for member in tf:
+            # One member at a time: iterating the TarFile keeps every member read (each with its pax headers, a
+            # copy of the global ones), for the whole extraction.
+            while (member := tf.next()) is not None:
+                tf.members.clear()  # type: ignore[attr-defined]
                 rel = safe_member_path(member.name)
                 if member.isdir():
                     ex.directory(rel)

@@ -43,7 +43,10 @@ def tree_bytes(root: Path, stop_above: int | None = None) -> int:
     without following a link, and only if it is still the one listed (device and inode), so a directory swapped
     for a link (to itself: a loop; to ``/``: the host's tree) is counted as the entry it was, never entered."""
     total = 0
-    top = os.lstat(root)
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return 0  # (not made yet, or removed)
     stack = [(os.fspath(root), top.st_dev, top.st_ino)]
     while stack:
         path, dev, ino = stack.pop()
@@ -53,6 +56,8 @@ def tree_bytes(root: Path, stop_above: int | None = None) -> int:
             if exc.errno == errno.ENAMETOOLONG:
                 raise TooDeep(errno.ENAMETOOLONG, f"paths under {root} are too long to walk ({len(path)} bytes)",
                               str(root)) from None
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
             continue  # gone, or replaced meanwhile (by a file, a link): counted as the entry it was
         try:
             opened = os.fstat(fd)

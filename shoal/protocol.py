@@ -315,6 +315,8 @@ def loads_bounded(raw: bytes, strict: bool = False) -> Any:
     # UTF-8 only: json.loads takes UTF-16 and UTF-32 too, where the checks below, made on the bytes as UTF-8, see
     # nothing (no bracket is a bracket, no ``\ud`` a surrogate): a body nested 976 deep went in, and was a 500.
     text = raw.decode("utf-8")  # (UnicodeDecodeError: a ValueError, as malformed JSON is)
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark (Windows tools write one), as json.loads(bytes) took it
+        text = text[1:]
     try:
         if strict:
             value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)

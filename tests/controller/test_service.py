@@ -503,3 +503,39 @@ def test_a_creation_that_cannot_even_be_written_queues_nothing(server: RedisServ
         assert not rig.dispatcher.calls and not rig.dispatcher.queued() and not rig.hub.placed
 
     run(server, tmp_path, scenario)
+
+
+def test_an_upload_counts_itself_before_it_checks_its_runtime(server: RedisServer, tmp_path: Path) -> None:
+    """An upload counted itself once its runtime was checked: a delete between that check's request and its answer
+    saw no upload, and the function was stored naming the runtime it deleted."""
+    from controller.errors import Conflict
+    from shoal.archive import build_tar_gz
+
+    async def scenario(rig: Rig) -> None:
+        rig.store.start()
+        await rig.service.register_runtime({"name": "rt-race", "image": "img"})
+        checking = asyncio.Event()
+        answer = asyncio.Event()
+        real = rig.store.get_runtime
+
+        async def slow_get_runtime(name: str) -> Any:
+            checking.set()
+            await answer.wait()
+            return await real(name)
+
+        rig.store.get_runtime = slow_get_runtime  # type: ignore[method-assign]
+        archive = build_tar_gz({"handler.py": "def handler(p):\n    return p\n"})
+
+        async def chunks() -> Any:
+            yield archive
+
+        upload = asyncio.ensure_future(rig.service.upload_function("fn-race", "rt-race", chunks(), {}, "f.tgz"))
+        await checking.wait()
+        with pytest.raises(Conflict, match="upload"):
+            await rig.service.delete_runtime("rt-race")
+        answer.set()
+        assert (await upload)["runtime"] == "rt-race"
+        rig.store.get_runtime = real  # type: ignore[method-assign]
+        assert await rig.store.get_runtime("rt-race") is not None
+
+    run(server, tmp_path, scenario)

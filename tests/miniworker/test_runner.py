@@ -204,8 +204,12 @@ def test_a_handlers_output_at_every_level_is_its_calls_logs_in_order(tmp_path: P
 
 
 REWIRED = '''
-import sys
+import io, sys
 def handler(n):
+    if n == 3:
+        print("before the detach")
+        sys.stdout = io.TextIOWrapper(sys.stdout.detach(), encoding="utf-8")  # the usual way to rewrap it
+        return "detached"
     if n == 0:
         print("first")
         sys.stdout.close()  # the writer the runner gave it, closed
@@ -223,10 +227,12 @@ def test_a_handler_that_closes_or_reconfigures_its_stdout_leaves_the_next_calls_
     """`sys.stdout.close()` in one call made every later call's `print` fail in that warm container (ValueError:
     I/O operation on closed file); `reconfigure(encoding="ascii")` made them fail on any non-ASCII text."""
     (tmp_path / "fn.py").write_text(REWIRED)
-    proc = subprocess.run([sys.executable, "-c", CAPTURED.replace("range(5)", "range(3)"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-c", CAPTURED.replace("range(5)", "[0, 1, 2, 3, 2]"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
-    closed, reconfigured, printed = json.loads(proc.stdout)["answers"]
+    closed, reconfigured, printed, detached, after_detach = json.loads(proc.stdout)["answers"]
+    assert detached["ok"] and detached["result"] == "detached", detached  # (its detached writer raised ValueError)
+    assert after_detach["ok"] and after_detach["stdout"] == "caf\u00e9\n", after_detach
     assert closed["result"] == "closed" and closed["stdout"] == "first\n"
     assert reconfigured["ok"] and reconfigured["stdout"] == "after the close\n", reconfigured
     assert printed["ok"] and printed["stdout"] == "caf\u00e9\n", printed

@@ -291,3 +291,31 @@ def test_a_zip_of_a_version_zipfile_cannot_read_is_refused(workdir: Path) -> Non
     with pytest.raises(ArchiveError, match=r"zip file version 6\.4"):
         extract(workdir, zip_of_version(64))
     assert_nothing_written(workdir)
+
+
+def tar_with_pax_body(body: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """A tar.gz whose first member is an extended header holding ``body`` as it is, then a file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.USTAR_FORMAT) as tf:
+        header = tarfile.TarInfo("././@PaxHeader")
+        header.type = kind
+        header.size = len(body)
+        tf.addfile(header, io.BytesIO(body))
+        info = tarfile.TarInfo("f.py")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+def test_pax_records_must_tile_their_header_and_headers_are_bounded_in_all(workdir: Path) -> None:
+    """Python before 3.11.10 parsed pax records with regexes a header of overlapping or unterminated records made
+    quadratic ("2 2 2..." copied a keyword of up to 64 KiB per 2 bytes); the global header's keys are copied into every
+    member after it, and every member was kept with its copy."""
+    for body in (b"2 " * 1000 + b"=", b"50 comment=" + b"y" * 100, b"12 comment=x", b"x" * 100):
+        with pytest.raises(ArchiveError, match="pax header is malformed"):
+            extract(workdir, tar_with_pax_body(body))
+    with pytest.raises(ArchiveError, match="global header of"):
+        extract(workdir, tar_formatted([(tarfile.TarInfo("f.py"), b"x")], tarfile.PAX_FORMAT, {"comment": "c" * 5000}))
+    assert_nothing_written(workdir)
+    good = b"20 comment=abcdefgh\n"
+    assert (extract(workdir, tar_with_pax_body(good)) / "f.py").read_bytes() == b"x"

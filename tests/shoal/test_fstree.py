@@ -92,3 +92,7 @@ def test_a_directory_swapped_for_a_link_while_it_is_walked_is_not_entered(tmp_pa
     swap[str(root / "a" / "b")] = to_link(root / "elsewhere")  # a/b listed; then a leads to elsewhere
     assert tree_bytes(root) == baseline - ENTRY_BYTES  # elsewhere/b's 10 files counted once, not again as a/b's
     restore()
+
+
+def test_a_tree_not_there_measures_nothing(tmp_path: Path) -> None:
+    assert tree_bytes(tmp_path / "not-made-yet") == 0

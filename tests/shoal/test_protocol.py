@@ -158,3 +158,4 @@ def test_json_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ValueError):
         loads_bounded('{"a": "\\ud800"}'.encode("utf-16-le"), strict=True)
     assert loads_bounded('{"a": "é"}'.encode()) == {"a": "é"}
+    assert loads_bounded(b'\xef\xbb\xbf{"a": 1}', strict=True) == {"a": 1}  # a UTF-8 byte order mark, as before
