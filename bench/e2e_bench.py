@@ -4,29 +4,34 @@ Measured in one run on this machine (everything, clients included, shares its 2 
 
 shoal    2 agents; the trivial handler with one warm container per node (and, for comparison at c=32, the
          same handler with 2 to 4 per node).
-         sync     latency p50/p99 at concurrency 1 and 32 (wrk, a C load generator); at c=1 also the max and
-                  the calls over 5 ms (wrk's loop is closed: a slow call delays the next instead of showing in
-                  the percentiles). Calls/s at saturation driven two ways: by wrk (32 connections), and by
-                  Python clients of Celery's shapes (processes x threads of http.client keep-alive invokes, each
-                  answer's status and result checked), the like-for-like peer of Celery's Python client; the
-                  client CPU per call of each.
-         async    one call per request (the headline), by wrk and by Python clients as Celery's `delay()` loop:
-                  while calls run (nodes up), and ingest alone (nodes stopped), 10 s runs; then 500 calls per
-                  request (batching, labelled so). After each ingest run Redis is SIGKILLed 1.5 s after the last
-                  answer and started again from its AOF: the calls it recovered are counted against the 202s
-                  given, and what survived is the "accepted and durably recorded" figure. Then the nodes come
-                  back and every call accepted meanwhile runs.
+         The ratios to Celery are taken with the same client on both sides: one Python script (CLIENT) of
+         processes x threads, each thread making one call at a time (http.client keep-alive invokes for Shoal,
+         each answer's status and result checked; `delay().get()` or `delay()` for Celery), timed by the same
+         clock. wrk (a C load generator) drives Shoal too, for the figures a lighter client gives on these
+         shared cores; those are printed with no ratio to Celery's Python-client figures.
+         sync     latency p50/p99 at concurrency 1 (one client thread) and 32; at c=1 also the max and the
+                  calls over 5 ms (the loops are closed: a slow call delays the next instead of showing in the
+                  percentiles). Calls/s at saturation (the best of CLIENT_SHAPES), and by wrk (32 connections);
+                  the client CPU per call of each.
+         async    one call per request (the headline), the best of SUBMIT_SHAPES, and by wrk: while calls run
+                  (nodes up), and ingest alone (nodes stopped), 10 s runs; then 500 calls per request
+                  (batching, labelled so). After each ingest run Redis is SIGKILLed 1.5 s after the last answer
+                  and started again from its AOF: the calls it recovered are counted against the 202s given.
+                  That is what survives a crash of Redis; a crash of the host can lose about the last second
+                  (appendfsync everysec), for both stacks alike. Then the nodes come back and every call
+                  accepted meanwhile runs.
          cold (preload none) vs warm latency; archive distribution (a 200 MiB-payload archive, MB = 10^6
                   bytes, fetched by 2 nodes at once, MB/s per node, with warm calls every 10 ms meanwhile; and
                   by one node alone, in a cluster of its own), each against a raw ZMQ transfer of the same
                   bytes (same chunk size and credit, sha256) and a page-cache write measured just before.
          A figure counts only if every call it counted ended DONE (the controller's finished-call counts are
-         compared before and after each run: wrk only sees HTTP statuses, and a FAILED sync call is a 200).
+         compared before and after each run: a FAILED sync call is a 200) and every answer had the status
+         expected (wrk counts statuses other than 200 for sync, 202 for async).
 celery   the same trivial function as a Celery 5 task (prefork, 2 processes) with Redis as broker and result
-         backend: `delay().get()` latency and tasks/s at saturation (the better of 1 client process x 32
-         threads and 4 x 8), results fetched; `delay()` submissions/s (1 and 2 client processes, the better)
-         with the worker running, and with it stopped as the peer of Shoal's ingest, with the same durability
-         check. A client call that fails or times out fails the run.
+         backend (its client's connection pool raised to 64 so that 32 threads do not wait for one):
+         `delay().get()` latency and tasks/s at saturation, results fetched; `delay()` submissions/s with the
+         worker running, and with it stopped as the peer of Shoal's ingest, with the same durability check. A
+         client call that fails or times out fails the run.
 
 Both Redis servers run with the same persistence (AOF, appendfsync everysec, no RDB snapshots; the report
 prints what each one says it runs with). Both stacks are up for the whole run. The sync figures are taken in
@@ -78,24 +83,31 @@ RESULTS = Path(__file__).parent / "results"
 SLOW_MS = 5  # the c=1 p99 target: calls slower than this are counted
 
 
-def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -> dict[str, Any]:
-    """wrk's figures, its latency tail from its whole histogram (max, and calls over SLOW_MS), and its own CPU
-    per request (the client's cost, for comparison with the Python clients')."""
+def wrk(url: str, body: str, connections: int, seconds: int, expect: int, threads: int = 1) -> dict[str, Any]:
+    """wrk's figures, its latency tail from its whole histogram (max, and calls over SLOW_MS), the answers whose
+    status was not ``expect`` (wrk's own count is of statuses over 399 only: a sync call's 202, its wait run out,
+    would pass), and its own CPU per request (the client's cost, for comparison with the Python clients')."""
     import resource
 
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     with script:
         script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                      'wrk.headers["Content-Type"] = "application/json"\n'
+                     # Each wrk thread counts in its own Lua state; done() reads their counts.
+                     "local threads = {}\n"
+                     "setup = function(thread) table.insert(threads, thread) end\n"
+                     "unexpected = 0\n"
+                     f"response = function(status) if status ~= {expect} then unexpected = unexpected + 1 end end\n"
                      "done = function(summary, latency, requests)\n"
-                     "  local slow = 0\n"
+                     "  local slow, bad = 0, 0\n"
                      "  for i = 1, #latency do\n"  # each distinct latency (us) recorded, and its count
                      "    local us, count = latency(i)\n"
                      f"    if us > {SLOW_MS * 1000} then slow = slow + count end\n"
                      "  end\n"
+                     "  for _, t in ipairs(threads) do bad = bad + t:get('unexpected') end\n"
                      "  io.write(string.format('P50 %d\\nP99 %d\\n', latency:percentile(50), latency:percentile(99)))\n"
                      "  io.write(string.format('MAX %d\\nSLOW %d\\n', latency.max, slow))\n"
-                     "  io.write(string.format('NON2XX %d\\n', summary.errors.status))\n"
+                     "  io.write(string.format('UNEXPECTED %d\\n', bad))\n"
                      "end\n")
     try:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -118,7 +130,8 @@ def wrk(url: str, body: str, connections: int, seconds: int, threads: int = 1) -
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {"rps": float(field(r"Requests/sec:\s+([\d.]+)")), "p50_ms": int(field(r"P50 (\d+)")) / 1000,
             "p99_ms": int(field(r"P99 (\d+)")) / 1000, "max_ms": int(field(r"MAX (\d+)")) / 1000,
-            "over_slow_ms": int(field(r"SLOW (\d+)")), "non_2xx": int(field(r"NON2XX (\d+)")), "requests": requests,
+            "over_slow_ms": int(field(r"SLOW (\d+)")), "unexpected_status": int(field(r"UNEXPECTED (\d+)")),
+            "requests": requests,
             "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0, "client_cpu_s": cpu,
             "client_cpu_us_per_call": cpu / max(requests, 1) * 1e6}
 
@@ -138,7 +151,8 @@ def verified(cluster: LocalCluster, what: str, before: dict[str, float], res: di
     after = outcomes(cluster)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     done = sum(v for k, v in delta.items() if k.endswith(":DONE"))
-    if any(not k.endswith(":DONE") for k in delta) or res.get("non_2xx") or res.get("socket_errors") or done < calls:
+    client_errors = res.get("unexpected_status") or res.get("socket_errors")
+    if any(not k.endswith(":DONE") for k in delta) or client_errors or done < calls:
         raise RuntimeError(f"{what}: not every call succeeded (finished: {delta}; client: {res}); no figure")
 
 
@@ -148,7 +162,8 @@ import os
 from celery import Celery
 app = Celery("bench", broker=os.environ["BENCH_REDIS"], backend=os.environ["BENCH_REDIS"])
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True)
+                worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True,
+                broker_pool_limit=64)  # (default 10: a client's 32 threads would queue for a connection)
 
 @app.task
 def echo(params):
@@ -160,7 +175,8 @@ CLIENT = r"""
 # A load client: THREADS threads, each making calls one after another from START_AT (a wall-clock time, the same
 # for every client process of a run, so that they all start together after their imports and warm-up) for
 # SECONDS. Prints one JSON line: calls done and failed (a failure is counted, its reason kept, and the process
-# exits 1), the seconds from START_AT to its last call's end, and its CPU seconds (user + system) meanwhile.
+# exits 1), the seconds from START_AT to its last call's end, its CPU seconds (user + system) meanwhile, and each
+# call's latency (us, from the call's start to its answer read and checked: the same clock for both systems).
 # MODE: celery-sync (delay().get()), celery-submit (delay()), shoal-sync (POST invoke on a keep-alive
 # connection, 200 and DONE checked), shoal-async (POST invoke-async, 202 checked).
 import http.client, json, resource, sys, threading, time
@@ -225,12 +241,14 @@ if margin < 0:
     print(json.dumps({"error": f"ready {-margin:.2f} s after the common start time"}), flush=True)
     sys.exit(3)
 done, failed, errors = [0] * threads, [0] * threads, []
+lat = [[] for _ in range(threads)]
 stop = start_at + seconds
 
 
 def run(i):
     time.sleep(max(0.0, start_at - time.time()))
     while time.time() < stop:
+        t0 = time.perf_counter()
         try:
             calls[i]()
         except Exception as exc:
@@ -238,6 +256,7 @@ def run(i):
             if len(errors) < 5:
                 errors.append(repr(exc)[:300])
         else:
+            lat[i].append(round((time.perf_counter() - t0) * 1e6))
             done[i] += 1
 
 
@@ -248,7 +267,7 @@ for w in workers:
 for w in workers:
     w.join()
 print(json.dumps({"done": sum(done), "failed": sum(failed), "errors": errors, "elapsed": time.time() - start_at,
-                  "cpu_s": cpu() - cpu0, "margin_s": margin}), flush=True)
+                  "cpu_s": cpu() - cpu0, "margin_s": margin, "lat_us": [x for t in lat for x in t]}), flush=True)
 sys.exit(1 if sum(failed) else 0)
 """
 
@@ -283,25 +302,36 @@ def run_clients(mode: str, procs: int, threads: int, seconds: float, env: dict[s
     elapsed = max(o["elapsed"] for o in outputs)
     cpu = sum(o["cpu_s"] for o in outputs)
     return {"per_s": calls / elapsed, "calls": calls, "seconds": elapsed, "client_cpu_s": cpu,
-            "client_cpu_us_per_call": cpu / max(calls, 1) * 1e6, "start_margin_s": min(o["margin_s"] for o in outputs)}
+            "client_cpu_us_per_call": cpu / max(calls, 1) * 1e6, "start_margin_s": min(o["margin_s"] for o in outputs),
+            **latencies([x / 1e6 for o in outputs for x in o["lat_us"]])}
+
+
+def latencies(samples: list[float]) -> dict[str, Any]:
+    """p50, p99 and max (ms) of ``samples`` (seconds), and how many are over SLOW_MS."""
+    if not samples:
+        return {"requests": 0}
+    return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000, "max_ms": max(samples) * 1000,
+            "over_slow_ms": sum(x * 1000 > SLOW_MS for x in samples), "requests": len(samples)}
 
 
 CLIENT_SHAPES = ((1, 32), (4, 8))  # client processes x threads at saturation (more processes: less of the GIL)
 
 
 def best_of_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """One system's figure from rounds that each tried every client shape: the mean of each round's best rate,
-    the shape that did best over the rounds, and that shape's client CPU per call."""
-    best = [max(r["per_s"] for r in rnd.values()) for rnd in rounds]
+    """One system's figure from rounds that each tried every client shape: the shape that did best over all the
+    rounds, and that shape's figures: its mean rate, its rate in each round, its client CPU per call, the mean of
+    its rounds' p50 latencies and the worse of their p99s."""
     shape = max(rounds[0], key=lambda k: sum(rnd[k]["per_s"] for rnd in rounds))
-    return {"per_s": statistics.fmean(best), "best_by_round": best, "clients": shape,
-            "client_cpu_us_per_call": statistics.fmean(rnd[shape]["client_cpu_us_per_call"] for rnd in rounds),
+    runs = [rnd[shape] for rnd in rounds]
+    return {"per_s": statistics.fmean(r["per_s"] for r in runs), "by_round": [r["per_s"] for r in runs],
+            "clients": shape, "client_cpu_us_per_call": statistics.fmean(r["client_cpu_us_per_call"] for r in runs),
+            "p50_ms": statistics.fmean(r["p50_ms"] for r in runs), "p99_ms": max(r["p99_ms"] for r in runs),
             "rounds": rounds}
 
 
-def celery_submitters(env: dict[str, str], workdir: Path, procs: int, seconds: float) -> dict[str, Any]:
-    """Tasks/s sent with ``delay()`` (results not awaited) by ``procs`` client processes."""
-    return run_clients("celery-submit", procs, 1, seconds, env, workdir)
+def celery_submitters(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> dict[str, Any]:
+    """Tasks/s sent with ``delay()`` (results not awaited) by ``procs`` client processes of ``threads`` threads."""
+    return run_clients("celery-submit", procs, threads, seconds, env, workdir)
 
 
 def celery_clients(env: dict[str, str], workdir: Path, procs: int, threads: int, seconds: float) -> dict[str, Any]:
@@ -377,16 +407,10 @@ class CeleryPeer:
             self.redis = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def latency(self) -> dict[str, float]:
-        """``delay().get()`` one after another."""
-        samples = []
-        for i in range(300 if self.quick else 2000):
-            t0 = time.perf_counter()
-            self.task.delay(i).get(timeout=10)
-            samples.append(time.perf_counter() - t0)
-        return {"p50_ms": pct(samples, 0.50) * 1000, "p99_ms": pct(samples, 0.99) * 1000,
-                "max_ms": max(samples) * 1000, "over_slow_ms": sum(x * 1000 > SLOW_MS for x in samples),
-                "requests": len(samples)}
+    def latency(self) -> dict[str, Any]:
+        """``delay().get()`` one after another, by one client process of one thread (the client that times
+        Shoal's calls at c=1 is the same script, making its calls with http.client)."""
+        return celery_clients(self.env, self.workdir, 1, 1, self.seconds)
 
     def saturation(self, label: str) -> dict[str, dict[str, Any]]:
         """Tasks/s with results fetched, for each of CLIENT_SHAPES (processes x threads): the client must not be
@@ -421,30 +445,35 @@ class CeleryPeer:
 
     def submissions(self, seconds: float) -> dict[str, dict[str, Any]]:
         """``delay()`` submissions/s with the worker running the tasks on the same cores, for each of
-        SUBMIT_PROCS client processes, each run on an empty queue."""
+        SUBMIT_SHAPES (client processes x threads), each run on an empty queue."""
         assert self.worker is not None
         out = {}
-        for procs in SUBMIT_PROCS:
-            print(f"  celery delay(), {procs} client process(es), worker running...", flush=True)
+        for procs, threads in SUBMIT_SHAPES:
+            print(f"  celery delay(), {procs}x{threads} clients, worker running...", flush=True)
             self.flush()
-            out[str(procs)] = celery_submitters(self.env, self.workdir, procs, seconds)
+            out[f"{procs}x{threads}"] = celery_submitters(self.env, self.workdir, procs, threads, seconds)
         return out
 
-    def ingest(self, procs: int, seconds: float) -> dict[str, Any]:
+    def ingest(self, procs: int, threads: int, seconds: float) -> dict[str, Any]:
         """``delay()`` submissions/s with the worker stopped (the peer of Shoal's ingest figure, taken with its
         nodes stopped), on an empty queue; then the durability check (see :func:`check_durability`). Each client
         process's warm-up task is not counted."""
         assert self.worker is None
-        print(f"  celery delay(), {procs} client process(es), worker stopped, then Redis killed...", flush=True)
+        print(f"  celery delay(), {procs}x{threads} clients, worker stopped, then Redis killed...", flush=True)
         self.flush()
-        res = celery_submitters(self.env, self.workdir, procs, seconds)
+        res = celery_submitters(self.env, self.workdir, procs, threads, seconds)
         check_durability(res, lambda: self.queued() - procs, self.restart_redis, time.monotonic())
         return res
 
 
 # ---- durability ----------------------------------------------------------------------------------
-KILL_AFTER = 1.5  # seconds from a run's last answer to the SIGKILL of its Redis (AOF fsync: every second)
-SUBMIT_PROCS = (1, 2)  # client processes of one-call-at-a-time async submitters (Celery's delay(), Shoal's POST)
+# Seconds from a run's last answer to the SIGKILL of its Redis. (A SIGKILL loses nothing Redis wrote to its AOF,
+# fsynced or not: the page cache survives it. The check shows what survives a crash of Redis, not of the host,
+# where appendfsync everysec can lose up to about a second: both stacks alike.)
+KILL_AFTER = 1.5
+# Async submitters, Celery's delay() and Shoal's POST, each thread one call at a time: client processes x threads
+# (one caller, and 32 in flight as wrk's 32 connections, in one process or in four).
+SUBMIT_SHAPES = ((1, 1), (1, 32), (4, 8))
 
 
 def persistence(url: str) -> dict[str, str]:
@@ -736,8 +765,8 @@ def wrk_calls(url: str, per_request: int, connections: int, seconds: int) -> dic
     """wrk's figures for invoke-async (one call per request) or invoke-batch (``per_request`` calls per request),
     plus calls and calls/s; a non-2xx answer or a socket error fails the run."""
     body = json.dumps({"calls": [{"params": 1}] * per_request}) if per_request > 1 else '{"params": 1}'
-    res = wrk(url, body, connections, seconds)
-    if res["non_2xx"] or res["socket_errors"] or not res["requests"]:
+    res = wrk(url, body, connections, seconds, expect=202)
+    if res["unexpected_status"] or res["socket_errors"] or not res["requests"]:
         raise RuntimeError(f"async submissions to {url} failed: {res}")
     res.update(calls=res["requests"] * per_request, per_s=res["rps"] * per_request,
                seconds=res["requests"] / res["rps"], connections=connections, per_request=per_request)
@@ -794,8 +823,9 @@ def bench_async(cluster: LocalCluster, redis: ShoalRedis, seconds: int, peer_sta
     """Async submissions of one call per request, Shoal's and Celery's back to back in each phase:
 
     while calls run  nodes and Celery's worker up, runs of half ``seconds``: Shoal driven by wrk (32 connections)
-                     and by Python clients (SUBMIT_PROCS processes, each one POST at a time on a keep-alive
-                     connection), then Celery's ``delay()`` from the same processes; and the rate at which all of
+                     and by Python clients (SUBMIT_SHAPES, processes x threads, each thread one POST at a time
+                     on a keep-alive connection), then Celery's ``delay()`` from the same shapes; and the rate at
+                     which all of
                      the calls wrk submitted then ran;
     ingest alone     nodes and worker stopped, runs of ``seconds`` (10 in a full run), the same clients, then
                      Shoal's batching run (BATCH calls per request), each followed by the durability check (Redis
@@ -812,11 +842,11 @@ def bench_async(cluster: LocalCluster, redis: ShoalRedis, seconds: int, peer_sta
     res["completed_per_s"] = res["calls"] / (time.monotonic() - t0)  # from the first submission to the last end
     verified(cluster, "async submissions (wrk)", before, res, res["calls"])
     python: dict[str, Any] = {}
-    for procs in SUBMIT_PROCS:
-        print(f"  shoal async submissions, {procs} Python client process(es), nodes running...", flush=True)
+    for procs, threads in SUBMIT_SHAPES:
+        print(f"  shoal async submissions, {procs}x{threads} Python clients, nodes running...", flush=True)
         before = outcomes(cluster)
-        res = python[str(procs)] = run_clients("shoal-async", procs, 1, short, target=url)
-        verified(cluster, f"async submissions ({procs} Python clients)", before, res, res["calls"])
+        res = python[f"{procs}x{threads}"] = run_clients("shoal-async", procs, threads, short, target=url)
+        verified(cluster, f"async submissions ({procs}x{threads} Python clients)", before, res, res["calls"])
     out["async_running_python"] = python
     peer["async_running"] = peer_stack.submissions(short)
 
@@ -841,11 +871,12 @@ def bench_async(cluster: LocalCluster, redis: ShoalRedis, seconds: int, peer_sta
         return res
 
     ingest: dict[str, Any] = {"wrk": shoal_ingest("wrk", lambda: wrk_calls(url, 1, 32, seconds), 32)}
-    for procs in SUBMIT_PROCS:
-        ingest[f"python_{procs}"] = shoal_ingest(
-            f"{procs} Python client process(es)",
-            functools.partial(run_clients, "shoal-async", procs, 1, seconds, target=url), 0)
-    peer["ingest"] = {str(procs): peer_stack.ingest(procs, seconds) for procs in SUBMIT_PROCS}
+    for procs, threads in SUBMIT_SHAPES:
+        ingest[f"python_{procs}x{threads}"] = shoal_ingest(
+            f"{procs}x{threads} Python clients",
+            functools.partial(run_clients, "shoal-async", procs, threads, seconds, target=url), 0)
+    peer["ingest"] = {f"{procs}x{threads}": peer_stack.ingest(procs, threads, seconds)
+                      for procs, threads in SUBMIT_SHAPES}
     peer_stack.flush()
     ingest["batch"] = shoal_ingest(f"wrk, {BATCH} calls per request",
                                    lambda: wrk_calls(cluster.url + "/v1/functions/echo/invoke-batch", BATCH, 2,
@@ -891,7 +922,7 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         def sync_run(label: str, target: str, conns: int) -> dict[str, Any]:
             print(f"  shoal {label}...", flush=True)
             before = outcomes(cluster)
-            res = wrk(target, '{"params": 1}', conns, seconds)
+            res = wrk(target, '{"params": 1}', conns, seconds, expect=200)
             verified(cluster, label, before, res, int(res["requests"]))
             return res
 
@@ -911,6 +942,10 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         # clients), Celery, Celery, Shoal (Python clients, then wrk), so that a steady change in the host's speed
         # weighs on both alike.
         out["sync_c1"] = sync_run("sync c=1", url, 1)
+        print("  shoal sync c=1, one Python client (as celery's)...", flush=True)
+        before = outcomes(cluster)
+        res = out["sync_c1_python"] = run_clients("shoal-sync", 1, 1, seconds, target=url)
+        verified(cluster, "sync c=1, Python client", before, res, res["calls"])
         print("  celery delay().get() one after another...", flush=True)
         peer.update(peer_stack.latency())
         first = sync_run("sync c=32 (round 1)", url, 32)
@@ -922,15 +957,15 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         out["sync_c32"] = {"rps": (first["rps"] + second["rps"]) / 2,
                            "p50_ms": (first["p50_ms"] + second["p50_ms"]) / 2,
                            "p99_ms": max(first["p99_ms"], second["p99_ms"]),
-                           "max_ms": max(first["max_ms"], second["max_ms"]), "non_2xx": 0,
+                           "max_ms": max(first["max_ms"], second["max_ms"]), "unexpected_status": 0,
                            "requests": first["requests"] + second["requests"],
                            "client_cpu_us_per_call": (first["client_cpu_s"] + second["client_cpu_s"])
                            / (first["requests"] + second["requests"]) * 1e6, "rounds": [first, second]}
         python = out["sync_python"] = best_of_rounds(python_rounds)
         saturation = peer["saturation"] = best_of_rounds(celery_rounds)
-        celery_best = saturation["best_by_round"]
-        out["ratio_wrk_by_round"] = [first["rps"] / celery_best[0], second["rps"] / celery_best[1]]
-        out["ratio_python_by_round"] = [p / c for p, c in zip(python["best_by_round"], celery_best, strict=True)]
+        celery_rates = saturation["by_round"]
+        out["ratio_wrk_by_round"] = [first["rps"] / celery_rates[0], second["rps"] / celery_rates[1]]
+        out["ratio_python_by_round"] = [p / c for p, c in zip(python["by_round"], celery_rates, strict=True)]
         out["sync_c32_pool4"] = sync_run("sync c=32, 2-4 containers per node",
                                          cluster.url + "/v1/functions/echo4/invoke", 32)
         bench_async(cluster, redis, seconds, peer_stack, out, peer)
@@ -943,7 +978,7 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
             cold.append(time.perf_counter() - t0)
             if status != 200 or call.get("status") != "DONE" or call.get("result") != i or not call.get("cold"):
                 raise RuntimeError(f"expected a cold call that succeeded: {status} {call}")
-        out["cold_p50_ms"] = statistics.median(cold) * 1000
+        out["cold_p50_ms"], out["cold_calls"] = statistics.median(cold) * 1000, len(cold)
         print("  shoal archive distribution (and its floors: raw ZMQ, page-cache write)...", flush=True)
         data = big_archive()
         assert cluster.base is not None
@@ -985,18 +1020,15 @@ def best(runs: dict[str, dict[str, Any]], key: str) -> tuple[str, dict[str, Any]
 
 def async_rows(s: dict[str, Any], c: dict[str, Any]) -> list[tuple[str, str]]:
     ing, cing = s["ingest"], c["ingest"]
-    procs = "/".join(cing)
+    shapes = "/".join(cing)
     cn, cbest = best(cing, "durable_per_s")
     pn, pbest = best({k.removeprefix("python_"): v for k, v in ing.items() if k.startswith("python_")},
                      "durable_per_s")
 
     def durable(res: dict[str, Any], accepted: str = "calls answered 202") -> str:
-        return (f"{res['per_s']:.0f}/s accepted ({res['calls']} {accepted}), {res['recovered']} recovered"
-                + (f" ({res['lost']} LOST)" if res["lost"] else "") + f" = {res['durable_per_s']:.0f}/s durably "
-                "recorded")
-
-    def ratio(res: dict[str, Any]) -> str:
-        return f"{res['durable_per_s'] / cbest['durable_per_s']:.2f}x celery"
+        return (f"{res['per_s']:.0f}/s accepted ({res['calls']} {accepted}), {res['recovered']} in Redis after "
+                "its SIGKILL" + (f" ({res['lost']} LOST)" if res["lost"] else "")
+                + f" = {res['durable_per_s']:.0f}/s kept")
 
     wrk_run, py_run, celery_run = s["async_running_wrk"], s["async_running_python"], c["async_running"]
     rn, rbest = best(py_run, "per_s")
@@ -1006,19 +1038,21 @@ def async_rows(s: dict[str, Any], c: dict[str, Any]) -> list[tuple[str, str]]:
         ("async submissions/s",
          f"one call per request, ingest alone (shoal's nodes and celery's worker stopped), "
          f"{ing['wrk']['seconds']:.0f} s runs; after each, its Redis SIGKILLed >= {KILL_AFTER} s after the last "
-         "answer and restarted from its AOF:\n"
-         f"shoal, wrk (32 connections): {durable(ing['wrk'])} = {ratio(ing['wrk'])}\n"
-         f"shoal, Python clients as celery's (best of {procs} processes: {pn}): {durable(pbest)} = {ratio(pbest)}\n"
-         f"celery delay() (best of {procs} processes: {cn}): {durable(cbest, 'delay() calls returned')}"),
+         "answer and restarted from its AOF (what survives a crash of Redis; a crash of the host can lose about "
+         "the last second's writes, appendfsync everysec, for both alike):\n"
+         f"shoal, Python clients as celery's (best of {shapes} procs x threads: {pn}): {durable(pbest)} = "
+         f"{pbest['durable_per_s'] / cbest['durable_per_s']:.2f}x celery\n"
+         f"celery delay() (best of {shapes}: {cn}): {durable(cbest, 'delay() calls returned')}\n"
+         f"shoal driven by wrk (a C client, 32 connections; its client takes less of the 2 cores, so no ratio): "
+         f"{durable(ing['wrk'])}"),
         ("async while calls run",
-         f"nodes and celery's worker running, {wrk_run['seconds']:.0f} s runs: shoal wrk {wrk_run['per_s']:.0f}/s "
-         f"= {wrk_run['per_s'] / crbest['per_s']:.2f}x celery (all {wrk_run['calls']} ran at "
-         f"{wrk_run['completed_per_s']:.0f}/s); shoal Python (best of {procs} processes: {rn}) "
-         f"{rbest['per_s']:.0f}/s = {rbest['per_s'] / crbest['per_s']:.2f}x celery; celery delay() (best of {procs} "
-         f"processes: {cr}) {crbest['per_s']:.0f}/s"),
+         f"nodes and celery's worker running, {wrk_run['seconds']:.0f} s runs: shoal Python (best of {shapes}: "
+         f"{rn}) {rbest['per_s']:.0f}/s = {rbest['per_s'] / crbest['per_s']:.2f}x celery; celery delay() (best of "
+         f"{shapes}: {cr}) {crbest['per_s']:.0f}/s; shoal by wrk {wrk_run['per_s']:.0f}/s (all {wrk_run['calls']} "
+         f"ran at {wrk_run['completed_per_s']:.0f}/s)"),
         ("async, batching",
          f"{BATCH} calls per request (wrk, 2 connections), ingest alone, {batch['seconds']:.0f} s: {durable(batch)} "
-         f"= {ratio(batch)} (batches vs celery's one delay() per call: not like for like)\n"
+         f"(batches vs celery's one delay() per call: not like for like)\n"
          f"all {s['ingest_completed']['calls']} calls accepted while the nodes were stopped ran at "
          f"{s['ingest_completed']['per_s']:.0f}/s once they were back"),
         ("redis persistence", f"shoal's: {persistence_text(s['redis_persistence'])}; celery's: "
@@ -1060,28 +1094,38 @@ def persistence_text(conf: dict[str, str]) -> str:
 
 def report(r: dict[str, Any]) -> None:
     s, c = r["shoal"], r["celery"]
-    c1, c32, py, sat = s["sync_c1"], s["sync_c32"], s["sync_python"], c["saturation"]
+    c1, c1py, c32, py, sat = s["sync_c1"], s["sync_c1_python"], s["sync_c32"], s["sync_python"], c["saturation"]
 
     def slow(res: dict[str, Any]) -> str:
         return (f"max {res['max_ms']:.1f} ms, {res['over_slow_ms']} of {res['requests']} over {SLOW_MS} ms "
                 f"({res['over_slow_ms'] / max(res['requests'], 1):.2%})")
 
     rows = [
-        ("sync c=1", f"shoal p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  {slow(c1)}  "
-                     f"({c1['rps']:.0f}/s, wrk)\n"
-                     f"celery delay().get() p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}  "
-                     f"(p50 {c['p50_ms'] / c1['p50_ms']:.1f}x shoal's)\n"
-                     "(closed loop: one call at a time, so a slow call delays the next instead of being counted "
-                     "in it; the max and the count over 5 ms show the tail)"),
-        ("sync c=32", f"p50 {c32['p50_ms']:.2f} ms  p99 {c32['p99_ms']:.2f} ms  max {c32['max_ms']:.1f} ms  "
-                      f"({c32['rps']:.0f}/s, wrk; 2-4 containers per node: {s['sync_c32_pool4']['rps']:.0f}/s)"),
+        ("sync c=1", f"one Python client (the same script for both: http.client keep-alive for shoal, "
+                     "delay().get() for celery), one call at a time:\n"
+                     f"shoal p50 {c1py['p50_ms']:.2f} ms  p99 {c1py['p99_ms']:.2f} ms  {slow(c1py)}\n"
+                     f"celery p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}\n"
+                     f"celery's / shoal's: p50 {c['p50_ms'] / c1py['p50_ms']:.2f}x, p99 "
+                     f"{c['p99_ms'] / c1py['p99_ms']:.2f}x\n"
+                     f"shoal driven by wrk (a C client): p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  "
+                     f"{slow(c1)}\n"
+                     "(closed loops: a slow call delays the next instead of being counted in it; the max and the "
+                     "count over 5 ms show the tail)"),
+        ("sync c=32", f"Python clients (best shape, procs x threads): shoal ({py['clients']}) p50 {py['p50_ms']:.2f} "
+                      f"ms  p99 {py['p99_ms']:.2f} ms; celery ({sat['clients']}) p50 {sat['p50_ms']:.2f} ms  p99 "
+                      f"{sat['p99_ms']:.2f} ms (celery's / shoal's: p50 {sat['p50_ms'] / py['p50_ms']:.2f}x, p99 "
+                      f"{sat['p99_ms'] / py['p99_ms']:.2f}x)\n"
+                      f"shoal by wrk: p50 {c32['p50_ms']:.2f} ms  p99 {c32['p99_ms']:.2f} ms  max "
+                      f"{c32['max_ms']:.1f} ms  ({c32['rps']:.0f}/s; 2-4 containers per node: "
+                      f"{s['sync_c32_pool4']['rps']:.0f}/s)"),
         ("calls/s at saturation",
-         f"shoal driven by wrk (C, 32 connections): {c32['rps']:.0f}/s = {c32['rps'] / sat['per_s']:.2f}x celery "
-         f"(by round: {', '.join(f'{x:.2f}x' for x in s['ratio_wrk_by_round'])})\n"
          f"shoal driven by Python clients as celery is (http.client, best of {'/'.join(py['rounds'][0])} procs x "
          f"threads: {py['clients']}): {py['per_s']:.0f}/s = {py['per_s'] / sat['per_s']:.2f}x celery (by round: "
          f"{', '.join(f'{x:.2f}x' for x in s['ratio_python_by_round'])})\n"
          f"celery delay().get() (best of {'/'.join(sat['rounds'][0])}: {sat['clients']}): {sat['per_s']:.0f}/s\n"
+         f"shoal driven by wrk (a C client, 32 connections): {c32['rps']:.0f}/s (its client takes less of the 2 "
+         f"cores than a Python one: {c32['rps'] / sat['per_s']:.2f}x celery's Python-client figure, not like for "
+         "like)\n"
          "(each the mean of 2 rounds, in the order shoal wrk, shoal Python, celery, celery, shoal Python, "
          "shoal wrk)"),
         ("client CPU per call", f"wrk {c32['client_cpu_us_per_call']:.0f} us; shoal's Python clients "
@@ -1090,7 +1134,7 @@ def report(r: dict[str, Any]) -> None:
                                 "(user + system, at saturation, on the same 2 cores as the servers)"),
         *async_rows(s, c),
         ("cold (preload none) vs warm", f"cold p50 {s['cold_p50_ms']:.0f} ms vs warm p50 "
-                                        f"{s['sync_c1']['p50_ms']:.2f} ms"),
+                                        f"{c1py['p50_ms']:.2f} ms (median of {s['cold_calls']} cold calls)"),
         *archive_rows(s["archive"]),
     ]
     print_table(rows)
