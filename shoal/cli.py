@@ -56,6 +56,7 @@ from shoal import httpclient
 from shoal.auth import bearer, token_from_env
 from shoal.devenv import procs
 from shoal.devenv.paths import state_dir
+from shoal.devenv.procs import ignore_termination
 from shoal.errors import ConfigError
 
 TERMINAL = ("DONE", "FAILED", "TIMEOUT", "CANCELLED")
@@ -117,13 +118,6 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
 
 #: The signals each command turns into a Stopped exception (Ctrl-C is a KeyboardInterrupt already).
 STOPPED_BY = {"invoke": (signal.SIGTERM,), "calls": (signal.SIGTERM,), "up": (signal.SIGTERM, signal.SIGHUP)}
-
-
-def ignore_termination() -> None:
-    """From here on, Ctrl-C, SIGTERM and SIGHUP wait (a cleanup under way finishes); ``main`` restores them."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass

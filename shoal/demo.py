@@ -7,6 +7,7 @@ the v1 API (sync), prints the result, then stops everything it started.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.archive import build_tar_gz
-from shoal.devenv.procs import exit_on_termination
+from shoal.devenv.procs import exit_on_termination, ignore_termination
 from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
 from shoal.logs import configure
@@ -67,7 +68,8 @@ def main() -> int:
     say("starting the Docker engine and the python runtime image (built offline, cached)...")
     infra = start_infra(with_redis=False)
     try:
-        with LocalCluster(infra.engine.url, agents=2, name="demo") as cluster:
+        # Node ids of this demo's own: an agent removes its node's containers it does not own (another demo's).
+        with LocalCluster(infra.engine.url, agents=2, name=f"demo-{secrets.token_hex(2)}") as cluster:
             say(f"controller {cluster.url}, nodes {', '.join(n['node_id'] for n in cluster.get('/v1/nodes'))}")
             body = expect(cluster.request("POST", "/registerRuntime", SEED_RUNTIME), 200, "POST /registerRuntime")
             say(f"POST /registerRuntime -> 200 {body['name']}")
@@ -87,6 +89,7 @@ def main() -> int:
         say(f"failed: {exc}")
         return 1
     finally:
+        ignore_termination()  # a second Ctrl-C must not leave the engine running with no one to stop it
         infra.close()
 
 

@@ -9,7 +9,6 @@ call it, read the status endpoints.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 from shoal.archive import build_tar_gz
 from shoal.blobs import BlobStore
+from shoal.localcluster import child_env
 from shoal.models import FunctionSpec, Runtime
 from shoal.nodelink import NodeLink
 
@@ -50,7 +50,9 @@ class LocalNode:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self, wait: float = 60.0) -> LocalNode:
-        env = dict(os.environ, DOCKER_HOST=self.docker_url, **self.env)
+        # (the caller's SHOAL_* settings are left out, as for a LocalCluster's agents: a SHOAL_NODE_TOKEN exported
+        # for `shoal up` turned on CURVE, which this link does not speak, and the agent never said hello)
+        env = child_env({"DOCKER_HOST": self.docker_url}, self.env)
         self.link.nodes.pop(self.node_id, None)  # a restart: wait for the new agent's hello
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node_agent", "--controller", self.link.url, "--node-id", self.node_id,

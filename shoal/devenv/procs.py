@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def stop(record: dict[str, int], timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     if alive(record):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it exited meanwhile
 
 
 def exit_on_termination() -> None:
@@ -63,3 +67,11 @@ def exit_on_termination() -> None:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGHUP, leave)
+
+
+def ignore_termination() -> None:
+    """From here on, Ctrl-C, SIGTERM and SIGHUP wait: a cleanup under way (stopping what was started) finishes
+    instead of being cut short by a second one."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)

@@ -177,16 +177,16 @@ class RedisServer:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             pid = 0
-        if pid and _is_redis(pid, self.port):
-            os.kill(pid, signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # its directory is not removed under a server still running
+            if not (pid and _is_redis(pid, self.port)):
+                break
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break  # it exited meanwhile
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and _is_redis(pid, self.port):
                 time.sleep(0.05)
-            if _is_redis(pid, self.port):  # its directory is not removed under a server still running
-                os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and _is_redis(pid, self.port):
-                    time.sleep(0.05)
         if remove:
             shutil.rmtree(self.directory, ignore_errors=True)
 

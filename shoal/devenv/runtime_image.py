@@ -7,11 +7,15 @@ a new Docker data root re-imports it in seconds, and an engine that already has 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import docker
@@ -37,64 +41,122 @@ def recipe_hash() -> str:
 
 
 BUILD_TIMEOUT = 900.0  # seconds mmdebstrap may take
+IMPORT_TIMEOUT = 300.0  # seconds `docker import` may take (a wedged engine must not hang a run)
+STOP_GRACE = 30.0  # seconds mmdebstrap has to clean up (unmount, remove its directory) after a SIGTERM
 
 
 def _build_tarball(out: Path) -> None:
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise ImageBuildError("mmdebstrap is not installed: run scripts/bootstrap.sh")
-    # mmdebstrap picks its output format from the file name: keep the .tar suffix.
-    tmp = out.with_name(out.stem + ".partial.tar")
+    # mmdebstrap picks its output format from the file name: keep the .tar suffix. Its own name per build: it
+    # truncates its target as it starts.
+    tmp = out.with_name(f"{out.stem}.partial-{os.getpid()}.tar")
     cmd = [exe, "--variant=apt", "--quiet", f"--include={','.join(PACKAGES)}"]
     cmd += [f"--dpkgopt=path-exclude={pattern}" for pattern in EXCLUDES]
     cmd += ["bookworm", str(tmp)]
+    # In a session of its own, so that it and the children holding its mounts are stopped as a group (SIGTERM
+    # first: it cleans up on it) when the build is cut short: a timeout, Ctrl-C, a SIGTERM of the run.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
     try:
         # Bounded: it takes under a minute here, and a package mirror that stops answering must not hang CI.
-        result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
-                                timeout=BUILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
+        _, err = proc.communicate(timeout=BUILD_TIMEOUT)
+    except BaseException as exc:
+        _stop_group(proc)
         tmp.unlink(missing_ok=True)
-        raise ImageBuildError(f"mmdebstrap did not finish within {BUILD_TIMEOUT:g} s") from None
-    if result.returncode != 0:
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise ImageBuildError(f"mmdebstrap did not finish within {BUILD_TIMEOUT:g} s") from None
+        raise
+    if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise ImageBuildError(f"mmdebstrap failed ({result.returncode}): {result.stderr[-2000:]}")
+        raise ImageBuildError(f"mmdebstrap failed ({proc.returncode}): {err[-2000:]}")
     tmp.rename(out)
 
 
-def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True) -> str:
-    """Make sure ``IMAGE`` (and its seed alias) exist in the engine; return how: present/imported/built."""
-    want = recipe_hash()
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL to whatever is left of it after STOP_GRACE seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # the whole group is gone
+    try:
+        proc.communicate(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        pass  # killed below
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # it, if it is still there, and children it left behind
+    except ProcessLookupError:
+        pass  # nothing left
+    proc.wait()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing), held for the block: one build at a time."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _present(client: docker.DockerClient, want: str) -> bool:
+    """Whether the engine has ``IMAGE`` of this recipe (tagged with its seed alias too, if it was not)."""
     try:
         image = client.images.get(IMAGE)
-        if image.labels.get(LABEL) == want:
-            if SEED_ALIAS not in {t.split(":")[0] for t in image.tags}:
-                image.tag(SEED_ALIAS)
-            return "present"
     except ImageNotFound:
-        pass
+        return False
+    if image.labels.get(LABEL) != want:
+        return False
+    if SEED_ALIAS not in {t.split(":")[0] for t in image.tags}:
+        image.tag(SEED_ALIAS)
+    return True
+
+
+def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True) -> str:
+    """Make sure ``IMAGE`` (and its seed alias) exist in the engine; return how: present/imported/built.
+    Runs at once (``make demo`` and ``make test``, a test's workers) build and import one at a time."""
+    want = recipe_hash()
+    if _present(client, want):
+        return "present"
     cache = state_dir() / "images"
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"python-bookworm-{want}.tar"
-    how = "imported"
-    if not tarball.is_file():
-        how = "built"
-        if log:
-            # stderr: stdout may be read by a script (``python -m shoal.devenv up`` prints export lines there)
-            print(f"shoal: building the python runtime image offline with mmdebstrap ({tarball})", file=sys.stderr,
-                  flush=True)
-        _build_tarball(tarball)
+    with _locked(cache / f".python-bookworm-{want}.lock"):
+        if _present(client, want):  # another run imported it meanwhile
+            return "present"
+        tarball = cache / f"python-bookworm-{want}.tar"
+        how = "imported"
+        if not tarball.is_file():
+            how = "built"
+            if log:
+                # stderr: stdout may be read by a script (``python -m shoal.devenv up`` prints export lines there)
+                print(f"shoal: building the python runtime image offline with mmdebstrap ({tarball})",
+                      file=sys.stderr, flush=True)
+            _build_tarball(tarball)
+        _import(tarball, docker_host, want)
+    client.images.get(IMAGE).tag(SEED_ALIAS)
+    return how
+
+
+def _import(tarball: Path, docker_host: str, want: str) -> None:
+    """``docker import`` of the cached tarball; one the engine refuses is removed, so the next run builds it
+    again instead of failing the same way."""
     repo, tag = IMAGE.split(":")
     # The SDK's import streams the tarball in a way dockerd 20.10 rejects; the CLI does it right.
     docker_cli = shutil.which("docker")
     if docker_cli is None:
         raise ImageBuildError("the docker CLI is not installed: run scripts/bootstrap.sh")
     env = dict(os.environ, DOCKER_HOST=docker_host, DOCKER_API_VERSION="1.41")
-    result = subprocess.run(
-        [docker_cli, "import", "--change", f"LABEL {LABEL}={want}", str(tarball), f"{repo}:{tag}"],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, check=False,
-    )
+    try:
+        result = subprocess.run(
+            [docker_cli, "import", "--change", f"LABEL {LABEL}={want}", str(tarball), f"{repo}:{tag}"],
+            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, check=False, timeout=IMPORT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise ImageBuildError(f"docker import did not finish within {IMPORT_TIMEOUT:g} s") from None
     if result.returncode != 0:
-        raise ImageBuildError(f"docker import failed: {result.stderr.strip()[-2000:]}")
-    image = client.images.get(IMAGE)
-    image.tag(SEED_ALIAS)
-    return how
+        tarball.unlink(missing_ok=True)
+        raise ImageBuildError(f"docker import failed (the cached tarball is removed; the next run builds it "
+                              f"again): {result.stderr.strip()[-2000:]}")

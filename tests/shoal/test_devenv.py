@@ -150,15 +150,115 @@ def test_each_up_holds_its_own_lease_until_its_down(daemon: Any, tmp_path: Path,
         assert sorted(users.live()) == sorted([first, second])
         devenv.down(first)
         assert proc.poll() is None and users.live() == [second]
-        assert devenv.record_path().exists()  # the second `up`'s record, for its own `down`
+        assert devenv.record_path(second).exists()  # the second `up`'s record, for its own `down`
         shell.kill()  # killed before its `down`: its lease ends with it
         shell.wait()
-        devenv.down()  # (the record's lease: already gone) the last one out
-        assert proc.wait(timeout=30) == -15 and not devenv.record_path().exists()
+        devenv.down(second)  # (the record's lease: already gone) the last one out
+        assert proc.wait(timeout=30) == -15 and not devenv.record_path(second).exists()
     finally:
         if shell.poll() is None:
             shell.kill()
             shell.wait()
+
+
+@pytest.fixture
+def stand_in_engine(daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``devenv``'s module with its engine a stand-in of ``daemon`` (each ``up`` takes a lease on it)."""
+    import shoal.devenv.__main__ as devenv
+    from shoal.devenv.docker_engine import DockerEngine
+    from shoal.devenv.engine_users import EngineUsers, process_lease
+
+    root, _ = daemon
+    monkeypatch.setenv("SHOAL_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("SHOAL_DEVENV_ID", raising=False)
+
+    def engine() -> DockerEngine:
+        lease = process_lease()
+        with EngineUsers(root).locked() as users:
+            users.add(lease)
+        return DockerEngine(url="unix:///x/docker.sock", lease=lease, root=root)
+
+    monkeypatch.setattr(devenv, "engine_with_image", engine)
+    return devenv
+
+
+def redis_answers(url: str) -> bool:
+    from redis import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    try:
+        with Redis.from_url(url, socket_timeout=5) as r:
+            return bool(r.ping())
+    except RedisConnectionError:
+        return False
+
+
+def test_an_up_beside_another_leaves_the_others_redis_and_record_alone(stand_in_engine: Any) -> None:
+    """One record for every `up`: a developer's `up` (Redis, for the local inventory), then `make test`'s `up`
+    stopped that Redis and deleted its data, and wrote over its record (the developer's `down` then found
+    nothing to stop, and the engine's named lease stayed)."""
+    devenv = stand_in_engine
+    mine = devenv.up(with_redis=True)
+    try:
+        tests = devenv.up(with_redis=False)
+        assert tests["SHOAL_DEVENV_ID"] != mine["SHOAL_DEVENV_ID"]
+        assert redis_answers(mine["SHOAL_REDIS_URL"])
+        devenv.down(tests["SHOAL_ENGINE_LEASE"])
+        assert redis_answers(mine["SHOAL_REDIS_URL"])
+        assert devenv.record_path(mine["SHOAL_DEVENV_ID"]).exists()
+    finally:
+        devenv.down(mine["SHOAL_ENGINE_LEASE"])
+    assert not redis_answers(mine["SHOAL_REDIS_URL"])
+    assert not devenv.record_path(mine["SHOAL_DEVENV_ID"]).exists()
+
+
+def test_the_redis_of_an_up_whose_holder_died_is_stopped_by_the_next_up(stand_in_engine: Any) -> None:
+    devenv = stand_in_engine
+    shell = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = devenv.up(with_redis=True, holder=shell.pid)
+        assert redis_answers(dead["SHOAL_REDIS_URL"])
+    finally:
+        shell.kill()  # killed before its `down`
+        shell.wait()
+    later = devenv.up(with_redis=False)
+    try:
+        assert not redis_answers(dead["SHOAL_REDIS_URL"])
+        assert not devenv.record_path(dead["SHOAL_DEVENV_ID"]).exists()
+    finally:
+        devenv.down(later["SHOAL_ENGINE_LEASE"])
+
+
+def test_an_up_that_fails_midway_leaves_no_lease_and_no_record(stand_in_engine: Any, daemon: Any,
+                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No export line is printed for it, so no `down` comes: it must undo what it did itself."""
+    from shoal.devenv.engine_users import EngineUsers
+
+    devenv = stand_in_engine
+    root, proc = daemon
+
+    def no_redis() -> None:
+        raise RuntimeError("redis-server would not start")
+
+    monkeypatch.setattr(devenv, "start_redis", no_redis)
+    with pytest.raises(RuntimeError, match="would not start"):
+        devenv.up(with_redis=True)
+    assert EngineUsers(root).live() == [] and proc.wait(timeout=30) == -15  # (the last one out)
+    assert list((tmp_path / "devenv").glob("*")) == []
+
+
+def test_a_damaged_record_is_one_warning_not_a_traceback(stand_in_engine: Any, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A run killed as an older version wrote its one record left it empty: every later `up` and `down` failed
+    with a JSONDecodeError until it was removed by hand."""
+    devenv = stand_in_engine
+    (tmp_path / "devenv.json").write_text('{"engine_le')
+    devenv.down()
+    assert "ignoring the unreadable record" in capsys.readouterr().err
+    (tmp_path / "devenv").mkdir(exist_ok=True)
+    (tmp_path / "devenv" / "devenv-0a1b.json").write_text("")
+    env = devenv.up(with_redis=False)
+    devenv.down(env["SHOAL_ENGINE_LEASE"])
 
 
 def test_what_is_not_a_lease_holds_nothing_and_breaks_nothing(daemon: Any) -> None:

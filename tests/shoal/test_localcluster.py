@@ -98,3 +98,25 @@ def test_stop_goes_on_past_an_agent_it_cannot_stop(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
 
+
+
+def test_a_local_node_leaves_the_callers_shoal_settings_out_of_its_agents_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SHOAL_NODE_TOKEN exported for `shoal up` turned CURVE on in a test's agent (its link does not speak it):
+    every node test waited 60 s and failed with "to say hello", naming no cause."""
+    from shoal import localnode
+
+    monkeypatch.setenv("SHOAL_NODE_TOKEN", "n" * 43)
+    monkeypatch.setenv("SHOAL_AGENT_CAPACITY", "1")
+    seen: dict[str, str] = {}
+
+    def popen(args: list[str], env: dict[str, str], **_: Any) -> None:
+        seen.update(env)
+        raise OSError("not started: the environment is what this test reads")
+
+    monkeypatch.setattr(localnode.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="not started"), localnode.LocalNode("unix:///x.sock",
+                                                                         env={"SHOAL_AGENT_KEEPALIVE": "5"}):
+        pass
+    assert seen["DOCKER_HOST"] == "unix:///x.sock" and seen["SHOAL_AGENT_KEEPALIVE"] == "5"
+    assert "SHOAL_NODE_TOKEN" not in seen and "SHOAL_AGENT_CAPACITY" not in seen and seen["PATH"]
