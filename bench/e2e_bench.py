@@ -20,6 +20,8 @@ shoal    2 agents; the trivial handler with one warm container per node (and, fo
                   That is what survives a crash of Redis; a crash of the host can lose about the last second
                   (appendfsync everysec), for both stacks alike. Then the nodes come back and every call
                   accepted meanwhile runs.
+         floor    a bare aiohttp JSON round trip on uvloop (no Redis, no node) driven by the same client, at
+                  c=1 and at saturation: what a REST call costs here before Shoal does anything.
          cold (preload none) vs warm latency; archive distribution (a 200 MiB-payload archive, MB = 10^6
                   bytes, fetched by 2 nodes at once, MB/s per node, with warm calls every 10 ms meanwhile; and
                   by one node alone, in a cluster of its own), each against a raw ZMQ transfer of the same
@@ -54,6 +56,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -69,7 +72,7 @@ from controller.keys import ACTIVE as ACTIVE_KEY
 from controller.keys import call as call_key
 from shoal.archive import build_tar_gz
 from shoal.devenv.procs import exit_on_termination
-from shoal.devenv.redis_server import RedisServer, start_redis
+from shoal.devenv.redis_server import RedisServer, free_port, start_redis
 from shoal.devenv.stack import start_infra
 from shoal.localcluster import LocalCluster
 from shoal.logs import configure
@@ -134,6 +137,54 @@ def wrk(url: str, body: str, connections: int, seconds: int, expect: int, thread
             "requests": requests,
             "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0, "client_cpu_s": cpu,
             "client_cpu_us_per_call": cpu / max(requests, 1) * 1e6}
+
+
+# ---- the HTTP floor ------------------------------------------------------------------------------
+FLOOR_SERVER = r"""
+# The floor of a REST call on this machine: aiohttp on uvloop, as the controller serves (no access log), reading
+# and parsing the JSON body and answering a JSON body of a DONE call's shape; no Redis, no node.
+import json, sys
+import uvloop
+from aiohttp import web
+
+async def invoke(request):
+    params = json.loads(await request.read())["params"]
+    return web.json_response({"id": "floor", "status": "DONE", "result": params})
+
+app = web.Application()
+app.router.add_post("/invoke", invoke)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+            loop=uvloop.new_event_loop())
+"""
+
+
+class HttpFloor:
+    """:data:`FLOOR_SERVER` in a process of its own: what a REST round trip costs here before Shoal does
+    anything (the same client drives it as drives Shoal and Celery)."""
+
+    def __enter__(self) -> HttpFloor:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/invoke"
+        self.proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError("the HTTP floor's server did not start") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def outcomes(cluster: LocalCluster) -> dict[str, float]:
@@ -948,6 +999,11 @@ def bench_shoal(docker_url: str, seconds: int, quick: bool,
         verified(cluster, "sync c=1, Python client", before, res, res["calls"])
         print("  celery delay().get() one after another...", flush=True)
         peer.update(peer_stack.latency())
+        print("  the HTTP floor: a bare aiohttp JSON round trip, c=1 and saturation (Python clients)...", flush=True)
+        with HttpFloor() as floor:
+            out["http_floor_c1"] = run_clients("shoal-sync", 1, 1, seconds, target=floor.url)
+            out["http_floor_saturation"] = {f"{p}x{t}": run_clients("shoal-sync", p, t, seconds, target=floor.url)
+                                            for p, t in CLIENT_SHAPES}
         first = sync_run("sync c=32 (round 1)", url, 32)
         python_rounds = [python_run("round 1")]
         celery_rounds = [peer_stack.saturation("round 1"), peer_stack.saturation("round 2")]
@@ -1095,6 +1151,8 @@ def persistence_text(conf: dict[str, str]) -> str:
 def report(r: dict[str, Any]) -> None:
     s, c = r["shoal"], r["celery"]
     c1, c1py, c32, py, sat = s["sync_c1"], s["sync_c1_python"], s["sync_c32"], s["sync_python"], c["saturation"]
+    hf = s["http_floor_c1"]
+    hfs_shape, hfs = best(s["http_floor_saturation"], "per_s")
 
     def slow(res: dict[str, Any]) -> str:
         return (f"max {res['max_ms']:.1f} ms, {res['over_slow_ms']} of {res['requests']} over {SLOW_MS} ms "
@@ -1107,6 +1165,9 @@ def report(r: dict[str, Any]) -> None:
                      f"celery p50 {c['p50_ms']:.2f} ms  p99 {c['p99_ms']:.2f} ms  {slow(c)}\n"
                      f"celery's / shoal's: p50 {c['p50_ms'] / c1py['p50_ms']:.2f}x, p99 "
                      f"{c['p99_ms'] / c1py['p99_ms']:.2f}x\n"
+                     f"floor, a bare aiohttp JSON round trip (no Redis, no node), same client: p50 "
+                     f"{hf['p50_ms']:.2f} ms  p99 {hf['p99_ms']:.2f} ms (shoal's p50 = "
+                     f"{c1py['p50_ms'] / hf['p50_ms']:.1f}x the floor)\n"
                      f"shoal driven by wrk (a C client): p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms  "
                      f"{slow(c1)}\n"
                      "(closed loops: a slow call delays the next instead of being counted in it; the max and the "
@@ -1123,6 +1184,8 @@ def report(r: dict[str, Any]) -> None:
          f"threads: {py['clients']}): {py['per_s']:.0f}/s = {py['per_s'] / sat['per_s']:.2f}x celery (by round: "
          f"{', '.join(f'{x:.2f}x' for x in s['ratio_python_by_round'])})\n"
          f"celery delay().get() (best of {'/'.join(sat['rounds'][0])}: {sat['clients']}): {sat['per_s']:.0f}/s\n"
+         f"floor, the bare aiohttp round trip with the same clients (best: {hfs_shape}): {hfs['per_s']:.0f}/s (shoal = "
+         f"{py['per_s'] / hfs['per_s']:.2f}x the floor)\n"
          f"shoal driven by wrk (a C client, 32 connections): {c32['rps']:.0f}/s (its client takes less of the 2 "
          f"cores than a Python one: {c32['rps'] / sat['per_s']:.2f}x celery's Python-client figure, not like for "
          "like)\n"
