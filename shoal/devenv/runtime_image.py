@@ -1,8 +1,10 @@
 """The base python runtime image, built offline (no registry is reachable) and cached.
 
-``mmdebstrap`` builds a Debian bookworm root filesystem with python3 and pip from the machine's apt
-sources; ``docker import`` turns it into an image. The tarball is cached under the state directory, so
-a new Docker data root re-imports it in seconds, and an engine that already has the image skips both.
+``mmdebstrap`` builds a Debian bookworm root filesystem with python3 and pip from Debian's archive
+(deb.debian.org, mmdebstrap's default: the package registry, not an image registry; through the proxy the
+machine's apt is configured with, if any); ``docker import`` turns it into an image. The tarball is cached
+under the state directory, so a new Docker data root re-imports it in seconds, and an engine that already has
+the image skips both.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,6 +57,7 @@ def _build_tarball(out: Path) -> None:
     tmp = out.with_name(f"{out.stem}.partial-{os.getpid()}.tar")
     cmd = [exe, "--variant=apt", "--quiet", f"--include={','.join(PACKAGES)}"]
     cmd += [f"--dpkgopt=path-exclude={pattern}" for pattern in EXCLUDES]
+    cmd += [f'--aptopt={name} "{value}"' for name, value in _apt_proxies().items()]
     cmd += ["bookworm", str(tmp)]
     # In a session of its own, so that it and the children holding its mounts are stopped as a group (SIGTERM
     # first: it cleans up on it) when the build is cut short: a timeout, Ctrl-C, a SIGTERM of the run.
@@ -72,6 +76,22 @@ def _build_tarball(out: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise ImageBuildError(f"mmdebstrap failed ({proc.returncode}): {err[-2000:]}")
     tmp.rename(out)
+
+
+def _apt_proxies() -> dict[str, str]:
+    """The proxies the machine's apt is configured with (mmdebstrap's apt reads a configuration of its own)."""
+    apt_config = shutil.which("apt-config")
+    if apt_config is None:
+        return {}
+    names = {"Acquire::http::Proxy": "HTTP", "Acquire::https::Proxy": "HTTPS"}
+    args = [arg for name, var in names.items() for arg in (var, name)]
+    try:
+        out = subprocess.run([apt_config, "shell", *args], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = dict(re.findall(r"^(HTTPS?)='([^']*)'$", out, re.M))
+    return {name: found[var] for name, var in names.items() if found.get(var)}
 
 
 def _stop_group(proc: subprocess.Popen[str]) -> None:

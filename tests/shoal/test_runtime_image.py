@@ -124,3 +124,15 @@ def test_a_tarball_the_engine_refuses_is_not_kept(tools: Path, tmp_path: Path) -
     docker_cli(tools, imported)  # the engine takes it now: built again, imported
     assert ensure_image(engine, "unix:///x.sock", log=False) == "built"
     assert ensure_image(engine, "unix:///x.sock", log=False) == "present"
+
+
+def test_mmdebstrap_goes_through_the_proxy_apt_is_configured_with(tools: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmdebstrap's apt reads a configuration of its own: on a machine that reaches Debian's archive only through
+    a proxy, the build failed."""
+    (tmp_path / "apt.conf").write_text('Acquire::http::Proxy "http://127.0.0.1:3142";\n')
+    monkeypatch.setenv("APT_CONFIG", str(tmp_path / "apt.conf"))
+    script(tools / "mmdebstrap", f'printf "%s\\n" "$@" > {tools}/mmdebstrap.args\necho built > "${{@: -1}}"\n')
+    docker_cli(tools, tmp_path / "imported")
+    assert ensure_image(StandInEngine(tmp_path / "imported"), "unix:///x.sock", log=False) == "built"
+    assert '--aptopt=Acquire::http::Proxy "http://127.0.0.1:3142"' in (tools / "mmdebstrap.args").read_text()
