@@ -10,7 +10,8 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,6 +33,10 @@ from shoal.models import FunctionSpec, Runtime, check_name
 from shoal.protocol import Msg
 
 log = get_logger("service")
+
+#: What an upload learns once its archive is received (see Service.upload_function): a runtime, if it comes
+#: then (else None), and more options.
+LateOptions = Callable[[], Awaitable[tuple[str | None, dict[str, Any]]]]
 
 
 def request_fingerprint(name: str, version: int | None, timeout: float | None, params: Any) -> str:
@@ -99,35 +104,62 @@ class Service:
         self.hub.broadcast(Msg.RUNTIME_GONE, {"name": name})  # nodes stop the containers started ahead for it
 
     # ---- functions -----------------------------------------------------------------------------
-    async def upload_function(self, name: str, runtime: str, chunks: AsyncIterator[bytes],
-                              options: dict[str, Any], original_name: str = "") -> dict[str, Any]:
+    async def upload_function(self, name: str, runtime: str | None, chunks: AsyncIterator[bytes],
+                              options: dict[str, Any], original_name: str = "",
+                              more_options: LateOptions | None = None) -> dict[str, Any]:
+        """Store a new version of ``name`` from the archive ``chunks``. ``more_options``: awaited once the archive
+        is received, for what comes after it (a multipart body's form fields after its file part): the runtime
+        if it comes there (``runtime`` is None then), and more options. What comes before is checked before a
+        byte of the archive is read."""
         check_name(name, "function name")
-        self.uploading_for[runtime] += 1  # before the runtime's check: a delete meanwhile sees it (delete_runtime)
-        try:
-            await self.get_runtime(runtime)
-            spec_fields = dict(options, name=name, runtime=runtime)
-            # The options first: a refused upload keeps nothing, and nothing is read for a request that is refused.
-            FunctionSpec.from_dict(dict(spec_fields, version=1, sha256="0" * 64, size=1))
+        async with AsyncExitStack() as stack:
+            if runtime is not None:
+                await self._use_runtime(stack, name, runtime, options)
             if self.uploading >= UPLOADS_AT_ONCE:  # each can take the archive limit on disk: bounded
                 raise Busy(f"{UPLOADS_AT_ONCE} uploads are being received; try again shortly", retry_after=5)
             self.uploading += 1
-            try:
-                return await self._upload(name, spec_fields, chunks, original_name)
-            finally:
-                self.uploading -= 1
-        finally:
-            self.uploading_for[runtime] -= 1
-            if not self.uploading_for[runtime]:
-                del self.uploading_for[runtime]
+            stack.callback(self._upload_ended)
+            return await self._upload(stack, name, runtime, options, chunks, original_name, more_options)
+        raise AssertionError("unreachable")  # (mypy: AsyncExitStack may swallow an exception)
 
-    async def _upload(self, name: str, spec_fields: dict[str, Any], chunks: AsyncIterator[bytes],
-                      original_name: str) -> dict[str, Any]:
+    def _upload_ended(self) -> None:
+        self.uploading -= 1
+
+    async def _use_runtime(self, stack: AsyncExitStack, name: str, runtime: str, options: dict[str, Any]) -> None:
+        """Count an upload for ``runtime`` until ``stack`` closes, then check the runtime and the options: a refused
+        upload keeps nothing."""
+        self.uploading_for[runtime] += 1  # before the runtime's check: a delete meanwhile sees it (delete_runtime)
+        stack.callback(self._uncount_upload, runtime)
+        await self.get_runtime(runtime)
+        FunctionSpec.from_dict(dict(options, name=name, runtime=runtime, version=1, sha256="0" * 64, size=1))
+
+    def _uncount_upload(self, runtime: str) -> None:
+        self.uploading_for[runtime] -= 1
+        if not self.uploading_for[runtime]:
+            del self.uploading_for[runtime]
+
+    async def _upload(self, stack: AsyncExitStack, name: str, runtime: str | None, options: dict[str, Any],
+                      chunks: AsyncIterator[bytes], original_name: str,
+                      more_options: LateOptions | None) -> dict[str, Any]:
         try:
             fd, tmp_name = tempfile.mkstemp(dir=self.blobs.root, prefix=".upload-")
             os.close(fd)
             tmp = Path(tmp_name)
             try:
                 sha, size = await self._receive_archive(chunks, tmp)
+                if more_options is not None:
+                    late_runtime, late = await more_options()
+                    options = dict(options, **late)
+                    if runtime is None:
+                        if not late_runtime:
+                            raise BadRequest("no runtime: give it as the `runtime` query parameter or form field")
+                        runtime = late_runtime
+                        await self._use_runtime(stack, name, runtime, options)
+                    elif late:
+                        FunctionSpec.from_dict(dict(options, name=name, runtime=runtime, version=1,
+                                                    sha256="0" * 64, size=1))
+                if runtime is None:
+                    raise BadRequest("no runtime: give it as the `runtime` query parameter or form field")
                 async with self.verifying:  # each check expands the archive: bounded, so is the disk it takes
                     await asyncio.to_thread(self._verify_archive, tmp)
                 await asyncio.to_thread(self.blobs.adopt, tmp, sha)
@@ -139,7 +171,8 @@ class Service:
             # The controller's disk (full, failing): not the client's archive, and it may pass.
             log.error("archive_not_stored", function=name, error=str(exc))
             raise InsufficientStorage(f"the controller cannot store the archive now: {exc.strerror or exc}") from None
-        record = await self.store.add_version(dict(spec_fields, sha256=sha, size=size, original_name=original_name))
+        record = await self.store.add_version(dict(options, name=name, runtime=runtime, sha256=sha, size=size,
+                                                   original_name=original_name))
         self.hub.broadcast(Msg.FUNCTION, function_message(record))
         return record
 

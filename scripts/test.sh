@@ -18,7 +18,7 @@ set +e
 # Bounded (CI allows 90 minutes; it takes about 15 here): a test that hangs is interrupted (SIGINT: pytest reports
 # where each test stood) rather than holding CI to its limit.
 timeout -s INT -k 120 "${SHOAL_TEST_TIMEOUT:-3600}" \
-  $PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup --durations=12 "$@"
+  $PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"
 code=$?
 set -e
 exit $code

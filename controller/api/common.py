@@ -6,9 +6,10 @@ import asyncio
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -126,13 +127,42 @@ async def part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
-MAX_FORM_FIELDS = 16  # form fields before the file part (the function's options)
+MAX_FORM_FIELDS = 16  # form fields of an upload, before and after its file part (the function's options)
 MAX_FORM_FIELD = 4096  # bytes of one form field
 MULTIPART_SLACK = MAX_FORM_FIELDS * (MAX_FORM_FIELD + 1024) + 64 * 1024  # fields, their headers, the framing
 
 
-async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> tuple[BodyPartReader, dict[str, str]]:
-    """The multipart file part named one of ``field_names``; form fields before it are returned too (at most
+@dataclass
+class MultipartUpload:
+    """A multipart upload: its file part (to be read first), the form fields before it, and what reads the
+    fields after it once the file part has been read (:meth:`rest`)."""
+
+    part: BodyPartReader
+    fields: dict[str, str]
+    reader: MultipartReader
+    field_names: tuple[str, ...]
+
+    async def rest(self) -> dict[str, str]:
+        """The form fields after the file part (read to the end of the body): at most ``MAX_FORM_FIELDS`` in all,
+        none named twice, and no second file."""
+        after: dict[str, str] = {}
+        while True:
+            part = await body_read(self.reader.next(), "multipart body")
+            if part is None:
+                return after
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue
+            if part.name in self.field_names:
+                raise BadRequest(f"the multipart body has more than one file field ({part.name!r})")
+            if len(self.fields) + len(after) >= MAX_FORM_FIELDS:
+                raise BadRequest(f"at most {MAX_FORM_FIELDS} form fields")
+            if part.name in self.fields or part.name in after:
+                raise BadRequest(f"form field {part.name[:40]!r} is given twice")
+            after[part.name] = await _form_field(part)
+
+
+async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> MultipartUpload:
+    """The multipart file part named one of ``field_names``, with the form fields before it (at most
     ``MAX_FORM_FIELDS`` of at most ``MAX_FORM_FIELD`` bytes each: they are held in memory)."""
     if not request.content_type.startswith("multipart/"):
         raise UnsupportedMedia(f"expected multipart/form-data with a file field {field_names[0]!r}")
@@ -145,10 +175,12 @@ async def multipart_file(request: web.Request, field_names: tuple[str, ...]) -> 
         if not isinstance(part, BodyPartReader):
             continue
         if part.name in field_names:
-            return part, fields
+            return MultipartUpload(part, fields, reader, field_names)
         if part.name:
             if len(fields) >= MAX_FORM_FIELDS:
-                raise BadRequest(f"at most {MAX_FORM_FIELDS} form fields may come before the file field")
+                raise BadRequest(f"at most {MAX_FORM_FIELDS} form fields")
+            if part.name in fields:
+                raise BadRequest(f"form field {part.name[:40]!r} is given twice")
             fields[part.name] = await _form_field(part)
 
 

@@ -63,8 +63,9 @@ async def register_function(request: web.Request) -> web.Response:
     runtime = check_name(request.match_info["runtime"], "runtime")
     name = check_name(request.match_info["funcName"], "function name")
     check_upload_length(request, service(request).config.max_archive_bytes)
-    part, _ = await multipart_file(request, ("module",))
-    record = await service(request).upload_function(name, runtime, part_chunks(part), {}, upload_name(part))
+    upload = await multipart_file(request, ("module",))  # (the seed's form has the one file field)
+    record = await service(request).upload_function(name, runtime, part_chunks(upload.part), {},
+                                                    upload_name(upload.part))
     return json_response({
         "fieldname": "module", "originalname": record["original_name"], "size": record["size"],
         "functionName": name, "runtimeName": runtime, "sha256": record["sha256"], "version": record["version"],

@@ -48,7 +48,7 @@ def _bounded(kind: str, option: str) -> dict[str, Any]:
     return {"type": kind, "minimum": low, "maximum": high}
 
 
-#: A function upload's options (query parameters, or form fields before the file): name, schema, description.
+#: A function upload's options (query parameters, or form fields): name, schema, description.
 UPLOAD_OPTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("entrypoint", {"type": "string"}, "handler style: module:function (none: command style, the runtime's run)"),
     ("timeout", _bounded("number", "timeout"), "seconds a call may run (default 30)"),
@@ -122,7 +122,7 @@ DOCUMENT: dict[str, Any] = {
                 "summary": "Upload a function archive (zip or tar.gz): a new version",
                 "parameters": [
                     {"name": "runtime", "in": "query", "required": False, "schema": NAME,
-                     "description": "required: here, or as a form field before the archive (multipart)"},
+                     "description": "required: here, or as a form field (multipart)"},
                     *({"name": name, "in": "query", "required": False, "schema": schema, "description": text}
                       for name, schema, text in UPLOAD_OPTIONS),
                 ],
@@ -137,9 +137,10 @@ DOCUMENT: dict[str, Any] = {
                                        "description": "the archive, under the main seed's field name"}}},
                         "encoding": {"archive": {"contentType": "application/octet-stream"}},
                     },
-                }, "description": "The archive as the raw body (options in the query), or multipart: the form fields "
-                                  "(runtime, options) first, then the file part `archive` (or `module`); fields after "
-                                  "the file are not read."},
+                }, "description": "The archive as the raw body (runtime and options in the query), or multipart: "
+                                  "the file part `archive` (or `module`) and the runtime and options as form fields, "
+                                  "before or after it (those before it are checked before the archive is read), or in "
+                                  "the query. An option given twice, or one not listed, is a 400."},
                 "responses": {"201": _resp("Stored", {"type": "object"}),
                               **_errors(400, 404, 408, 413, 415, 429, 503, 507)},
             },

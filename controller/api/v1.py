@@ -20,6 +20,7 @@ from controller.api.common import (
     stream_chunks,
     upload_name,
 )
+from controller.api.openapi import UPLOAD_OPTIONS
 from controller.errors import BadRequest
 from controller.service import parse_options
 from shoal.httpserver import cancelled_if_client_leaves
@@ -50,24 +51,54 @@ async def delete_runtime(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+#: What a function upload takes, as query parameters or form fields: the runtime and the function's options.
+UPLOAD_FIELDS = ("runtime", *(name for name, _, _ in UPLOAD_OPTIONS))
+
+
+def _upload_options(raw: dict[str, str], where: str) -> dict[str, Any]:
+    """The options of ``raw`` (query parameters or form fields), typed; a name not among UPLOAD_FIELDS is a 400
+    (a mistyped `timout` was ignored, and the function ran with the default)."""
+    unknown = sorted(k for k in raw if k not in UPLOAD_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown {where}: {', '.join(repr(k[:40]) for k in unknown[:5])} "
+                         f"(known: {', '.join(UPLOAD_FIELDS)})")
+    return parse_options(raw)
+
+
 async def upload_function(request: web.Request) -> web.Response:
-    """Multipart (file field `archive` or `module`, options as form fields) or a raw body (options in the query)."""
+    """Multipart (file field `archive` or `module`, the runtime and options as form fields, before or after the
+    file, or as query parameters) or a raw body (the runtime and options in the query)."""
     name = check_name(request.match_info["name"], "function name")
     svc = service(request)
     check_upload_length(request, svc.config.max_archive_bytes)
-    if request.content_type.startswith("multipart/"):
-        part, fields = await multipart_file(request, ("archive", "module"))
-        options = dict(request.query, **fields)
-        runtime = options.get("runtime") or ""
-        if not runtime:
-            raise BadRequest("no runtime: give it as the `runtime` query parameter, or as a form field before the "
-                             "file part (fields after the file are not read)")
-        record = await svc.upload_function(name, check_name(runtime, "runtime"), part_chunks(part),
-                                           parse_options(options), upload_name(part))
-    else:
+    if not request.content_type.startswith("multipart/"):
         runtime = request.query.get("runtime", "")
-        record = await svc.upload_function(name, check_name(runtime, "runtime"), stream_chunks(request),
-                                           parse_options(dict(request.query)))
+        options = _upload_options(dict(request.query), "query parameter")
+        record = await svc.upload_function(name, check_name(runtime, "runtime"), stream_chunks(request), options)
+        return json_response(record, status=201)
+    upload = await multipart_file(request, ("archive", "module"))
+    query = dict(request.query)
+    twice = sorted(set(query) & set(upload.fields))
+    if twice:
+        raise BadRequest(f"{twice[0][:40]!r} is given both as a query parameter and as a form field")
+    before = dict(query, **upload.fields)
+    options = _upload_options(before, "query parameter or form field")
+    given = before.get("runtime") or None
+
+    async def after() -> tuple[str | None, dict[str, Any]]:
+        """The form fields after the file part: the runtime if it was not given before, and more options."""
+        late = await upload.rest()
+        again = sorted(set(late) & set(query))
+        if again:
+            raise BadRequest(f"{again[0][:40]!r} is given both as a query parameter and as a form field")
+        if given is not None and "runtime" in late:
+            raise BadRequest("'runtime' is given twice")
+        late_runtime = late.pop("runtime", "") or None
+        return (check_name(late_runtime, "runtime") if late_runtime else None,
+                _upload_options(late, "form field"))
+
+    record = await svc.upload_function(name, check_name(given, "runtime") if given else None,
+                                       part_chunks(upload.part), options, upload_name(upload.part), after)
     return json_response(record, status=201)
 
 

@@ -231,6 +231,14 @@ def test_versions_runtimes_and_deletes(cluster: LocalCluster) -> None:
                                      **form([("entrypoint", b"handler:handler")], build_tar_gz(ECHO), b"a\xffb.tgz"))
     assert status == 201 and rec["original_name"] == "a\ufffdb.tgz", rec
     assert {f["name"] for f in cluster.get("/v1/functions")} >= {"mp", "mp2"}
+    # The runtime and options may come after the file (`curl -F archive=@f.tgz -F runtime=...`): they were ignored
+    # (a 400 for want of a runtime, or an option silently left at its default).
+    status, rec, _ = cluster.request("POST", "/v1/functions/mp3", **form_around(
+        [("timeout", b"7")], [("runtime", b"pythonruntime"), ("entrypoint", b"handler:handler")]))
+    assert status == 201 and (rec["runtime"], rec["entrypoint"], rec["timeout"]) == \
+        ("pythonruntime", "handler:handler", 7), rec
+    status, call, _ = cluster.request("POST", "/v1/functions/mp3/invoke", {"params": {"x": 1}})
+    assert status == 200 and call["result"] == {"echo": {"x": 1}}, call
 
 
 def raw(data: bytes) -> dict[str, Any]:
@@ -265,10 +273,17 @@ BAD_MULTIPART_HEADER = {"data": b'--x\r\nContent-Disposition: form-data; name="\
                         "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
 
 
-RUNTIME_AFTER_THE_FILE = {
-    "data": b'--x\r\nContent-Disposition: form-data; name="archive"; filename="a.tgz"\r\n\r\n' + ECHO_TGZ
-            + b'\r\n--x\r\nContent-Disposition: form-data; name="runtime"\r\n\r\npythonruntime\r\n--x--\r\n',
-    "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+def form_around(before: list[tuple[str, bytes]], after: list[tuple[str, bytes]], file: bytes = ECHO_TGZ,
+                files: int = 1) -> dict[str, Any]:
+    """A multipart body: the form fields ``before``, the file field ``archive`` (``files`` times), the fields
+    ``after``."""
+    def field(name: str, value: bytes) -> bytes:
+        return b'--x\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+
+    archive = b'--x\r\nContent-Disposition: form-data; name="archive"; filename="a.tgz"\r\n\r\n' + file + b"\r\n"
+    data = b"".join([*(field(n, v) for n, v in before), archive * files, *(field(n, v) for n, v in after),
+                     b"--x--\r\n"])
+    return {"data": data, "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
 
 
 @pytest.mark.parametrize(
@@ -326,7 +341,16 @@ RUNTIME_AFTER_THE_FILE = {
         ("POST", "/registerFunction/nope/dice", multipart("module"), 404),
         ("POST", "/registerFunction/pythonruntime/dice", multipart("other"), 400),
         ("POST", "/v1/functions/f", BAD_MULTIPART_HEADER, 400),
-        ("POST", "/v1/functions/f", RUNTIME_AFTER_THE_FILE, 400),  # (the message says where it goes)
+        ("POST", "/v1/functions/f", form_around([], [("entrypoint", b"handler:handler")]), 400),  # no runtime
+        ("POST", "/v1/functions/f", form_around([], [("runtime", b"nope")]), 404),  # read after the archive
+        ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [("runtime", b"pythonruntime")]),
+         400),  # given twice
+        ("POST", "/v1/functions/f?timeout=5", form_around([("runtime", b"pythonruntime")], [("timeout", b"5")]), 400),
+        ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [], files=2), 400),
+        ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [("timeout", b"-1")]), 400),
+        # An option not listed (a typo) is refused, not ignored: the function ran with the default.
+        ("POST", "/v1/functions/f?runtime=pythonruntime&timout=60", raw(ECHO_TGZ), 400),
+        ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [("timout", b"60")]), 400),
         ("POST", "/invokeFunction", {"body": {"funcName": 5}}, 400),
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": {}}}, 404),
         ("GET", "/call/abc", {}, 400),
