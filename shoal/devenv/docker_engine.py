@@ -3,6 +3,7 @@ to leave stops it (see :mod:`shoal.devenv.engine_users`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import docker
 import requests
@@ -21,6 +23,7 @@ from shoal.devenv.engine_users import EngineUsers, process_lease
 from shoal.devenv.paths import state_dir
 
 API_VERSION = "1.41"
+LOG_KEEP = 16 << 20  # bytes of dockerd.log past which a start moves it to dockerd.log.1
 
 
 class EngineError(RuntimeError):
@@ -130,6 +133,16 @@ def remove_stale_pidfile(root: Path) -> bool:
 
 
 #: How long an engine named by $DOCKER_HOST may take to answer (a busy engine is slow, not absent).
+def open_log(root: Path) -> BinaryIO:
+    """``root``'s dockerd.log, to append to; appended at every start, it is first moved to dockerd.log.1 once past
+    LOG_KEEP bytes (it grew without end)."""
+    path = root / "dockerd.log"
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_KEEP:
+            path.replace(root / "dockerd.log.1")
+    return open(path, "ab")
+
+
 EXPLICIT_ENGINE_WAIT = 60.0
 
 
@@ -196,7 +209,7 @@ def _start_dockerd(root: Path, private: str) -> subprocess.Popen[bytes]:
     exec_root.mkdir(parents=True, exist_ok=True)
     sock = root / "docker.sock"
     sock.unlink(missing_ok=True)
-    log = open(root / "dockerd.log", "ab")
+    log = open_log(root)
     proc = subprocess.Popen(
         [
             dockerd,

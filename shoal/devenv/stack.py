@@ -48,7 +48,7 @@ def start_infra(with_redis: bool = True) -> Infra:
         redis = None
         if with_redis:
             redis = start_redis()
-            stack.callback(redis.stop)
+            stack.callback(redis.stop, remove=True)  # (its data directory too: it is this run's)
     except BaseException:
         stack.close()
         raise

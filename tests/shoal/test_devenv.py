@@ -505,3 +505,19 @@ def test_the_rig_starts_once_and_stops_its_sshd(tmp_path: Path) -> None:
     finally:
         rig.stop()
     assert who is not None and not procs.alive(who) and not rig.pidfile.exists() and not rig.record.exists()
+
+
+def test_the_engines_log_is_kept_to_two_runs_past_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dockerd.log was appended to at every start, for ever (13.5 MB on a machine after some days)."""
+    from shoal.devenv import docker_engine
+
+    monkeypatch.setattr(docker_engine, "LOG_KEEP", 100)
+    with docker_engine.open_log(tmp_path) as log:
+        log.write(b"x" * 60)
+    with docker_engine.open_log(tmp_path) as log:  # under the bound: appended to
+        log.write(b"y" * 60)
+    assert (tmp_path / "dockerd.log").read_bytes() == b"x" * 60 + b"y" * 60
+    with docker_engine.open_log(tmp_path) as log:  # past it: moved aside first
+        log.write(b"z")
+    assert (tmp_path / "dockerd.log").read_bytes() == b"z"
+    assert (tmp_path / "dockerd.log.1").read_bytes() == b"x" * 60 + b"y" * 60
