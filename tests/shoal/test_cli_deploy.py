@@ -20,7 +20,7 @@ def test_deploy_lists_the_local_inventorys_hosts_for_each_playbook() -> None:
     for action in ("site", "upgrade", "teardown"):
         proc = shoal("deploy", "-i", "inventory/local", action, "--", "--list-hosts")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "shoal-node-a" in proc.stdout and "shoal-node-c" in proc.stdout
+        assert "shoal-node-a" in proc.stdout and "shoal-node-b" in proc.stdout
     proc = shoal("deploy", "-i", "inventory/example", "site", "--", "--syntax-check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = shoal("deploy", "-i", "inventory/local", "--", "--list-hosts")  # the action is optional: site
