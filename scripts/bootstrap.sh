@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 # One bootstrap at a time (`make demo` and `make test` started together): apt and pip into one .venv at once
 # break each other.
-exec 9>/var/lock/shoal-bootstrap.lock
+# (apt waits for its own lock: see below)
+exec 9>"${TMPDIR:-/tmp}/shoal-bootstrap.$(id -u).lock"
 flock 9
 
 PY=${SHOAL_PYTHON:-python3}

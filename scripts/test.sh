@@ -15,9 +15,10 @@ trap '$PY -m shoal.devenv down --lease "${SHOAL_ENGINE_LEASE:-}"' EXIT  # (after
 echo "docker: $DOCKER_HOST  redis: ${SHOAL_REDIS_URL:-none}"
 echo "== pytest"
 set +e
-# Bounded (CI allows 90 minutes; it takes about 15 here): a test that hangs is interrupted (SIGINT: pytest reports
-# where each test stood) rather than holding CI to its limit.
-timeout -s INT -k 120 "${SHOAL_TEST_TIMEOUT:-3600}" \
+# Bounded (CI allows 90 minutes; it takes about 11 here): a test that hangs is interrupted (SIGINT: pytest reports
+# where each test stood) rather than holding CI to its limit. --foreground: pytest stays in this job's process
+# group, so a Ctrl-C or a hangup reaches it (and it ends before the trap stops the engine under it).
+timeout --foreground -s INT -k 120 "${SHOAL_TEST_TIMEOUT:-3600}" \
   $PY -m pytest -n "${SHOAL_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"
 code=$?
 set -e

@@ -71,6 +71,9 @@ async def upload_function(request: web.Request) -> web.Response:
     name = check_name(request.match_info["name"], "function name")
     svc = service(request)
     check_upload_length(request, svc.config.max_archive_bytes)
+    repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+    if repeated:
+        raise BadRequest(f"query parameter {repeated[0][:40]!r} is given twice")
     if not request.content_type.startswith("multipart/"):
         runtime = request.query.get("runtime", "")
         options = _upload_options(dict(request.query), "query parameter")

@@ -22,7 +22,7 @@ import docker
 
 from shoal.devenv import procs
 from shoal.devenv.docker_engine import API_VERSION, release
-from shoal.devenv.engine_users import EngineUsers, process_lease
+from shoal.devenv.engine_users import EngineUsers, is_lease, process_lease
 from shoal.devenv.paths import state_dir
 from shoal.devenv.redis_server import RedisServer, start_redis
 from shoal.devenv.runtime_image import IMAGE, ensure_image
@@ -76,7 +76,7 @@ def sweep_dead_records() -> None:
     """Records of ``up``s whose engine lease is gone (the shell that held it was killed before its ``down``):
     their Redis is stopped and the record removed. A record without a lease (the system engine's) stays for
     its ``down``."""
-    for path in sorted((state_dir() / "devenv").glob("*.json")):
+    for path in [*sorted((state_dir() / "devenv").glob("*.json")), legacy_record_path()]:
         record = read_record(path)
         lease, root = record.get("engine_lease"), record.get("engine_root")
         if not lease or not root:
@@ -124,12 +124,16 @@ def up(with_redis: bool, holder: int | None = None) -> dict[str, str]:
 def down(lease: str | None = None) -> None:
     """Stop what one ``up`` started and release its engine lease: the ``up`` whose record is ``lease`` (what it
     exported as $SHOAL_ENGINE_LEASE), else $SHOAL_DEVENV_ID (what it exported), else the one record of an older
-    version."""
+    version (also when it holds ``lease``: an ``up`` made before records were its own)."""
     rid = lease or os.environ.get("SHOAL_DEVENV_ID", "")
     path = legacy_record_path() if not rid else record_path(rid) if _RECORD_ID.fullmatch(rid) else None
     record = read_record(path) if path is not None else {}  # (a name that is no record id: nothing recorded)
+    if not record and lease and read_record(legacy_record_path()).get("engine_lease") == lease:
+        path = legacy_record_path()
+        record = read_record(path)
     stop_recorded_redis(record)
-    held = record.get("engine_lease") or lease
+    # (only a lease is released: an `up` on the system engine holds none, and its id is no lease)
+    held = record.get("engine_lease") or (lease if lease and is_lease(lease) else None)
     if held:
         release(Path(record.get("engine_root") or (state_dir() / "docker").resolve()), held)
     elif "dockerd" in record:  # a record written before leases

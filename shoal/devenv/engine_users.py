@@ -17,9 +17,9 @@ engine is started, so two users never start two daemons on one socket.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,13 +28,13 @@ from shoal.devenv import procs
 
 _PROCESS = re.compile(r"pid-(\d+)-(\d+)-\d+")
 _NAMED = re.compile(r"devenv-up-[0-9a-f]+")
-_handles = itertools.count()
 
 
 def process_lease(pid: int | None = None) -> str:
-    """A new lease name for a process, this one by default (one per handle: a process may hold it twice)."""
+    """A new lease name for a process, this one by default: one per handle (a process may hold it twice, and two
+    `devenv up --holder` of one shell each take one), so its last part is random."""
     who = procs.identity(os.getpid() if pid is None else pid)
-    return f"pid-{who['pid']}-{who['start']}-{next(_handles)}"
+    return f"pid-{who['pid']}-{who['start']}-{secrets.randbits(48)}"
 
 
 def is_lease(name: str) -> bool:

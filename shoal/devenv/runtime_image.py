@@ -161,8 +161,9 @@ def ensure_image(client: docker.DockerClient, docker_host: str, log: bool = True
 
 
 def _import(tarball: Path, docker_host: str, want: str) -> None:
-    """``docker import`` of the cached tarball; one the engine refuses is removed, so the next run builds it
-    again instead of failing the same way."""
+    """``docker import`` of the cached tarball. When the import fails and the tarball does not read as a tar
+    either, it is removed, so the next run builds it again instead of failing the same way; a good one is kept
+    (the engine may have failed for a reason of its own: a full disk, a restart)."""
     repo, tag = IMAGE.split(":")
     # The SDK's import streams the tarball in a way dockerd 20.10 rejects; the CLI does it right.
     docker_cli = shutil.which("docker")
@@ -177,6 +178,17 @@ def _import(tarball: Path, docker_host: str, want: str) -> None:
     except subprocess.TimeoutExpired:
         raise ImageBuildError(f"docker import did not finish within {IMPORT_TIMEOUT:g} s") from None
     if result.returncode != 0:
+        if _readable_tar(tarball):
+            raise ImageBuildError(f"docker import failed: {result.stderr.strip()[-2000:]}")
         tarball.unlink(missing_ok=True)
-        raise ImageBuildError(f"docker import failed (the cached tarball is removed; the next run builds it "
-                              f"again): {result.stderr.strip()[-2000:]}")
+        raise ImageBuildError(f"docker import failed, and the cached tarball does not read as a tar (removed: the "
+                              f"next run builds it again): {result.stderr.strip()[-2000:]}")
+
+
+def _readable_tar(path: Path) -> bool:
+    """Whether ``path`` reads to its end as a tar archive (``tar -t``: its members listed, none extracted)."""
+    try:
+        return subprocess.run(["tar", "-tf", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=300, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

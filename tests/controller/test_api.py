@@ -366,6 +366,7 @@ def form_around(before: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
         ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [("timeout", b"-1")]), 400),
         # An option not listed (a typo) is refused, not ignored: the function ran with the default.
         ("POST", "/v1/functions/f?runtime=pythonruntime&timout=60", raw(ECHO_TGZ), 400),
+        ("POST", "/v1/functions/f?runtime=pythonruntime&timeout=5&timeout=50", raw(ECHO_TGZ), 400),
         ("POST", "/v1/functions/f", form_around([("runtime", b"pythonruntime")], [("timout", b"60")]), 400),
         ("POST", "/invokeFunction", {"body": {"funcName": 5}}, 400),
         ("POST", "/invokeFunction", {"body": {"funcName": "nope", "params": {}}}, 404),

@@ -324,6 +324,16 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         assert {host: sorted(p.name for p in Path(f"/var/tmp/shoal-local/{host}/venvs").iterdir())
                 for host in ("shoal-ctl", NODES[0])} == kept
 
+        # A site.yml whose controller host fails (here at its first check: a Python the wheels are not for) rolls no
+        # node against it: the node is prepared, then refused at the nodes play, its agent left as it ran.
+        broken = tmp_path / "broken-ctl.yml"
+        broken.write_text('all:\n  hosts:\n    shoal-ctl:\n      shoal_install_python_version: "2.7"\n')
+        since = time.time()
+        _, recap, out = playbook("site.yml", env, "-i", str(broken), "--limit", f"shoal-ctl,{NODES[0]}", ok=False)
+        assert recap["shoal-ctl"]["failed"] == 1 and recap[NODES[0]]["failed"] == 1, out[-6000:]
+        assert "shoal-ctl failed earlier in this run: no node is rolled against it" in out, out[-6000:]
+        assert service_events(NODES[0], since) == [] and node_states() == {n: "ready" for n in NODES}
+
         # One node's agent stopped: calls go on elsewhere; the controller reports the node lost.
         stopped = NODES[-1]
         supervisor = f"/var/tmp/shoal-local/{stopped}/supervisor/supervisord.conf"

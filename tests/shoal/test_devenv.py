@@ -212,6 +212,34 @@ def test_an_up_beside_another_leaves_the_others_redis_and_record_alone(stand_in_
     assert not devenv.record_path(mine["SHOAL_DEVENV_ID"]).exists()
 
 
+def test_two_ups_held_by_one_shell_keep_a_record_and_a_lease_each(stand_in_engine: Any) -> None:
+    """Their leases were named by a counter that starts again in every process: the second `up` wrote over the
+    first's record (its Redis left with none), and the first `down` released the lease the second relied on."""
+    devenv = stand_in_engine
+    shell = subprocess.Popen(["sleep", "60"])
+    try:
+        first = devenv.up(with_redis=True, holder=shell.pid)
+        second = devenv.up(with_redis=False, holder=shell.pid)
+        assert first["SHOAL_ENGINE_LEASE"] != second["SHOAL_ENGINE_LEASE"]
+        devenv.down(second["SHOAL_ENGINE_LEASE"])
+        assert redis_answers(first["SHOAL_REDIS_URL"]) and devenv.record_path(first["SHOAL_DEVENV_ID"]).exists()
+        devenv.down(first["SHOAL_ENGINE_LEASE"])
+        assert not redis_answers(first["SHOAL_REDIS_URL"])
+    finally:
+        shell.kill()
+        shell.wait()
+
+
+def test_the_down_of_an_up_made_before_records_were_its_own_stops_its_redis(stand_in_engine: Any,
+                                                                          tmp_path: Path) -> None:
+    """Its record is the one devenv.json, and its `down` names its lease (the test command's trap does)."""
+    devenv = stand_in_engine
+    old = devenv.up(with_redis=True)
+    devenv.record_path(old["SHOAL_DEVENV_ID"]).rename(tmp_path / "devenv.json")
+    devenv.down(old["SHOAL_ENGINE_LEASE"])
+    assert not redis_answers(old["SHOAL_REDIS_URL"]) and not (tmp_path / "devenv.json").exists()
+
+
 def test_the_redis_of_an_up_whose_holder_died_is_stopped_by_the_next_up(stand_in_engine: Any) -> None:
     devenv = stand_in_engine
     shell = subprocess.Popen(["sleep", "60"])

@@ -136,3 +136,13 @@ def test_mmdebstrap_goes_through_the_proxy_apt_is_configured_with(tools: Path, t
     docker_cli(tools, tmp_path / "imported")
     assert ensure_image(StandInEngine(tmp_path / "imported"), "unix:///x.sock", log=False) == "built"
     assert '--aptopt=Acquire::http::Proxy "http://127.0.0.1:3142"' in (tools / "mmdebstrap.args").read_text()
+
+
+def test_a_good_tarball_is_kept_when_the_engine_fails_for_a_reason_of_its_own(tools: Path, tmp_path: Path) -> None:
+    """An engine restarting or out of disk refused a tarball that was fine: it was removed, and the next run had to
+    build it again from the mirror."""
+    script(tools / "mmdebstrap", 'tar -cf "${@: -1}" -T /dev/null\n')  # a (small) tar that reads to its end
+    docker_cli(tools, tmp_path / "imported", code=1)
+    with pytest.raises(ImageBuildError, match="docker import failed: refused"):
+        ensure_image(StandInEngine(tmp_path / "imported"), "unix:///x.sock", log=False)
+    assert len(list((tmp_path / "state" / "images").glob("*.tar"))) == 1
