@@ -208,6 +208,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         # The controller and Redis run as their own accounts, not root (the agents need root for the engine).
         assert listener(API.removeprefix("http://")).username() == "shoal"
         assert listener(REDIS).username() == "shoal-redis"
+        # Accounts the playbooks made say so (teardown.yml removes only those: one that existed before stays).
+        assert {pwd.getpwnam(name).pw_gecos for name in ("shoal", "shoal-redis")} == \
+            {"Shoal service account made by its playbooks"}
         credential = registration_credential((tmp_path / "secrets" / "node_token").read_text().strip())
         assert api("POST", "/register", {"endpoint_id": "x"},
                    headers={"Authorization": f"Bearer {credential}"})[1]["curve"] is True
