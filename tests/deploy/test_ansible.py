@@ -265,9 +265,9 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
 
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
+        upgraded = release(tmp_path, new_version)
         try:
-            upgrade_s, recap, _ = playbook("upgrade.yml", env, "-e",
-                                           f"shoal_install_source={release(tmp_path, new_version)}")
+            upgrade_s, recap, _ = playbook("upgrade.yml", env, "-e", f"shoal_install_source={upgraded}")
         finally:
             stop.set()
             loader.join()
@@ -279,6 +279,14 @@ def test_rollout_rerun_upgrade_node_loss_and_teardown(docker_url: str, docker_cl
         finals = finished(submitted)
         assert [c["status"] for c in finals] == ["DONE"] * len(finals), [c.get("error") for c in finals
                                                                           if c["status"] != "DONE"]
+        # The same upgrade again (after one that failed elsewhere, say) on hosts already on its code: nothing is
+        # stopped, drained or restarted (it stopped and started every service again).
+        since = time.time()
+        again_s, recap, out = playbook("upgrade.yml", env, "--limit", f"shoal-ctl,{NODES[0]}", "-e",
+                                       f"shoal_install_source={upgraded}")
+        print(f"upgrade again: {again_s:.1f} s, recap {recap}")
+        assert all(r["failed"] == 0 for r in recap.values()), out[-6000:]
+        assert service_events(NODES[0], since) == [] and service_events("shoal-ctl", since, "shoal-controller") == []
         # Its venvs were copied from the ones that ran (same pinned packages): every script in them names its own
         # venv's python, not the one it was copied from (that one is removed two upgrades later).
         for host in ("shoal-ctl", *NODES):
