@@ -131,7 +131,7 @@ class Service:
         self.uploading_for[runtime] += 1  # before the runtime's check: a delete meanwhile sees it (delete_runtime)
         stack.callback(self._uncount_upload, runtime)
         await self.get_runtime(runtime)
-        FunctionSpec.from_dict(dict(options, name=name, runtime=runtime, version=1, sha256="0" * 64, size=1))
+        _check_options(name, runtime, options)
 
     def _uncount_upload(self, runtime: str) -> None:
         self.uploading_for[runtime] -= 1
@@ -156,8 +156,7 @@ class Service:
                         runtime = late_runtime
                         await self._use_runtime(stack, name, runtime, options)
                     elif late:
-                        FunctionSpec.from_dict(dict(options, name=name, runtime=runtime, version=1,
-                                                    sha256="0" * 64, size=1))
+                        _check_options(name, runtime, options)
                 if runtime is None:
                     raise BadRequest("no runtime: give it as the `runtime` query parameter or form field")
                 async with self.verifying:  # each check expands the archive: bounded, so is the disk it takes
@@ -516,6 +515,11 @@ UNCREATE_RETRY_FIRST = 0.25  # seconds before a failed undo of a creation is tri
 def _write_and_hash(out: BinaryIO, digest: Any, chunk: bytes) -> None:
     out.write(chunk)
     digest.update(chunk)
+
+
+def _check_options(name: str, runtime: str, options: dict[str, Any]) -> None:
+    """Refuse (ValidationError) options a version of ``name`` could not be stored with."""
+    FunctionSpec.from_dict(dict(options, name=name, runtime=runtime, version=1, sha256="0" * 64, size=1))
 
 
 def new_call_id() -> str:

@@ -65,6 +65,12 @@ def _upload_options(raw: dict[str, str], where: str) -> dict[str, Any]:
     return parse_options(raw)
 
 
+def _not_in_query(query: dict[str, str], fields: dict[str, str]) -> None:
+    twice = sorted(set(query) & set(fields))
+    if twice:
+        raise BadRequest(f"{twice[0][:40]!r} is given both as a query parameter and as a form field")
+
+
 async def upload_function(request: web.Request) -> web.Response:
     """Multipart (file field `archive` or `module`, the runtime and options as form fields, before or after the
     file, or as query parameters) or a raw body (the runtime and options in the query)."""
@@ -81,9 +87,7 @@ async def upload_function(request: web.Request) -> web.Response:
         return json_response(record, status=201)
     upload = await multipart_file(request, ("archive", "module"))
     query = dict(request.query)
-    twice = sorted(set(query) & set(upload.fields))
-    if twice:
-        raise BadRequest(f"{twice[0][:40]!r} is given both as a query parameter and as a form field")
+    _not_in_query(query, upload.fields)
     before = dict(query, **upload.fields)
     options = _upload_options(before, "query parameter or form field")
     given = before.get("runtime") or None
@@ -91,9 +95,7 @@ async def upload_function(request: web.Request) -> web.Response:
     async def after() -> tuple[str | None, dict[str, Any]]:
         """The form fields after the file part: the runtime if it was not given before, and more options."""
         late = await upload.rest()
-        again = sorted(set(late) & set(query))
-        if again:
-            raise BadRequest(f"{again[0][:40]!r} is given both as a query parameter and as a form field")
+        _not_in_query(query, late)
         if given is not None and "runtime" in late:
             raise BadRequest("'runtime' is given twice")
         late_runtime = late.pop("runtime", "") or None
